@@ -1,0 +1,1 @@
+"""pytest plugin and fixtures that boot real agentbox guests (``microvm``, ``krun_task``, ...)."""

@@ -1,0 +1,1 @@
+"""agentbox-guest-init: the bootstrap that runs inside the guest (stdlib only)."""

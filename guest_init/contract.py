@@ -1,0 +1,102 @@
+"""The guest contract: every name shared between the host runtime and the guest.
+
+This module is the single source of truth for environment variable names,
+disk ids and labels, guest paths, status files and the control-channel names.
+It runs inside the guest (standard library only) and is imported by the host
+``runtime`` package, never the other way round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+# --- environment flags (true only for the exact value "1") -----------------
+ENV_NIX_OVERLAY: Final = "AGENTBOX_LIBKRUN_NIX_OVERLAY"
+ENV_NIX_DISK_ID: Final = "AGENTBOX_LIBKRUN_NIX_DISK_ID"
+ENV_NIX_DISK_LABEL: Final = "AGENTBOX_LIBKRUN_NIX_DISK_LABEL"
+ENV_CONTAINERS_STORAGE: Final = "AGENTBOX_LIBKRUN_CONTAINERS_STORAGE"
+ENV_CONTAINERS_DISK_ID: Final = "AGENTBOX_LIBKRUN_CONTAINERS_DISK_ID"
+ENV_CONTAINERS_DISK_LABEL: Final = "AGENTBOX_LIBKRUN_CONTAINERS_DISK_LABEL"
+ENV_USE_PASST: Final = "AGENTBOX_LIBKRUN_USE_PASST"
+ENV_HOST_UID: Final = "AGENTBOX_HOST_UID"
+ENV_HOST_GID: Final = "AGENTBOX_HOST_GID"
+ENV_KVM_DROP_TO_DEV: Final = "AGENTBOX_KVM_DROP_TO_DEV"
+ENV_ENTER_AS_ROOT: Final = "AGENTBOX_ENTER_AS_ROOT"
+ENV_GUEST_PROFILE: Final = "AGENTBOX_GUEST_PROFILE"
+ENV_GUEST_DEBUG: Final = "AGENTBOX_GUEST_DEBUG"
+ENV_NO_PROXY: Final = "no_proxy"
+ENV_SCCACHE_DIR: Final = "SCCACHE_DIR"
+ENV_MICROVM_WORKSPACE_TAG: Final = "AGENTBOX_MICROVM_WORKSPACE_TAG"
+ENV_MICROVM_WORKSPACE_TARGET: Final = "AGENTBOX_MICROVM_WORKSPACE_TARGET"
+# Harness extension: the filesystem type the workspace tag is mounted with.
+# libkrun uses virtiofs (the reference default); the qemu backend uses 9p.
+ENV_MICROVM_WORKSPACE_FSTYPE: Final = "AGENTBOX_MICROVM_WORKSPACE_FSTYPE"
+ENV_NIX_PREP_WAIT_FOR_STATUS: Final = "AGENTBOX_NIX_PREP_WAIT_FOR_STATUS"
+ENV_PODMAN_PREP_WAIT_FOR_STATUS: Final = "AGENTBOX_PODMAN_PREP_WAIT_FOR_STATUS"
+ENV_REAL_PODMAN: Final = "AGENTBOX_REAL_PODMAN"
+ENV_NSS_WRAPPER_LIB: Final = "AGENTBOX_NSS_WRAPPER_LIB"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One persistent raw btrfs disk as both sides see it."""
+
+    key: str  # "nix" or "containers"
+    index: int  # krun.disk.<index>
+    block_id: str
+    label: str
+    preferred_device: str  # first guess inside the guest
+
+
+NIX_DISK: Final = DiskSpec("nix", 0, "agentbox-nix", "AGENTBOX_NIX", "/dev/vda")
+CONTAINERS_DISK: Final = DiskSpec(
+    "containers", 1, "agentbox-containers", "AGENTBOX_CONTAINERS", "/dev/vdb"
+)
+DISKS: Final = (NIX_DISK, CONTAINERS_DISK)
+
+# --- guest paths -----------------------------------------------------------
+GUEST_INIT_PATH: Final = "/bin/agentbox-guest-init"
+RUN_DIR: Final = "/run/agentbox"
+NIX_PREP_STATUS: Final = "/run/agentbox/nix-prep.status"
+NIX_PREP_LOG: Final = "/run/agentbox/nix-prep.log"
+PODMAN_PREP_STATUS: Final = "/run/agentbox/podman-prep.status"
+PODMAN_PREP_LOG: Final = "/run/agentbox/podman-prep.log"
+NIX_DISK_MOUNT: Final = "/run/agentbox/nix-disk"
+IDMAP_BIN_DIR: Final = "/run/agentbox/idmap-bin"
+NIX_DAEMON_SOCKET: Final = "/nix/var/nix/daemon-socket/socket"
+NIX_REMOTE_VALUE: Final = "unix:///nix/var/nix/daemon-socket/socket"
+WORKSPACE: Final = "/workspace"
+DEV_USER: Final = "dev"
+DEV_HOME: Final = "/home/dev"
+CONTAINERS_STORAGE_MOUNT: Final = "/home/dev/.local/share/containers"
+PREP_WAIT_TIMEOUT_S: Final = 120
+NOFILE_FLOOR: Final = 524288
+PASST_DNS: Final = "169.254.1.1"
+DEFAULT_SHELL: Final = ("fish", "-l")
+
+
+def podman_socket_path(uid: int) -> str:
+    """Path of the rootless Podman API socket for ``uid`` inside the guest."""
+    return f"/run/user/{uid}/podman/podman.sock"
+
+
+def docker_host(uid: int) -> str:
+    """The ``DOCKER_HOST`` value exported to the guest shell."""
+    return f"unix://{podman_socket_path(uid)}"
+
+
+# --- microvm / qemu guest wiring ------------------------------------------
+WORKSPACE_TAG: Final = "agentbox-workspace"
+ROOTFS_TAG: Final = "agentbox-root"
+AGENT_PORT_NAME: Final = "org.agentbox.agent"
+
+# --- host-side labels (podman containers the harness creates) --------------
+LABEL_ROLE: Final = "io.agentbox.role"
+LABEL_SIDECAR: Final = "io.agentbox.sidecar"
+LABEL_HARNESS_RUN: Final = "io.agentbox.harness.run"
+
+
+def flag_is_set(value: str | None) -> bool:
+    """Contract flags are true only for exactly ``"1"``."""
+    return value == "1"

@@ -1,0 +1,1 @@
+"""One module per ``agentbox`` subcommand, each exposing ``run(args) -> int``."""
