@@ -98,6 +98,15 @@ def container_running(podman: PodmanRunner, name: str) -> bool:
     return proc.returncode == 0 and proc.stdout.strip() == "true"
 
 
+def remove_container(podman: PodmanRunner, name: str) -> None:
+    """``podman rm -f -t 0 <name>``, errors ignored.
+
+    ``-t 0``: the sidecar's PID 1 (``tail -f /dev/null``) ignores SIGTERM,
+    so Podman's default stop would wait 10 s for nothing before killing it.
+    """
+    podman.capture(["rm", "-f", "-t", "0", name])
+
+
 def sidecar_run_argv(name: str, merged: Path, image: str, run_label: str | None = None) -> list[str]:
     """The ``podman run`` arguments that start the sidecar (reference 8.3)."""
     label = ["--label", f"{LABEL_HARNESS_RUN}={run_label}"] if run_label else []
@@ -157,11 +166,11 @@ def _try_reuse(podman: PodmanRunner, req: SidecarRequest, state: SidecarState, n
 def _clean_previous(podman: PodmanRunner, req: SidecarRequest, state: SidecarState | None,
                     name: str) -> None:
     if state is not None:
-        podman.capture(["rm", "-f", state.sidecar_name])
+        remove_container(podman, state.sidecar_name)
         unmount_overlay(podman, req.merged, state.mount_mode)
         unmount_image(podman, state.image)
     else:
-        podman.capture(["rm", "-f", name])
+        remove_container(podman, name)
         unmount_overlay_everywhere(podman, req.merged)
 
 
@@ -195,7 +204,11 @@ def prepare_sidecar(podman: PodmanRunner, req: SidecarRequest, probe: bool = Tru
     _clean_previous(podman, req, state, name)
     remove_state(req.state_file)
     mounted = mount_image(podman, req.image)
-    mount_overlay(podman, mounted.mode, mounted.lowerdir, req.upper, req.work, req.merged)
+    try:
+        mount_overlay(podman, mounted.mode, mounted.lowerdir, req.upper, req.work, req.merged)
+    except AgentboxError:
+        unmount_image(podman, req.image)
+        raise
     if podman.capture(sidecar_run_argv(name, req.merged, req.image, req.run_label)).returncode:
         _teardown_after_failure(podman, req, name, mounted.mode)
         raise AgentboxError(
@@ -217,11 +230,13 @@ def prepare_sidecar(podman: PodmanRunner, req: SidecarRequest, probe: bool = Tru
 
 def _teardown_after_failure(podman: PodmanRunner, req: SidecarRequest, name: str,
                             mode: MountMode) -> str | None:
-    podman.capture(["rm", "-f", name])
+    """Undo a stack this call built; the cleanup error text, or None."""
+    remove_container(podman, name)
     try:
         unmount_overlay(podman, req.merged, mode)
     except AgentboxError as exc:
         return str(exc)
+    unmount_image(podman, req.image)
     return None
 
 
@@ -232,7 +247,7 @@ def cleanup_idle_sidecar(podman: PodmanRunner, sidecar: Sidecar) -> bool:
     """
     if running_tasks(podman, sidecar.name):
         return False
-    podman.capture(["rm", "-f", sidecar.name])
+    remove_container(podman, sidecar.name)
     unmount_overlay(podman, sidecar.merged, sidecar.mount_mode)
     return True
 
@@ -246,7 +261,7 @@ def teardown_stack(podman: PodmanRunner, req: SidecarRequest) -> None:
     """
     state = load_state(req.state_file, io.StringIO())
     if state is not None:
-        podman.capture(["rm", "-f", state.sidecar_name])
+        remove_container(podman, state.sidecar_name)
     unmount_overlay_everywhere(podman, req.merged)
     if state is not None:
         unmount_image(podman, state.image)
