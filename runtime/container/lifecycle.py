@@ -15,13 +15,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, TextIO
 
 from filelock import FileLock, Timeout
 
+from guest_init.contract import ENV_HOST_GID, ENV_HOST_UID
 from runtime.container.names import LOCK_FILE
 from runtime.container.podman_api import PodmanRunner
 from runtime.container.sidecar import (
@@ -62,29 +63,46 @@ def workspace_lock(state_root: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Itera
         lock.release()
 
 
-def adapt_task_argv(argv: Sequence[str], *, interactive: bool, rootless: bool) -> list[str]:
+def rootful_dev_ids(environ: Mapping[str, str]) -> tuple[str, str]:
+    """The dev uid:gid for a rootful task: ``SUDO_UID``/``SUDO_GID``, else 1000:1000."""
+    uid, gid = environ.get("SUDO_UID", ""), environ.get("SUDO_GID", "")
+    return (uid, gid) if uid.isdigit() and gid.isdigit() else ("1000", "1000")
+
+
+def adapt_task_argv(argv: Sequence[str], image: str, *, interactive: bool, rootless: bool,
+                    command: Sequence[str] = (),
+                    dev_ids: tuple[str, str] = ("1000", "1000")) -> list[str]:
     """Fit the reference task argv (8.2) to how it is run here.
+
+    Only the Podman options (everything before the last ``image``) change:
 
     - ``-it`` becomes ``-i`` when stdin is not a terminal, so
       ``agentbox container -- CMD`` works from scripts and tests;
     - with rootful Podman, ``--userns keep-id`` is dropped (rootful Podman
-      refuses it: "keep-id is only supported in rootless mode"); the task
-      then starts as root and the image's guest-init drops to ``dev``.
+      refuses it: "keep-id is only supported in rootless mode") and
+      ``AGENTBOX_HOST_UID``/``GID`` (``dev_ids``) are passed instead, so the
+      image's ``container enter`` can drop the ``fish -l`` shell to ``dev``;
+    - a non-empty ``command`` replaces what follows ``image`` (``fish -l``).
     """
+    argv = list(argv)
+    if image not in argv:
+        raise AgentboxError(f"task argv does not contain the image '{image}'")
+    at = len(argv) - 1 - argv[::-1].index(image)
+    options, tail = argv[:at], (argv[at:] if not command else [image, *command])
     out: list[str] = []
     skip = False
-    for i, arg in enumerate(argv):
+    for i, arg in enumerate(options):
         if skip:
             skip = False
-            continue
-        if arg == "-it" and not interactive:
+        elif arg == "-it" and not interactive:
             out.append("-i")
-            continue
-        if not rootless and arg == "--userns" and i + 1 < len(argv) and argv[i + 1] == "keep-id":
+        elif not rootless and arg == "--userns" and options[i + 1:i + 2] == ["keep-id"]:
             skip = True
-            continue
-        out.append(arg)
-    return out
+        else:
+            out.append(arg)
+    if not rootless:
+        out += ["--env", f"{ENV_HOST_UID}={dev_ids[0]}", "--env", f"{ENV_HOST_GID}={dev_ids[1]}"]
+    return out + tail
 
 
 def clamp_status(code: int) -> int:

@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from runtime.container import host_conf
-from runtime.container.lifecycle import adapt_task_argv, clamp_status, sidecar_only_message
+from runtime.container.lifecycle import (
+    adapt_task_argv, clamp_status, rootful_dev_ids, sidecar_only_message,
+)
+from runtime.errors import AgentboxError
 from runtime.container.sidecar import Sidecar
 from runtime.container.state_file import MountMode
 
@@ -15,23 +18,44 @@ REFERENCE = ["run", "--rm", "-it", "--name", "p-0123456789abcdef", "--userns", "
              "--workdir", "/workspace", "localhost/agentbox:latest", "fish", "-l"]
 
 
+IMAGE = "localhost/agentbox:latest"
+ROOTFUL_ENV = ["--env", "AGENTBOX_HOST_UID=1000", "--env", "AGENTBOX_HOST_GID=1000"]
+
+
 def test_interactive_rootless_keeps_the_reference_argv() -> None:
-    assert adapt_task_argv(REFERENCE, interactive=True, rootless=True) == REFERENCE
+    assert adapt_task_argv(REFERENCE, IMAGE, interactive=True, rootless=True) == REFERENCE
 
 
 def test_non_tty_drops_only_the_t() -> None:
-    out = adapt_task_argv(REFERENCE, interactive=False, rootless=True)
+    out = adapt_task_argv(REFERENCE, IMAGE, interactive=False, rootless=True)
     assert out == [a if a != "-it" else "-i" for a in REFERENCE]
 
 
-def test_rootful_drops_keep_id_and_nothing_else() -> None:
-    out = adapt_task_argv(REFERENCE, interactive=True, rootless=False)
-    assert out == REFERENCE[:5] + REFERENCE[7:]
+def test_rootful_replaces_keep_id_with_host_ids_before_the_image() -> None:
+    out = adapt_task_argv(REFERENCE, IMAGE, interactive=True, rootless=False,
+                          dev_ids=("1000", "1000"))
+    assert out == REFERENCE[:5] + REFERENCE[7:9] + ROOTFUL_ENV + [IMAGE, "fish", "-l"]
 
 
-def test_keep_id_in_the_guest_command_is_not_touched() -> None:
-    argv = [*REFERENCE[:-2], "echo", "--userns"]
-    assert adapt_task_argv(argv, interactive=True, rootless=False)[-2:] == ["echo", "--userns"]
+def test_command_replaces_fish_and_is_never_rewritten() -> None:
+    out = adapt_task_argv(REFERENCE, IMAGE, interactive=False, rootless=False,
+                          command=["podman", "run", "-it", "--userns", "keep-id", "x"])
+    assert out[-7:] == [IMAGE, "podman", "run", "-it", "--userns", "keep-id", "x"]
+    assert "-it" not in out[:-7] and "keep-id" not in out[:-7]
+
+
+def test_argv_without_the_image_is_an_error() -> None:
+    with pytest.raises(AgentboxError):
+        adapt_task_argv(REFERENCE, "other:tag", interactive=True, rootless=True)
+
+
+@pytest.mark.parametrize(("environ", "ids"), [
+    ({"SUDO_UID": "1234", "SUDO_GID": "99"}, ("1234", "99")),
+    ({"SUDO_UID": "1234"}, ("1000", "1000")),
+    ({}, ("1000", "1000")),
+])
+def test_rootful_dev_ids(environ: dict[str, str], ids: tuple[str, str]) -> None:
+    assert rootful_dev_ids(environ) == ids
 
 
 @pytest.mark.parametrize(("code", "out"), [(0, 0), (3, 3), (255, 255), (256, 1), (-9, 1)])
