@@ -23,6 +23,9 @@ import pytest
 from guest_init.contract import LABEL_HARNESS_RUN, LABEL_ROLE, LABEL_SIDECAR, NIX_REMOTE_VALUE
 from runtime.container import host_conf
 from runtime.container.lifecycle import run_task, start_sidecar_only
+from runtime.container.machine_transport import (
+    ContainerTransport, ExecTimeout, detached_argv, start_task, stop_task,
+)
 from runtime.container.names import SIDECAR_PREFIX
 from runtime.container.overlay import mountinfo_has
 from runtime.container.podman_bridge import CliPodman
@@ -208,3 +211,24 @@ def test_sidecar_only_start_is_reused_while_healthy(env: Env) -> None:
     assert (first.reused, second.reused) == (False, True)
     assert second.name == first.name and second.proxy_port == first.proxy_port
     assert env.merged_mounted()
+
+
+def test_machine_transport_runs_commands_in_a_detached_task(env: Env) -> None:
+    name = f"{env.req.slug}-{uuid.uuid4().hex[:16]}"
+    sidecar = start_task(env.podman, env.req,
+                         lambda sc: detached_argv(env.task_argv(sc, name, "true"), env.req.image))
+    try:
+        box = ContainerTransport(name, env.podman, env={"BASE": "b"})
+        res = box.execute("echo $BASE $EXTRA; pwd; id -u; echo oops >&2; exit 3",
+                          env={"EXTRA": "x"}, cwd="/nix", user="1000")
+        assert (res.status, res.stdout, res.stderr) == (3, "b x\n/nix\n1000\n", "oops\n")
+        assert box.execute(["cat"], stdin=b"fed via stdin").stdout == "fed via stdin"
+        added = box.execute("echo t > /tmp/t && nix-store --add /tmp/t")
+        assert added.status == 0 and added.stdout.startswith("/nix/store/"), added
+        with pytest.raises(ExecTimeout) as err:
+            box.execute("echo started; sleep 30", timeout=2)
+        assert "started" in err.value.stdout
+        assert container_running(env.podman, sidecar.name)
+    finally:
+        removed = stop_task(env.podman, env.req, sidecar, name)
+    assert removed and env.sidecars() == [] and not env.merged_mounted()
