@@ -105,7 +105,8 @@ def _attempt_unshare(podman: PodmanRunner, image: str) -> ImageMount:
                         "podman unshare podman image mount failed")
     path = _last_line(out)
     q = shlex.quote(path)
-    script = f"test -d {q} || exit 3; test -d {q}/nix && echo nix; test -d {q}/store && echo store"
+    script = (f"test -d {q} || exit 3; test -d {q}/nix && echo nix; "
+              f"test -d {q}/store && echo store; exit 0")
     proc = podman.capture(["unshare", "sh", "-c", script])
     if not path or proc.returncode != 0:
         raise AgentboxError(f"unshare: image mount path '{path}' is not a directory")
