@@ -65,8 +65,11 @@ def _populate(root: Path) -> None:
         (root / "bin" / name).chmod(0o755)
 
 
-def build_test_image(tag: str = TAG) -> str:
-    """Build (or rebuild) the test image with buildah and return its tag."""
+def build_test_image(tag: str = TAG, rebuild: bool = False) -> str:
+    """Build the test image with buildah (kept and reused unless ``rebuild``); its tag."""
+    exists = subprocess.run(["podman", "image", "exists", tag], capture_output=True)
+    if exists.returncode == 0 and not rebuild:
+        return tag
     def buildah(*args: str) -> str:
         return subprocess.run(["buildah", *args], capture_output=True, text=True, check=True,
                               timeout=300).stdout.strip()
