@@ -77,13 +77,20 @@ def _resize_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``agentbox: <what> (see --help)``, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"agentbox: {message} (see '{self.prog} --help')\n")
+
+
 def _global_flags() -> argparse.ArgumentParser:
     """Flags accepted before or after any subcommand.
 
     ``default=SUPPRESS`` lets a flag given at any level survive the merge of
     the parent and subparser namespaces.
     """
-    parent = argparse.ArgumentParser(add_help=False)
+    parent = _Parser(add_help=False)
     g = parent.add_argument_group("global options")
     g.add_argument("--image", default=argparse.SUPPRESS, metavar="REF",
                    help="image to run (env AGENTBOX_IMAGE); default localhost/agentbox:latest")
@@ -113,13 +120,13 @@ def _libkrun_run_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The full ``agentbox`` argument parser."""
     glob = _global_flags()
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="agentbox", description=ABOUT, parents=[glob], epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     top.add_argument("--version", action="version", version="agentbox 0.1.0")
     top.epilog = EXAMPLES + "\nA guest command follows '--', e.g. agentbox microvm -- sh -c 'echo ok'.\n"
-    sub = top.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+    sub = top.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
 
     lk = sub.add_parser("libkrun", parents=[glob], help="Podman + crun + libkrun task (default)")
     _libkrun_run_options(lk)

@@ -1,0 +1,96 @@
+"""The user configuration file ``agentbox.toml``.
+
+Location: ``$AGENTBOX_CONFIG`` if set, else ``$XDG_CONFIG_HOME/agentbox/agentbox.toml``,
+else ``$HOME/.config/agentbox/agentbox.toml``. A missing file is fine.
+
+Only one setting exists::
+
+    [state]
+    location = "/absolute/existing/dir"   # base of the state root
+
+The file is parsed with a real TOML parser (``tomllib``); unknown tables or
+keys, wrong types, relative or missing paths are refused with one line that
+names the file, the key and what is accepted (exit status 2).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import InputError
+
+KNOWN = {"state": {"location"}}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed configuration."""
+
+    path: Path | None
+    state_location: Path | None = None
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    """Where ``agentbox.toml`` is looked up for ``env`` (default ``os.environ``)."""
+    env = os.environ if env is None else env
+    if env.get("AGENTBOX_CONFIG"):
+        return Path(env["AGENTBOX_CONFIG"])
+    if env.get("XDG_CONFIG_HOME"):
+        return Path(env["XDG_CONFIG_HOME"]) / "agentbox" / "agentbox.toml"
+    if env.get("HOME"):
+        return Path(env["HOME"]) / ".config" / "agentbox" / "agentbox.toml"
+    raise InputError("HOME is not set and XDG_CONFIG_HOME is not available")
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Parse the text of ``path``; raise :class:`InputError` on any problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"config file '{path}' is not valid TOML: {exc}") from None
+    for table, value in data.items():
+        if table not in KNOWN:
+            raise InputError(
+                f"config file '{path}' has unknown table [{table}]; accepted: [state] with key location"
+            )
+        if not isinstance(value, dict):
+            raise InputError(f"config file '{path}': '{table}' must be a table [{table}]")
+        for key in value:
+            if key not in KNOWN[table]:
+                raise InputError(
+                    f"config file '{path}' has unknown key [{table}].{key}; accepted: [state].location"
+                )
+    location = data.get("state", {}).get("location")
+    if location is None:
+        return Config(path)
+    if not isinstance(location, str):
+        raise InputError(
+            f"config file '{path}': [state].location must be a string holding an absolute path, "
+            f"got {type(location).__name__}"
+        )
+    loc = Path(location)
+    if not loc.is_absolute():
+        raise InputError(
+            f"config file '{path}': [state].location must be an absolute path, got '{location}'"
+        )
+    if not loc.is_dir():
+        raise InputError(
+            f"config file '{path}': [state].location '{location}' does not exist or is not a directory"
+        )
+    return Config(path, loc)
+
+
+def load_config(env: Mapping[str, str] | None = None) -> Config:
+    """Read and parse the configuration file; a missing file gives defaults."""
+    path = default_config_path(env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Config(None)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"failed to read config file '{path}': {exc}") from None
+    return parse_config(text, path)

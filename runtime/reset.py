@@ -1,0 +1,41 @@
+"""``agentbox libkrun reset-nix --force``: delete and recreate libkrun-nix.raw (reference 5.5)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from runtime.disks import LIBKRUN_NIX, Runner, create
+from runtime.errors import AgentboxError, InputError
+from runtime.live_disks import RunningContainers, refuse_if_live
+
+NEEDS_FORCE = ("refusing to reset libkrun /nix raw image without --force; this deletes and "
+               "recreates libkrun-nix.raw with no backup")
+
+
+def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | None = None,
+              tools: Runner | None = None, extra_users: tuple[str, ...] = ()) -> Path:
+    """Recreate the nix image. ``force`` is checked before anything is probed or touched."""
+    if not force:
+        raise InputError(NEEDS_FORCE)
+    path = LIBKRUN_NIX.path(state_root)
+    refuse_if_live(path, "reset", containers, extra_users)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise AgentboxError(f"failed to inspect existing libkrun /nix raw image '{path}': {exc}") from None
+    if st is not None:
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"existing libkrun /nix raw image path '{path}' is not a regular "
+                             "file; refusing to reset it")
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise AgentboxError(f"failed to delete existing libkrun /nix raw image '{path}': {exc}") from None
+    from runtime.disks import SubprocessRunner
+
+    create(LIBKRUN_NIX, path, tools or SubprocessRunner())
+    return path

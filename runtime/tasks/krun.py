@@ -1,0 +1,170 @@
+"""libkrun-mode task and resize maintenance ``podman run`` argv (reference 6.2, 6.4, 6.6).
+
+The argv lists returned here exclude the leading ``podman`` (and the
+``--log-level=debug`` that :class:`runtime.podman.Podman` adds).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guest_init import contract as c
+from runtime.disks import LIBKRUN_DISKS, RawDisk
+from runtime.errors import InputError
+from runtime.tasks.volumes import Volumes
+
+TMPFS = "/tmp:rw,exec,mode=1777"
+
+
+@dataclass(frozen=True)
+class KrunOptions:
+    """Options of a libkrun task (``agentbox libkrun ...`` and global flags)."""
+
+    ram_mib: int
+    cpus: int | None = None
+    tsi: bool = False
+    publish: tuple[str, ...] = ()
+    root: bool = False
+    profile: bool = False
+    debug: bool = False
+    guest_init_mount: str | None = None  # "<src>:<target>:ro"
+    run_label: str | None = None
+    command: tuple[str, ...] = field(default=("fish", "-l"))
+
+
+def validate_publish(publish: Sequence[str], tsi: bool) -> tuple[str, ...]:
+    """Publish specs pass through verbatim; empty ones and ``--tsi`` are refused."""
+    for spec in publish:
+        if not spec.strip():
+            raise InputError("publish spec must not be empty")
+    if publish and tsi:
+        raise InputError(
+            "--publish requires default passt networking and is not supported with --tsi; "
+            "drop --tsi or the --publish options")
+    return tuple(publish)
+
+
+def guest_init_override(source: str, target: str = c.GUEST_INIT_PATH) -> str:
+    """The read-only bind mount of a host ``agentbox-guest-init`` over ``target``."""
+    try:
+        resolved = Path(source).resolve(strict=True)
+    except OSError as exc:
+        raise InputError(f"failed to resolve libkrun guest-init override '{source}': {exc.strerror}; "
+                         "pass an existing agentbox-guest-init file") from None
+    if not stat.S_ISREG(os.stat(resolved).st_mode):
+        raise InputError(f"libkrun guest-init override '{source}' is not a regular file")
+    return f"{resolved}:{target}:ro"
+
+
+def validate_guest_init_target(image: str, target: str) -> str:
+    """Check an image's first entrypoint element (inspect-based variant of 6.6)."""
+    target = target.strip()
+    if not target or target == "<no value>":
+        raise InputError(f"selected image '{image}' does not define a first entrypoint element; "
+                         "--guest-init requires an absolute agentbox-guest-init path")
+    if not target.startswith("/"):
+        raise InputError(f"selected image '{image}' first entrypoint element '{target}' is not "
+                         "absolute; --guest-init requires an absolute agentbox-guest-init path")
+    if os.path.basename(target) != "agentbox-guest-init":
+        raise InputError(f"selected image '{image}' first entrypoint element '{target}' does not "
+                         "point to agentbox-guest-init; --guest-init can only override the image "
+                         "agentbox-guest-init binary")
+    return target
+
+
+def _disk_args(disk: RawDisk, state_root: Path) -> list[str]:
+    i = disk.spec.index
+    return ["--annotation", f"krun.disk.{i}.path={disk.path(state_root)}",
+            "--annotation", f"krun.disk.{i}.id={disk.spec.block_id}",
+            "--annotation", f"krun.disk.{i}.readonly=false"]
+
+
+def _disk_env(disk: RawDisk) -> list[str]:
+    if disk.spec.key == "nix":
+        pairs = [(c.ENV_NIX_OVERLAY, "1"), (c.ENV_NIX_DISK_ID, disk.spec.block_id),
+                 (c.ENV_NIX_DISK_LABEL, disk.spec.label)]
+    else:
+        pairs = [(c.ENV_CONTAINERS_STORAGE, "1"), (c.ENV_CONTAINERS_DISK_ID, disk.spec.block_id),
+                 (c.ENV_CONTAINERS_DISK_LABEL, disk.spec.label)]
+    out: list[str] = []
+    for k, v in pairs:
+        out += ["--env", f"{k}={v}"]
+    return out
+
+
+def _network(opts: KrunOptions) -> list[str]:
+    if opts.tsi:
+        return ["--env", f"{c.ENV_NO_PROXY}=1"]
+    return ["--env", f"{c.ENV_USE_PASST}=1", "--annotation", "krun.use_passt=1"]
+
+
+def _diagnostics(opts: KrunOptions) -> list[str]:
+    out: list[str] = []
+    if opts.profile:
+        out += ["--env", f"{c.ENV_GUEST_PROFILE}=1"]
+    if opts.debug:
+        out += ["--env", f"{c.ENV_GUEST_DEBUG}=1"]
+    return out
+
+
+def _cpus(opts: KrunOptions) -> list[str]:
+    return ["--annotation", f"krun.cpus={opts.cpus}"] if opts.cpus is not None else []
+
+
+def _label(opts: KrunOptions) -> list[str]:
+    return ["--label", f"{c.LABEL_HARNESS_RUN}={opts.run_label}"] if opts.run_label else []
+
+
+def krun_task_argv(*, name: str, hostname: str, state_root: Path, volumes: Volumes,
+                   uid: int, gid: int, image: str, opts: KrunOptions) -> list[str]:
+    """The exact ordered ``podman run`` argv of a libkrun task (6.2)."""
+    publish = validate_publish(opts.publish, opts.tsi)
+    argv = ["run", "--rm", "-it", "--name", name, "--userns", "keep-id", "--user", "0:0",
+            "--runtime", "crun", "--annotation", "run.oci.handler=krun",
+            "--annotation", f"krun.ram_mib={opts.ram_mib}",
+            "--annotation", "krun.nested_virt=1"]
+    for disk in LIBKRUN_DISKS:
+        argv += _disk_args(disk, state_root)
+    argv += ["--device", "/dev/net/tun:/dev/net/tun", "--workdir", "/workspace",
+             "--hostname", hostname]
+    argv += volumes.argv()
+    for disk in LIBKRUN_DISKS:
+        argv += _disk_env(disk)
+    argv += ["--env", f"{c.ENV_HOST_UID}={uid}", "--env", f"{c.ENV_HOST_GID}={gid}",
+             "--env", f"{c.ENV_KVM_DROP_TO_DEV}=1"]
+    if opts.root:
+        argv += ["--env", f"{c.ENV_ENTER_AS_ROOT}=1"]
+    argv += ["--tmpfs", TMPFS]
+    argv += _cpus(opts)
+    argv += _network(opts)
+    for spec in publish:
+        argv += ["--publish", spec]
+    argv += _diagnostics(opts)
+    if opts.guest_init_mount:
+        argv += ["--volume", opts.guest_init_mount]
+    argv += _label(opts)
+    argv += [image, *opts.command]
+    return argv
+
+
+def resize_task_argv(*, name: str, hostname: str, state_root: Path, disk: RawDisk, image: str,
+                     opts: KrunOptions, guest_init_path: str = c.GUEST_INIT_PATH) -> list[str]:
+    """The exact ordered argv of the one-shot resize maintenance VM (6.4)."""
+    argv = ["run", "--rm", "--name", name, "--hostname", hostname, "--userns", "keep-id",
+            "--user", "0:0", "--runtime", "crun", "--annotation", "run.oci.handler=krun",
+            "--annotation", f"krun.ram_mib={opts.ram_mib}"]
+    argv += _disk_args(disk, state_root)
+    argv += _disk_env(disk)
+    argv += _cpus(opts)
+    argv += _network(opts)
+    argv += _diagnostics(opts)
+    if opts.guest_init_mount:
+        argv += ["--volume", opts.guest_init_mount]
+    argv += ["--tmpfs", TMPFS]
+    argv += _label(opts)
+    argv += ["--entrypoint", guest_init_path, image, "libkrun", "resize", "--target", disk.spec.key]
+    return argv
