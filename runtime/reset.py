@@ -8,6 +8,7 @@ from pathlib import Path
 
 from runtime.disks import LIBKRUN_NIX, Runner, create
 from runtime.errors import AgentboxError, InputError
+from runtime.state import ensure_private_dir
 from runtime.live_disks import RunningContainers, refuse_if_live
 
 NEEDS_FORCE = ("refusing to reset libkrun /nix raw image without --force; this deletes and "
@@ -20,6 +21,7 @@ def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | 
     if not force:
         raise InputError(NEEDS_FORCE)
     path = LIBKRUN_NIX.path(state_root)
+    ensure_private_dir(state_root)
     refuse_if_live(path, "reset", containers, extra_users)
     try:
         st = os.lstat(path)

@@ -75,7 +75,7 @@ class PodmanKrunMaintenance:
 def run(args: argparse.Namespace) -> int:
     """Dispatch the libkrun subcommands."""
     if args.libkrun_action == "reset-nix":
-        reset_nix(StateLayout.resolve().ensure().state_root, bool(args.force))
+        reset_nix(StateLayout.resolve().state_root, bool(args.force))
         return 0
     # Validate every user input before anything is probed or written.
     opts = _options(args, tuple(args.command))

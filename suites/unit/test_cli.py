@@ -1,0 +1,116 @@
+"""The agentbox command line: accepted forms, rejected forms, bad input (exit 2, one line, nothing written)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.cli import parse
+
+
+@pytest.fixture()
+def env(tmp_path: Path) -> dict[str, str]:
+    """An isolated HOME/XDG environment with a workspace directory as cwd."""
+    e = dict(os.environ)
+    e.update(HOME=str(tmp_path / "home"), XDG_STATE_HOME=str(tmp_path / "state"),
+             XDG_CONFIG_HOME=str(tmp_path / "cfg"))
+    e.pop("AGENTBOX_CONFIG", None)
+    e.pop("AGENTBOX_IMAGE", None)
+    for d in ("home", "state", "cfg", "ws"):
+        (tmp_path / d).mkdir()
+    return e
+
+
+def agentbox(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_defaults_and_global_flags_anywhere() -> None:
+    ns = parse([])
+    assert ns.subcommand == "libkrun" and ns.libkrun_action is None and ns.command == []
+    for argv in (["--debug", "container", "sidecar"], ["container", "--debug", "sidecar"],
+                 ["container", "sidecar", "--debug"]):
+        ns = parse(argv)
+        assert ns.debug and ns.subcommand == "container" and ns.container_action == "sidecar"
+    ns = parse(["--profile", "libkrun", "--root", "--mem", "8", "-p", "8080:80", "-p", "1:2"])
+    assert ns.profile and ns.root and ns.mem == 8 and ns.publish == ["8080:80", "1:2"]
+    ns = parse(["libkrun", "--mem", "2", "resize", "--target", "nix", "--size", "2TiB"])
+    assert ns.libkrun_action == "resize" and ns.size == 2 << 40 and ns.mem == 2
+    ns = parse(["libkrun", "reset-nix"])
+    assert ns.libkrun_action == "reset-nix" and not ns.force
+    ns = parse(["microvm", "--storage", "fuse-overlay", "--vmm", "qemu", "--", "sh", "-c", "exit 3"])
+    assert ns.storage == "fuse-overlay" and ns.command == ["sh", "-c", "exit 3"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--native"], ["--libkrun"], ["--sidecar-only"], ["--disable-nix-sidecar"], ["--task-kvm"],
+    ["--mem", "8"], ["--tsi"], ["--guest-init", "/x"], ["microvm", "--storage", "btrfs"],
+    ["libkrun", "resize", "--target", "workspace", "--size", "1"], ["libkrun", "--mem", "0"],
+    ["libkrun", "--mem", "8g"],
+])
+def test_rejected_forms_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse(argv)
+    assert info.value.code == 2
+
+
+def test_help_and_version(env: dict[str, str], tmp_path: Path) -> None:
+    out = agentbox(env, tmp_path / "ws", "--help")
+    assert out.returncode == 0 and "Launch a Podman shell" in out.stdout
+    assert "experimental" in agentbox(env, tmp_path / "ws", "microvm", "--help").stdout
+    assert agentbox(env, tmp_path / "ws", "--version").stdout.startswith("agentbox ")
+
+
+BAD_SIZES = ["0", "-1", "1.5G", "10M", "99999999999T", "", "abc"]
+
+
+@pytest.mark.parametrize("size", BAD_SIZES)
+def test_bad_sizes(env: dict[str, str], tmp_path: Path, size: str) -> None:
+    out = agentbox(env, tmp_path / "ws", "libkrun", "resize", "--target", "nix", "--size", size)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1 and f"'{size}'" in out.stderr
+    assert "128, 128G, 128GiB, or 2TiB" in out.stderr or "size" in out.stderr
+    assert tree(tmp_path / "state") == []
+
+
+def _config(tmp_path: Path, text: str) -> None:
+    (tmp_path / "cfg" / "agentbox").mkdir(exist_ok=True)
+    (tmp_path / "cfg" / "agentbox" / "agentbox.toml").write_text(text)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('[state]\nlocation = "relative"\n', "must be an absolute path"),
+    ('[state]\nlocation = "/no/such/dir"\n', "does not exist"),
+    ('[state\n', "is not valid TOML"),
+])
+def test_bad_config(env: dict[str, str], tmp_path: Path, text: str, needle: str) -> None:
+    _config(tmp_path, text)
+    out = agentbox(env, tmp_path / "ws", "libkrun", "reset-nix", "--force")
+    assert out.returncode == 2 and needle in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert tree(tmp_path / "state") == []
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["libkrun", "--tsi", "-p", "8080:80"], "not supported with --tsi"),
+    (["libkrun", "-p", " "], "publish spec must not be empty"),
+    (["libkrun", "--guest-init", "DIR"], "is not a regular file"),
+    (["libkrun", "--guest-init", "MISSING"], "failed to resolve libkrun guest-init override"),
+    (["libkrun", "reset-nix"], "refusing to reset libkrun /nix raw image without --force"),
+    (["libkrun", "resize", "--target", "nix", "--size", "128G"], "does not exist; run agentbox libkrun once"),
+])
+def test_bad_input_one_line_nothing_written(env: dict[str, str], tmp_path: Path, args: list[str],
+                                            needle: str) -> None:
+    args = [str(tmp_path) if a == "DIR" else str(tmp_path / "missing") if a == "MISSING" else a
+            for a in args]
+    out = agentbox(env, tmp_path / "ws", *args)
+    assert out.returncode == 2, out.stderr
+    assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert tree(tmp_path / "state") == [] and tree(tmp_path / "home") == []

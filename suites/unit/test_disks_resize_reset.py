@@ -1,0 +1,176 @@
+"""Raw disk prepare/validate/grow, live-disk probe, resize and reset-nix with recorded tools."""
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from runtime import disks
+from runtime.errors import AgentboxError, InputError
+from runtime.live_disks import parse_annotation_lines, refuse_if_live, users_of
+from runtime.reset import reset_nix
+from runtime.resize import GuestStepFailed, ResizePlan, resize
+
+
+class Tools:
+    """Records tool calls; mkfs succeeds (or fails), blkid answers ``fstype``."""
+
+    def __init__(self, fstype: str = "btrfs", mkfs_rc: int = 0) -> None:
+        self.calls: list[list[str]] = []
+        self.fstype, self.mkfs_rc = fstype, mkfs_rc
+
+    def run(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        self.calls.append(list(argv))
+        if argv[0] == "mkfs.btrfs":
+            return subprocess.CompletedProcess(argv, self.mkfs_rc, "", "boom" if self.mkfs_rc else "")
+        return subprocess.CompletedProcess(argv, 0, self.fstype + "\n", "")
+
+
+class Containers:
+    def __init__(self, data: dict[str, dict[str, str]] | None = None, fail: bool = False) -> None:
+        self.data, self.fail, self.asked = data or {}, fail, 0
+
+    def annotations(self, operation: str) -> dict[str, dict[str, str]]:
+        self.asked += 1
+        if self.fail:
+            raise AgentboxError(f"failed to list running Podman containers before libkrun {operation}")
+        return self.data
+
+
+class Runner:
+    def __init__(self, status: int = 0) -> None:
+        self.status, self.plans = status, []  # type: ignore[var-annotated]
+
+    def run(self, plan: ResizePlan) -> int:
+        self.plans.append(plan)
+        return self.status
+
+
+def test_missing_image_creates_sparse_file_and_formats_with_label(tmp_path: Path) -> None:
+    tools = Tools()
+    assert disks.prepare(disks.LIBKRUN_NIX, tmp_path, tools) is disks.Outcome.CREATED
+    path = tmp_path / "libkrun-nix.raw"
+    assert path.stat().st_size == 64 << 30
+    assert path.stat().st_blocks * 512 < 1 << 20
+    assert tools.calls == [["mkfs.btrfs", "-f", "-L", "AGENTBOX_NIX", str(path)]]
+
+
+def test_existing_valid_image_is_reused_without_formatting(tmp_path: Path) -> None:
+    path = tmp_path / "libkrun-containers.raw"
+    path.write_bytes(b"")
+    import os
+    os.truncate(path, 64 << 30)
+    tools = Tools()
+    assert disks.prepare(disks.LIBKRUN_CONTAINERS, tmp_path, tools) is disks.Outcome.REUSED
+    assert [c[0] for c in tools.calls] == ["blkid"]
+
+
+def test_invalid_images_are_refused_never_reformatted(tmp_path: Path) -> None:
+    path = tmp_path / "libkrun-nix.raw"
+    path.mkdir()
+    tools = Tools()
+    with pytest.raises(InputError, match="is not a regular file; refusing to overwrite it"):
+        disks.prepare(disks.LIBKRUN_NIX, tmp_path, tools)
+    path.rmdir()
+    path.write_bytes(b"x")
+    with pytest.raises(InputError, match="is 1 bytes, below the required 68719476736 bytes"):
+        disks.prepare(disks.LIBKRUN_NIX, tmp_path, tools)
+    assert tools.calls == []  # size checked before any probe
+    import os
+    os.truncate(path, 64 << 30)
+    with pytest.raises(InputError, match="has filesystem type 'ext4', expected btrfs"):
+        disks.prepare(disks.LIBKRUN_NIX, tmp_path, Tools("ext4"))
+    with pytest.raises(InputError, match="'unknown'"):
+        disks.prepare(disks.LIBKRUN_NIX, tmp_path, Tools(""))
+    assert all(c[0] != "mkfs.btrfs" for c in tools.calls)
+
+
+def test_mkfs_failure_deletes_the_new_file(tmp_path: Path) -> None:
+    with pytest.raises(AgentboxError, match="failed to format new libkrun /nix raw image"):
+        disks.prepare(disks.LIBKRUN_NIX, tmp_path, Tools(mkfs_rc=1))
+    assert not (tmp_path / "libkrun-nix.raw").exists()
+
+
+def test_container_diag_does_not_say_nix() -> None:
+    assert "/nix" not in disks.LIBKRUN_CONTAINERS.diag
+
+
+def test_live_probe_matches_exact_krun_disk_paths() -> None:
+    annos = parse_annotation_lines("krun.disk.0.path=/a.raw\nkrun.disk.1.id=x\nother=/b.raw\nnoeq\n")
+    assert annos == {"krun.disk.0.path": "/a.raw", "krun.disk.1.id": "x", "other": "/b.raw"}
+    running = {"c1": annos, "c2": {"krun.disk.3.path": "/b.raw"}, "c3": {"x.path": "/a.raw"}}
+    assert users_of(Path("/a.raw"), running) == ["c1"]
+    assert users_of(Path("/b.raw"), running) == ["c2"]
+    with pytest.raises(AgentboxError, match=r"refusing to resize libkrun raw image '/a.raw' while "
+                                            r"running Podman container\(s\) use it: c1"):
+        refuse_if_live(Path("/a.raw"), "resize", Containers(running))
+
+
+def test_live_probe_fails_closed() -> None:
+    with pytest.raises(AgentboxError, match="before libkrun reset"):
+        refuse_if_live(Path("/a.raw"), "reset", Containers(fail=True))
+
+
+def _image(tmp_path: Path, name: str = "libkrun-nix.raw") -> Path:
+    p = tmp_path / name
+    p.write_bytes(b"")
+    import os
+    os.truncate(p, 64 << 30)
+    return p
+
+
+def test_resize_grows_sparse_then_runs_guest_step(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+    runner = Runner()
+    plan = resize("nix", 128 << 30, tmp_path, runner, containers=Containers(), tools=Tools())
+    assert path.stat().st_size == 128 << 30 and plan.old_size == 64 << 30
+    assert runner.plans == [plan]
+
+
+def test_resize_refuses_shrink_equal_missing_live(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist; run agentbox libkrun once"):
+        resize("containers", 128 << 30, tmp_path, Runner(), containers=Containers(), tools=Tools())
+    path = _image(tmp_path)
+    for size in (64 << 30, 32 << 30):
+        with pytest.raises(InputError, match="shrinking and equal-size resize are refused"):
+            resize("nix", size, tmp_path, Runner(), containers=Containers(), tools=Tools())
+    live = Containers({"c9": {"krun.disk.0.path": str(path)}})
+    runner = Runner()
+    with pytest.raises(AgentboxError, match="while running Podman container"):
+        resize("nix", 128 << 30, tmp_path, runner, containers=live, tools=Tools())
+    assert path.stat().st_size == 64 << 30 and runner.plans == []
+
+
+def test_guest_failure_is_retryable_and_nothing_is_shrunk(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+    with pytest.raises(GuestStepFailed, match="exited with status 3 after host raw image") as info:
+        resize("nix", 100 << 30, tmp_path, Runner(3), containers=Containers(), tools=Tools())
+    assert "rerun the same resize command" in str(info.value)
+    assert "will not be shrunk or reset automatically" in str(info.value)
+    assert info.value.exit_code == 3
+    assert path.stat().st_size == 100 << 30
+    resize("nix", 120 << 30, tmp_path, Runner(0), containers=Containers(), tools=Tools())
+    assert path.stat().st_size == 120 << 30
+
+
+def test_reset_requires_force_before_probing(tmp_path: Path) -> None:
+    probe = Containers()
+    with pytest.raises(InputError, match="without --force"):
+        reset_nix(tmp_path, False, containers=probe, tools=Tools())
+    assert probe.asked == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_reset_replaces_existing_and_refuses_live_and_non_files(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+    path.write_bytes(b"old")
+    tools = Tools()
+    reset_nix(tmp_path, True, containers=Containers(), tools=tools)
+    assert path.stat().st_size == 64 << 30 and tools.calls[0][:4] == ["mkfs.btrfs", "-f", "-L", "AGENTBOX_NIX"]
+    with pytest.raises(AgentboxError, match="refusing to reset"):
+        reset_nix(tmp_path, True, containers=Containers({"c": {"krun.disk.0.path": str(path)}}),
+                  tools=Tools())
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(InputError, match="is not a regular file; refusing to reset it"):
+        reset_nix(tmp_path, True, containers=Containers(), tools=Tools())
