@@ -1,0 +1,7 @@
+"""Repository-level pytest configuration.
+
+The ``agentbox`` plugin itself is loaded through its pytest11 entry point (the
+package is installed in editable mode by ``scripts/setup.sh``); this file only
+makes the repository root importable so test helpers under ``suites`` can be
+shared between tiers.
+"""
