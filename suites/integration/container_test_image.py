@@ -19,18 +19,9 @@ HOST_BINARIES = ("/usr/bin/nix", "/bin/bash", "/usr/bin/socat", "/bin/busybox")
 BUSYBOX_APPLETS = ("sh", "mktemp", "seq", "sleep", "cat", "ls", "mkdir", "tail", "kill", "id",
                    "echo", "test", "rm", "env", "grep", "awk", "touch", "stat", "true", "false")
 
-PROXY = """#!/bin/bash
-port="$1"; sock="$2"
-while true; do socat TCP-LISTEN:"$port",fork,reuseaddr UNIX-CONNECT:"$sock"; sleep 0.2; done
-"""
-ENTRYPOINT = """#!/bin/bash
-mkdir -p -m 0755 /nix/var/nix/daemon-socket
-mkdir -p /nix/var/log/nix
-nix-daemon --daemon &
-for _ in $(seq 300); do [ -S /nix/var/nix/daemon-socket/socket ] && break; sleep 0.1; done
-agentbox-sidecar-proxy 19876 /nix/var/nix/daemon-socket/socket &
-exec tail -f /dev/null
-"""
+FILES = Path(__file__).resolve().parents[2] / "runtime" / "images" / "files"
+PROXY = (FILES / "agentbox-sidecar-proxy").read_text()
+ENTRYPOINT = (FILES / "agentbox-nix-sidecar-entrypoint").read_text()
 
 
 def _libs(binary: str) -> list[str]:

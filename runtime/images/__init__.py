@@ -1,0 +1,1 @@
+"""The guest image ``localhost/agentbox:latest``: recipe, Debian root, guest_init layer."""
