@@ -1,0 +1,1 @@
+"""VMM drivers: qemu (any Linux host) and libkrun (direct), behind one interface."""

@@ -1,0 +1,73 @@
+"""What every VMM driver provides: a spec in, a running-VM handle out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from guest_init.launch_config import LaunchConfig
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """One guest to boot.
+
+    ``rootfs`` is the task rootfs (qemu: the 9p root; libkrun: krun_set_root),
+    ``task_dir`` holds logs, sockets and the exit-status file. ``interactive``
+    connects the guest command to the caller's terminal; otherwise the command
+    console is a unix socket (``VmHandle.console_socket``) and the agent port
+    another (``VmHandle.agent_socket``).
+    """
+
+    rootfs: Path
+    launch: LaunchConfig
+    task_dir: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    interactive: bool = False
+    accel: str = "auto"
+
+
+class VmHandle(Protocol):
+    """A started guest."""
+
+    pid: int
+    console_log: Path
+    agent_socket: Path | None
+    console_socket: Path | None
+    accel: str
+
+    def wait(self, timeout: float | None) -> int:
+        """Wait for the guest to finish; the guest command's exit status."""
+        ...
+
+    def shutdown(self, timeout: float) -> None:
+        """Graceful power-off, then forced after ``timeout`` seconds."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the VMM now."""
+        ...
+
+    def poll(self) -> int | None:
+        """None while running, else the exit status."""
+        ...
+
+
+class VmmDriver(Protocol):
+    """A way to boot guests."""
+
+    name: str
+
+    def available(self) -> tuple[bool, str]:
+        """(usable, reason and how to get it when not)."""
+        ...
+
+    def start(self, spec: VmSpec) -> VmHandle:
+        """Boot ``spec``; raises on launch failure."""
+        ...
+
+
+class GuestExitUnknown(RuntimeError):
+    """The guest stopped without reporting an exit status."""
