@@ -86,7 +86,7 @@ def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str) -> list[
         ro = ",readonly=on" if disk.read_only else ""
         argv += ["-drive", f"file={disk.path},if=none,id=d{i},format=raw,cache=writeback,discard=unmap{ro}",
                  "-device", f"virtio-blk-pci,drive=d{i},serial={disk.id[:20]}"]
-    argv += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+    argv += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
              "-device", "virtio-rng-pci"]
     return argv
 

@@ -1,0 +1,1 @@
+"""Experimental microvm mode: image cache, task rootfs storage, launch config, sessions, reaping."""

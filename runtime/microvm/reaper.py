@@ -1,0 +1,100 @@
+"""Process safety for microvm tasks: every VM process is recorded with its task dir,
+and what a dead run left behind (processes, fuse mounts, snapshots, task dirs) is
+reaped by the next run. Only recorded things are touched.
+
+Records live in ``<app>/microvm/running/<task id>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from runtime.state import StateLayout
+
+
+def _dir(layout: StateLayout) -> Path:
+    d = layout.app_dir / "microvm" / "running"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def record(layout: StateLayout, task_dir: Path, pid: int, run_label: str | None) -> Path:
+    """Record a started VM process (and who started it)."""
+    path = _dir(layout) / f"{task_dir.name}.json"
+    path.write_text(json.dumps({"pid": pid, "start": _start_time(pid), "owner": os.getpid(),
+                                "owner_start": _start_time(os.getpid()), "task_dir": str(task_dir),
+                                "run_label": run_label, "recorded_at": time.time()}))
+    return path
+
+
+def forget(layout: StateLayout, task_dir: Path) -> None:
+    (_dir(layout) / f"{task_dir.name}.json").unlink(missing_ok=True)
+
+
+def records(layout: StateLayout) -> list[dict[str, object]]:
+    out = []
+    for p in sorted(_dir(layout).glob("*.json")):
+        try:
+            data = json.loads(p.read_text())
+            data["_file"] = str(p)
+            out.append(data)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _same_process(pid: int, start: object) -> bool:
+    return _alive(pid) and (start is None or _start_time(pid) == start)
+
+
+def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list[str]:
+    """Reap tasks whose owner process is gone (or whose run label is ``include_label``).
+
+    Returns the task dirs reaped."""
+    from runtime.microvm.storage import reset_task_dir
+
+    reaped = []
+    for rec in records(layout):
+        owner_gone = not _same_process(int(rec["owner"]), rec.get("owner_start"))  # type: ignore[arg-type]
+        if not owner_gone and not (include_label and rec.get("run_label") == include_label):
+            continue
+        pid = int(rec["pid"])  # type: ignore[arg-type]
+        if _same_process(pid, rec.get("start")):
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        break
+                deadline = time.monotonic() + 3
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        task_dir = Path(str(rec["task_dir"]))
+        if task_dir.is_relative_to(layout.microvm_tasks_dir) and task_dir.exists():
+            reset_task_dir(task_dir)
+        Path(str(rec["_file"])).unlink(missing_ok=True)
+        reaped.append(str(task_dir))
+    return reaped
