@@ -142,7 +142,7 @@ def mount_workspace(genv: GuestEnv, mounts: Path = Path("/proc/mounts")) -> None
                              f"{parts[2]}, not {genv.workspace_fstype} tag {genv.workspace_tag}")
     argv = ["mount", "-t", genv.workspace_fstype]
     if genv.workspace_fstype == "9p":
-        argv += ["-o", "trans=virtio,version=9p2000.L,msize=262144,access=any"]
+        argv += ["-o", "trans=virtio,version=9p2000.L,msize=262144,access=client"]
     proc = subprocess.run(argv + [genv.workspace_tag, target], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         raise GuestError(f"failed to mount microvm workspace {genv.workspace_fstype} tag {genv.workspace_tag}: "

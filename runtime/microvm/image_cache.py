@@ -140,10 +140,16 @@ class ImageCache:
         return self.root / "refs" / encode_ref(ref)
 
     def lookup(self, ref: str) -> CacheEntry | None:
-        """A complete entry for ``ref`` (pinned digest or ref metadata), else None."""
-        pinned = pinned_digest(ref)
-        if pinned and self.entry(pinned).complete():
-            return self.entry(pinned)
+        """A complete entry for ``ref`` (pinned digest, the local image's current
+        digest, or ref metadata), else None.
+
+        Improvement over the reference: a tag that names an image in the local
+        Buildah/Podman store is checked against that image's current digest, so a
+        rebuilt ``localhost/agentbox:latest`` is re-ingested instead of served stale."""
+        pinned = pinned_digest(ref) or local_digest(ref)
+        if pinned:
+            entry = self.entry(pinned)
+            return entry if entry.complete() else None
         try:
             recorded = self.ref_file(ref).read_text().strip()
         except FileNotFoundError:
@@ -166,7 +172,7 @@ class ImageCache:
             except AgentboxError as exc:
                 raise AgentboxError(f"failed to verify buildah for microvm image '{ref}'; install buildah or "
                                     f"pre-populate '{self.root}'") from exc
-            digest = self.ingest(ref, pinned_digest(ref) or "")
+            digest = self.ingest(ref, pinned_digest(ref) or local_digest(ref) or "")
             entry = self.entry(digest)
             if not entry.complete():
                 raise AgentboxError("buildah ingested image but no microvm cache rootfs was found afterward")
@@ -235,6 +241,23 @@ class ImageCache:
             if mounted:
                 subprocess.run(["buildah", "umount", ctr], capture_output=True, timeout=300)
             subprocess.run(["buildah", "rm", ctr], capture_output=True, timeout=300)
+
+
+def local_digest(ref: str) -> str | None:
+    """The digest of ``ref`` in the local image store (no pull), if it is there."""
+    try:
+        proc = subprocess.run(["buildah", "inspect", "--type", "image", "--format", "{{.FromImageDigest}}", ref],
+                              capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    digest = proc.stdout.strip()
+    if proc.returncode != 0 or not digest:
+        return None
+    try:
+        parse_digest(digest)
+    except AgentboxError:
+        return None
+    return digest
 
 
 def resolve_reference(explicit: str | None, cache: ImageCache) -> str:

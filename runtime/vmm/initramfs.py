@@ -49,7 +49,7 @@ if $bb grep -q agentbox.probe=1 /proc/cmdline; then
   echo {PROBE_MARKER} >/dev/ttyS0
   $bb poweroff -f
 fi
-if ! $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose {contract.ROOTFS_TAG} /newroot; then
+if ! $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=client {contract.ROOTFS_TAG} /newroot; then
   echo "agentbox-initramfs: cannot mount the task rootfs (9p tag {contract.ROOTFS_TAG})" >/dev/ttyS0
   $bb poweroff -f
 fi
