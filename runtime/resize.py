@@ -55,7 +55,7 @@ def retry_message(target: str, path: Path, status: int | None) -> str:
             "The raw image will not be shrunk or reset automatically.")
 
 
-def resize(target: str, size: int, state_root: Path, runner: MaintenanceRunner, *,
+def resize(target: str | RawDisk, size: int, state_root: Path, runner: MaintenanceRunner, *,
            containers: RunningContainers | None = None, tools: Runner | None = None,
            extra_users: tuple[str, ...] = (),
            before_grow: Callable[[], None] | None = None) -> ResizePlan:
@@ -63,7 +63,7 @@ def resize(target: str, size: int, state_root: Path, runner: MaintenanceRunner, 
 
     ``before_grow`` runs after the image was validated and before it grows:
     the place to check that the maintenance guest can start at all."""
-    disk = TARGETS[target]
+    disk = target if isinstance(target, RawDisk) else TARGETS[target]
     path = disk.path(state_root)
     refuse_if_live(path, "resize", containers, extra_users)
     old = grow(disk, path, size, tools, before_grow=before_grow)
@@ -71,7 +71,7 @@ def resize(target: str, size: int, state_root: Path, runner: MaintenanceRunner, 
     try:
         status = runner.run(plan)
     except AgentboxError as exc:
-        raise GuestStepFailed(retry_message(target, path, None), 1) from exc
+        raise GuestStepFailed(retry_message(disk.spec.key, path, None), 1) from exc
     if status != 0:
-        raise GuestStepFailed(retry_message(target, path, status), status)
+        raise GuestStepFailed(retry_message(disk.spec.key, path, status), status)
     return plan

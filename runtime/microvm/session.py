@@ -53,6 +53,7 @@ class MicrovmOptions:
     extra_env: tuple[str, ...] = ()
     state: StateLayout | None = None
     accel: str = "auto"
+    image_cache: Path | None = None  # default: the per-user cache of the state layout
 
 
 def host_ids(workspace: Path) -> tuple[int, int]:
@@ -175,7 +176,7 @@ class MicrovmTask:
         self.layout = layout
         self.task_id = task_container_name(layout.slug)
         self.task_dir = layout.microvm_tasks_dir / self.task_id
-        cache = ImageCache(layout.microvm_image_dir)
+        cache = ImageCache(o.image_cache or layout.microvm_image_dir)
         p = self.phases
         ref = p.run("image_reference_resolution", "microvm image reference resolution failed",
                     lambda: resolve_reference(o.image, cache))

@@ -49,6 +49,18 @@ def cache_dir() -> Path:
     return Path(base) / "agentbox" / "qemu"
 
 
+def socket_dir(task_dir: Path) -> Path:
+    """A short private dir for the task's unix sockets (paths are limited to 107 bytes)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(str(task_dir).encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"agentbox-{os.getuid()}" / key
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.parent.chmod(0o700)
+    return path
+
+
 def tail(path: Path, lines: int = 25) -> str:
     """The last lines of a log file (for error messages)."""
     try:
@@ -61,22 +73,23 @@ def tail(path: Path, lines: int = 25) -> str:
 def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str) -> list[str]:
     """The exact qemu command line for ``spec``."""
     t, launch = spec.task_dir, spec.launch
+    sock = socket_dir(t)
     accel_arg = "kvm" if accel == "kvm" else "tcg,thread=multi"
     argv = [qemu_binary(), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-machine", "pc", "-accel", accel_arg, "-cpu", "host" if accel == "kvm" else "max",
             "-m", str(launch.ram_mib), "-smp", str(max(1, launch.vcpus)),
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE,
             "-serial", f"file:{t / 'console.log'}",
-            "-qmp", f"unix:{t / 'qmp.sock'},server=on,wait=off",
+            "-qmp", f"unix:{sock / 'qmp.sock'},server=on,wait=off",
             "-device", "virtio-serial-pci,id=vser",
-            "-chardev", f"socket,id=agent,path={t / 'agent.sock'},server=on,wait=off",
+            "-chardev", f"socket,id=agent,path={sock / 'agent.sock'},server=on,wait=off",
             "-device", f"virtserialport,bus=vser.0,chardev=agent,name={contract.AGENT_PORT_NAME}",
             "-chardev", f"file,id=status,path={t / 'status'}",
             "-device", f"virtserialport,bus=vser.0,chardev=status,name={STATUS_PORT}"]
     if spec.interactive:
         argv += ["-chardev", "stdio,id=con,signal=off"]
     else:
-        argv += ["-chardev", f"socket,id=con,path={t / 'console.sock'},server=on,wait=off"]
+        argv += ["-chardev", f"socket,id=con,path={sock / 'console.sock'},server=on,wait=off"]
     argv += ["-device", "virtconsole,bus=vser.0,chardev=con",
              "-fsdev", f"local,id=root,path={spec.rootfs},security_model=passthrough",
              "-device", f"virtio-9p-pci,fsdev=root,mount_tag={contract.ROOTFS_TAG}",
@@ -116,8 +129,9 @@ class QemuHandle:
 
     def __post_init__(self) -> None:
         self.console_log = self.task_dir / "console.log"
-        self.agent_socket = self.task_dir / "agent.sock"
-        self.console_socket = self.task_dir / "console.sock"
+        self.sock_dir = socket_dir(self.task_dir)
+        self.agent_socket = self.sock_dir / "agent.sock"
+        self.console_socket = self.sock_dir / "console.sock"
 
     @property
     def pid(self) -> int:
@@ -150,7 +164,7 @@ class QemuHandle:
         """Send one QMP command (best effort)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
-            s.connect(str(self.task_dir / "qmp.sock"))
+            s.connect(str(self.sock_dir / "qmp.sock"))
             s.recv(65536)
             s.sendall(b'{"execute":"qmp_capabilities"}\n')
             s.recv(65536)
@@ -168,6 +182,7 @@ class QemuHandle:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -176,6 +191,7 @@ class QemuHandle:
             except ProcessLookupError:
                 pass
             self.proc.wait(30)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 class QemuDriver:
@@ -221,7 +237,7 @@ class QemuDriver:
             raise AgentboxError(f"failed to start {argv[0]}: {exc}") from None
         (spec.task_dir / "qemu.pid").write_text(str(proc.pid))
         handle = QemuHandle(proc, spec.task_dir, accel, argv)
-        _wait_for_socket(handle, spec.task_dir / "qmp.sock", 30.0)
+        _wait_for_socket(handle, handle.sock_dir / "qmp.sock", 30.0)
         return handle
 
 

@@ -1,0 +1,243 @@
+"""The fixtures other projects import (registered by the ``agentbox`` pytest plugin).
+
+Dimension fixtures (override in a ``conftest.py`` or parametrize indirectly):
+``agentbox_backend``, ``agentbox_image``, ``vm_memory`` (GiB), ``vm_cpus``,
+``storage_backend``. Resource fixtures: ``workspace``, ``nix_disk``,
+``containers_disk``, ``microvm`` / ``microvm_factory``, ``krun_task`` /
+``krun_task_factory``, ``container_task``. Factories own everything they
+create and tear it down in reverse order, also when the test failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agentbox_harness.backends import ContainerMachine, MicrovmMachine
+from agentbox_harness.caps import require_backend
+from agentbox_harness.machine import Machine
+from agentbox_harness.session import HarnessSession, harness
+from agentbox_harness.workspace import Workspace
+from runtime import disks
+from runtime.microvm.session import MicrovmOptions
+from runtime.reset import reset_nix
+from runtime.resize import MaintenanceRunner, ResizePlan, resize
+
+DEV_IDS = (1000, 1000)
+
+
+@pytest.fixture(scope="session")
+def agentbox_harness(pytestconfig: pytest.Config) -> HarnessSession:
+    """Session-wide settings: timeout scale, strict mode, shared image cache, run label."""
+    return harness(pytestconfig)
+
+
+@pytest.fixture
+def agentbox_backend(request: pytest.FixtureRequest, agentbox_harness: HarnessSession) -> str:
+    """The backend for VM fixtures: ``request.param``, else ``--agentbox-backend`` (``auto`` = best usable)."""
+    return getattr(request, "param", None) or agentbox_harness.backend
+
+
+@pytest.fixture
+def agentbox_image(request: pytest.FixtureRequest, agentbox_harness: HarnessSession) -> str:
+    """The guest image: ``request.param``, else ``--agentbox-image``, else ``localhost/agentbox:latest``
+    (built once per run, across xdist workers)."""
+    return getattr(request, "param", None) or agentbox_harness.image()
+
+
+@pytest.fixture
+def vm_memory(request: pytest.FixtureRequest) -> int:
+    """Guest memory in GiB (default 2)."""
+    return int(getattr(request, "param", 2))
+
+
+@pytest.fixture
+def vm_cpus(request: pytest.FixtureRequest) -> int:
+    """Guest vCPUs (default 2)."""
+    return int(getattr(request, "param", 2))
+
+
+@pytest.fixture
+def storage_backend(request: pytest.FixtureRequest) -> str:
+    """microvm task rootfs storage: auto, btrfs-snapshot, fuse-overlay or reflink (default auto)."""
+    return str(getattr(request, "param", "auto"))
+
+
+@pytest.fixture
+def workspace(request: pytest.FixtureRequest, tmp_path: Path, agentbox_harness: HarnessSession) -> Iterator[Workspace]:
+    """A project directory mounted at /workspace in the guest, with an isolated state root.
+
+    ``request.param`` may name the mode: ``direct`` (default), ``copy`` or
+    ``overlay-review``. When the tests run as root, the directory belongs to
+    uid 1000 (the guest's dev user) so guest writes land owned by it."""
+    mode = getattr(request, "param", "direct")
+    state_base = agentbox_harness.state_base(tmp_path)
+    owner = DEV_IDS if os.geteuid() == 0 else None
+    ws = Workspace.create(tmp_path / "project", tmp_path / "ws-scratch", state_base, mode, owner)
+    yield ws
+    ws.close()
+
+
+@dataclass
+class DiskHandle:
+    """A managed raw btrfs image of a workspace (create, validate, grow, reset, inspect)."""
+
+    disk: disks.RawDisk
+    state_root: Path
+
+    @property
+    def path(self) -> Path:
+        return self.disk.path(self.state_root)
+
+    def create(self) -> disks.Outcome:
+        """Create (or validate and reuse) the image."""
+        self.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return disks.prepare(self.disk, self.state_root)
+
+    def validate(self) -> int:
+        """Check the image; its size."""
+        return disks.validate(self.disk, self.path, disks.SubprocessRunner())
+
+    def grow(self, size: int, runner: MaintenanceRunner, extra_users: tuple[str, ...] = ()) -> ResizePlan:
+        """Grow to ``size`` bytes (grow-only, refused while live) and run the guest step through ``runner``."""
+        return resize(self.disk, size, self.state_root, runner, extra_users=extra_users)
+
+    def reset(self, force: bool = True) -> Path:
+        """Delete and recreate (the nix image only)."""
+        return reset_nix(self.state_root, force)
+
+    @contextlib.contextmanager
+    def inspect(self) -> Iterator[Path]:
+        """Mount the image read-only on the host (root only) for inspection."""
+        if os.geteuid() != 0:
+            pytest.skip("read-only host inspection of a raw disk needs root (loop mount)")
+        target = self.state_root / f".inspect-{self.disk.spec.key}"
+        target.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-o", "loop,ro", str(self.path), str(target)], check=True,
+                       capture_output=True, timeout=60)
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", str(target)], capture_output=True, timeout=60)
+            target.rmdir()
+
+
+@pytest.fixture
+def nix_disk(workspace: Workspace, agentbox_backend: str) -> DiskHandle:
+    """The workspace's /nix raw image (microvm-nix.raw for VM backends, libkrun-nix.raw for krun-podman)."""
+    disk = disks.LIBKRUN_NIX if agentbox_backend == "krun-podman" else disks.MICROVM_NIX
+    return DiskHandle(disk, workspace.state.state_root)
+
+
+@pytest.fixture
+def containers_disk(workspace: Workspace, agentbox_backend: str) -> DiskHandle:
+    """The workspace's container-storage raw image."""
+    disk = disks.LIBKRUN_CONTAINERS if agentbox_backend == "krun-podman" else disks.MICROVM_CONTAINERS
+    return DiskHandle(disk, workspace.state.state_root)
+
+
+class Factory:
+    """Creates machines and tears every one down (reverse order, errors collected)."""
+
+    def __init__(self, session: HarnessSession, request: pytest.FixtureRequest) -> None:
+        self.session, self.request = session, request
+        self.machines: list[Machine] = []
+
+    def add(self, machine: Machine) -> Machine:
+        self.machines.append(machine)
+        machine.artifacts = self.session.artifact_dir(self.request.node)
+        machine.start()
+        return machine
+
+    def close(self) -> list[str]:
+        errors = []
+        for m in reversed(self.machines):
+            try:
+                m.write_artifacts()
+                if self.session.preserve_debug:
+                    self.session.preserved.append(m)
+                else:
+                    m.shutdown()
+            except Exception as exc:  # noqa: BLE001 - teardown must reach every machine
+                errors.append(f"{m.name}: {exc}")
+        return errors
+
+
+@pytest.fixture
+def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+                    agentbox_backend: str, agentbox_image: str, vm_memory: int, vm_cpus: int,
+                    storage_backend: str) -> Iterator[Callable[..., MicrovmMachine]]:
+    """``microvm_factory(name="vm", **options)`` boots a microvm task whose agent serves the verbs.
+
+    Options override the dimension fixtures: ``storage``, ``vmm`` (qemu|libkrun),
+    ``mem_gib``, ``cpus``, ``image``, ``workspace`` (a :class:`Workspace`)."""
+    vmm = {"qemu": "qemu", "krun-direct": "libkrun"}.get(agentbox_backend)
+    if vmm is None:
+        pytest.skip(f"microvm needs the qemu or krun-direct backend, not {agentbox_backend}")
+    require_backend(agentbox_harness, agentbox_backend)
+    factory = Factory(agentbox_harness, request)
+
+    def make(name: str = "vm", **overrides: object) -> MicrovmMachine:
+        ws = overrides.pop("workspace", workspace)
+        assert isinstance(ws, Workspace)
+        opts = MicrovmOptions(
+            workspace=ws.path, image=str(overrides.pop("image", agentbox_image)),
+            storage=str(overrides.pop("storage", storage_backend)), vmm=str(overrides.pop("vmm", vmm)),
+            mem_gib=int(overrides.pop("mem_gib", vm_memory)),  # type: ignore[call-overload]
+            cpus=int(overrides.pop("cpus", vm_cpus)),  # type: ignore[call-overload]
+            state=ws.state, image_cache=agentbox_harness.image_cache,
+            run_label=agentbox_harness.run_label, preserve_debug=agentbox_harness.preserve_debug,
+            kernel=agentbox_harness.kernel, interactive=False)
+        if overrides:
+            raise TypeError(f"unknown microvm option(s): {', '.join(overrides)}")
+        machine = MicrovmMachine(name=name, timeout_scale=agentbox_harness.timeout_scale, options=opts)
+        return factory.add(machine)  # type: ignore[return-value]
+
+    yield make
+    errors = factory.close()
+    if errors:
+        raise AssertionError("microvm teardown failed: " + "; ".join(errors))
+
+
+@pytest.fixture
+def microvm(microvm_factory: Callable[..., MicrovmMachine]) -> MicrovmMachine:
+    """A booted microvm (see ``microvm_factory``); ``microvm.succeed("id -un", timeout=30)`` → ``dev``."""
+    return microvm_factory()
+
+
+@pytest.fixture
+def container_task(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+                   agentbox_image: str) -> Iterator[ContainerMachine]:
+    """A container-mode task (native Podman + nix-daemon sidecar) with the Machine verbs."""
+    require_backend(agentbox_harness, "container")
+    factory = Factory(agentbox_harness, request)
+    machine = ContainerMachine(name="ct", timeout_scale=1.0, workspace=workspace.path,
+                               state_root=workspace.state.ensure().state_root, image=agentbox_image,
+                               run_label=agentbox_harness.run_label)
+    factory.add(machine)
+    yield machine
+    errors = factory.close()
+    if errors:
+        raise AssertionError("container task teardown failed: " + "; ".join(errors))
+
+
+@pytest.fixture
+def krun_task_factory(agentbox_harness: HarnessSession) -> Callable[..., Machine]:
+    """libkrun-mode tasks through Podman + crun + libkrun (options: memory, cpus, publish, root, tsi).
+
+    Needs crun with the krun handler and libkrunfw; skips (strict: fails) naming what is missing."""
+    require_backend(agentbox_harness, "krun-podman")
+    raise AssertionError("krun-podman tasks need a crun with +LIBKRUN; this host reported it usable "
+                         "but the harness has no krun-podman transport yet")
+
+
+@pytest.fixture
+def krun_task(krun_task_factory: Callable[..., Machine]) -> Machine:
+    """One libkrun-mode task (see ``krun_task_factory``)."""
+    return krun_task_factory()

@@ -1,0 +1,225 @@
+"""The Machine: verbs a test uses on a guest, over one abstract ``_execute``.
+
+Backends supply only transport (``_execute``, file copy) and lifecycle
+(``start``, ``shutdown``); every verb below is shared. Every wait takes a
+required ``timeout`` (multiplied by the session's timeout scale) and its
+error carries the last output and the console tail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shlex
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentbox_harness.wait import WaitTimeout, retry
+
+Command = str | Sequence[str]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One guest command's outcome."""
+
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+    duration_s: float
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_status == 0 and not self.timed_out
+
+
+class MachineError(AssertionError):
+    """A verb's expectation failed; the message shows what the guest said."""
+
+
+def _step(title: str) -> contextlib.AbstractContextManager[Any]:
+    """An Allure step when allure-pytest is installed, else nothing."""
+    try:
+        import allure
+
+        return allure.step(title)  # type: ignore[no-any-return]
+    except ImportError:
+        return contextlib.nullcontext()
+
+
+def as_argv(cmd: Command) -> list[str]:
+    return ["sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+
+
+def render(cmd: Command) -> str:
+    return cmd if isinstance(cmd, str) else shlex.join(cmd)
+
+
+@dataclass
+class Machine(ABC):
+    """A running guest. Subclasses implement ``_execute``, ``_start``, ``_stop``."""
+
+    name: str
+    timeout_scale: float = 1.0
+    artifacts: Path | None = None
+    transcript: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    # --- what a backend provides ------------------------------------------
+    @abstractmethod
+    def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
+                 timeout: float, stdin: bytes | None) -> Result: ...
+
+    @abstractmethod
+    def _start(self) -> None: ...
+
+    @abstractmethod
+    def _stop(self, timeout: float) -> None: ...
+
+    def console_tail(self, lines: int = 30) -> str:
+        """The last lines of the console log (empty when the backend has none)."""
+        log = self.console_log
+        if log is None or not log.exists():
+            return ""
+        text = log.read_bytes()[-16384:].decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    @property
+    def console_log(self) -> Path | None:
+        return None
+
+    # --- verbs -------------------------------------------------------------
+    def scaled(self, timeout: float) -> float:
+        return timeout * self.timeout_scale
+
+    def execute(self, cmd: Command, *, timeout: float, user: str | None = None, env: dict[str, str] | None = None,
+                cwd: str | None = None, stdin: bytes | None = None, check: bool = False) -> Result:
+        """Run ``cmd`` (a string runs under ``sh -c``) as ``user`` (default dev); return its Result."""
+        with _step(f"{self.name}: {render(cmd)}"):
+            result = self._execute(as_argv(cmd), user=user, env=env, cwd=cwd, timeout=self.scaled(timeout),
+                                   stdin=stdin)
+        self.transcript.append({
+            "command": render(cmd), "user": user or "dev", "exit_status": result.exit_status,
+            "duration_s": result.duration_s, "timed_out": result.timed_out,
+            "stdout_sha256": hashlib.sha256(result.stdout.encode()).hexdigest(),
+            "stderr_sha256": hashlib.sha256(result.stderr.encode()).hexdigest(),
+            "stdout_tail": result.stdout[-400:], "stderr_tail": result.stderr[-400:]})
+        if check and not result.ok:
+            raise MachineError(self._explain(f"command failed: {render(cmd)}", result))
+        return result
+
+    def _explain(self, headline: str, result: Result | None) -> str:
+        parts = [headline]
+        if result is not None:
+            parts.append(f"exit status {result.exit_status}{' (timed out)' if result.timed_out else ''}")
+            parts.append(f"stdout:\n{result.stdout[-2000:]}")
+            parts.append(f"stderr:\n{result.stderr[-2000:]}")
+        tail = self.console_tail()
+        if tail:
+            parts.append(f"console tail:\n{tail}")
+        return "\n".join(parts)
+
+    def succeed(self, cmd: Command, *, timeout: float, user: str | None = None,
+                env: dict[str, str] | None = None, cwd: str | None = None, stdin: bytes | None = None) -> str:
+        """Run ``cmd``; fail the test unless it exits 0. Returns stdout."""
+        return self.execute(cmd, timeout=timeout, user=user, env=env, cwd=cwd, stdin=stdin, check=True).stdout
+
+    def fail(self, cmd: Command, *, timeout: float, user: str | None = None,
+             env: dict[str, str] | None = None) -> Result:
+        """Run ``cmd``; fail the test unless it exits non-zero. Returns the Result."""
+        result = self.execute(cmd, timeout=timeout, user=user, env=env)
+        if result.ok:
+            raise MachineError(self._explain(f"command unexpectedly succeeded: {render(cmd)}", result))
+        return result
+
+    def _wait_for(self, cmd: Command, want_ok: bool, timeout: float, user: str | None) -> str:
+        last: list[Result] = []
+
+        def check(_last_try: bool) -> bool:
+            r = self.execute(cmd, timeout=max(5.0, timeout / 4), user=user)
+            last[:] = [r]
+            return r.ok == want_ok
+
+        try:
+            retry(check, timeout=self.scaled(timeout), interval=1.0)
+        except WaitTimeout as exc:
+            raise MachineError(self._explain(f"{exc}: waiting until {render(cmd)} "
+                                             f"{'succeeds' if want_ok else 'fails'}",
+                                             last[0] if last else None)) from None
+        return last[0].stdout
+
+    def wait_until_succeeds(self, cmd: Command, *, timeout: float, user: str | None = None) -> str:
+        """Retry ``cmd`` until it exits 0; its stdout."""
+        return self._wait_for(cmd, True, timeout, user)
+
+    def wait_until_fails(self, cmd: Command, *, timeout: float, user: str | None = None) -> str:
+        """Retry ``cmd`` until it exits non-zero."""
+        return self._wait_for(cmd, False, timeout, user)
+
+    def wait_for_file(self, path: str, *, timeout: float) -> None:
+        """Wait until ``path`` exists in the guest."""
+        self.wait_until_succeeds(["test", "-e", path], timeout=timeout, user="root")
+
+    def wait_for_prep(self, kind: str, *, timeout: float) -> None:
+        """Wait until the ``nix`` or ``podman`` background prep is ready (fails fast when it failed)."""
+        cmd = ["agentbox-guest-init", "status", "--wait", kind, "--timeout", str(int(self.scaled(timeout)))]
+        self.succeed(cmd, timeout=timeout + 10, user="root")
+
+    def copy_to(self, host_path: Path, guest_path: str, *, timeout: float = 60) -> None:
+        """Copy a host file into the guest (owned by dev)."""
+        data = Path(host_path).read_bytes()
+        self.execute(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chown dev:dev "$1"', "sh", guest_path],
+                     timeout=timeout, user="root", stdin=data, check=True)
+
+    def copy_from(self, guest_path: str, host_path: Path, *, timeout: float = 60) -> None:
+        """Copy a guest file to the host."""
+        out = self._execute(["base64", "-w0", guest_path], user="root", env=None, cwd=None,
+                            timeout=self.scaled(timeout), stdin=None)
+        if not out.ok:
+            raise MachineError(self._explain(f"cannot read {guest_path}", out))
+        import base64
+
+        Path(host_path).write_bytes(base64.b64decode(out.stdout))
+
+    def start(self) -> None:
+        started = time.monotonic()
+        with _step(f"{self.name}: start"):
+            self._start()
+        self.timings["boot_s"] = round(time.monotonic() - started, 3)
+
+    def shutdown(self, timeout: float = 60) -> None:
+        """Graceful then forced stop, bounded by ``timeout``."""
+        with _step(f"{self.name}: shutdown"):
+            self._stop(self.scaled(timeout))
+
+    def restart(self, timeout: float = 120) -> None:
+        """Stop and start again with the same state (persistent disks, workspace)."""
+        self.shutdown(timeout)
+        self.start()
+
+    def write_artifacts(self) -> None:
+        """Transcript and timings into the test's artifact dir."""
+        if self.artifacts is None:
+            return
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        (self.artifacts / f"{self.name}-transcript.json").write_text(json.dumps(self.transcript, indent=1))
+        (self.artifacts / f"{self.name}-timings.json").write_text(json.dumps(self.timings, indent=1))
+
+
+def timed(machine: Machine, label: str) -> contextlib.AbstractContextManager[None]:
+    """Record the duration of a block under ``label`` in the machine's timings."""
+    @contextlib.contextmanager
+    def block() -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            machine.timings[label] = round(time.monotonic() - started, 3)
+    return block()

@@ -1,0 +1,119 @@
+"""Session-wide harness settings, computed once from the pytest options."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runtime.doctor import Check, run_checks, usable_backends
+
+KEY = pytest.StashKey["HarnessSession"]()
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "agentbox"
+
+
+@dataclass
+class HarnessSession:
+    """What every fixture of a run shares."""
+
+    config: pytest.Config
+    run_label: str
+    strict: bool
+    preserve_debug: bool
+    backend_option: str
+    image_option: str | None
+    kernel: Path | None
+    state_dir: Path | None
+    scale_option: float | None
+    image_cache: Path = field(default_factory=lambda: _cache_root() / "microvm-images")
+    preserved: list[Any] = field(default_factory=list)
+    _checks: list[Check] | None = None
+    _image: str | None = None
+    _accel: str | None = None
+
+    @property
+    def checks(self) -> list[Check]:
+        if self._checks is None:
+            self._checks = run_checks(probe_kvm=False)
+        return self._checks
+
+    @property
+    def backends(self) -> dict[str, tuple[bool, str]]:
+        return usable_backends(self.checks)
+
+    @property
+    def backend(self) -> str:
+        """``--agentbox-backend``; ``auto`` picks krun-direct, then qemu, then container."""
+        if self.backend_option != "auto":
+            return self.backend_option
+        for name in ("krun-direct", "qemu", "container"):
+            if self.backends[name][0]:
+                return name
+        return "qemu"
+
+    @property
+    def accelerator(self) -> str:
+        """``kvm`` or ``tcg`` as the qemu backend will choose (``libkrun`` for krun backends)."""
+        if self._accel is None:
+            if self.backend.startswith("krun"):
+                self._accel = "kvm"
+            elif os.environ.get("AGENTBOX_QEMU_ACCEL") in ("kvm", "tcg"):
+                self._accel = os.environ["AGENTBOX_QEMU_ACCEL"]
+            else:
+                from runtime.vmm import kvm_probe
+
+                self._accel = "kvm" if kvm_probe.probe_summary().ok else "tcg"
+        return self._accel
+
+    @property
+    def timeout_scale(self) -> float:
+        """``--agentbox-timeout-scale``, else 3.0 under TCG and 1.0 with KVM."""
+        if self.scale_option is not None:
+            return self.scale_option
+        return 1.0 if self.accelerator == "kvm" else 3.0
+
+    def state_base(self, tmp_path: Path) -> Path:
+        """Where a test's state root lives (isolated per test unless --agentbox-state-dir)."""
+        return self.state_dir if self.state_dir else tmp_path / "state"
+
+    def image(self) -> str:
+        """The guest image, built once per run (file-locked across xdist workers)."""
+        if self._image is None:
+            if self.image_option:
+                self._image = self.image_option
+            else:
+                from runtime.images.build import build
+
+                self._image = build().tag
+        return self._image
+
+    def artifact_dir(self, node: pytest.Item) -> Path:
+        root = Path(str(self.config.rootpath)) / "results" / "artifacts"
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", node.nodeid)[-150:]
+        path = root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def harness(config: pytest.Config) -> HarnessSession:
+    """The run's :class:`HarnessSession` (created on first use)."""
+    if KEY not in config.stash:
+        opt = config.getoption
+        worker = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex[:12]
+        config.stash[KEY] = HarnessSession(
+            config=config, run_label=f"pytest-{worker[:12]}", strict=bool(opt("--agentbox-strict")),
+            preserve_debug=bool(opt("--preserve-debug")), backend_option=opt("--agentbox-backend"),
+            image_option=opt("--agentbox-image"),
+            kernel=Path(opt("--agentbox-kernel")) if opt("--agentbox-kernel") else None,
+            state_dir=Path(opt("--agentbox-state-dir")) if opt("--agentbox-state-dir") else None,
+            scale_option=opt("--agentbox-timeout-scale"))
+    return config.stash[KEY]
