@@ -39,10 +39,18 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def record(layout: StateLayout, task_dir: Path, pid: int, run_label: str | None) -> Path:
-    """Record a started VM process (and who started it)."""
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def record(layout: StateLayout, task_dir: Path, pid: int | None, run_label: str | None) -> Path:
+    """Record a task dir (``pid`` None: before the VM starts) or its started VM process, and who owns it."""
     path = _dir(layout) / f"{task_dir.name}.json"
-    path.write_text(json.dumps({"pid": pid, "start": _start_time(pid), "owner": os.getpid(),
+    path.write_text(json.dumps({"pid": pid, "pgid": None if pid is None else _pgid(pid),
+                                "start": None if pid is None else _start_time(pid), "owner": os.getpid(),
                                 "owner_start": _start_time(os.getpid()), "task_dir": str(task_dir),
                                 "run_label": run_label, "recorded_at": time.time()}))
     return path
@@ -79,21 +87,19 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
         owner_gone = not _same_process(int(rec["owner"]), rec.get("owner_start"))  # type: ignore[arg-type]
         if not owner_gone and not (include_label and rec.get("run_label") == include_label):
             continue
-        pid = int(rec["pid"])  # type: ignore[arg-type]
-        if _same_process(pid, rec.get("start")):
+        pid = rec.get("pid")
+        if isinstance(pid, int) and _same_process(pid, rec.get("start")):
+            own_group = rec.get("pgid") == pid  # a VM in its own process group: signal the whole group
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
-                    os.killpg(pid, sig)
+                    os.killpg(pid, sig) if own_group else os.kill(pid, sig)
                 except (ProcessLookupError, PermissionError):
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        break
+                    break
                 deadline = time.monotonic() + 3
                 while _alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
         task_dir = Path(str(rec["task_dir"]))
-        if task_dir.is_relative_to(layout.microvm_tasks_dir) and task_dir.exists():
+        if task_dir.parent.name == "microvm-tasks" and task_dir.is_relative_to(layout.app_dir) and task_dir.exists():
             reset_task_dir(task_dir)
         Path(str(rec["_file"])).unlink(missing_ok=True)
         reaped.append(str(task_dir))

@@ -177,6 +177,9 @@ class MicrovmTask:
         self.task_id = task_container_name(layout.slug)
         self.task_dir = layout.microvm_tasks_dir / self.task_id
         cache = ImageCache(o.image_cache or layout.microvm_image_dir)
+        from runtime.microvm.reaper import record
+
+        record(layout, self.task_dir, None, o.run_label)
         p = self.phases
         ref = p.run("image_reference_resolution", "microvm image reference resolution failed",
                     lambda: resolve_reference(o.image, cache))
@@ -264,22 +267,24 @@ class MicrovmTask:
         if self.closed:
             return
         self.closed = True
+        from runtime.microvm.reaper import forget
+
         if self.handle is not None:
             if hasattr(self, "_session_started"):
                 self.phases.rows.append(("helper_session", (time.perf_counter() - self._session_started) * 1000))
-            if not self.opts.preserve_debug:
-                self.handle.shutdown(10.0)
+            self.handle.shutdown(10.0)  # preserve keeps files, never a running VM
         if self.rootfs is None:
+            if hasattr(self, "layout"):
+                forget(self.layout, self.task_dir)
             return
         if self.opts.preserve_debug:
             hint = self.rootfs.hint()
             self.notice = f"agentbox: preserved microvm debug state: {self._paths()}" + (f"; {hint}" if hint else "")
+            forget(self.layout, self.task_dir)  # preserved state is the user's now, never reaped
             return
         self.phases.run("task_rootfs_unmount", f"failed to unmount microvm task rootfs '{self.rootfs.root}'",
                         self.rootfs.unmount)
         self.phases.run("task_state_cleanup", None, self.rootfs.cleanup)
-        from runtime.microvm.reaper import forget
-
         forget(self.layout, self.task_dir)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
 from runtime.vmm.base import VmSpec
+from runtime.vmm.qemu import _die_with_parent
 
 SONAMES = ("libkrun.so.1", "libkrun.so")
 
@@ -133,7 +134,7 @@ class LibkrunDriver:
             raise AgentboxError(f"libkrun backend unavailable: {why}")
         argv = [sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(spec.task_dir / "launch.conf")]
         try:
-            proc = subprocess.Popen(argv)
+            proc = subprocess.Popen(argv, start_new_session=not spec.interactive, preexec_fn=_die_with_parent)
         except OSError as exc:
             raise AgentboxError(f"failed to start microvm helper for '{spec.task_dir / 'launch.conf'}'") from exc
         return LibkrunHandle(proc, spec.task_dir)

@@ -1,0 +1,63 @@
+/* A stand-in for libkrun.so (the one boundary that cannot exist here): it records
+ * every call, one line each, to $FAKE_KRUN_LOG. $FAKE_KRUN_FAIL names a function
+ * that returns -22; krun_start_enter exits the process with $FAKE_KRUN_EXIT
+ * (default 0), like libkrun exits with the guest's status. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdbool.h>
+#include <stdarg.h>
+
+static int32_t note(const char *name, const char *fmt, ...) {
+    const char *path = getenv("FAKE_KRUN_LOG");
+    if (path) {
+        FILE *f = fopen(path, "a");
+        if (f) {
+            va_list ap;
+            fprintf(f, "%s", name);
+            va_start(ap, fmt);
+            vfprintf(f, fmt, ap);
+            va_end(ap);
+            fputc('\n', f);
+            fclose(f);
+        }
+    }
+    const char *fail = getenv("FAKE_KRUN_FAIL");
+    return (fail && strcmp(fail, name) == 0) ? -22 : 0;
+}
+
+int32_t krun_create_ctx(void) {
+    int32_t rc = note("krun_create_ctx", "");
+    return rc < 0 ? rc : 7;
+}
+int32_t krun_free_ctx(uint32_t ctx) { return note("krun_free_ctx", " %u", ctx); }
+int32_t krun_set_log_level(uint32_t level) { return note("krun_set_log_level", " %u", level); }
+int32_t krun_set_vm_config(uint32_t ctx, uint8_t vcpus, uint32_t ram) {
+    return note("krun_set_vm_config", " %u %u %u", ctx, vcpus, ram);
+}
+int32_t krun_set_root(uint32_t ctx, const char *root) { return note("krun_set_root", " %u %s", ctx, root); }
+int32_t krun_add_disk(uint32_t ctx, const char *id, const char *path, bool ro) {
+    return note("krun_add_disk", " %u %s %s %d", ctx, id, path, ro);
+}
+int32_t krun_disable_implicit_console(uint32_t ctx) { return note("krun_disable_implicit_console", " %u", ctx); }
+int32_t krun_add_virtio_console_default(uint32_t ctx, int in, int out, int err) {
+    return note("krun_add_virtio_console_default", " %u %d %d %d", ctx, in, out, err);
+}
+int32_t krun_add_virtiofs3(uint32_t ctx, const char *tag, const char *path, uint64_t shm, bool ro) {
+    return note("krun_add_virtiofs3", " %u %s %s %llu %d", ctx, tag, path, (unsigned long long)shm, ro);
+}
+int32_t krun_set_workdir(uint32_t ctx, const char *dir) { return note("krun_set_workdir", " %u %s", ctx, dir); }
+int32_t krun_set_exec(uint32_t ctx, const char *exec, const char *const argv[], const char *const envp[]) {
+    char buf[4096] = "";
+    for (int i = 0; argv && argv[i]; i++) { strncat(buf, " ", sizeof buf - strlen(buf) - 1); strncat(buf, argv[i], sizeof buf - strlen(buf) - 1); }
+    strncat(buf, " |", sizeof buf - strlen(buf) - 1);
+    for (int i = 0; envp && envp[i]; i++) { strncat(buf, " ", sizeof buf - strlen(buf) - 1); strncat(buf, envp[i], sizeof buf - strlen(buf) - 1); }
+    return note("krun_set_exec", " %u %s%s", ctx, exec, buf);
+}
+int32_t krun_start_enter(uint32_t ctx) {
+    int32_t rc = note("krun_start_enter", " %u", ctx);
+    if (rc < 0) return rc;
+    const char *code = getenv("FAKE_KRUN_EXIT");
+    exit(code ? atoi(code) : 0);
+}
