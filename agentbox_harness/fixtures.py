@@ -27,6 +27,7 @@ from agentbox_harness.workspace import Workspace
 from runtime import disks
 from runtime.microvm.session import MicrovmOptions
 from runtime.reset import reset_nix
+from runtime.state import StateLayout
 from runtime.resize import MaintenanceRunner, ResizePlan, resize
 
 DEV_IDS = (1000, 1000)
@@ -104,13 +105,23 @@ class DiskHandle:
         """Check the image; its size."""
         return disks.validate(self.disk, self.path, disks.SubprocessRunner())
 
-    def grow(self, size: int, runner: MaintenanceRunner, extra_users: tuple[str, ...] = ()) -> ResizePlan:
-        """Grow to ``size`` bytes (grow-only, refused while live) and run the guest step through ``runner``."""
-        return resize(self.disk, size, self.state_root, runner, extra_users=extra_users)
+    def live_users(self) -> tuple[str, ...]:
+        """Running guests of this harness that attach the image."""
+        from runtime.microvm.maintenance import live_users
+
+        return tuple(live_users(StateLayout(self.state_root, self.state_root.name, self.state_root.parent,
+                                            self.state_root), self.path))
+
+    def grow(self, size: int, runner: MaintenanceRunner) -> ResizePlan:
+        """Grow to ``size`` bytes and run the guest step through ``runner``.
+
+        Refused while a Podman container or a microvm of this harness uses the image;
+        equal and smaller sizes are refused; a guest failure is retryable."""
+        return resize(self.disk, size, self.state_root, runner, extra_users=self.live_users())
 
     def reset(self, force: bool = True) -> Path:
-        """Delete and recreate (the nix image only)."""
-        return reset_nix(self.state_root, force)
+        """Delete and recreate the nix image (refused without ``force`` and while live)."""
+        return reset_nix(self.state_root, force, extra_users=self.live_users(), disk=self.disk)
 
     @contextlib.contextmanager
     def inspect(self) -> Iterator[Path]:

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from runtime.disks import LIBKRUN_NIX, Runner, create
+from runtime.disks import LIBKRUN_NIX, RawDisk, Runner, create
 from runtime.errors import AgentboxError, InputError
 from runtime.state import ensure_private_dir
 from runtime.live_disks import RunningContainers, refuse_if_live
@@ -16,11 +16,13 @@ NEEDS_FORCE = ("refusing to reset libkrun /nix raw image without --force; this d
 
 
 def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | None = None,
-              tools: Runner | None = None, extra_users: tuple[str, ...] = ()) -> Path:
-    """Recreate the nix image. ``force`` is checked before anything is probed or touched."""
+              tools: Runner | None = None, extra_users: tuple[str, ...] = (), disk: RawDisk = LIBKRUN_NIX) -> Path:
+    """Recreate the nix image (``disk``: libkrun by default, or the microvm one).
+
+    ``force`` is checked before anything is probed or touched."""
     if not force:
         raise InputError(NEEDS_FORCE)
-    path = LIBKRUN_NIX.path(state_root)
+    path = disk.path(state_root)
     ensure_private_dir(state_root)
     refuse_if_live(path, "reset", containers, extra_users)
     try:
@@ -39,5 +41,5 @@ def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | 
             raise AgentboxError(f"failed to delete existing libkrun /nix raw image '{path}': {exc}") from None
     from runtime.disks import SubprocessRunner
 
-    create(LIBKRUN_NIX, path, tools or SubprocessRunner())
+    create(disk, path, tools or SubprocessRunner())
     return path

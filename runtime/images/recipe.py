@@ -26,7 +26,7 @@ PACKAGES = (
     "python3", "podman", "crun", "runc", "conmon", "netavark", "aardvark-dns", "passt",
     "slirp4netns", "uidmap", "fuse-overlayfs", "btrfs-progs", "util-linux", "mount", "kmod",
     "busybox-static", "nix-bin", "fish", "bash", "iproute2", "socat", "ca-certificates",
-    "procps", "linux-image-amd64", "e2fsprogs", "coreutils",
+    "procps", "linux-image-amd64", "e2fsprogs", "coreutils", "docker-compose", "file",
 )
 
 LABEL_RECIPE = "io.agentbox.recipe"
