@@ -111,7 +111,8 @@ def render_text(checks: Sequence[Check]) -> str:
     width = max((len(c.name) for c in checks), default=4)
     lines = [f"{'check':<{width}}  {'status':<8}  detail"]
     for c in checks:
-        lines.append(f"{c.name:<{width}}  {c.status:<8}  {c.detail}")
+        detail = " | ".join(part.strip() for part in c.detail.splitlines() if part.strip())
+        lines.append(f"{c.name:<{width}}  {c.status:<8}  {detail}")
         if not c.ok and c.fix:
             lines.append(f"{'':<{width}}  {'':<8}  fix: {c.fix}")
     lines += ["", "backends:"]

@@ -61,11 +61,10 @@ def version_line(output: str, binary: str) -> str:
     return next((line for line in lines if binary in line), lines[0] if lines else "")
 
 
-def tool_check(name: str, binaries: tuple[str, ...], version_args: tuple[str, ...], package: str,
-               note: str = "") -> Check:
+def tool_check(name: str, binaries: tuple[str, ...], version_args: tuple[str, ...], package: str) -> Check:
     """A check that every binary is on PATH and that the first answers ``version_args``.
 
-    The detail is the first line of the version output (plus ``note``);
+    The detail is the version line (:func:`version_line`);
     missing binaries are named with the Debian package that provides them.
     """
     absent = [b for b in binaries if shutil.which(b) is None]
@@ -76,4 +75,4 @@ def tool_check(name: str, binaries: tuple[str, ...], version_args: tuple[str, ..
     if rc != 0:
         return Check(name, False, "unusable", f"{binaries[0]} {' '.join(version_args)} exited {rc}: {first}",
                      f"reinstall {package} (apt-get install --reinstall {package})")
-    return Check(name, True, "ok", first + (f"; {note}" if note else ""))
+    return Check(name, True, "ok", first)

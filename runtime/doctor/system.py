@@ -86,7 +86,8 @@ def check_libkrun() -> Check:
             continue
         return Check("libkrun", True, "ok", f"{name} loads" + (f" (from ${LIBKRUN_ENV})" if explicit else ""))
     source = f" (from ${LIBKRUN_ENV})" if explicit else f" (${LIBKRUN_ENV} not set)"
-    return Check("libkrun", False, "missing", "; ".join(failures) + source, LIBKRUN_FIX)
+    status = "unusable" if any(" load error: " in f for f in failures) else "missing"
+    return Check("libkrun", False, status, "; ".join(failures) + source, LIBKRUN_FIX)
 
 
 def check_libkrunfw() -> Check:
