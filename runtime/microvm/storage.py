@@ -118,6 +118,13 @@ def reset_task_dir(task_dir: Path) -> None:
     remove_tree(task_dir)
 
 
+def _chain(context: str, cause: str) -> AgentboxError:
+    """``context`` caused by ``cause`` (the middle links of the reference error chains)."""
+    outer = AgentboxError(context)
+    outer.__cause__ = AgentboxError(cause)
+    return outer
+
+
 def _btrfs_snapshot(src: Path, task_dir: Path) -> TaskRootfs:
     root = task_dir / "rootfs-btrfs-snapshot"
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -130,8 +137,9 @@ def _btrfs_snapshot(src: Path, task_dir: Path) -> TaskRootfs:
     if proc.returncode != 0:
         raise AgentboxError(f"failed to materialize microvm task rootfs with btrfs snapshot from '{src}'; refresh "
                             "the microvm image cache if this cache entry was created before btrfs snapshot support") \
-            from AgentboxError(f"buildah unshare btrfs subvolume snapshot failed from '{src}' to '{root}': "
-                               f"{proc.stderr.strip()}")
+            from _chain(f"failed to snapshot microvm task rootfs from '{src}' to '{root}'",
+                        f"buildah unshare btrfs subvolume snapshot failed from '{src}' to '{root}': "
+                        f"{proc.stderr.strip()}")
     return TaskRootfs("btrfs-snapshot", root, task_dir)
 
 
@@ -142,7 +150,8 @@ def _reflink(src: Path, task_dir: Path) -> TaskRootfs:
                           text=True, timeout=TIMEOUT_S)
     if proc.returncode != 0:
         raise AgentboxError(f"failed to materialize microvm task rootfs with required reflinks from '{src}'") \
-            from AgentboxError(f"cp -a --reflink=always failed from '{src}' to '{root}': {proc.stderr.strip()[:500]}")
+            from _chain(f"failed to reflink-copy microvm task rootfs from '{src}' to '{root}'",
+                        f"cp -a --reflink=always failed from '{src}' to '{root}': {proc.stderr.strip()[:500]}")
     return TaskRootfs("reflink", root, task_dir)
 
 
@@ -158,8 +167,9 @@ def _fuse_overlay(src: Path, task_dir: Path) -> TaskRootfs:
         raise AgentboxError("experimental microvm storage --storage fuse-overlay requires fuse-overlayfs on PATH") from None
     if proc.returncode != 0:
         raise AgentboxError(f"failed to materialize microvm task rootfs with fuse-overlayfs from '{src}'") from \
-            AgentboxError(f"fuse-overlayfs mount failed for '{root}' (lower={src}, upper={upper}, work={work}): "
-                          f"{proc.stderr.strip()}")
+            _chain(f"failed to mount microvm task rootfs from lower '{src}' to merged '{root}'",
+                   f"fuse-overlayfs mount failed for '{root}' (lower={src}, upper={upper}, work={work}): "
+                   f"{proc.stderr.strip()}")
     return TaskRootfs("fuse-overlay", root, task_dir)
 
 
