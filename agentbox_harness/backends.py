@@ -98,6 +98,34 @@ class MicrovmMachine(Machine):
                 task.handle.shutdown(timeout)
             task.close()
 
+    def resize_runner(self, extra_env: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
+        """A maintenance runner for ``nix_disk.grow``/``containers_disk.grow`` that boots this
+        machine's image and disks once with the guest resize step (``extra_env`` adds guest env)."""
+        from runtime.microvm.maintenance import MicrovmResizeRunner
+
+        assert self.options is not None
+        return MicrovmResizeRunner(self.options, extra_env=extra_env)
+
+    def shell(self, timeout: float = 60) -> "pexpect.spawn":  # type: ignore[name-defined] # noqa: F821
+        """An interactive login shell of dev on the guest's command console (a real tty), as a pexpect child.
+
+        The child talks to ``hvc0`` through the console socket; its prompt is set to ``AGENTBOX$ ``."""
+        import shutil as _shutil
+
+        import pexpect
+
+        if self.task is None or self.task.handle is None or self.task.handle.console_socket is None:
+            raise AssertionError(f"{self.name} has no console to attach a shell to")
+        if _shutil.which("socat") is None:
+            raise AssertionError("shell() needs socat on the host (apt-get install socat)")
+        self.execute("setsid -f sh -c 'exec runuser -u dev -- env PS1=\"AGENTBOX$ \" bash --norc -i "
+                     "<>/dev/hvc0 >&0 2>&0'", timeout=30, user="root", check=True)
+        child = pexpect.spawn("socat", ["-,raw,echo=0", f"UNIX-CONNECT:{self.task.handle.console_socket}"],
+                              timeout=self.scaled(timeout), encoding="utf-8", codec_errors="replace")
+        child.sendline("")
+        child.expect_exact("AGENTBOX$ ")
+        return child
+
     def _keep_console(self, task: MicrovmTask) -> None:
         if self.artifacts is None or task.handle is None:
             return

@@ -166,8 +166,19 @@ class Factory:
         machine.start()
         return machine
 
+    def keep_timings(self) -> None:
+        """Timings of every machine go to results/timings/ whatever the outcome."""
+        import json
+        import re
+
+        root = Path(str(self.request.config.rootpath)) / "results" / "timings"
+        root.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.request.node.nodeid)[-150:]
+        (root / f"{name}.json").write_text(json.dumps({m.name: m.timings for m in self.machines}, indent=1))
+
     def close(self) -> list[str]:
         errors = []
+        self.keep_timings()
         for m in reversed(self.machines):
             try:
                 m.write_artifacts()
@@ -187,7 +198,9 @@ def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSes
     """``microvm_factory(name="vm", **options)`` boots a microvm task whose agent serves the verbs.
 
     Options override the dimension fixtures: ``storage``, ``vmm`` (qemu|libkrun),
-    ``mem_gib``, ``cpus``, ``image``, ``workspace`` (a :class:`Workspace`)."""
+    ``mem_gib``, ``cpus``, ``image``, ``workspace`` (a :class:`Workspace`),
+    ``image_cache`` (a directory; default the per-user harness cache) and
+    ``preserve_debug`` (keep the task rootfs and state after shutdown)."""
     vmm = {"qemu": "qemu", "krun-direct": "libkrun"}.get(agentbox_backend)
     if vmm is None:
         pytest.skip(f"microvm needs the qemu or krun-direct backend, not {agentbox_backend}")
@@ -202,8 +215,9 @@ def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSes
             storage=str(overrides.pop("storage", storage_backend)), vmm=str(overrides.pop("vmm", vmm)),
             mem_gib=int(overrides.pop("mem_gib", vm_memory)),  # type: ignore[call-overload]
             cpus=int(overrides.pop("cpus", vm_cpus)),  # type: ignore[call-overload]
-            state=ws.state, image_cache=agentbox_harness.image_cache,
-            run_label=agentbox_harness.run_label, preserve_debug=agentbox_harness.preserve_debug,
+            state=ws.state, image_cache=Path(str(overrides.pop("image_cache", agentbox_harness.image_cache))),
+            run_label=agentbox_harness.run_label,
+            preserve_debug=bool(overrides.pop("preserve_debug", agentbox_harness.preserve_debug)),
             kernel=agentbox_harness.kernel, interactive=False)
         if overrides:
             raise TypeError(f"unknown microvm option(s): {', '.join(overrides)}")

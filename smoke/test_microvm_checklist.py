@@ -1,0 +1,121 @@
+"""The microvm smoke checklist (reference 12.1) on the best available backend."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+
+import pytest
+
+from agentbox_harness import AgentboxError
+
+pytestmark = pytest.mark.vm
+
+
+def test_uncached_then_cached_image_runs(microvm_factory, tmp_path):
+    cache = tmp_path / "image-cache"
+    first = microvm_factory("first", image_cache=cache)
+    assert first.task.ingested, "an empty cache must ingest the image"
+    first.shutdown()
+    second = microvm_factory("second", image_cache=cache)
+    assert not second.task.ingested, "the second run must be served from the cache"
+    assert len(list((cache / "refs").iterdir())) == 1
+
+
+def test_digest_mismatch_fails_before_anything_is_written(microvm_factory, tmp_path):
+    cache = tmp_path / "image-cache"
+    bad = "localhost/agentbox:latest@sha256:" + "0" * 64
+    with pytest.raises(AgentboxError, match="ingestion failed"):
+        microvm_factory("pinned", image=bad, image_cache=cache)
+    assert not (cache / "refs").exists()
+    assert not any(p.name.startswith(".") for p in (cache / "blobs").rglob("*")) if (cache / "blobs").exists() else True
+
+
+def test_workspace_and_persistent_disks_are_mounted(microvm, workspace):
+    (workspace.path / "from-host.txt").write_text("host\n")
+    assert microvm.succeed("cat /workspace/from-host.txt", timeout=30) == "host\n"
+    microvm.wait_for_prep("nix", timeout=120)
+    microvm.wait_for_prep("podman", timeout=120)
+    mounts = microvm.succeed("cat /proc/mounts", timeout=30)
+    assert any(l.split()[1] == "/workspace" for l in mounts.splitlines())
+    assert "/dev/vda /run/agentbox/nix-disk btrfs" in mounts
+    assert "/dev/vdb /home/dev/.local/share/containers btrfs" in mounts
+
+
+@pytest.fixture
+def host_server():
+    """An HTTP server on the host's loopback, for outbound checks; stopped afterwards."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = b"reached-the-host\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_outbound_networking_reaches_a_host_server(microvm, host_server):
+    out = microvm.succeed(["python3", "-c", "import urllib.request,sys; "
+                           f"sys.stdout.write(urllib.request.urlopen('http://10.0.2.2:{host_server}/', timeout=20).read().decode())"],
+                          timeout=60)
+    assert out == "reached-the-host\n"
+
+
+def test_no_inbound_publishing(microvm):
+    microvm.succeed("setsid -f python3 -m http.server 18080 --bind 0.0.0.0 >/dev/null 2>&1", timeout=30)
+    microvm.wait_until_succeeds(["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 18080), 2)"],
+                                timeout=60)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", 18080), timeout=3).close()
+
+
+def test_terminal_io_and_resize_through_a_real_tty(microvm):
+    shell = microvm.shell()
+    shell.sendline("echo $((6*7)); tty")
+    shell.expect(r"42\r?\n/dev/hvc0")
+    shell.expect_exact("AGENTBOX$ ")
+    shell.sendline("stty rows 33 cols 101; stty size")
+    shell.expect(r"33 101")
+    shell.expect_exact("AGENTBOX$ ")
+    shell.sendline("exit")
+    shell.close()
+
+
+def test_cleanup_with_and_without_preserve_debug(microvm_factory):
+    plain = microvm_factory("plain")
+    task_dir = plain.task_dir
+    assert task_dir.exists()
+    plain.shutdown()
+    assert not task_dir.exists(), "without --preserve-debug the task rootfs and state are removed"
+    kept = microvm_factory("kept", preserve_debug=True)
+    kept_dir = kept.task_dir
+    task = kept.task
+    kept.shutdown()
+    assert (kept_dir / "launch.conf").exists()
+    assert "preserved microvm debug state" in task.notice
+    assert str(kept_dir) in task.notice
+    task.rootfs.unmount()
+    task.rootfs.cleanup()
+
+
+def test_persistent_disks_are_reused(microvm_factory, nix_disk):
+    vm = microvm_factory("one")
+    inode = nix_disk.path.stat().st_ino
+    vm.wait_for_prep("nix", timeout=120)
+    vm.succeed("echo reused > /run/agentbox/nix-disk/marker", timeout=30, user="root")
+    vm.shutdown()
+    vm.start()
+    vm.wait_for_prep("nix", timeout=120)
+    assert nix_disk.path.stat().st_ino == inode
+    assert vm.succeed("cat /run/agentbox/nix-disk/marker", timeout=30, user="root") == "reused\n"

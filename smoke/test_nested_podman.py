@@ -1,0 +1,46 @@
+"""Nested rootless Podman in the guest (reference 12.2, all eight items)."""
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+MAKE_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; "
+              "tar -C $d -cf - busybox | podman import --change 'CMD [\"/busybox\",\"sh\"]' - localhost/smoke-bb:latest")
+
+
+def test_nested_rootless_podman_checklist(microvm):
+    m = microvm
+    # 1-2: the shell is dev; podman waits for prep, then reports rootless + btrfs
+    assert m.succeed("id -un", timeout=30).strip() == "dev"
+    m.wait_for_prep("podman", timeout=120)
+    info = m.succeed("podman info --format '{{.Host.Security.Rootless}} {{.Store.GraphDriverName}}'", timeout=120)
+    assert info.split() == ["true", "btrfs"]
+    # 3: DOCKER_HOST points at the rootless socket, which does not exist yet
+    uid = m.succeed("id -u", timeout=30).strip()
+    assert m.succeed("echo $DOCKER_HOST", timeout=30).strip() == f"unix:///run/user/{uid}/podman/podman.sock"
+    m.fail('test -S "$XDG_RUNTIME_DIR/podman/podman.sock"', timeout=30)
+    # 4: docker info starts the API socket and reports the same storage; podman --remote works over it
+    assert m.succeed("docker info --format '{{.Store.GraphDriverName}}'", timeout=120).strip() == "btrfs"
+    m.succeed('test -S "$XDG_RUNTIME_DIR/podman/podman.sock"', timeout=30)
+    assert m.succeed('podman --remote --url "$DOCKER_HOST" info --format "{{.Store.GraphDriverName}}"',
+                     timeout=60).strip() == "btrfs"
+    # 5: /dev/net/tun; podman run and docker run of a locally made image; docker-compose answers
+    m.succeed("test -c /dev/net/tun", timeout=30)
+    m.succeed(MAKE_IMAGE, timeout=120)
+    assert m.succeed("podman run --rm --network none localhost/smoke-bb /busybox echo hello", timeout=120).strip() == "hello"
+    assert m.succeed("docker run --rm --network none localhost/smoke-bb /busybox echo hello", timeout=120).strip() == "hello"
+    m.succeed("docker-compose version", timeout=60)
+    # 6: images persist across a restart; state under the dev storage; Docker paths absent
+    m.restart()
+    m.wait_for_prep("podman", timeout=120)
+    m.succeed("podman image exists localhost/smoke-bb", timeout=60)
+    graph = m.succeed("podman info --format '{{.Store.GraphRoot}}'", timeout=60).strip()
+    assert graph == "/home/dev/.local/share/containers/storage"
+    m.succeed("test ! -e /var/lib/docker && test ! -e /var/lib/containerd && test ! -e ~/.local/share/docker",
+              timeout=30)
+    # 7: prep status and log files where the reference says
+    m.succeed("test -f /run/agentbox/podman-prep.status && test -f /run/agentbox/podman-prep.log", timeout=30)
+    assert "state=ready" in m.succeed("cat /run/agentbox/podman-prep.status", timeout=30)
+    # 8: no fuse-overlayfs in the rootless setup
+    m.fail("grep -ri fuse ~/.config/containers/storage.conf ~/.config/containers/containers.conf", timeout=30)
+    assert "fuse" not in m.succeed("podman info --format '{{.Store.GraphOptions}}'", timeout=60)
