@@ -52,14 +52,15 @@ CHECKS: dict[str, Callable[[], Check]] = {
 }
 """Check name -> check function, in report order."""
 
+_ROOTLESS = ("user-namespaces", "idmap")  # both pass for root
 BACKENDS: dict[str, tuple[str, ...]] = {
     "krun-podman": ("podman", "crun-krun", "libkrunfw", "kvm-device", "net-tun", "passt", "cgroups",
-                    "btrfs-progs", "blkid"),
-    "krun-direct": ("libkrun", "libkrunfw", "kvm-device", "buildah", "btrfs-progs", "blkid"),
-    "qemu": ("qemu", "buildah", "btrfs-progs", "blkid"),
-    "container": ("podman", "runc", "fuse-overlayfs"),
+                    "btrfs-progs", "blkid", *_ROOTLESS),
+    "krun-direct": ("libkrun", "libkrunfw", "kvm-device", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
+    "qemu": ("qemu", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
+    "container": ("podman", "runc", "fuse-overlayfs", *_ROOTLESS),
 }
-"""Backend -> the checks it needs (all of them)."""
+"""Backend -> the checks it needs (all of them). qemu falls back to TCG, so it does not need /dev/kvm."""
 
 
 def _guarded(name: str, fn: Callable[[], Check]) -> Check:

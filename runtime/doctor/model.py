@@ -39,8 +39,8 @@ class Check:
         return f"{self.name}: {self.detail}" + (f" (fix: {self.fix})" if self.fix else "")
 
 
-def run_tool(argv: list[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
-    """Run ``argv`` and return (exit status, stdout+stderr stripped).
+def run_tool(argv: list[str], timeout: float = TIMEOUT_S, stdout_only: bool = False) -> tuple[int, str]:
+    """Run ``argv`` and return (exit status, stdout+stderr stripped; only stdout with ``stdout_only``).
 
     Never raises for a missing tool or a hang: a tool that is not on PATH gives
     127 with an empty output, a timeout gives 124 with a line saying so.
@@ -51,7 +51,9 @@ def run_tool(argv: list[str], timeout: float = TIMEOUT_S) -> tuple[int, str]:
     except (FileNotFoundError, PermissionError):
         return 127, ""
     except subprocess.TimeoutExpired:
-        return 124, f"{argv[0]} timed out after {timeout:.0f}s"
+        return 124, f"{argv[0]} timed out after {timeout:g}s"
+    if stdout_only and proc.returncode == 0:
+        return 0, proc.stdout.strip()
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
 

@@ -27,17 +27,13 @@ LIBKRUN_FIX = ("no Debian 12 package: build libkrun and libkrunfw from source "
 
 
 def invoking_user() -> tuple[str, int, set[int]]:
-    """(name, uid, group ids) of the user who ran agentbox (``SUDO_UID`` when run through sudo)."""
+    """(name, uid, group ids) of the user running this process (what agentbox itself runs as)."""
     uid = os.geteuid()
-    if uid == 0 and os.environ.get("SUDO_UID", "").isdigit():
-        uid = int(os.environ["SUDO_UID"])
     try:
         entry = pwd.getpwuid(uid)
-        name, gid = entry.pw_name, entry.pw_gid
-        gids = set(os.getgrouplist(name, gid))
+        return entry.pw_name, uid, set(os.getgrouplist(entry.pw_name, entry.pw_gid))
     except KeyError:
-        name, gids = str(uid), set(os.getgroups())
-    return name, uid, gids
+        return str(uid), uid, {os.getegid(), *os.getgroups()}
 
 
 def check_kvm_device() -> Check:

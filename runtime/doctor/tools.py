@@ -22,7 +22,7 @@ def check_podman() -> Check:
     if not base.ok:
         return base
     runtimes = [r for r in OCI_RUNTIMES if shutil.which(r)]
-    rc, out = run_tool(["podman", "info", "--format", "json"])
+    rc, out = run_tool(["podman", "info", "--format", "json"], stdout_only=True)
     if rc != 0:
         return Check("podman", False, "unusable", f"{base.detail}; podman info exited {rc}: {out[-300:]}",
                      "run 'podman info' to see the cause (storage or containers.conf errors)")

@@ -10,7 +10,7 @@ from pyfakefs.fake_filesystem import FakeFilesystem
 
 from runtime.doctor import (BACKENDS, CHECKS, Check, check_by_name, render_text,
                             usable_backends)
-from runtime.doctor.model import version_line
+from runtime.doctor.model import run_tool, version_line
 from runtime.doctor.parse import (can_read_write, cgroup_layout, crun_has_krun, load_failure,
                                   podman_summary, qemu_accelerators, subid_ranges)
 from runtime.doctor.system import check_cgroups, check_disk, check_libkrun
@@ -181,3 +181,16 @@ def test_text_report_puts_fix_lines_under_failures() -> None:
     assert lines[2].split()[:2] == ["libkrun", "missing"] and lines[3].strip() == "fix: build it"
     assert lines[4].endswith("TCG: line one | line two")
     assert "  krun-direct  unavailable: libkrun: libkrun.so.1 not found (fix: build it)" in lines
+
+
+def test_rootless_needs_block_every_backend() -> None:
+    table = usable_backends(_checks(idmap="dev: 0 subuids"))
+    assert all(not ok and "idmap: dev: 0 subuids" in why for ok, why in table.values())
+
+
+def test_run_tool_never_raises() -> None:
+    assert run_tool(["sh", "-c", "echo out; echo err >&2"]) == (0, "out\nerr")
+    assert run_tool(["sh", "-c", "echo out; echo err >&2"], stdout_only=True) == (0, "out")
+    assert run_tool(["sh", "-c", "echo out; echo err >&2; exit 3"], stdout_only=True) == (3, "out\nerr")
+    assert run_tool(["/nonexistent/agentbox-tool"]) == (127, "")
+    assert run_tool(["sleep", "5"], timeout=0.2) == (124, "sleep timed out after 0.2s")
