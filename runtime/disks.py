@@ -104,20 +104,31 @@ def validate(disk: RawDisk, path: Path, runner: Runner, min_size: int = DEFAULT_
     return st.st_size
 
 
+def _set_length(path: Path, flags: int, size: int, open_error: str, size_error: str) -> None:
+    """Open ``path`` with ``flags`` and set its length (sparse); errors carry the given texts.
+
+    A file this call created exclusively (``O_EXCL``) is removed again if its
+    length cannot be set."""
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise AgentboxError(f"{open_error}: {exc}") from None
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        if flags & os.O_EXCL:
+            path.unlink(missing_ok=True)
+        raise AgentboxError(f"{size_error}: {exc}") from None
+    finally:
+        os.close(fd)
+
+
 def create(disk: RawDisk, path: Path, runner: Runner, size: int = DEFAULT_SIZE) -> None:
     """Create a sparse image exclusively and format it; delete it if mkfs fails."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise AgentboxError(f"failed to create {disk.diag} '{path}': {exc}") from None
-    try:
-        try:
-            os.ftruncate(fd, size)
-        except OSError as exc:
-            raise AgentboxError(f"failed to set {disk.diag} '{path}' to {size} bytes: {exc}") from None
-    finally:
-        os.close(fd)
+    _set_length(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, size,
+                f"failed to create {disk.diag} '{path}'",
+                f"failed to set {disk.diag} '{path}' to {size} bytes")
     try:
         proc = runner.run(["mkfs.btrfs", "-f", "-L", disk.spec.label, str(path)])
     except FileNotFoundError:
@@ -164,14 +175,6 @@ def grow(disk: RawDisk, path: Path, target: int, runner: Runner | None = None,
             "bytes; shrinking and equal-size resize are refused")
     if before_grow is not None:
         before_grow()
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as exc:
-        raise AgentboxError(f"failed to open {disk.diag} '{path}': {exc}") from None
-    try:
-        os.ftruncate(fd, target)
-    except OSError as exc:
-        raise AgentboxError(f"failed to grow {disk.diag} '{path}' to {target} bytes: {exc}") from None
-    finally:
-        os.close(fd)
+    _set_length(path, os.O_WRONLY, target, f"failed to open {disk.diag} '{path}'",
+                f"failed to grow {disk.diag} '{path}' to {target} bytes")
     return current

@@ -6,40 +6,47 @@ import os
 import stat
 from pathlib import Path
 
-from runtime.disks import LIBKRUN_NIX, RawDisk, Runner, create
+from runtime.disks import LIBKRUN_NIX, RawDisk, Runner, SubprocessRunner, create
 from runtime.errors import AgentboxError, InputError
-from runtime.state import ensure_private_dir
 from runtime.live_disks import RunningContainers, refuse_if_live
+from runtime.state import ensure_private_dir
 
-NEEDS_FORCE = ("refusing to reset libkrun /nix raw image without --force; this deletes and "
-               "recreates libkrun-nix.raw with no backup")
+
+def needs_force(disk: RawDisk = LIBKRUN_NIX) -> str:
+    """The refusal printed when ``--force`` is missing."""
+    return (f"refusing to reset {disk.diag} without --force; this deletes and recreates "
+            f"{disk.file_name} with no backup")
+
 
 
 def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | None = None,
-              tools: Runner | None = None, extra_users: tuple[str, ...] = (), disk: RawDisk = LIBKRUN_NIX) -> Path:
-    """Recreate the nix image (``disk``: libkrun by default, or the microvm one).
+              tools: Runner | None = None, extra_users: tuple[str, ...] = (),
+              disk: RawDisk = LIBKRUN_NIX) -> Path:
+    """Delete and recreate the /nix image under ``state_root``; return its path.
 
-    ``force`` is checked before anything is probed or touched."""
+    ``disk`` is the libkrun image by default (the harness passes the microvm
+    one). ``force`` is checked before anything is probed or touched; then a
+    running guest that uses the image refuses the reset (fail closed); a path
+    that is not a regular file is refused; the containers image is never
+    touched. ``extra_users`` names users that other backends know of."""
     if not force:
-        raise InputError(NEEDS_FORCE)
+        raise InputError(needs_force(disk))
     path = disk.path(state_root)
-    ensure_private_dir(state_root)
     refuse_if_live(path, "reset", containers, extra_users)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise AgentboxError(f"failed to inspect existing libkrun /nix raw image '{path}': {exc}") from None
+        raise AgentboxError(f"failed to inspect existing {disk.diag} '{path}': {exc}") from None
     if st is not None:
         if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"existing libkrun /nix raw image path '{path}' is not a regular "
+            raise InputError(f"existing {disk.diag} path '{path}' is not a regular "
                              "file; refusing to reset it")
         try:
             path.unlink()
         except OSError as exc:
-            raise AgentboxError(f"failed to delete existing libkrun /nix raw image '{path}': {exc}") from None
-    from runtime.disks import SubprocessRunner
-
+            raise AgentboxError(f"failed to delete existing {disk.diag} '{path}': {exc}") from None
+    ensure_private_dir(state_root, state_root.parent)
     create(disk, path, tools or SubprocessRunner())
     return path

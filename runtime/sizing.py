@@ -72,7 +72,18 @@ def microvm_ram_mib(mem_gib: int | None) -> int:
     return MICROVM_DEFAULT_MIB if mem_gib is None else mem_gib * 1024
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), like Rust's ``available_parallelism``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count()
+        if count is None:
+            raise AgentboxError("failed to detect available CPUs for libkrun krun.cpus default") from None
+        return count
+
+
 def default_cpus(available: int | None = None) -> int:
-    """All CPUs up to 6, else all but two."""
-    n = available if available is not None else (os.cpu_count() or 1)
+    """Guest vCPUs: all available CPUs up to 6, else all but two (1->1, 6->6, 7->5, 32->30)."""
+    n = available if available is not None else available_cpus()
     return n if n <= 6 else n - 2

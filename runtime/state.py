@@ -90,7 +90,8 @@ def refuse_symlinks(path: Path, stop: Path | None = None) -> None:
 
 
 def ensure_private_dir(path: Path, stop: Path | None = None) -> Path:
-    """Create ``path`` (and parents) with mode 0700; refuse symlinks."""
+    """Create ``path`` (and parents) with mode 0700; refuse a symlink at ``path``
+    or at any parent up to ``stop`` (up to ``/`` when ``stop`` is None)."""
     refuse_symlinks(path, stop)
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.is_dir():
@@ -140,7 +141,10 @@ class StateLayout:
         return self.state_root / "microvm-tasks"
 
     def ensure(self) -> StateLayout:
-        """Create the app dir and state root (0700)."""
-        ensure_private_dir(self.app_dir)
+        """Create the app dir and state root (0700); a symlink at either is refused.
+
+        Directories above the app dir belong to the user (``$HOME`` may well be
+        a symlink) and are not checked."""
+        ensure_private_dir(self.app_dir, self.app_dir)
         ensure_private_dir(self.state_root, self.app_dir)
         return self

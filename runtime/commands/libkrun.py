@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-from pathlib import Path
 
 from guest_init.contract import GUEST_INIT_PATH
 from runtime import disks
@@ -19,27 +18,16 @@ from runtime.tasks.krun import KrunOptions, guest_init_override, krun_task_argv,
 from runtime.tasks.volumes import task_volumes
 
 
-def crun_krun_status() -> tuple[bool, str]:
-    """Whether ``crun --version`` lists ``+LIBKRUN`` (the krun handler)."""
-    try:
-        out = subprocess.run(["crun", "--version"], capture_output=True, text=True, timeout=10,
-                             check=False).stdout
-    except FileNotFoundError:
-        return False, "crun is not installed"
-    except subprocess.TimeoutExpired:
-        return False, "crun --version timed out"
-    if "+LIBKRUN" in out:
-        return True, "crun has the krun handler"
-    return False, "crun was built without libkrun ('crun --version' does not list +LIBKRUN)"
-
-
 def require_krun() -> None:
-    """Refuse to start libkrun tasks on a host whose crun lacks the krun handler."""
-    ok, why = crun_krun_status()
-    if not ok:
-        raise AgentboxError(f"libkrun mode needs crun built with libkrun and libkrunfw: {why}; "
-                            "run 'agentbox doctor' to see what this host can run "
-                            "(the microvm --vmm qemu and container modes work without libkrun)")
+    """Refuse to start libkrun tasks on a host whose crun lacks the krun handler.
+
+    Uses the doctor's ``crun-krun`` check, so both say the same thing."""
+    from runtime.doctor.tools import check_crun_krun
+
+    check = check_crun_krun()
+    if not check.ok:
+        raise AgentboxError(f"libkrun mode needs crun built with libkrun: {check.detail}; "
+                            "run 'agentbox doctor' to see what this host can run and how to fix it")
 
 
 def exit_status(code: int | None) -> int:
@@ -57,37 +45,57 @@ def _options(args: argparse.Namespace, command: tuple[str, ...]) -> KrunOptions:
 
 
 class PodmanKrunMaintenance:
-    """Runs the resize guest step as a one-shot libkrun container (6.4)."""
+    """Runs the resize guest step as a one-shot libkrun container (6.4).
 
-    def __init__(self, podman: Podman, layout: StateLayout, image: str, opts: KrunOptions) -> None:
-        self.podman, self.layout, self.image, self.opts = podman, layout, image, opts
+    :meth:`check` runs after the image was validated and before it grows:
+    it refuses a host whose crun lacks libkrun, then resolves the image
+    (which may pull with ``--pull-latest``), so bad input never pulls."""
+
+    def __init__(self, podman: Podman, layout: StateLayout, opts: KrunOptions,
+                 image: str | None = None, pull_latest: bool = False) -> None:
+        self.podman, self.layout, self.opts = podman, layout, opts
+        self.image_arg, self.pull_latest = image, pull_latest
+        self.image: str | None = None
+
+    def check(self) -> None:
+        """Raise unless the maintenance guest can start on this host."""
+        require_krun()
+        self.image = resolve_image(self.podman, self.image_arg, self.pull_latest)
+
+    def argv(self, plan: ResizePlan) -> list[str]:
+        """The ``podman run`` argv of the maintenance container for ``plan``."""
+        if self.image is None:
+            self.check()
+        assert self.image is not None
+        name = resize_container_name(task_container_name(self.layout.slug))
+        return resize_task_argv(name=name, hostname=task_hostname(self.layout.slug),
+                                state_root=self.layout.state_root, disk=plan.disk,
+                                image=self.image, opts=self.opts, guest_init_path=GUEST_INIT_PATH)
 
     def run(self, plan: ResizePlan) -> int:
-        name = resize_container_name(task_container_name(self.layout.slug))
-        argv = resize_task_argv(name=name, hostname=task_hostname(self.layout.slug),
-                                state_root=self.layout.state_root, disk=plan.disk,
-                                image=self.image, opts=self.opts,
-                                guest_init_path=GUEST_INIT_PATH)
-        proc = self.podman.spawn(argv, stdin=subprocess.DEVNULL)
+        """Run the guest step with stdin null and stdout/stderr inherited."""
+        proc = self.podman.spawn(self.argv(plan), stdin=subprocess.DEVNULL)
         return exit_status(proc.wait())
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch the libkrun subcommands."""
+    """Dispatch ``agentbox [libkrun]``, ``libkrun resize`` and ``libkrun reset-nix``.
+
+    Every user input is validated before anything is probed, pulled or
+    written; a libkrun task on a host whose crun lacks the krun handler stops
+    with one line before anything else is done."""
     if args.libkrun_action == "reset-nix":
         reset_nix(StateLayout.resolve().state_root, bool(args.force))
         return 0
-    # Validate every user input before anything is probed or written.
     opts = _options(args, tuple(args.command))
     layout = StateLayout.resolve()
     podman = Podman(debug=bool(args.debug))
     if args.libkrun_action == "resize":
-        image = resolve_image(podman, args.image, args.pull_latest)
-        runner = PodmanKrunMaintenance(podman, layout, image, opts)
-        resize(args.target, args.size, layout.state_root, runner, before_grow=require_krun)
+        runner = PodmanKrunMaintenance(podman, layout, opts, args.image, bool(args.pull_latest))
+        resize(args.target, args.size, layout.state_root, runner, before_grow=runner.check)
         return 0
-    image = resolve_image(podman, args.image, args.pull_latest)
     require_krun()
+    image = resolve_image(podman, args.image, args.pull_latest)
     layout.ensure()
     disks.prepare_all(disks.LIBKRUN_DISKS, layout.state_root)
     argv = krun_task_argv(name=task_container_name(layout.slug),
@@ -98,6 +106,3 @@ def run(args: argparse.Namespace) -> int:
         return exit_status(podman.spawn(argv).wait())
     except OSError as exc:
         raise AgentboxError(f"failed to start podman libkrun task: {exc}") from None
-
-
-__all__ = ["run", "crun_krun_status", "exit_status", "PodmanKrunMaintenance", "Path"]
