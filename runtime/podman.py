@@ -41,7 +41,7 @@ class Podman:
             out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
             return subprocess.CompletedProcess(
-                exc.cmd, 124, out, err + f"\ntimed out after {self.timeout_s:.0f}s")
+                exc.cmd, 124, out, err + f"\ntimed out after {self.timeout_s:g}s")
 
     def output(self, args: Sequence[str], context: str) -> str:
         """Run with stdin null; stdout; non-zero raises ``<context>[: <stderr>]``."""

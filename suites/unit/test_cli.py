@@ -49,9 +49,40 @@ def test_defaults_and_global_flags_anywhere() -> None:
     assert ns.storage == "fuse-overlay" and ns.command == ["sh", "-c", "exit 3"]
 
 
+REMOVED = ["--native", "--libkrun", "--sidecar-only", "--disable-nix-sidecar",
+           "--libkrun-debug-entrypoint", "--libkrun-debug-guest-init", "--task-native", "--use-passt",
+           "--host-nix-overlay", "--sync-nix-root", "--nix-sidecar", "--task-kvm"]
+
+
+@pytest.mark.parametrize("flag", REMOVED)
+@pytest.mark.parametrize("where", ["top", "libkrun", "container"])
+def test_removed_flags_are_unknown_everywhere(flag: str, where: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [flag] if where == "top" else [where, flag]
+    with pytest.raises(SystemExit) as info:
+        parse(argv)
+    assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_more_accepted_forms() -> None:
+    ns = parse(["--image", "ex/img:1", "container"])
+    assert ns.image == "ex/img:1" and ns.subcommand == "container" and ns.container_action is None
+    ns = parse(["container", "--image", "ex/img:2", "--root"])
+    assert ns.image == "ex/img:2" and ns.root
+    ns = parse(["libkrun", "--debug", "--tsi", "--guest-init", "./gi", "resize", "--target",
+                "containers", "--size-bytes", "128G"])
+    assert ns.debug and ns.tsi and ns.guest_init == "./gi" and ns.target == "containers"
+    assert ns.size == 128 << 30
+    ns = parse(["libkrun", "reset-nix", "--force", "--debug"])
+    assert ns.force and ns.debug
+    ns = parse(["--root", "--profile", "--debug", "--pull-latest"])
+    assert ns.subcommand == "libkrun" and ns.root and ns.profile and ns.pull_latest
+
+
 @pytest.mark.parametrize("argv", [
-    ["--native"], ["--libkrun"], ["--sidecar-only"], ["--disable-nix-sidecar"], ["--task-kvm"],
-    ["--mem", "8"], ["--tsi"], ["--guest-init", "/x"], ["microvm", "--storage", "btrfs"],
+    ["--mem", "8"], ["--tsi"], ["--guest-init", "/x"], ["--publish", "8080:80"],
+    ["container", "--mem", "8"], ["container", "--tsi"], ["microvm", "--storage", "btrfs"],
+    ["libkrun", "resize", "--target", "nix"], ["libkrun", "resize", "--size", "1"],
     ["libkrun", "resize", "--target", "workspace", "--size", "1"], ["libkrun", "--mem", "0"],
     ["libkrun", "--mem", "8g"],
 ])
@@ -114,3 +145,23 @@ def test_bad_input_one_line_nothing_written(env: dict[str, str], tmp_path: Path,
     assert out.returncode == 2, out.stderr
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert tree(tmp_path / "state") == [] and tree(tmp_path / "home") == []
+
+
+def test_libkrun_task_without_krun_handler_stops_before_anything(env: dict[str, str], tmp_path: Path) -> None:
+    from runtime.doctor.tools import check_crun_krun
+
+    if check_crun_krun().ok:
+        pytest.skip("this host's crun has the krun handler; the refusal cannot be observed")
+    for args in ([], ["libkrun", "--mem", "2", "--tsi"], ["--pull-latest"]):
+        out = agentbox(env, tmp_path / "ws", *args)
+        assert out.returncode == 1, out.stderr
+        assert out.stderr.startswith("agentbox: libkrun mode needs crun built with libkrun: ")
+        assert "agentbox doctor" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+        assert tree(tmp_path / "state") == [] and tree(tmp_path / "home") == []
+
+
+@pytest.mark.parametrize("code,expected", [(0, 0), (3, 3), (255, 255), (256, 1), (-9, 1), (None, 1)])
+def test_child_status_is_clamped(code: int | None, expected: int) -> None:
+    from runtime.commands.libkrun import exit_status
+
+    assert exit_status(code) == expected

@@ -174,3 +174,44 @@ def test_reset_replaces_existing_and_refuses_live_and_non_files(tmp_path: Path) 
     path.mkdir()
     with pytest.raises(InputError, match="is not a regular file; refusing to reset it"):
         reset_nix(tmp_path, True, containers=Containers(), tools=Tools())
+
+
+def test_reset_texts_are_exact_and_follow_the_disk(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as info:
+        reset_nix(tmp_path, False)
+    assert str(info.value) == ("refusing to reset libkrun /nix raw image without --force; this deletes "
+                               "and recreates libkrun-nix.raw with no backup")
+    with pytest.raises(InputError, match="^refusing to reset microvm persistent /nix dev cache disk "
+                                         "without --force; this deletes and recreates microvm-nix.raw"):
+        reset_nix(tmp_path, False, disk=disks.MICROVM_NIX)
+    tools = Tools()
+    path = reset_nix(tmp_path, True, containers=Containers(), tools=tools, disk=disks.MICROVM_NIX)
+    assert path == tmp_path / "microvm-nix.raw" and path.stat().st_size == 64 << 30
+    assert (tmp_path / "libkrun-nix.raw").exists() is False
+
+
+def test_reset_never_touches_the_containers_image(tmp_path: Path) -> None:
+    other = tmp_path / "libkrun-containers.raw"
+    other.write_bytes(b"keep")
+    reset_nix(tmp_path, True, containers=Containers(), tools=Tools())
+    assert other.read_bytes() == b"keep"
+
+
+def test_extra_users_from_other_backends_block(tmp_path: Path) -> None:
+    with pytest.raises(AgentboxError, match=r"use it: qemu vm 7$"):
+        reset_nix(tmp_path, True, containers=Containers(), tools=Tools(), extra_users=("qemu vm 7",))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_start_failure_is_the_retryable_failed_to_start_variant(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+
+    class CannotStart:
+        def run(self, plan: ResizePlan) -> int:
+            raise AgentboxError("podman is not installed or not available on PATH")
+
+    with pytest.raises(GuestStepFailed) as info:
+        resize("nix", 100 << 30, tmp_path, CannotStart(), containers=Containers(), tools=Tools())
+    assert str(info.value).startswith(f"libkrun resize guest step for nix failed to start after host raw "
+                                      f"image '{path}' was enlarged; fix the reported guest error")
+    assert info.value.exit_code == 1 and path.stat().st_size == 100 << 30
