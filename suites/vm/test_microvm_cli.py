@@ -1,0 +1,124 @@
+"""``agentbox microvm`` end to end with real qemu boots (TCG here) of localhost/agentbox:latest.
+
+All runs share one isolated state base (XDG_STATE_HOME) so the image is ingested
+once per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+IMAGE = "localhost/agentbox:latest"
+BOOT_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64")
+    if subprocess.run(["podman", "image", "exists", IMAGE], timeout=60).returncode != 0:
+        pytest.skip(f"needs the guest image {IMAGE} (build it with `agentbox image build`)")
+    base = tmp_path_factory.mktemp("microvm-state")
+    yield {**os.environ, "XDG_STATE_HOME": str(base)}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():  # a failed test's fuse mounts
+        if line.split()[4].startswith(str(base)):
+            subprocess.run(["umount", "-l", line.split()[4]], capture_output=True, timeout=60)
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    return ws
+
+
+def agentbox(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=BOOT_TIMEOUT_S)
+
+
+def app_dir(env: dict[str, str]) -> Path:
+    return Path(env["XDG_STATE_HOME"]) / "agentbox"
+
+
+def markers(env: dict[str, str]) -> list[tuple[str, int, int]]:
+    return [(str(p), p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in (app_dir(env) / "microvm" / "images").glob("blobs/*/*/agentbox-compatible")]
+
+
+def leftovers(env: dict[str, str]) -> list[str]:
+    tasks = [str(p) for p in app_dir(env).glob("*/microvm-tasks/*")]
+    recs = [str(p) for p in (app_dir(env) / "microvm" / "running").glob("*.json")]
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+              if line.split()[4].startswith(str(app_dir(env)))]
+    return tasks + recs + mounts
+
+
+def test_exit_status_passes_through_and_second_run_reuses_cache(env: dict[str, str], workspace: Path) -> None:
+    first = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--", "sh", "-c", "echo ok; exit 3")
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert "ok" in first.stdout.splitlines()
+    cached = markers(env)
+    assert len(cached) == 1
+    second = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--", "sh", "-c", "echo again")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "again" in second.stdout.splitlines()
+    assert markers(env) == cached  # the entry was not rewritten: no second ingestion
+    assert leftovers(env) == []
+
+
+def test_preserve_debug_keeps_rootfs_and_prints_hint(env: dict[str, str], workspace: Path) -> None:
+    proc = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--preserve-debug", "--", "true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notice = [line for line in proc.stderr.splitlines() if line.startswith("agentbox: preserved microvm debug state: ")]
+    assert len(notice) == 1, proc.stderr[-3000:]
+    root = Path(notice[0].split("task_rootfs='", 1)[1].split("'", 1)[0])
+    task_dir = root.parent
+    try:
+        assert (task_dir / "launch.conf").is_file() and root.is_dir()
+        assert any(root.glob("nix/store/*/bin/agentbox-guest-init"))
+        if root.name == "rootfs-fuse-overlay":
+            assert f"unmount it with `fusermount3 -u '{root}'` before deleting '{task_dir}'" in notice[0]
+        elif root.name == "rootfs-btrfs-snapshot":
+            assert "buildah unshare btrfs subvolume delete" in notice[0]
+    finally:
+        from runtime.microvm.storage import reset_task_dir
+
+        reset_task_dir(task_dir)
+
+
+def test_sigkill_of_parent_during_boot_leaves_nothing_after_next_run(env: dict[str, str], workspace: Path) -> None:
+    parent = subprocess.Popen([sys.executable, "-m", "runtime.cli", "microvm", "--vmm", "qemu", "--", "sleep", "600"],
+                              cwd=workspace, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    running = app_dir(env) / "microvm" / "running"
+    vm_pid = None
+    deadline = time.monotonic() + BOOT_TIMEOUT_S
+    try:
+        while vm_pid is None and time.monotonic() < deadline and parent.poll() is None:
+            for rec in running.glob("*.json"):
+                vm_pid = json.loads(rec.read_text()).get("pid")
+            time.sleep(0.2)
+        assert vm_pid, f"no VM process was recorded under {running} (parent status {parent.poll()})"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(30)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert leftovers(env) != []  # the dead run left its task behind...
+    after = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--", "true")
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert leftovers(env) == []  # ...and the next run reaped it
+    assert not Path(f"/proc/{vm_pid}").exists() or \
+        "qemu" not in Path(f"/proc/{vm_pid}/cmdline").read_bytes().decode(errors="replace")
