@@ -1,0 +1,128 @@
+"""Real qemu boots (TCG here) of the guest image through runtime.vmm.qemu.
+
+One boot serves the module: the guest command prints ``ok`` on the command
+console, writes into the 9p workspace as root and as uid 1234, records what it
+sees of the attached disk, and exits 3.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from guest_init import contract
+from guest_init.launch_config import LaunchConfig, LaunchDisk
+from runtime.vmm.base import VmSpec
+from runtime.vmm.qemu import QemuDriver, tail
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+IMAGE = "localhost/agentbox:latest"
+BOOT_TIMEOUT_S = 600
+GUEST_UID = 1234
+SCRIPT = f"""
+echo ok
+mkdir -p /workspace
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,access=client {contract.WORKSPACE_TAG} /workspace
+echo root > /workspace/by-root
+setpriv --reuid {GUEST_UID} --regid {GUEST_UID} --clear-groups sh -c 'echo user > /workspace/by-user'
+if [ -b /dev/vda ]; then echo "vda $(cat /sys/block/vda/serial)" > /workspace/disk; fi
+exit 3
+"""
+
+
+def run(*argv: str) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A writable task rootfs: an overlay over the mounted guest image (unmounted afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (overlay mount of the guest image)")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64 (apt-get install qemu-system-x86)")
+    if subprocess.run(["podman", "image", "exists", IMAGE], timeout=60).returncode != 0:
+        pytest.skip(f"needs the guest image {IMAGE} (build it with `agentbox image build`)")
+    base = tmp_path_factory.mktemp("qemu-rootfs")
+    lower = run("podman", "image", "mount", IMAGE)
+    merged, upper, work = base / "merged", base / "upper", base / "work"
+    for d in (merged, upper, work):
+        d.mkdir()
+    try:
+        run("mount", "-t", "overlay", "overlay", "-o",
+            f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged))
+        try:
+            yield merged
+        finally:
+            subprocess.run(["umount", str(merged)], capture_output=True, timeout=60)
+    finally:
+        subprocess.run(["podman", "image", "unmount", IMAGE], capture_output=True, timeout=60)
+
+
+@dataclass
+class Boot:
+    status: int
+    console: str
+    workspace: Path
+    task_dir: Path
+
+
+def read_console(path: Path, sink: list[bytes]) -> None:
+    """Collect the command console (a unix socket) until the guest closes it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(path))
+        while chunk := s.recv(4096):
+            sink.append(chunk)
+
+
+@pytest.fixture(scope="module")
+def boot(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Boot:
+    base = tmp_path_factory.mktemp("qemu-boot")
+    workspace, task_dir, disk = base / "ws", base / "task", base / "disk.raw"
+    workspace.mkdir()
+    workspace.chmod(0o1777)
+    with open(disk, "wb") as f:
+        f.truncate(64 << 20)
+    launch = LaunchConfig(
+        task_rootfs=str(rootfs), workspace_source=str(workspace), workspace_tag=contract.WORKSPACE_TAG,
+        workspace_target="/workspace", ram_mib=1024, vcpus=2, workdir="/", exec_path="/bin/sh",
+        disks=(LaunchDisk("agentbox-test-disk", str(disk)),), argv=("sh", "-c", SCRIPT))
+    handle = QemuDriver().start(VmSpec(rootfs=rootfs, launch=launch, task_dir=task_dir, accel="tcg"))
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=read_console, args=(handle.console_socket, chunks), daemon=True)
+    reader.start()
+    try:
+        status = handle.wait(BOOT_TIMEOUT_S)
+    finally:
+        handle.kill()
+    reader.join(30)
+    return Boot(status, b"".join(chunks).decode(errors="replace"), workspace, task_dir)
+
+
+def test_command_output_reaches_the_console_and_exit_status_is_returned(boot: Boot) -> None:
+    assert boot.status == 3, tail(boot.task_dir / "console.log")
+    assert "ok" in boot.console.splitlines() or "ok\r" in boot.console.splitlines(), boot.console
+
+
+def test_workspace_writes_land_on_the_host_with_the_writer_uid(boot: Boot) -> None:
+    by_root, by_user = boot.workspace / "by-root", boot.workspace / "by-user"
+    assert by_root.read_text() == "root\n", tail(boot.task_dir / "console.log")
+    assert by_root.stat().st_uid == os.getuid()
+    assert by_user.read_text() == "user\n"
+    assert (by_user.stat().st_uid, by_user.stat().st_gid) == (GUEST_UID, GUEST_UID)
+
+
+def test_attached_disk_is_vda_with_its_id_as_serial(boot: Boot) -> None:
+    assert (boot.workspace / "disk").read_text().split() == ["vda", "agentbox-test-disk"]
