@@ -6,6 +6,7 @@ The argv lists returned here exclude the leading ``podman`` (and the
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Sequence
@@ -14,7 +15,8 @@ from pathlib import Path
 
 from guest_init import contract as c
 from runtime.disks import LIBKRUN_DISKS, RawDisk
-from runtime.errors import InputError
+from runtime.errors import AgentboxError, InputError
+from runtime.podman import Podman
 from runtime.tasks.volumes import Volumes
 
 TMPFS = "/tmp:rw,exec,mode=1777"
@@ -74,6 +76,34 @@ def validate_guest_init_target(image: str, target: str) -> str:
                          "point to agentbox-guest-init; --guest-init can only override the image "
                          "agentbox-guest-init binary")
     return target
+
+
+# The reference reads ``{{index .Config.Entrypoint 0}}``; Podman 4 fails that template on
+# an image without an entrypoint, so the whole list is read and its first element used.
+ENTRYPOINT_FORMAT = "{{json .Config.Entrypoint}}"
+
+
+def guest_init_target(image: str, podman: Podman | None = None, inspect: bool = False) -> str:
+    """Where ``--guest-init`` is mounted in ``image``.
+
+    By default (Era D) the constant :data:`guest_init.contract.GUEST_INIT_PATH`,
+    with no Podman call. With ``inspect`` (Era C) the image's first entrypoint
+    element, which must name an absolute ``agentbox-guest-init``; the image must
+    be local and inspectable."""
+    if not inspect:
+        return c.GUEST_INIT_PATH
+    podman = podman or Podman()
+    try:
+        out = podman.output(["image", "inspect", "--format", ENTRYPOINT_FORMAT, image],
+                            "failed to inspect selected image entrypoint for libkrun guest-init override")
+    except AgentboxError as exc:
+        raise InputError(f"selected image '{image}' must be local and inspectable for --guest-init") from exc
+    try:
+        entrypoint = json.loads(out or "null") or []
+    except json.JSONDecodeError:
+        entrypoint = [out.strip()]
+    first = entrypoint[0] if isinstance(entrypoint, list) and entrypoint else ""
+    return validate_guest_init_target(image, str(first))
 
 
 def _disk_args(disk: RawDisk, state_root: Path) -> list[str]:
