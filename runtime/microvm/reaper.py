@@ -32,7 +32,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _start_time(pid: int) -> str | None:
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), None if gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
@@ -50,8 +51,8 @@ def record(layout: StateLayout, task_dir: Path, pid: int | None, run_label: str 
     """Record a task dir (``pid`` None: before the VM starts) or its started VM process, and who owns it."""
     path = _dir(layout) / f"{task_dir.name}.json"
     path.write_text(json.dumps({"pid": pid, "pgid": None if pid is None else _pgid(pid),
-                                "start": None if pid is None else _start_time(pid), "owner": os.getpid(),
-                                "owner_start": _start_time(os.getpid()), "task_dir": str(task_dir),
+                                "start": None if pid is None else start_time(pid), "owner": os.getpid(),
+                                "owner_start": start_time(os.getpid()), "task_dir": str(task_dir),
                                 "run_label": run_label, "recorded_at": time.time()}))
     return path
 
@@ -72,8 +73,9 @@ def records(layout: StateLayout) -> list[dict[str, object]]:
     return out
 
 
-def _same_process(pid: int, start: object) -> bool:
-    return _alive(pid) and (start is None or _start_time(pid) == start)
+def same_process(pid: int, start: object) -> bool:
+    """``pid`` is alive and, when ``start`` is known, is the process that was recorded (not a reused pid)."""
+    return _alive(pid) and (start is None or start_time(pid) == start)
 
 
 def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list[str]:
@@ -84,11 +86,11 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
 
     reaped = []
     for rec in records(layout):
-        owner_gone = not _same_process(int(rec["owner"]), rec.get("owner_start"))  # type: ignore[arg-type]
+        owner_gone = not same_process(int(rec["owner"]), rec.get("owner_start"))  # type: ignore[arg-type]
         if not owner_gone and not (include_label and rec.get("run_label") == include_label):
             continue
         pid = rec.get("pid")
-        if isinstance(pid, int) and _same_process(pid, rec.get("start")):
+        if isinstance(pid, int) and same_process(pid, rec.get("start")):
             own_group = rec.get("pgid") == pid  # a VM in its own process group: signal the whole group
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
