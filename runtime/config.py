@@ -1,6 +1,6 @@
 """The user configuration file ``agentbox.toml``.
 
-Location: ``$AGENTBOX_CONFIG`` if set, else ``$XDG_CONFIG_HOME/agentbox/agentbox.toml``,
+Location: ``$AGENTBOX_CONFIG`` if set (the file must exist), else ``$XDG_CONFIG_HOME/agentbox/agentbox.toml``,
 else ``$HOME/.config/agentbox/agentbox.toml``. A missing file is fine.
 
 Only one setting exists::
@@ -39,7 +39,7 @@ def default_config_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get("AGENTBOX_CONFIG"):
         return Path(env["AGENTBOX_CONFIG"])
-    if env.get("XDG_CONFIG_HOME"):
+    if env.get("XDG_CONFIG_HOME", "").startswith("/"):  # XDG: relative values are ignored
         return Path(env["XDG_CONFIG_HOME"]) / "agentbox" / "agentbox.toml"
     if env.get("HOME"):
         return Path(env["HOME"]) / ".config" / "agentbox" / "agentbox.toml"
@@ -86,10 +86,14 @@ def parse_config(text: str, path: Path) -> Config:
 
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Read and parse the configuration file; a missing file gives defaults."""
+    env = os.environ if env is None else env
     path = default_config_path(env)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if env.get("AGENTBOX_CONFIG"):
+            raise InputError(f"AGENTBOX_CONFIG names '{path}', which does not exist; "
+                             "point it at an agentbox.toml file or unset it") from None
         return Config(None)
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"failed to read config file '{path}': {exc}") from None

@@ -71,7 +71,7 @@ def state_base(env: Mapping[str, str] | None = None) -> Path:
     config = load_config(env)
     if config.state_location is not None:
         return config.state_location
-    if env.get("XDG_STATE_HOME"):
+    if env.get("XDG_STATE_HOME", "").startswith("/"):  # XDG: relative values are ignored
         return Path(env["XDG_STATE_HOME"])
     if env.get("HOME"):
         return Path(env["HOME"]) / ".local" / "state"

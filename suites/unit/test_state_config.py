@@ -89,3 +89,17 @@ def test_ensure_creates_private_dirs(tmp_path: Path) -> None:
     ws.mkdir()
     layout = StateLayout.under(tmp_path / "base", ws).ensure()
     assert layout.state_root.stat().st_mode & 0o777 == 0o700
+
+
+def test_relative_xdg_values_are_ignored(tmp_path: Path) -> None:
+    env = {"XDG_STATE_HOME": "rel/state", "XDG_CONFIG_HOME": "rel/cfg", "HOME": str(tmp_path)}
+    assert state_base(env) == tmp_path / ".local" / "state"
+    assert default_config_path(env) == tmp_path / ".config" / "agentbox" / "agentbox.toml"
+
+
+def test_explicit_config_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="AGENTBOX_CONFIG names .* which does not exist"):
+        load_config({"AGENTBOX_CONFIG": str(tmp_path / "none.toml"), "HOME": str(tmp_path)})
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[state]\nlocation = "{tmp_path}"\n')
+    assert load_config({"AGENTBOX_CONFIG": str(cfg)}).state_location == tmp_path
