@@ -100,3 +100,12 @@ LABEL_HARNESS_RUN: Final = "io.agentbox.harness.run"
 def flag_is_set(value: str | None) -> bool:
     """Contract flags are true only for exactly ``"1"``."""
     return value == "1"
+
+# --- allocator preload (reference 7.11) and guest-init self path ----------
+ENV_NIX_ALLOCATOR: Final = "AGENTBOX_NIX_ALLOCATOR"
+ENV_MIMALLOC_LIB: Final = "AGENTBOX_MIMALLOC_LIB"
+ENV_HARDENED_MALLOC_LIB: Final = "AGENTBOX_GRAPHENE_HARDENED_MALLOC_LIB"
+NIX_ALLOCATOR_LIBS: Final = "/etc/nix-allocator-libs"
+NIX_PRELOAD: Final = "/etc/ld-nix.so.preload"
+# How background workers re-run guest-init (default: the launcher that ran us).
+ENV_GUEST_INIT_SELF: Final = "AGENTBOX_GUEST_INIT_SELF"
