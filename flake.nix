@@ -12,6 +12,7 @@
       packages = forAll (pkgs:
         let
           py = pkgs.python311Packages;
+          kernel = pkgs.linuxPackages.kernel;
           hostTools = with pkgs; [ podman buildah crun runc btrfs-progs util-linux fuse-overlayfs qemu_kvm ];
 
           # The harness: runtime, guest_init and the pytest plugin, with the
@@ -30,8 +31,10 @@
           # guest_init at a store path: the microvm contract wants exactly one
           # executable /nix/store/*/bin/agentbox-guest-init in the image.
           guestInit = pkgs.runCommand "agentbox-guest-init-${version}" { } ''
-            mkdir -p $out/lib $out/bin
+            mkdir -p $out/lib $out/bin $out/share/agentbox
             cp -r ${./guest_init} $out/lib/guest_init
+            cp -r ${./guest_init/wrappers} $out/share/agentbox/wrappers
+            cp -r ${./runtime/images/files} $out/share/agentbox/files
             cat > $out/bin/agentbox-guest-init <<PY
             #!${pkgs.python311}/bin/python3 -I
             import sys
@@ -50,19 +53,48 @@
             contents = with pkgs; [
               guestInit python311 podman crun runc conmon netavark aardvark-dns passt slirp4netns
               shadow fuse-overlayfs btrfs-progs util-linux kmod busybox nix fish bash iproute2 socat
-              cacert
+              cacert procps e2fsprogs coreutils docker-compose
             ];
+            # Same layout as `agentbox image build`: the stable /bin path, the
+            # in-image wrappers (7.15) and sidecar scripts (8.3), the dev user
+            # (uid/gid 1000, fish), the nixbld group (gid 30000) and a kernel
+            # with its modules for the qemu backend.
             extraCommands = ''
-              mkdir -p bin tmp workspace home/dev
+              mkdir -p bin usr/local/bin tmp workspace home/dev etc boot lib nix/var/nix
               chmod 1777 tmp
               ln -sf ${guestInit}/bin/agentbox-guest-init bin/agentbox-guest-init
+              # the wrappers name Debian's paths; point them at the store
+              for w in ${guestInit}/share/agentbox/wrappers/*; do
+                sed -e "s|/usr/bin/nix|${pkgs.nix}/bin/nix|g" \
+                    -e "s|/usr/bin/docker-compose|${pkgs.docker-compose}/bin/docker-compose|g" \
+                    -e "s|/usr/bin/podman|${pkgs.podman}/bin/podman|g" \
+                    "$w" > "usr/local/bin/$(basename "$w")"
+                chmod 0755 "usr/local/bin/$(basename "$w")"
+              done
+              for f in ${guestInit}/share/agentbox/files/*; do
+                install -m 0755 "$f" bin/
+              done
+              ln -s ${kernel}/bzImage boot/vmlinuz-${kernel.modDirVersion}
+              ln -s ${kernel}/lib/modules lib/modules
+              {
+                echo "root:x:0:0:root:/root:${pkgs.bash}/bin/bash"
+                echo "dev:x:1000:1000::/home/dev:${pkgs.fish}/bin/fish"
+                for i in 1 2 3 4 5 6 7 8; do
+                  echo "nixbld$i:x:$((30000 + i)):30000:Nix build user $i:/var/empty:/sbin/nologin"
+                done
+              } > etc/passwd
+              {
+                echo "root:x:0:"
+                echo "dev:x:1000:"
+                echo "nixbld:x:30000:nixbld1,nixbld2,nixbld3,nixbld4,nixbld5,nixbld6,nixbld7,nixbld8"
+              } > etc/group
             '';
             config = {
               Entrypoint = [ "/bin/agentbox-guest-init" "default" "enter" "--" ];
               Cmd = [ "fish" "-l" ];
               WorkingDir = "/workspace";
               Env = [ "SHELL=${pkgs.fish}/bin/fish" "AGENTBOX_REAL_PODMAN=${pkgs.podman}/bin/podman" ];
-              Labels = { "io.agentbox.guest-init" = "nix"; };
+              Labels = { "io.agentbox.guest-init" = builtins.baseNameOf guestInit; };
             };
           };
         in {

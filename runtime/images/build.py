@@ -68,13 +68,14 @@ def build_base(tag: str, recipe_hash: str, log: Path) -> None:
         import_root(root, tag, recipe_hash, log)
 
 
-def build_final(tag: str, base: str, recipe_hash: str, gi_hash: str) -> None:
-    """``FROM base``: add guest_init and the config, commit as ``tag``."""
+def build_final(tag: str, base: str, recipe_hash: str, gi_hash: str, guest_init_src: Path | None = None) -> None:
+    """``FROM base``: add guest_init (from ``guest_init_src``, default the installed
+    package) and the config, commit as ``tag``."""
     started = time.monotonic()
     progress(f"guest_init layer on {base} ...")
     previous = image_id(tag)
     commit_layer(base, tag, recipe.image_config(recipe_hash, gi_hash),
-                 lambda root: install_guest_init(root, gi_hash))
+                 lambda root: install_guest_init(root, gi_hash, guest_init_src))
     if previous != image_id(tag):
         remove_if_untagged(previous)
     progress(f"guest_init layer done in {time.monotonic() - started:.1f}s")
@@ -86,16 +87,19 @@ def _is_current(tag: str, recipe_hash: str, gi_hash: str) -> bool:
             and labels.get(recipe.LABEL_GUEST_INIT) == gi_hash)
 
 
-def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only: bool = False) -> BuildResult:
+def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only: bool = False,
+          guest_init_src: Path | None = None) -> BuildResult:
     """Build the guest image ``tag``, or confirm it is up to date.
 
     ``force`` rebuilds even when the labels match (the base too, unless
-    ``guest_init_only``). Progress goes to stderr; tool output to the build log.
+    ``guest_init_only``). ``guest_init_src`` is a ``guest_init`` package
+    directory to install instead of the one this runtime imports. Progress goes
+    to stderr; tool output to the build log.
     """
     started = time.monotonic()
     cache = cache_dir()
     log = cache / "build.log"
-    recipe_hash, gi_hash = recipe.recipe_hash(), recipe.guest_init_hash()
+    recipe_hash, gi_hash = recipe.recipe_hash(), recipe.guest_init_hash(guest_init_src)
     base = recipe.base_tag(recipe_hash)
 
     def result(built_base: bool, built_final: bool) -> BuildResult:
@@ -127,7 +131,7 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
             build_base(base, recipe_hash, log)
             remove_if_untagged(previous)
             built_base = True
-        build_final(tag, base, recipe_hash, gi_hash)
+        build_final(tag, base, recipe_hash, gi_hash, guest_init_src)
         progress(f"{tag} built in {time.monotonic() - started:.1f}s")
         return result(built_base, True)
     finally:

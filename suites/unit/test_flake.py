@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from runtime.images import recipe
+
 FLAKE = Path(__file__).resolve().parents[2] / "flake.nix"
 
 
 @pytest.mark.skipif(shutil.which("nix-instantiate") is None,
-                    reason="needs nix-instantiate: apt-get install nix-bin")
+                    reason="needs nix-instantiate to parse flake.nix: apt-get install nix-bin")
 def test_flake_parses() -> None:
     proc = subprocess.run(["nix-instantiate", "--parse", str(FLAKE)], capture_output=True, text=True,
                           timeout=60)
@@ -19,6 +21,12 @@ def test_flake_parses() -> None:
 
 def test_flake_keeps_the_guest_contract() -> None:
     text = FLAKE.read_text()
-    for needle in ('"/bin/agentbox-guest-init" "default" "enter" "--"', "bin/agentbox-guest-init",
-                   "AGENTBOX_REAL_PODMAN", "devShells", "harness", "image"):
+    entrypoint = " ".join(f'"{part}"' for part in recipe.ENTRYPOINT)
+    cmd = " ".join(f'"{part}"' for part in recipe.CMD)
+    for needle in (f"Entrypoint = [ {entrypoint} ];", f"Cmd = [ {cmd} ];", 'WorkingDir = "/workspace";',
+                   "$out/bin/agentbox-guest-init", "bin/agentbox-guest-init", "python3 -I",
+                   "from guest_init.cli import main", "AGENTBOX_REAL_PODMAN=", "SHELL=",
+                   recipe.LABEL_GUEST_INIT, "usr/local/bin", "runtime/images/files", "guest_init/wrappers",
+                   "dev:x:1000:1000::/home/dev:", "nixbld:x:30000:", "boot/vmlinuz-", "lib/modules",
+                   "devShells", "harness = py.buildPythonApplication", "image = pkgs.dockerTools"):
         assert needle in text, needle

@@ -98,16 +98,22 @@ def test_launcher_text_golden() -> None:
         "sys.exit(main())\n")
 
 
-def test_launcher_runs_guest_init_from_its_lib_dir(tmp_path: Path) -> None:
+def test_launcher_imports_guest_init_from_its_lib_dir_first(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
-    shutil.copytree(recipe.guest_init_dir(), lib / "guest_init", ignore=shutil.ignore_patterns("__pycache__"))
+    (lib / "guest_init").mkdir(parents=True)
+    (lib / "guest_init" / "__init__.py").write_text("")
+    (lib / "guest_init" / "cli.py").write_text(
+        "import sys\n"
+        "def main():\n"
+        "    print(__file__, sys.argv[1:])\n"
+        "    return 7\n")
     launcher = tmp_path / "agentbox-guest-init"
     launcher.write_text(recipe.launcher_text(lib))
-    # run with this interpreter (the shebang names the guest's /usr/bin/python3)
-    proc = subprocess.run([sys.executable, "-I", str(launcher), "--help"], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "agentbox-guest-init" in proc.stdout and "libkrun" in proc.stdout
+    # run with this interpreter (the shebang names the guest's /usr/bin/python3); -I as in the shebang
+    proc = subprocess.run([sys.executable, "-I", str(launcher), "libkrun", "enter"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout.strip() == f"{lib / 'guest_init' / 'cli.py'} ['libkrun', 'enter']"
 
 
 def _debian_like_root(root: Path, absolute_bin: bool) -> None:
