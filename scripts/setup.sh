@@ -16,7 +16,7 @@ packages=(
   podman buildah crun runc conmon uidmap slirp4netns passt fuse-overlayfs
   btrfs-progs util-linux kmod socat
   qemu-system-x86 qemu-utils
-  debootstrap busybox-static libarchive13 nix-bin
+  debootstrap busybox-static libarchive13 nix-bin zstd
 )
 
 say() { printf 'setup: %s\n' "$*" >&2; }
