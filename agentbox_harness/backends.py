@@ -9,18 +9,30 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
+from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentbox_harness.machine import Machine, Result
+from agentbox_harness.wait import WaitTimeout, retry
 from guest_init import contract as c
+from runtime.disks import MICROVM_NIX
 from runtime.channel import AgentClient, ChannelError
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 BOOT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Preserved:
+    """What --preserve-debug kept of one task: summary lines and the kept paths (not leaks)."""
+
+    lines: list[str]
+    paths: tuple[str, ...]
 
 
 @dataclass
@@ -32,6 +44,7 @@ class MicrovmMachine(Machine):
     agent: AgentClient | None = None
     boot_timeout: float = BOOT_TIMEOUT_S
     tasks_run: list[str] = field(default_factory=list)
+    preserved: list[Preserved] = field(default_factory=list)
 
     @property
     def console_log(self) -> Path | None:
@@ -51,29 +64,37 @@ class MicrovmMachine(Machine):
         task.start()
         self.tasks_run.append(task.task_id)
         assert task.handle is not None and task.handle.agent_socket is not None
-        deadline = time.monotonic() + self.scaled(self.boot_timeout)
+        handle, limit = task.handle, self.scaled(self.boot_timeout)
+        errors: list[str] = []
+
+        def answered(_last_try: bool) -> bool:
+            try:
+                stopped = handle.poll() is not None
+            except RuntimeError as exc:  # stopped without an exit status (e.g. PID 1 died)
+                raise AssertionError(f"{self.name}: guest stopped before its agent answered: {exc}") from None
+            if stopped:
+                raise AssertionError(f"{self.name}: guest stopped before its agent answered\nconsole tail:\n"
+                                     f"{self.console_tail()}")
+            try:
+                if self.agent is None:
+                    self.agent = AgentClient.connect_unix(handle.agent_socket, 5.0)  # type: ignore[arg-type]
+                self.agent.ping(2.0)
+                return True
+            except (ChannelError, OSError) as exc:
+                errors[:] = [str(exc)]
+                return False
+
         try:
-            self.agent = AgentClient.connect_unix(task.handle.agent_socket, self.scaled(10))
-            while True:
-                if task.handle.poll() is not None:
-                    raise ChannelError("guest stopped before its agent answered")
-                try:
-                    self.agent.ping(2.0)
-                    break
-                except ChannelError:
-                    if time.monotonic() > deadline:
-                        raise
-        except ChannelError as exc:
-            raise AssertionError(f"{self.name}: guest agent did not come up within "
-                                 f"{self.scaled(self.boot_timeout):.0f}s: {exc}\nconsole tail:\n"
+            retry(answered, timeout=limit, interval=0.5)
+        except WaitTimeout:
+            raise AssertionError(f"{self.name}: guest agent did not come up within {limit:.0f}s "
+                                 f"(last error: {errors[0] if errors else 'none'})\nconsole tail:\n"
                                  f"{self.console_tail()}") from None
 
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:
-        if self.agent is None:
-            raise AssertionError(f"{self.name} is not running")
         try:
-            r = self.agent.run(argv, timeout=timeout, env=env, cwd=cwd, user=user, stdin=stdin)
+            r = self._agent().run(argv, timeout=timeout, env=env, cwd=cwd, user=user, stdin=stdin)
         except ChannelError as exc:
             raise AssertionError(f"{self.name}: {exc}\nconsole tail:\n{self.console_tail()}") from None
         return Result(" ".join(argv), r.exit_status, r.stdout.decode("utf-8", "replace"),
@@ -97,6 +118,26 @@ class MicrovmMachine(Machine):
             if task.handle is not None:
                 task.handle.shutdown(timeout)
             task.close()
+            if task.notice:
+                self.preserved.append(Preserved(self._debug_lines(task), (str(task.task_dir),)))
+
+    def _debug_lines(self, task: MicrovmTask) -> list[str]:
+        """Ready-to-paste commands for a task whose state --preserve-debug kept."""
+        d = task.task_dir
+        root = task.rootfs.root if task.rootfs else d
+        state = task.layout.state_root if hasattr(task, "layout") else None
+        lines = [f"{self.name}: task {task.task_id} (VM stopped; rootfs, disks and logs kept)",
+                 f"  {task.notice}",
+                 f"  console log:  less {d / 'console.log'}",
+                 f"  launch.conf:  cat {d / 'launch.conf'}",
+                 f"  qemu argv:    cat {d / 'qemu.argv'}",
+                 f"  rootfs:       ls {root}"]
+        if state is not None:
+            lines.append(f"  nix disk:     mkdir -p /tmp/nixdisk && mount -o loop,ro {MICROVM_NIX.path(state)} /tmp/nixdisk")
+        fuse = task.rootfs is not None and task.rootfs.mode == "fuse-overlay"
+        umount = f"fusermount3 -u {root} 2>/dev/null; " if fuse else ""
+        lines.append(f"  clean up:     {umount}rm -rf {d}" + (f" {state}" if state is not None else ""))
+        return lines
 
     def resize_runner(self, extra_env: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
         """A maintenance runner for ``nix_disk.grow``/``containers_disk.grow`` that boots this
@@ -106,25 +147,42 @@ class MicrovmMachine(Machine):
         assert self.options is not None
         return MicrovmResizeRunner(self.options, extra_env=extra_env)
 
-    def shell(self, timeout: float = 60) -> "pexpect.spawn":  # type: ignore[name-defined] # noqa: F821
-        """An interactive login shell of dev on the guest's command console (a real tty), as a pexpect child.
-
-        The child talks to ``hvc0`` through the console socket; its prompt is set to ``AGENTBOX$ ``."""
-        import shutil as _shutil
-
+    def _console_connect(self) -> Any:
         import pexpect
 
         if self.task is None or self.task.handle is None or self.task.handle.console_socket is None:
-            raise AssertionError(f"{self.name} has no console to attach a shell to")
-        if _shutil.which("socat") is None:
-            raise AssertionError("shell() needs socat on the host (apt-get install socat)")
+            raise AssertionError(f"{self.name} is not running: no console to attach to")
+        if shutil.which("socat") is None:
+            raise AssertionError("the live console needs socat on the host (apt-get install socat)")
+        return pexpect.spawn("socat", ["-,raw,echo=0", f"UNIX-CONNECT:{self.task.handle.console_socket}"],
+                             timeout=self.scaled(30), encoding="utf-8", codec_errors="replace")
+
+    def _shell(self, timeout: float) -> Any:
+        """dev's bash on the command console ``hvc0`` (a real tty), reached through the console socket."""
         self.execute("setsid -f sh -c 'exec runuser -u dev -- env PS1=\"AGENTBOX$ \" bash --norc -i "
                      "<>/dev/hvc0 >&0 2>&0'", timeout=30, user="root", check=True)
-        child = pexpect.spawn("socat", ["-,raw,echo=0", f"UNIX-CONNECT:{self.task.handle.console_socket}"],
-                              timeout=self.scaled(timeout), encoding="utf-8", codec_errors="replace")
+        child = self._console_connect()
+        child.timeout = timeout
         child.sendline("")
         child.expect_exact("AGENTBOX$ ")
         return child
+
+    def _read_file(self, guest_path: str, timeout: float) -> bytes:
+        try:
+            return self._agent().read_file(guest_path, timeout)
+        except ChannelError as exc:
+            raise AssertionError(f"{self.name}: cannot read {guest_path}: {exc}") from None
+
+    def _write_file(self, guest_path: str, data: bytes, timeout: float) -> None:
+        try:
+            self._agent().write_file(guest_path, data, owner=c.DEV_USER, timeout=timeout)
+        except ChannelError as exc:
+            raise AssertionError(f"{self.name}: cannot write {guest_path}: {exc}") from None
+
+    def _agent(self) -> AgentClient:
+        if self.agent is None:
+            raise AssertionError(f"{self.name} is not running")
+        return self.agent
 
     def _keep_console(self, task: MicrovmTask) -> None:
         if self.artifacts is None or task.handle is None:

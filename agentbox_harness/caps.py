@@ -1,5 +1,16 @@
-"""Capability skips: a missing capability skips naming it and how to get it;
-under ``--agentbox-strict`` it fails instead."""
+"""Capability skips, computed once per session from :mod:`runtime.doctor`.
+
+Markers map to capabilities:
+
+- ``needs_kvm``: the doctor's ``kvm-device`` check;
+- ``needs_libkrun``: ``libkrun`` and ``libkrunfw``;
+- ``needs_root``: an effective uid of 0;
+- ``vm``: the selected backend (``--agentbox-backend``, ``auto`` = best usable)
+  is usable on this host.
+
+A missing capability skips the test with a reason naming it and how to get it
+(the doctor's fix line); under ``--agentbox-strict`` it fails the test instead.
+"""
 
 from __future__ import annotations
 
@@ -9,40 +20,45 @@ import pytest
 
 from agentbox_harness.session import HarnessSession
 
-MARKER_CAPS = {
+MARKER_CAPS: dict[str, tuple[str, ...]] = {
     "needs_kvm": ("kvm-device",),
     "needs_libkrun": ("libkrun", "libkrunfw"),
 }
+"""Marker -> the doctor checks it needs."""
+
+CAP_MARKERS = ("needs_kvm", "needs_libkrun", "needs_root", "vm")
 
 
 def missing(session: HarnessSession, names: tuple[str, ...]) -> list[str]:
+    """The failed doctor checks among ``names``, each as ``name: detail (fix: ...)``."""
     by = {c.name: c for c in session.checks}
-    out = []
-    for n in names:
-        c = by.get(n)
-        if c is not None and not c.ok:
-            out.append(f"{n}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else ""))
-    return out
+    return [by[n].reason() for n in names if n in by and not by[n].ok]
 
 
 def unavailable(session: HarnessSession, reason: str) -> None:
-    """Skip, or fail in strict mode."""
+    """Skip with ``missing capability: <reason>``, or fail the test in strict mode."""
     if session.strict:
-        pytest.fail(f"missing capability (strict mode): {reason}", pytrace=False)
+        pytest.fail(f"missing capability (--agentbox-strict): {reason}", pytrace=False)
     pytest.skip(f"missing capability: {reason}")
 
 
 def require_backend(session: HarnessSession, backend: str) -> None:
-    usable, why = session.backends.get(backend, (False, f"unknown backend {backend}"))
+    """Skip (strict: fail) unless ``backend`` is usable here, naming every failed check."""
+    if backend not in session.backends:
+        return  # a registered backend the doctor does not know has no host requirements
+    usable, why = session.backends[backend]
     if not usable:
         unavailable(session, f"backend {backend} unavailable: {why}")
 
 
 def check_markers(session: HarnessSession, item: pytest.Item) -> None:
+    """Apply the capability markers of ``item`` (see the module docstring)."""
     for marker, caps in MARKER_CAPS.items():
         if item.get_closest_marker(marker):
             gone = missing(session, caps)
             if gone:
                 unavailable(session, "; ".join(gone))
     if item.get_closest_marker("needs_root") and os.geteuid() != 0:
-        unavailable(session, "needs root on the host (run the suite as root or with sudo)")
+        unavailable(session, "needs_root: not running as root (fix: run the suite as root, e.g. with sudo)")
+    if item.get_closest_marker("vm"):
+        require_backend(session, session.backend)

@@ -11,6 +11,7 @@ create and tear it down in reverse order, also when the test failed.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from agentbox_harness.backends import ContainerMachine, MicrovmMachine
+from agentbox_harness.artifacts import REPORTS, attach, failed, node_name
+from agentbox_harness.backends import MicrovmMachine
 from agentbox_harness.caps import require_backend
 from agentbox_harness.machine import Machine
+from agentbox_harness.registry import BackendContext, build
 from agentbox_harness.session import HarnessSession, harness
 from agentbox_harness.workspace import Workspace
 from runtime import disks
-from runtime.microvm.session import MicrovmOptions
 from runtime.reset import reset_nix
 from runtime.state import StateLayout
 from runtime.resize import MaintenanceRunner, ResizePlan, resize
@@ -81,8 +83,11 @@ def workspace(request: pytest.FixtureRequest, tmp_path: Path, agentbox_harness: 
     state_base = agentbox_harness.state_base(tmp_path)
     owner = DEV_IDS if os.geteuid() == 0 else None
     ws = Workspace.create(tmp_path / "project", tmp_path / "ws-scratch", state_base, mode, owner)
+    if ws.mounted:
+        agentbox_harness.registry.add_mount(ws.path)
     yield ws
     ws.close()
+    agentbox_harness.registry.drop_mount(ws.path)
 
 
 @dataclass
@@ -167,67 +172,84 @@ class Factory:
         return machine
 
     def keep_timings(self) -> None:
-        """Timings of every machine go to results/timings/ whatever the outcome."""
-        import json
-        import re
-
+        """Every machine's profile goes to results/timings/<test>.json whatever the outcome."""
         root = Path(str(self.request.config.rootpath)) / "results" / "timings"
         root.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", self.request.node.nodeid)[-150:]
-        (root / f"{name}.json").write_text(json.dumps({m.name: m.timings for m in self.machines}, indent=1))
+        (root / f"{node_name(self.request.node.nodeid)}.json").write_text(
+            json.dumps({m.name: m.profile for m in self.machines}, indent=1))
 
     def close(self) -> list[str]:
+        """Stop every machine (newest first) and write its artifacts; the errors, one per failure.
+
+        A failure stopping one machine never keeps the others running. With
+        --preserve-debug the VMs stop but their rootfs, disks and logs stay (see the summary)."""
         errors = []
-        self.keep_timings()
         for m in reversed(self.machines):
-            try:
-                m.write_artifacts()
-                if self.session.preserve_debug:
-                    self.session.preserved.append(m)
-                else:
-                    m.shutdown()
-            except Exception as exc:  # noqa: BLE001 - teardown must reach every machine
-                errors.append(f"{m.name}: {exc}")
+            for step in (m.shutdown, m.write_artifacts):
+                try:
+                    step()
+                except Exception as exc:  # noqa: BLE001 - teardown must reach every machine
+                    errors.append(f"{m.name}: {step.__name__}: {exc}")
+            self.session.preserved.extend(getattr(m, "preserved", []))
+        try:
+            self.keep_timings()
+        except OSError as exc:
+            errors.append(f"timings: {exc}")
+        node = self.request.node
+        if failed(node.stash.get(REPORTS, {})) and self.machines:
+            attach(sorted(self.session.artifact_dir(node).iterdir()))
         return errors
 
 
-@pytest.fixture
-def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
-                    agentbox_backend: str, agentbox_image: str, vm_memory: int, vm_cpus: int,
-                    storage_backend: str) -> Iterator[Callable[..., MicrovmMachine]]:
-    """``microvm_factory(name="vm", **options)`` boots a microvm task whose agent serves the verbs.
+def _context(request: pytest.FixtureRequest, session: HarnessSession, workspace: Workspace, memory: int, cpus: int,
+             storage: str) -> BackendContext:
+    return BackendContext(session, workspace, lambda: str(request.getfixturevalue("agentbox_image")), memory, cpus,
+                          storage)
 
-    Options override the dimension fixtures: ``storage``, ``vmm`` (qemu|libkrun),
-    ``mem_gib``, ``cpus``, ``image``, ``workspace`` (a :class:`Workspace`),
-    ``image_cache`` (a directory; default the per-user harness cache) and
-    ``preserve_debug`` (keep the task rootfs and state after shutdown)."""
-    vmm = {"qemu": "qemu", "krun-direct": "libkrun"}.get(agentbox_backend)
-    if vmm is None:
-        pytest.skip(f"microvm needs the qemu or krun-direct backend, not {agentbox_backend}")
-    require_backend(agentbox_harness, agentbox_backend)
-    factory = Factory(agentbox_harness, request)
 
-    def make(name: str = "vm", **overrides: object) -> MicrovmMachine:
-        ws = overrides.pop("workspace", workspace)
-        assert isinstance(ws, Workspace)
-        opts = MicrovmOptions(
-            workspace=ws.path, image=str(overrides.pop("image", agentbox_image)),
-            storage=str(overrides.pop("storage", storage_backend)), vmm=str(overrides.pop("vmm", vmm)),
-            mem_gib=int(overrides.pop("mem_gib", vm_memory)),  # type: ignore[call-overload]
-            cpus=int(overrides.pop("cpus", vm_cpus)),  # type: ignore[call-overload]
-            state=ws.state, image_cache=Path(str(overrides.pop("image_cache", agentbox_harness.image_cache))),
-            run_label=agentbox_harness.run_label,
-            preserve_debug=bool(overrides.pop("preserve_debug", agentbox_harness.preserve_debug)),
-            kernel=agentbox_harness.kernel, interactive=False)
-        if overrides:
-            raise TypeError(f"unknown microvm option(s): {', '.join(overrides)}")
-        machine = MicrovmMachine(name=name, timeout_scale=agentbox_harness.timeout_scale, options=opts)
-        return factory.add(machine)  # type: ignore[return-value]
+def _factory(request: pytest.FixtureRequest, session: HarnessSession, backend: str, ctx: BackendContext,
+             what: str) -> Iterator[Callable[..., Machine]]:
+    require_backend(session, backend)
+    factory = Factory(session, request)
+
+    def make(name: str = "vm", **options: object) -> Machine:
+        return factory.add(build(backend, ctx, name, options))
 
     yield make
     errors = factory.close()
     if errors:
-        raise AssertionError("microvm teardown failed: " + "; ".join(errors))
+        raise AssertionError(f"{what} teardown failed: " + "; ".join(errors))
+
+
+@pytest.fixture
+def machine_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+                    agentbox_backend: str, vm_memory: int, vm_cpus: int,
+                    storage_backend: str) -> Iterator[Callable[..., Machine]]:
+    """``machine_factory(name="vm", **options)``: a started machine of the ``agentbox_backend``.
+
+    The backend comes from :data:`agentbox_harness.registry.MACHINE_BACKENDS`; options are the
+    backend's (see ``microvm_factory`` and ``krun_task_factory``). Every machine is torn down
+    after the test, newest first, also when it failed."""
+    ctx = _context(request, agentbox_harness, workspace, vm_memory, vm_cpus, storage_backend)
+    yield from _factory(request, agentbox_harness, agentbox_backend, ctx, "machine")
+
+
+@pytest.fixture
+def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+                    agentbox_backend: str, vm_memory: int, vm_cpus: int,
+                    storage_backend: str) -> Iterator[Callable[..., MicrovmMachine]]:
+    """``microvm_factory(name="vm", **options)`` boots a microvm task whose agent serves the verbs.
+
+    The guest command is ``agentbox-guest-init agent --port org.agentbox.agent`` with root=True:
+    the agent runs as root and runs commands as dev unless a verb says ``user="root"``.
+    Options override the dimension fixtures: ``storage``, ``vmm`` (qemu|libkrun),
+    ``mem_gib``, ``cpus``, ``image``, ``workspace`` (a :class:`Workspace`),
+    ``image_cache`` (a directory; default the per-user harness cache) and
+    ``preserve_debug`` (keep the task rootfs and state after shutdown)."""
+    if agentbox_backend not in ("qemu", "krun-direct"):
+        pytest.skip(f"microvm needs the qemu or krun-direct backend, not {agentbox_backend}")
+    ctx = _context(request, agentbox_harness, workspace, vm_memory, vm_cpus, storage_backend)
+    yield from _factory(request, agentbox_harness, agentbox_backend, ctx, "microvm")  # type: ignore[misc]
 
 
 @pytest.fixture
@@ -237,32 +259,27 @@ def microvm(microvm_factory: Callable[..., MicrovmMachine]) -> MicrovmMachine:
 
 
 @pytest.fixture
-def container_task(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
-                   agentbox_image: str) -> Iterator[ContainerMachine]:
+def container_task(request: pytest.FixtureRequest, agentbox_harness: HarnessSession,
+                   workspace: Workspace) -> Iterator[Machine]:
     """A container-mode task (native Podman + nix-daemon sidecar) with the Machine verbs."""
-    require_backend(agentbox_harness, "container")
-    factory = Factory(agentbox_harness, request)
-    machine = ContainerMachine(name="ct", timeout_scale=1.0, workspace=workspace.path,
-                               state_root=workspace.state.ensure().state_root, image=agentbox_image,
-                               run_label=agentbox_harness.run_label)
-    factory.add(machine)
-    yield machine
-    errors = factory.close()
-    if errors:
-        raise AssertionError("container task teardown failed: " + "; ".join(errors))
+    ctx = _context(request, agentbox_harness, workspace, 2, 2, "auto")
+    for make in _factory(request, agentbox_harness, "container", ctx, "container task"):
+        yield make("ct")
 
 
 @pytest.fixture
-def krun_task_factory(agentbox_harness: HarnessSession) -> Callable[..., Machine]:
-    """libkrun-mode tasks through Podman + crun + libkrun (options: memory, cpus, publish, root, tsi).
+def krun_task_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+                      vm_memory: int, vm_cpus: int) -> Iterator[Callable[..., Machine]]:
+    """``krun_task_factory(name="task", **options)``: libkrun-mode tasks (Podman + crun + libkrun).
 
-    Needs crun with the krun handler and libkrunfw; skips (strict: fails) naming what is missing."""
-    require_backend(agentbox_harness, "krun-podman")
-    raise AssertionError("krun-podman tasks need a crun with +LIBKRUN; this host reported it usable "
-                         "but the harness has no krun-podman transport yet")
+    Options: ``memory`` (MiB), ``cpus``, ``publish`` (e.g. ``("8080:80",)``), ``root``,
+    ``tsi``, ``guest_init`` (a host guest-init file), ``image``. Needs crun built with
+    libkrun, libkrunfw and KVM: skips (strict: fails) naming what is missing."""
+    ctx = _context(request, agentbox_harness, workspace, vm_memory, vm_cpus, "auto")
+    yield from _factory(request, agentbox_harness, "krun-podman", ctx, "krun task")
 
 
 @pytest.fixture
 def krun_task(krun_task_factory: Callable[..., Machine]) -> Machine:
     """One libkrun-mode task (see ``krun_task_factory``)."""
-    return krun_task_factory()
+    return krun_task_factory("task")

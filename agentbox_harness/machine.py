@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentbox_harness.console import Console, read_tail
+from agentbox_harness.profile import Profile
 from agentbox_harness.wait import WaitTimeout, retry
 
 Command = str | Sequence[str]
@@ -71,6 +73,8 @@ class Machine(ABC):
     artifacts: Path | None = None
     transcript: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    profiler: Profile = field(default_factory=Profile)
+    _console: Console | None = field(default=None, repr=False)
 
     # --- what a backend provides ------------------------------------------
     @abstractmethod
@@ -83,17 +87,65 @@ class Machine(ABC):
     @abstractmethod
     def _stop(self, timeout: float) -> None: ...
 
-    def console_tail(self, lines: int = 30) -> str:
-        """The last lines of the console log (empty when the backend has none)."""
-        log = self.console_log
-        if log is None or not log.exists():
-            return ""
-        text = log.read_bytes()[-16384:].decode("utf-8", "replace")
-        return "\n".join(text.splitlines()[-lines:])
+    def _console_connect(self) -> Any:
+        """A pexpect child on the live command console; backends that have one override this."""
+        raise AssertionError(f"{self.name} has no live console stream on this backend")
+
+    def _shell(self, timeout: float) -> Any:
+        """An interactive shell as a pexpect child; backends that can give a real tty override this."""
+        raise AssertionError(f"{type(self).__name__} cannot open an interactive shell")
+
+    def _read_file(self, guest_path: str, timeout: float) -> bytes:
+        out = self._execute(["base64", "-w0", guest_path], user="root", env=None, cwd=None, timeout=timeout,
+                            stdin=None)
+        if not out.ok:
+            raise MachineError(self._explain(f"cannot read {guest_path}", out))
+        import base64
+
+        return base64.b64decode(out.stdout)
+
+    def _write_file(self, guest_path: str, data: bytes, timeout: float) -> None:
+        script = 'mkdir -p "$(dirname "$1")" && cat > "$1" && chown dev:dev "$1"'
+        out = self._execute(["sh", "-c", script, "sh", guest_path], user="root", env=None, cwd=None,
+                            timeout=timeout, stdin=data)
+        if not out.ok:
+            raise MachineError(self._explain(f"cannot write {guest_path}", out))
 
     @property
     def console_log(self) -> Path | None:
+        """The full console log of the current boot (None when the backend has none)."""
         return None
+
+    @property
+    def console(self) -> Console:
+        """The console: ``.log`` (full log path), ``.child`` (pexpect on the live stream),
+        ``.wait_for_text(regex, timeout=)``, ``.tail()``."""
+        if self._console is None or self._console.log != self.console_log:
+            if self._console is not None:
+                self._console.close()
+            self._console = Console(self.name, self.console_log, self._console_connect, self.timeout_scale)
+        return self._console
+
+    def console_tail(self, lines: int = 30) -> str:
+        """The last lines of the console log (empty when the backend has none)."""
+        return read_tail(self.console_log, lines)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        """Timings: lifecycle phases (``boot_s``...) and per verb count, total and max seconds."""
+        return {"phases": dict(self.timings), "verbs": self.profiler.as_dict()}
+
+    def _verb(self, verb: str, detail: str) -> contextlib.AbstractContextManager[None]:
+        """An Allure step (when installed) timed into the profile under ``verb``."""
+        @contextlib.contextmanager
+        def block() -> Iterator[None]:
+            started = time.monotonic()
+            try:
+                with _step(f"{self.name}: {verb} {detail}".rstrip()):
+                    yield
+            finally:
+                self.profiler.record(verb, time.monotonic() - started)
+        return block()
 
     # --- verbs -------------------------------------------------------------
     def scaled(self, timeout: float) -> float:
@@ -102,7 +154,7 @@ class Machine(ABC):
     def execute(self, cmd: Command, *, timeout: float, user: str | None = None, env: dict[str, str] | None = None,
                 cwd: str | None = None, stdin: bytes | None = None, check: bool = False) -> Result:
         """Run ``cmd`` (a string runs under ``sh -c``) as ``user`` (default dev); return its Result."""
-        with _step(f"{self.name}: {render(cmd)}"):
+        with self._verb("execute", render(cmd)):
             result = self._execute(as_argv(cmd), user=user, env=env, cwd=cwd, timeout=self.scaled(timeout),
                                    stdin=stdin)
         self.transcript.append({
@@ -128,13 +180,17 @@ class Machine(ABC):
 
     def succeed(self, cmd: Command, *, timeout: float, user: str | None = None,
                 env: dict[str, str] | None = None, cwd: str | None = None, stdin: bytes | None = None) -> str:
-        """Run ``cmd``; fail the test unless it exits 0. Returns stdout."""
-        return self.execute(cmd, timeout=timeout, user=user, env=env, cwd=cwd, stdin=stdin, check=True).stdout
+        """Run ``cmd``; fail the test unless it exits 0. Returns stdout.
+
+        The failure shows the exit status, stdout, stderr and the console tail."""
+        with self._verb("succeed", render(cmd)):
+            return self.execute(cmd, timeout=timeout, user=user, env=env, cwd=cwd, stdin=stdin, check=True).stdout
 
     def fail(self, cmd: Command, *, timeout: float, user: str | None = None,
              env: dict[str, str] | None = None) -> Result:
         """Run ``cmd``; fail the test unless it exits non-zero. Returns the Result."""
-        result = self.execute(cmd, timeout=timeout, user=user, env=env)
+        with self._verb("fail", render(cmd)):
+            result = self.execute(cmd, timeout=timeout, user=user, env=env)
         if result.ok:
             raise MachineError(self._explain(f"command unexpectedly succeeded: {render(cmd)}", result))
         return result
@@ -148,7 +204,8 @@ class Machine(ABC):
             return r.ok == want_ok
 
         try:
-            retry(check, timeout=self.scaled(timeout), interval=1.0)
+            with self._verb("wait_until_succeeds" if want_ok else "wait_until_fails", render(cmd)):
+                retry(check, timeout=self.scaled(timeout), interval=1.0)
         except WaitTimeout as exc:
             raise MachineError(self._explain(f"{exc}: waiting until {render(cmd)} "
                                              f"{'succeeds' if want_ok else 'fails'}",
@@ -165,44 +222,56 @@ class Machine(ABC):
 
     def wait_for_file(self, path: str, *, timeout: float) -> None:
         """Wait until ``path`` exists in the guest."""
-        self.wait_until_succeeds(["test", "-e", path], timeout=timeout, user="root")
+        with self._verb("wait_for_file", path):
+            self.wait_until_succeeds(["test", "-e", path], timeout=timeout, user="root")
 
     def wait_for_prep(self, kind: str, *, timeout: float) -> None:
-        """Wait until the ``nix`` or ``podman`` background prep is ready (fails fast when it failed)."""
+        """Wait until the ``nix`` or ``podman`` background prep is ready (fails fast when it failed).
+
+        Uses ``agentbox-guest-init status --wait KIND``; the error shows its last output."""
+        if kind not in ("nix", "podman"):
+            raise ValueError(f"wait_for_prep kind '{kind}' is not one of nix, podman")
         cmd = ["agentbox-guest-init", "status", "--wait", kind, "--timeout", str(int(self.scaled(timeout)))]
-        self.succeed(cmd, timeout=timeout + 10, user="root")
+        with self._verb("wait_for_prep", kind):
+            self.succeed(cmd, timeout=timeout + 10, user="root")
 
     def copy_to(self, host_path: Path, guest_path: str, *, timeout: float = 60) -> None:
-        """Copy a host file into the guest (owned by dev)."""
+        """Copy a host file into the guest (parents created, owned by dev)."""
         data = Path(host_path).read_bytes()
-        self.execute(["sh", "-c", 'mkdir -p "$(dirname "$1")" && cat > "$1" && chown dev:dev "$1"', "sh", guest_path],
-                     timeout=timeout, user="root", stdin=data, check=True)
+        with self._verb("copy_to", guest_path):
+            self._write_file(guest_path, data, self.scaled(timeout))
 
     def copy_from(self, guest_path: str, host_path: Path, *, timeout: float = 60) -> None:
         """Copy a guest file to the host."""
-        out = self._execute(["base64", "-w0", guest_path], user="root", env=None, cwd=None,
-                            timeout=self.scaled(timeout), stdin=None)
-        if not out.ok:
-            raise MachineError(self._explain(f"cannot read {guest_path}", out))
-        import base64
+        with self._verb("copy_from", guest_path):
+            Path(host_path).write_bytes(self._read_file(guest_path, self.scaled(timeout)))
 
-        Path(host_path).write_bytes(base64.b64decode(out.stdout))
+    def shell(self, *, timeout: float = 60) -> Any:
+        """An interactive shell of dev on a real tty in the guest, as a ``pexpect.spawn``.
+
+        Its prompt is ``AGENTBOX$ `` (already consumed once); ``timeout`` is the child's
+        default expect timeout (scaled). Close it with ``child.close()``."""
+        with self._verb("shell", ""):
+            return self._shell(self.scaled(timeout))
 
     def start(self) -> None:
         started = time.monotonic()
-        with _step(f"{self.name}: start"):
+        with self._verb("start", ""):
             self._start()
         self.timings["boot_s"] = round(time.monotonic() - started, 3)
 
     def shutdown(self, timeout: float = 60) -> None:
         """Graceful then forced stop, bounded by ``timeout``."""
-        with _step(f"{self.name}: shutdown"):
+        with self._verb("shutdown", ""):
+            if self._console is not None:
+                self._console.close()
             self._stop(self.scaled(timeout))
 
     def restart(self, timeout: float = 120) -> None:
         """Stop and start again with the same state (persistent disks, workspace)."""
-        self.shutdown(timeout)
-        self.start()
+        with self._verb("restart", ""):
+            self.shutdown(timeout)
+            self.start()
 
     def write_artifacts(self) -> None:
         """Transcript and timings into the test's artifact dir."""
@@ -210,7 +279,7 @@ class Machine(ABC):
             return
         self.artifacts.mkdir(parents=True, exist_ok=True)
         (self.artifacts / f"{self.name}-transcript.json").write_text(json.dumps(self.transcript, indent=1))
-        (self.artifacts / f"{self.name}-timings.json").write_text(json.dumps(self.timings, indent=1))
+        (self.artifacts / f"{self.name}-profile.json").write_text(json.dumps(self.profile, indent=1))
 
 
 def timed(machine: Machine, label: str) -> contextlib.AbstractContextManager[None]:

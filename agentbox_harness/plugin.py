@@ -5,16 +5,16 @@ Loads cleanly in any project (nothing is probed until a fixture needs it).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import time
+import uuid
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agentbox_harness import artifacts, reaper
+from agentbox_harness.artifacts import REPORTS
 from agentbox_harness.fixtures import *  # noqa: F403 - registers the fixtures
 from agentbox_harness.session import KEY, harness
 
@@ -27,7 +27,8 @@ MARKERS = {
     "slow": "takes minutes (image build, several boots)",
     "nightly": "runs in the nightly VM validation, not in the per-commit CI (see README)",
 }
-REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+REAPED = pytest.StashKey[list[str]]()
+LEAKS = pytest.StashKey[list[str]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,130 +45,133 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--agentbox-strict", action="store_true",
                     help="a missing capability fails the test instead of skipping it")
     group.addoption("--agentbox-timeout-scale", type=float, default=None,
-                    help="multiply every wait timeout (default: 3 under TCG, 1 with KVM)")
+                    help="multiply every wait timeout (default: 4 under TCG, 1 with KVM)")
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def _xdist_controller(config: pytest.Config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not _is_worker(config)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
-    if config.getoption("--preserve-debug", default=False):
-        numprocesses = getattr(config.option, "numprocesses", None)
-        if numprocesses:
-            raise pytest.UsageError("--preserve-debug keeps VMs for inspection and cannot run under xdist; "
-                                    "drop -n (or use -n 0)")
+    if config.getoption("--preserve-debug", default=False) and _xdist_controller(config):
+        raise pytest.UsageError("--preserve-debug keeps VM state for inspection and cannot run under xdist; "
+                                "drop -n (or pass -n 0)")
+    if _xdist_controller(config) and getattr(config.option, "testrunuid", "") is None:
+        config.option.testrunuid = uuid.uuid4().hex  # known here, so the leak check can find the workers' runs
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    if session.config.getoption("--agentbox-state-dir", default=None):
+    """Reap what dead runs left (their registries name it); a live run's things are never touched."""
+    config = session.config
+    if _is_worker(config):
+        return
+    config.stash[REAPED] = reaper.reap_dead_runs()
+    state_dir = config.getoption("--agentbox-state-dir", default=None)
+    if state_dir and Path(state_dir).is_dir():
         from runtime.microvm.reaper import reap_stale
         from runtime.state import StateLayout
 
-        base = Path(session.config.getoption("--agentbox-state-dir"))
-        if base.is_dir():
-            reap_stale(StateLayout.under(base, base))
+        app = Path(state_dir) / "agentbox"
+        config.stash[REAPED] += reap_stale(StateLayout(app, app.name, app, app))
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    from agentbox_harness.caps import check_markers
+    from agentbox_harness.caps import CAP_MARKERS, check_markers
 
-    if any(item.get_closest_marker(m) for m in ("needs_kvm", "needs_libkrun", "needs_root")):
+    if any(item.get_closest_marker(m) for m in CAP_MARKERS):
         check_markers(harness(item.config), item)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    """Remember each phase's report; after teardown keep or remove the test's artifacts."""
     rep = yield
-    item.stash.setdefault(REPORTS, {})[rep.when] = rep
+    reports = item.stash.setdefault(REPORTS, {})
+    reports[rep.when] = rep
+    if rep.when == "teardown" and KEY in item.config.stash:
+        session = item.config.stash[KEY]
+        kept = artifacts.finalize(item.config, item.nodeid, reports, preserve=session.preserve_debug,
+                                  doctor=[c.as_dict() for c in session.checks])
+        if kept is not None:
+            rep.sections.append(("agentbox artifacts", str(kept)))
     return rep
 
 
+def _run_registries(config: pytest.Config) -> list[reaper.RunRegistry]:
+    """This process's registry, and under an xdist controller those its workers left (they leaked)."""
+    regs = []
+    if KEY in config.stash and config.stash[KEY]._registry is not None:
+        regs.append(config.stash[KEY]._registry)
+    uid = getattr(config.option, "testrunuid", None)
+    if _xdist_controller(config) and uid:
+        for path in sorted(reaper.registry_dir().glob(f"pytest-{uid[:12]}-*.json")):
+            try:
+                regs.append(reaper.RunRegistry.load(path))
+            except (OSError, ValueError, KeyError):
+                continue
+    return regs
+
+
 @pytest.hookimpl(trylast=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """Keep a test's artifacts when it failed or with --preserve-debug; else remove them."""
-    if KEY not in item.config.stash:
-        return
-    session = item.config.stash[KEY]
-    reports = item.stash.get(REPORTS, {})
-    failed = any(r.failed for r in reports.values())
-    path = Path(str(item.config.rootpath)) / "results" / "artifacts"
-    import re
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After every fixture is torn down (also after Ctrl-C): list what this run left behind.
 
-    node_dir = path / re.sub(r"[^A-Za-z0-9._-]+", "_", item.nodeid)[-150:]
-    if not node_dir.exists():
-        return
-    if failed or session.preserve_debug:
-        (node_dir / "outcome.json").write_text(json.dumps(
-            {"nodeid": item.nodeid, "failed": failed, "time": time.time(),
-             "doctor": [c.as_dict() for c in session.checks]}, indent=1))
-        _attach(node_dir)
-    else:
-        shutil.rmtree(node_dir, ignore_errors=True)
+    Strict mode fails the run on a leak. A clean run's registry is removed; a leaky one
+    stays so the next run reaps it once this process is gone."""
+    config = session.config
+    keep: set[str] = set()
+    if KEY in config.stash:
+        keep = {path for kept in config.stash[KEY].preserved for path in kept.paths}
+        _write_environment(config)
+    found: list[str] = []
+    for reg in _run_registries(config):
+        leaks = reaper.settle(reg, keep)
+        found += leaks
+        if not leaks and reg.owner == os.getpid():
+            reg.path.unlink(missing_ok=True)
+    config.stash[LEAKS] = found
+    strict = bool(config.getoption("--agentbox-strict", default=False))
+    preserve = bool(config.getoption("--preserve-debug", default=False))
+    if found and strict and not preserve and not _is_worker(config) and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-def _attach(node_dir: Path) -> None:
-    try:
-        import allure
-    except ImportError:
+def _write_environment(config: pytest.Config) -> None:
+    """Allure ``environment.properties`` (once per run): host, backend, accelerator, tool versions."""
+    alluredir = getattr(config.option, "allure_report_dir", None)
+    if not alluredir:
         return
-    for f in sorted(node_dir.iterdir()):
-        if f.is_file() and f.stat().st_size < 4 << 20:
-            allure.attach.file(str(f), name=f.name, attachment_type=allure.attachment_type.TEXT)
+    h = config.stash[KEY]
+    by = {c.name: c.detail.splitlines()[0] if c.detail else c.status for c in h.checks}
+    values = {"agentbox.backend": h.backend, "agentbox.timeout_scale": h.timeout_scale,
+              "agentbox.strict": h.strict, **{f"tool.{n}": by[n] for n in ("qemu", "podman", "crun-krun", "libkrun")
+                                              if n in by}}
+    artifacts.write_allure_environment(alluredir, artifacts.environment_properties(values))
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if KEY not in config.stash:
-        return
-    session = config.stash[KEY]
     tr = terminalreporter
-    if session.preserved:
+    reaped = config.stash.get(REAPED, [])
+    if reaped:
+        tr.section("agentbox: reaped what a dead run left")
+        for line in reaped:
+            tr.write_line(line)
+    if KEY in config.stash and config.stash[KEY].preserved:
         tr.section("agentbox: preserved debug state")
-        for m in session.preserved:
-            task = getattr(m, "task", None)
-            if task is None:
-                continue
-            tr.write_line(f"{m.name}: task dir {task.task_dir}")
-            tr.write_line(f"  console:   tail -f {task.task_dir / 'console.log'}")
-            tr.write_line(f"  agent:     socat - UNIX-CONNECT:{task.task_dir / 'agent.sock'}")
-            tr.write_line(f"  shell:     socat -,raw,echo=0 UNIX-CONNECT:{task.task_dir / 'console.sock'}")
-            tr.write_line(f"  stop:      kill $(cat {task.task_dir / 'qemu.pid'})")
-            if task.notice:
-                tr.write_line(f"  {task.notice}")
-            tr.write_line(f"  clean up:  fusermount3 -u {task.rootfs.root if task.rootfs else ''}; rm -rf {task.task_dir}")
-    leaks = _leaks(session.run_label)
+        for kept in config.stash[KEY].preserved:
+            for line in kept.lines:
+                tr.write_line(line)
+    leaks = config.stash.get(LEAKS, [])
     if leaks:
         tr.section("agentbox: leaked resources")
         for line in leaks:
             tr.write_line(line)
-        if session.strict and not session.preserve_debug:
-            tr.write_line("strict mode: leaks fail the run")
-            config.stash[KEY].config._agentbox_leaks = True  # type: ignore[attr-defined]
-
-
-def _leaks(label: str) -> list[str]:
-    """Containers carrying this run's label and qemu processes started by this process."""
-    import subprocess
-
-    out = []
-    try:
-        ids = subprocess.run(["podman", "ps", "-aq", "--filter", f"label=io.agentbox.harness.run={label}"],
-                             capture_output=True, text=True, timeout=60).stdout.split()
-        out += [f"container {cid} (label io.agentbox.harness.run={label})" for cid in ids]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    me = str(os.getpid())
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            stat = (proc / "stat").read_text()
-            ppid = stat.rsplit(")", 1)[1].split()[1]
-            cmd = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if ppid == me and "qemu-system" in cmd:
-            out.append(f"qemu process {proc.name} still running")
-    return out
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if getattr(session.config, "_agentbox_leaks", False) and session.exitstatus == 0:
-        session.exitstatus = 1
+        if config.getoption("--agentbox-strict", default=False):
+            tr.write_line("--agentbox-strict: leaks fail the run")

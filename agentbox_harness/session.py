@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,14 +10,13 @@ from typing import Any
 
 import pytest
 
+from agentbox_harness.artifacts import node_dir
+from agentbox_harness.reaper import RunRegistry, cache_root
 from runtime.doctor import Check, run_checks, usable_backends
 
 KEY = pytest.StashKey["HarnessSession"]()
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "agentbox"
+TCG_SCALE = 4.0
+"""Default timeout scale under TCG (software emulation); 1.0 with KVM."""
 
 
 @dataclass
@@ -34,8 +32,9 @@ class HarnessSession:
     kernel: Path | None
     state_dir: Path | None
     scale_option: float | None
-    image_cache: Path = field(default_factory=lambda: _cache_root() / "microvm-images")
+    image_cache: Path = field(default_factory=lambda: cache_root() / "microvm-images")
     preserved: list[Any] = field(default_factory=list)
+    _registry: RunRegistry | None = None
     _checks: list[Check] | None = None
     _image: str | None = None
     _accel: str | None = None
@@ -76,14 +75,26 @@ class HarnessSession:
 
     @property
     def timeout_scale(self) -> float:
-        """``--agentbox-timeout-scale``, else 3.0 under TCG and 1.0 with KVM."""
+        """``--agentbox-timeout-scale``, else 4.0 under TCG and 1.0 with KVM."""
         if self.scale_option is not None:
             return self.scale_option
-        return 1.0 if self.accelerator == "kvm" else 3.0
+        return 1.0 if self.accelerator == "kvm" else TCG_SCALE
+
+    @property
+    def registry(self) -> RunRegistry:
+        """This process's leak registry (created on first use)."""
+        if self._registry is None:
+            self._registry = RunRegistry.create(self.run_label)
+        return self._registry
 
     def state_base(self, tmp_path: Path) -> Path:
-        """Where a test's state root lives (isolated per test unless --agentbox-state-dir)."""
-        return self.state_dir if self.state_dir else tmp_path / "state"
+        """Where a test's state root lives (isolated per test unless --agentbox-state-dir).
+
+        Both the test's tmp dir and the state base are recorded for leak checks and reaping."""
+        base = self.state_dir if self.state_dir else tmp_path / "state"
+        self.registry.add_root(tmp_path)
+        self.registry.add_state_base(base)
+        return base
 
     def image(self) -> str:
         """The guest image, built once per run (file-locked across xdist workers)."""
@@ -97,20 +108,23 @@ class HarnessSession:
         return self._image
 
     def artifact_dir(self, node: pytest.Item) -> Path:
-        root = Path(str(self.config.rootpath)) / "results" / "artifacts"
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", node.nodeid)[-150:]
-        path = root / name
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        """The test's artifact dir (see :mod:`agentbox_harness.artifacts`)."""
+        return node_dir(self.config, node.nodeid)
+
+
+def run_label() -> str:
+    """``pytest-<test run uid>[-<xdist worker>]``: unique per pytest process, shared prefix per run."""
+    uid = (os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex)[:12]
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    return f"pytest-{uid}-{worker}" if worker else f"pytest-{uid}"
 
 
 def harness(config: pytest.Config) -> HarnessSession:
     """The run's :class:`HarnessSession` (created on first use)."""
     if KEY not in config.stash:
         opt = config.getoption
-        worker = os.environ.get("PYTEST_XDIST_TESTRUNUID") or uuid.uuid4().hex[:12]
         config.stash[KEY] = HarnessSession(
-            config=config, run_label=f"pytest-{worker[:12]}", strict=bool(opt("--agentbox-strict")),
+            config=config, run_label=run_label(), strict=bool(opt("--agentbox-strict")),
             preserve_debug=bool(opt("--preserve-debug")), backend_option=opt("--agentbox-backend"),
             image_option=opt("--agentbox-image"),
             kernel=Path(opt("--agentbox-kernel")) if opt("--agentbox-kernel") else None,

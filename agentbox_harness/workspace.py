@@ -31,6 +31,11 @@ class Workspace:
     _mounted: bool = field(default=False)
 
     @property
+    def mounted(self) -> bool:
+        """Whether an overlay is mounted at :attr:`path` (overlay-review mode)."""
+        return self._mounted
+
+    @property
     def slug(self) -> str:
         return self.state.slug
 

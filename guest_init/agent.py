@@ -1,69 +1,105 @@
 """``agentbox-guest-init agent``: the guest side of the harness control channel.
 
 Serves framed requests (:mod:`guest_init.protocol`) over stdin/stdout, a
-device (``--device PATH``) or a named virtio-serial port (``--port NAME``):
+device (``--device PATH``) or a named virtio-serial port (``--port NAME``).
+Requests run concurrently; each response echoes the request ``id``:
 
-- ``ping`` → ``pong``;
-- ``run``: argv, env, cwd, user (default ``dev``; ``root`` allowed), timeout,
-  stdin → exit status (or signal), stdout, stderr, duration, timed_out. The
-  command runs in its own process group, killed whole on timeout. As dev it
-  gets the dev shell environment (reference 7.9);
-- ``read_file`` / ``write_file`` (mode, owner);
+- ``ping`` → ``pong``, the agent's pid and uid;
+- ``run``: ``argv``, ``env``, ``cwd``, ``user`` (default ``dev``, the identity
+  of the env contract; ``root`` allowed), ``timeout``, ``stdin`` → ``exit_status``
+  (128+N for signal N), ``signal``, ``stdout``, ``stderr``, ``duration_s``,
+  ``timed_out``. The command runs in its own process group, killed whole on
+  timeout. As dev it gets the dev shell environment (7.9, plus ``NIX_REMOTE``
+  with the nix overlay);
+- ``read_file`` / ``write_file`` (``mode``, ``owner`` ``dev``|``root``);
 - ``prep_status`` (``nix`` | ``podman``) → the status file fields;
-- ``shutdown`` → stop serving (PID 1 then powers off when its command ends).
+- ``shutdown`` → answer, then exit (PID 1 of a qemu guest powers off when
+  its command, the agent, ends).
+
+The agent runs as root (the host starts it with ``AGENTBOX_ENTER_AS_ROOT=1``).
 """
 
 from __future__ import annotations
 
 import os
-import pwd
 import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from guest_init import contract as c
 from guest_init import prep
-from guest_init.env import GuestEnv, Identity, shell_env
-from guest_init.protocol import FrameReader, b64, encode_frame, unb64
+from guest_init.env import GuestEnv
+from guest_init.identity import Identity, dev_identity
+from guest_init.proc import ROOT
+from guest_init.protocol import FrameReader, b64, encode_frame, unb64, write_all
+from guest_init.shell_env import nix_remote_env, shell_env
 
 OUTPUT_CAP = 8 << 20
+DEFAULT_TIMEOUT_S = 60.0
+DRAIN_GRACE_S = 2.0  # how long to keep reading after exit when a grandchild holds the pipes
+PORT_WAIT_S = 10.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def dev_identity() -> Identity:
-    try:
-        pw = pwd.getpwnam(c.DEV_USER)
-        return Identity(pw.pw_uid, pw.pw_gid, pw.pw_shell or "/bin/sh")
-    except KeyError:
-        return Identity(1000, 1000, "/bin/sh")
-
-
-def _env_for(user: str, extra: dict[str, str]) -> tuple[dict[str, str], Identity | None]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("AGENTBOX_GUEST_")}
-    base.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+def command_env(user: str, extra: Mapping[str, str], base: Mapping[str, str],
+                root: Path = ROOT) -> tuple[dict[str, str], Identity | None]:
+    """The environment of a ``run`` request and the identity to drop to (None: stay root)."""
+    env = {k: v for k, v in base.items() if k not in (c.ENV_GUEST_PROFILE, c.ENV_GUEST_DEBUG)}
+    env["PATH"] = env.get("PATH") or DEFAULT_PATH
+    genv = GuestEnv.parse(base)
+    ident: Identity | None = None
     if user == "root":
-        base.update(HOME="/root", USER="root", LOGNAME="root")
-        base.update(extra)
-        return base, None
-    ident = dev_identity()
-    base.update(shell_env(ident, GuestEnv.parse(), base["PATH"]))
-    base.update(extra)
-    return base, ident
+        env.update(HOME="/root", USER="root", LOGNAME="root")
+    else:
+        ident = dev_identity(genv, root)
+        env.update(shell_env(ident, genv, env["PATH"]))
+    env.update(nix_remote_env(genv))
+    env.update(extra)
+    return env, ident
 
 
-def run_command(req: dict[str, Any]) -> dict[str, Any]:
-    argv = req.get("argv") or ["true"]
+def _reader(stream: Any, sink: bytearray) -> None:
+    try:
+        while chunk := os.read(stream.fileno(), 65536):
+            sink += chunk
+            if len(sink) > 2 * OUTPUT_CAP:
+                del sink[:-OUTPUT_CAP]
+    except (OSError, ValueError):
+        pass
+
+
+def _writer(stream: Any, data: bytes) -> None:
+    try:
+        if data:
+            write_all(stream.fileno(), data)
+    except (OSError, ValueError):
+        pass
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
+def run_command(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run one ``run`` request to completion or timeout."""
+    argv = [str(a) for a in req.get("argv") or []]
+    if not argv:
+        return {"ok": False, "error": "run needs a non-empty argv"}
     user = req.get("user") or c.DEV_USER
-    env, ident = _env_for(user, req.get("env") or {})
+    if user not in (c.DEV_USER, "root"):
+        return {"ok": False, "error": f"run user must be '{c.DEV_USER}' or 'root', got {user!r}"}
+    env, ident = command_env(user, req.get("env") or {}, os.environ if base_env is None else base_env)
     cwd = req.get("cwd") or (c.WORKSPACE if os.path.isdir(c.WORKSPACE) else "/")
-    timeout = float(req.get("timeout") or 60)
+    timeout = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
 
     def demote() -> None:
-        os.setsid()
         if ident is not None and os.geteuid() == 0:
             os.setgroups([])
             os.setgid(ident.gid)
@@ -72,98 +108,165 @@ def run_command(req: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, cwd=cwd, preexec_fn=demote)
-    except OSError as exc:
-        return {"exit_status": 127, "stdout": "", "stderr": b64(f"{argv[0]}: {exc.strerror}\n".encode()),
-                "duration_s": 0.0, "timed_out": False, "signal": None}
+                                env=env, cwd=cwd, start_new_session=True, preexec_fn=demote)
+    except (OSError, subprocess.SubprocessError) as exc:
+        message = getattr(exc, "strerror", None) or str(exc)
+        return {"ok": True, "exit_status": 127, "signal": None, "stdout": "",
+                "stderr": b64(f"{argv[0]}: {message}\n".encode()), "duration_s": 0.0, "timed_out": False}
+    out, err = bytearray(), bytearray()
+    threads = [threading.Thread(target=_reader, args=(proc.stdout, out), daemon=True),
+               threading.Thread(target=_reader, args=(proc.stderr, err), daemon=True),
+               threading.Thread(target=_writer, args=(proc.stdin, unb64(req.get("stdin"))), daemon=True)]
+    for t in threads:
+        t.start()
     timed_out = False
     try:
-        out, err = proc.communicate(unb64(req.get("stdin")), timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
         try:
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, PermissionError):
             pass
-        out, err = proc.communicate()
+        proc.wait()
+    grace = time.monotonic() + DRAIN_GRACE_S
+    for t in threads[:2]:
+        t.join(max(0.0, grace - time.monotonic()))
+    duration = time.monotonic() - started
+    for stream in (proc.stdout, proc.stderr):
+        try:
+            stream.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
     rc = proc.returncode
-    return {"exit_status": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else None,
-            "stdout": b64(out[-OUTPUT_CAP:]), "stderr": b64(err[-OUTPUT_CAP:]),
-            "duration_s": round(time.monotonic() - started, 4), "timed_out": timed_out}
+    return {"ok": True, "exit_status": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else None,
+            "stdout": b64(bytes(out[-OUTPUT_CAP:])), "stderr": b64(bytes(err[-OUTPUT_CAP:])),
+            "duration_s": round(duration, 4), "timed_out": timed_out}
 
 
-def handle(req: dict[str, Any]) -> dict[str, Any]:
+def _owner_ids(owner: str | None) -> tuple[int, int] | None:
+    if owner in (None, ""):
+        return None
+    if owner == "root":
+        return 0, 0
+    if owner == c.DEV_USER:
+        ident = dev_identity(GuestEnv.parse())
+        return ident.uid, ident.gid
+    raise ValueError(f"owner must be '{c.DEV_USER}' or 'root', got {owner!r}")
+
+
+def write_file(req: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``data`` to ``path`` (atomically), then set ``mode`` and ``owner``."""
+    path = Path(req["path"])
+    ids = _owner_ids(req.get("owner"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.agentbox-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(unb64(req.get("data")))
+    os.chmod(tmp, int(req.get("mode", 0o644)))
+    if ids is not None:
+        os.chown(tmp, *ids)
+    os.replace(tmp, path)
+    return {"ok": True}
+
+
+def prep_status(kind: str) -> dict[str, Any]:
+    """The fields of the ``nix`` or ``podman`` prep status file."""
+    if kind not in prep.KINDS:
+        raise ValueError(f"prep kind must be one of {', '.join(prep.KINDS)}, got {kind!r}")
+    pk = prep.KINDS[kind]
+    st = pk.status().read()
+    return {"ok": True, "state": st.state, "pid": st.pid, "started_at": st.started_at,
+            "finished_at": st.finished_at, "error": st.error, "log_path": st.log_path or pk.log_path,
+            "status_path": pk.status_path}
+
+
+def handle(req: Mapping[str, Any]) -> dict[str, Any]:
+    """The response to one request (never raises)."""
     op = req.get("op")
     try:
         if op == "ping":
             return {"ok": True, "pong": True, "pid": os.getpid(), "uid": os.geteuid()}
         if op == "run":
-            return {"ok": True, **run_command(req)}
+            return run_command(req)
         if op == "read_file":
             return {"ok": True, "data": b64(Path(req["path"]).read_bytes())}
         if op == "write_file":
-            path = Path(req["path"])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(unb64(req.get("data")))
-            os.chmod(path, int(req.get("mode", 0o644)))
-            if req.get("owner") == c.DEV_USER:
-                ident = dev_identity()
-                os.chown(path, ident.uid, ident.gid)
-            return {"ok": True}
+            return write_file(req)
         if op == "prep_status":
-            st = prep.KINDS[req["kind"]].status().read()
-            return {"ok": True, "state": st.state, "pid": st.pid, "error": st.error, "log_path": st.log_path}
+            return prep_status(str(req.get("kind")))
         if op == "shutdown":
             return {"ok": True, "shutdown": True}
-        return {"ok": False, "error": f"unknown op {op!r}"}
+        return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, run, read_file, write_file, "
+                                      "prep_status, shutdown"}
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def find_port(name: str) -> str:
-    base = Path("/sys/class/virtio-ports")
-    for _ in range(100):
+def find_port(name: str, base: Path = Path("/sys/class/virtio-ports"), dev: Path = Path("/dev"),
+              timeout: float = PORT_WAIT_S) -> str:
+    """The device of virtio-serial port ``name``: ``/dev/virtio-ports/NAME``, else a scan of ``base``."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        link = dev / "virtio-ports" / name
+        if link.exists():
+            return str(link)
+        seen = []
         if base.is_dir():
-            for port in base.iterdir():
+            for port in sorted(base.iterdir()):
                 try:
-                    if (port / "name").read_text().strip() == name:
-                        dev = f"/dev/{port.name}"
-                        if os.path.exists(dev):
-                            return dev
+                    port_name = (port / "name").read_text().strip()
                 except OSError:
                     continue
+                seen.append(port_name)
+                if port_name == name and (dev / port.name).exists():
+                    return str(dev / port.name)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"agentbox-guest-init agent: no virtio-serial port named {name} within "
+                             f"{timeout:g}s (ports seen: {', '.join(seen) or 'none'})")
         time.sleep(0.1)
-    raise SystemExit(f"agentbox-guest-init agent: no virtio-serial port named {name}")
 
 
-def serve(rfd: int, wout: BinaryIO) -> int:
-    """Serve until EOF or a shutdown request. Requests run in threads; writes are serialized."""
-    reader = FrameReader()
-    lock = threading.Lock()
-    stop = threading.Event()
+class Server:
+    """Serve requests read from ``rfd``, answering on ``wfd``, until EOF or ``shutdown``."""
 
-    def reply(req: dict[str, Any]) -> None:
+    def __init__(self, rfd: int, wfd: int, *, reconnecting: bool = False) -> None:
+        self.rfd, self.wfd, self.reconnecting = rfd, wfd, reconnecting
+        self.reader = FrameReader()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def reply(self, req: dict[str, Any]) -> None:
         resp = handle(req)
-        resp["id"] = req.get("id")
-        with lock:
-            wout.write(encode_frame(resp))
-            wout.flush()
+        if "id" in req:
+            resp["id"] = req["id"]
+        frame = encode_frame(resp)
+        with self.lock:
+            try:
+                write_all(self.wfd, frame)
+            except OSError as exc:
+                print(f"agentbox-guest-init agent: cannot answer: {exc}", file=sys.stderr)
         if resp.get("shutdown"):
-            stop.set()
+            self.stop.set()
 
-    while not stop.is_set():
-        ready, _, _ = select.select([rfd], [], [], 0.5)
-        if not ready:
-            continue
-        data = os.read(rfd, 65536)
-        if not data:
-            time.sleep(0.2)  # virtio port with no host connection reads EOF; keep serving
-            if rfd == 0:
-                return 0
-            continue
-        for req in reader.feed(data):
-            threading.Thread(target=reply, args=(req,), daemon=True).start()
-    return 0
+    def serve(self) -> int:
+        """The loop; 0 on EOF or shutdown. A device with no host side reads EOF: keep polling it."""
+        while not self.stop.is_set():
+            ready, _, _ = select.select([self.rfd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = os.read(self.rfd, 1 << 16)
+            except InterruptedError:
+                continue
+            if not data:
+                if not self.reconnecting:
+                    return 0
+                time.sleep(0.2)
+                continue
+            for req in self.reader.feed(data):
+                threading.Thread(target=self.reply, args=(req,), daemon=True).start()
+        return 0
 
 
 def main(device: str | None, port: str | None) -> int:
@@ -171,6 +274,6 @@ def main(device: str | None, port: str | None) -> int:
     if port:
         device = find_port(port)
     if device:
-        fd = os.open(device, os.O_RDWR)
-        return serve(fd, os.fdopen(os.dup(fd), "wb", buffering=0))
-    return serve(0, sys.stdout.buffer)
+        fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
+        return Server(fd, fd, reconnecting=True).serve()
+    return Server(0, 1).serve()

@@ -2,13 +2,16 @@
 
 ::
 
-    agentbox-guest-init default|libkrun|container|microvm enter [-- CMD...]
+    agentbox-guest-init default|libkrun|container|microvm enter [--] [CMD...]
     agentbox-guest-init libkrun resize --target nix|containers
     agentbox-guest-init libkrun nix prep|wait
     agentbox-guest-init libkrun podman prep|wait|service-wait
     agentbox-guest-init status [--json] [--wait nix|podman --timeout S]
     agentbox-guest-init agent [--device PATH | --port NAME]
-    agentbox-guest-init vm-init [LAUNCH_CONF]        (PID 1 of qemu guests)
+    agentbox-guest-init vm-init [LAUNCH_CONF]        (hidden: PID 1 of qemu guests)
+
+An empty command is ``fish -l``. Failures print ``agentbox-guest-init: <reason>``
+on stderr and exit 1; bad usage exits 2.
 """
 
 from __future__ import annotations
@@ -21,120 +24,143 @@ from collections.abc import Sequence
 
 from guest_init import contract as c
 from guest_init import prep
-from guest_init.env import GuestEnv, GuestError, resolve_identity
+from guest_init.env import GuestEnv
+from guest_init.errors import GuestError
+from guest_init.identity import Identity, dev_identity, passwd_dev, resolve_identity
+
+ENTER_MODES = ("default", "libkrun", "container", "microvm")
+PREP_VERBS = {"nix": ("prep", "wait"), "podman": ("prep", "wait", "service-wait")}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agentbox-guest-init",
-                                description="agentbox guest bootstrap (runs inside the guest)")
-    sub = p.add_subparsers(dest="mode", required=True)
+    p = argparse.ArgumentParser(prog="agentbox-guest-init", description="agentbox guest bootstrap (runs inside the guest)")
+    sub = p.add_subparsers(dest="mode", required=True, metavar="{default,libkrun,container,microvm,status,agent}")
     for mode in ("default", "container", "microvm"):
-        m = sub.add_parser(mode)
-        m.add_subparsers(dest="action", required=True).add_parser("enter")
-    lk = sub.add_parser("libkrun")
-    lks = lk.add_subparsers(dest="action", required=True)
-    lks.add_parser("enter")
-    rs = lks.add_parser("resize")
-    rs.add_argument("--target", required=True, choices=("nix", "containers"))
-    for kind, verbs in (("nix", ("prep", "wait")), ("podman", ("prep", "wait", "service-wait"))):
-        k = lks.add_parser(kind)
-        k.add_argument("verb", choices=verbs)
-    st = sub.add_parser("status")
-    st.add_argument("--json", action="store_true")
-    st.add_argument("--wait", choices=("nix", "podman"))
-    st.add_argument("--timeout", type=float, default=c.PREP_WAIT_TIMEOUT_S)
-    ag = sub.add_parser("agent")
-    ag.add_argument("--device")
-    ag.add_argument("--port")
-    vi = sub.add_parser("vm-init")
-    vi.add_argument("launch_conf", nargs="?", default="/run/agentbox/launch.conf")
+        sub.add_parser(mode, help=f"{mode} enter [-- CMD...]").add_subparsers(
+            dest="action", required=True).add_parser("enter", help="prepare the guest and exec CMD (default fish -l)")
+    lks = sub.add_parser("libkrun", help="libkrun mode: enter, resize, nix and podman prep").add_subparsers(
+        dest="action", required=True)
+    lks.add_parser("enter", help="prepare the guest and exec CMD (default fish -l)")
+    lks.add_parser("resize", help="grow a disk's btrfs filesystem to its disk").add_argument(
+        "--target", required=True, choices=("nix", "containers"))
+    for kind, verbs in PREP_VERBS.items():
+        lks.add_parser(kind, help=f"{kind} prep: {'|'.join(verbs)}").add_argument("verb", choices=verbs)
+    st = sub.add_parser("status", help="show (or wait for) the nix and podman prep status")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--wait", choices=tuple(prep.KINDS), help="wait until this prep is ready first")
+    st.add_argument("--timeout", type=float, default=float(c.PREP_WAIT_TIMEOUT_S), help="seconds (default 120)")
+    ag = sub.add_parser("agent", help="serve the harness control channel")
+    where = ag.add_mutually_exclusive_group()
+    where.add_argument("--device", help="serve on this character device")
+    where.add_argument("--port", help="serve on the virtio-serial port with this name")
+    sub.add_parser("vm-init").add_argument("launch_conf", nargs="?")
     return p
 
 
-def _self_argv() -> list[str]:
-    return prep.self_argv()
+def status_report() -> dict[str, dict[str, object]]:
+    """The nix and podman prep status as plain data."""
+    report: dict[str, dict[str, object]] = {}
+    for name, kind in prep.KINDS.items():
+        s = kind.status().read()
+        report[name] = {"state": s.state, "pid": s.pid, "started_at": s.started_at, "finished_at": s.finished_at,
+                        "error": s.error, "log_path": s.log_path or kind.log_path, "status_path": kind.status_path}
+    return report
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise GuestError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     if args.wait:
         prep.wait(prep.KINDS[args.wait], args.timeout,
-                  socket=__import__("pathlib").Path(c.NIX_DAEMON_SOCKET) if args.wait == "nix" else None)
-    report = {}
-    for name, kind in prep.KINDS.items():
-        s = kind.status().read()
-        report[name] = {"state": s.state, "pid": s.pid, "error": s.error, "log_path": s.log_path or kind.log_path,
-                        "status_path": kind.status_path}
+                  socket=c.NIX_DAEMON_SOCKET if args.wait == "nix" else None)
+    report = status_report()
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, sort_keys=True))
     else:
         for name, r in report.items():
             print(f"{name}: {r['state']}" + (f" ({r['error']})" if r["error"] else ""))
     return 0
 
 
+def _service_identity(genv: GuestEnv) -> Identity:
+    if os.geteuid() == 0:
+        return dev_identity(genv)
+    entry = passwd_dev()
+    return Identity(os.geteuid(), os.getegid(), entry.shell if entry else "/bin/sh")
+
+
+def _libkrun(args: argparse.Namespace) -> int:
+    genv = GuestEnv.parse()
+    if args.action == "resize":
+        from guest_init.resize import resize
+
+        resize(args.target, genv)
+        return 0
+    if args.action == "nix":
+        if args.verb == "wait":
+            prep.wait(prep.NIX, socket=c.NIX_DAEMON_SOCKET)
+            return 0
+        if not genv.nix_overlay:
+            return 0
+        from guest_init import nix_prep
+
+        return prep.run_worker(prep.NIX, lambda: nix_prep.prep(genv))
+    from guest_init import podman_prep, podman_service
+
+    if args.verb == "prep":
+        if not genv.containers_storage:
+            return 0
+        return prep.run_worker(prep.PODMAN, lambda: podman_prep.prep(genv, resolve_identity(genv, "fish")))
+    prep.wait(prep.PODMAN)
+    if args.verb == "service-wait":
+        podman_service.service_wait(_service_identity(genv))
+    return 0
+
+
 def dispatch(args: argparse.Namespace, command: list[str]) -> int:
-    from guest_init import enter
-
+    """Run the parsed command."""
     if args.mode == "vm-init":
-        from guest_init import vminit
+        import importlib
 
-        return vminit.main([args.launch_conf])
+        vminit = importlib.import_module("guest_init.vminit")
+        return int(vminit.main([args.launch_conf] if args.launch_conf else []))
     if args.mode == "agent":
         from guest_init import agent
 
         return agent.main(args.device, args.port)
     if args.mode == "status":
         return _status(args)
+    if args.action != "enter":
+        return _libkrun(args)
+    from guest_init import enter
+
     if args.mode == "default":
-        enter.default_enter(command, _self_argv())
+        enter.default_enter(command, prep.self_argv())
     elif args.mode == "container":
-        enter.container_enter(command)
-    elif args.mode in ("libkrun", "microvm") and args.action == "enter":
+        from guest_init.container import container_enter
+
+        container_enter(command)
+    else:
         enter.enter(args.mode, command)
-    elif args.action == "resize":
-        from guest_init.resize import resize
-
-        resize(args.target, GuestEnv.parse())
-        return 0
-    elif args.action == "nix":
-        genv = GuestEnv.parse()
-        if args.verb == "prep":
-            if not genv.nix_overlay:
-                return 0
-            from guest_init import nix_prep
-
-            return prep.run_worker(prep.NIX, lambda: nix_prep.prep(genv))
-        prep.wait(prep.NIX, socket=__import__("pathlib").Path(c.NIX_DAEMON_SOCKET))
-    elif args.action == "podman":
-        from guest_init import podman_prep
-
-        genv = GuestEnv.parse()
-        if args.verb == "prep":
-            if not genv.containers_storage:
-                return 0
-            ident = resolve_identity(genv, "fish")
-            return prep.run_worker(prep.PODMAN, lambda: podman_prep.prep(genv, ident))
-        prep.wait(prep.PODMAN)
-        if args.verb == "service-wait":
-            from guest_init.agent import dev_identity
-
-            ident = dev_identity() if os.geteuid() == 0 else resolve_identity(genv, "fish")
-            podman_prep.service_wait(ident)
     return 0
+
+
+def split_enter(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``MODE enter [--] CMD...`` → (``[MODE, enter]``, CMD); other command lines are unchanged."""
+    if len(argv) >= 2 and argv[0] in ENTER_MODES and argv[1] == "enter":
+        rest = argv[2:]
+        return argv[:2], rest[1:] if rest[:1] == ["--"] else rest
+    return argv, []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``agentbox-guest-init``."""
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    command: list[str] = []
-    if "--" in args_list:
-        i = args_list.index("--")
-        args_list, command = args_list[:i], args_list[i + 1:]
-    args = _parser().parse_args(args_list)
+    words, command = split_enter(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_args(words)
     try:
         return dispatch(args, command)
     except GuestError as exc:
-        print(f"agentbox-guest-init: {exc}", file=sys.stderr)
+        print(f"agentbox-guest-init: {exc}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -1,4 +1,9 @@
-"""The environment contract the host hands to the guest (reference 7.3, 7.14)."""
+"""The environment contract the host hands to the guest (reference 7.3, 7.11, 7.14).
+
+Flags are true only for the exact value ``"1"``; ``AGENTBOX_HOST_UID``/``GID``
+are optional unsigned 32-bit numbers (empty means unset); the disk ids and
+labels default to the contract's values.
+"""
 
 from __future__ import annotations
 
@@ -7,44 +12,47 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from guest_init import contract as c
+from guest_init.errors import GuestError
 
-
-class GuestError(Exception):
-    """A guest-init failure: printed as ``agentbox-guest-init: <msg>``, exit 1."""
+__all__ = ["GuestEnv", "GuestError"]
 
 
 def _optional_u32(env: Mapping[str, str], name: str) -> int | None:
     value = env.get(name, "")
     if value == "":
         return None
-    if not value.isdigit() or int(value) >= 1 << 32:
+    if not (value.isascii() and value.isdigit()) or int(value) >= 1 << 32:
         raise GuestError(f"invalid numeric value in {name}")
     return int(value)
 
 
 @dataclass(frozen=True)
 class GuestEnv:
-    """Parsed contract: flags are true only for exactly ``1``."""
+    """The parsed contract (``LibkrunEnv`` plus the microvm workspace names)."""
 
-    nix_overlay: bool
-    containers_storage: bool
-    use_passt: bool
-    enter_as_root: bool
-    kvm_drop_to_dev: bool
-    host_uid: int | None
-    host_gid: int | None
-    nix_disk_id: str
-    nix_disk_label: str
-    containers_disk_id: str
-    containers_disk_label: str
-    profile: bool
-    debug: bool
-    workspace_tag: str | None
-    workspace_target: str
-    workspace_fstype: str
+    nix_overlay: bool = False
+    containers_storage: bool = False
+    use_passt: bool = False
+    enter_as_root: bool = False
+    kvm_drop_to_dev: bool = False
+    host_uid: int | None = None
+    host_gid: int | None = None
+    nix_disk_id: str = c.NIX_DISK.block_id
+    nix_disk_label: str = c.NIX_DISK.label
+    containers_disk_id: str = c.CONTAINERS_DISK.block_id
+    containers_disk_label: str = c.CONTAINERS_DISK.label
+    profile: bool = False
+    debug: bool = False
+    workspace_tag: str | None = None
+    workspace_target: str = c.WORKSPACE
+    workspace_fstype: str = "virtiofs"
+    allocator: str = ""
+    mimalloc_lib: str = ""
+    hardened_malloc_lib: str = ""
 
     @classmethod
     def parse(cls, env: Mapping[str, str] | None = None) -> GuestEnv:
+        """Read the contract from ``env`` (default: the process environment)."""
         env = os.environ if env is None else env
         return cls(
             nix_overlay=c.flag_is_set(env.get(c.ENV_NIX_OVERLAY)),
@@ -63,45 +71,12 @@ class GuestEnv:
             workspace_tag=env.get(c.ENV_MICROVM_WORKSPACE_TAG) or None,
             workspace_target=env.get(c.ENV_MICROVM_WORKSPACE_TARGET) or c.WORKSPACE,
             workspace_fstype=env.get(c.ENV_MICROVM_WORKSPACE_FSTYPE) or "virtiofs",
+            allocator=env.get(c.ENV_NIX_ALLOCATOR, ""),
+            mimalloc_lib=env.get(c.ENV_MIMALLOC_LIB, ""),
+            hardened_malloc_lib=env.get(c.ENV_HARDENED_MALLOC_LIB, ""),
         )
 
-
-@dataclass(frozen=True)
-class Identity:
-    """Who the shell runs as."""
-
-    uid: int
-    gid: int
-    shell: str
-
-
-def resolve_identity(genv: GuestEnv, shell: str, *, euid: int | None = None,
-                     mode: str = "libkrun") -> Identity:
-    """The dev identity: host ids when root (required, non-zero), else the current ids."""
-    euid = os.geteuid() if euid is None else euid
-    if euid == 0:
-        if genv.host_uid is None:
-            raise GuestError(f"{c.ENV_HOST_UID} is required for {mode} guest init")
-        if genv.host_gid is None:
-            raise GuestError(f"{c.ENV_HOST_GID} is required for {mode} guest init")
-        if genv.host_uid == 0 or genv.host_gid == 0:
-            raise GuestError(f"{mode} host UID/GID must identify the non-root dev user, got "
-                             f"{genv.host_uid}:{genv.host_gid}")
-        return Identity(genv.host_uid, genv.host_gid, shell)
-    return Identity(euid, os.getegid(), shell)
-
-
-def shell_env(ident: Identity, genv: GuestEnv, path: str) -> dict[str, str]:
-    """The shell environment exported before exec (reference 7.9)."""
-    home = c.DEV_HOME
-    env = {"USER": c.DEV_USER, "LOGNAME": c.DEV_USER, "HOME": home, "SHELL": ident.shell,
-           "XDG_CONFIG_HOME": f"{home}/.config", "XDG_DATA_HOME": f"{home}/.local/share",
-           "XDG_STATE_HOME": f"{home}/.local/state", "XDG_CACHE_HOME": f"{home}/.cache",
-           "TMPDIR": f"{home}/.cache/tmp"}
-    if genv.containers_storage:
-        env["XDG_RUNTIME_DIR"] = f"/run/user/{ident.uid}"
-        env["PATH"] = f"{c.IDMAP_BIN_DIR}:{path}"
-        env["DOCKER_HOST"] = c.docker_host(ident.uid)
-    if genv.nix_overlay:
-        env["NIX_REMOTE"] = c.NIX_REMOTE_VALUE
-    return env
+    @property
+    def libkrun_disks(self) -> bool:
+        """Either persistent-disk flag is set (``default enter`` then dispatches to libkrun)."""
+        return self.nix_overlay or self.containers_storage

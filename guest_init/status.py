@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from guest_init.env import GuestError
+from guest_init.errors import GuestError
 
 STATES = ("not-started", "running", "ready", "failed")
 LEGAL = {("not-started", "running"), ("running", "ready"), ("running", "failed")}
@@ -24,6 +24,8 @@ LOCK_RETRY_S, LOCK_TIMEOUT_S = 0.02, 5.0
 
 @dataclass(frozen=True)
 class Status:
+    """The fields of a status file (a missing file reads as ``not-started``)."""
+
     state: str = "not-started"
     pid: int | None = None
     started_at: int | None = None
@@ -33,10 +35,12 @@ class Status:
 
 
 def escape(text: str) -> str:
+    """Escape ``\\`` and newlines so an error fits on one ``error=`` line."""
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def unescape(text: str) -> str:
+    """The inverse of :func:`escape`."""
     out, i = [], 0
     while i < len(text):
         if text[i] == "\\" and i + 1 < len(text):
@@ -65,6 +69,7 @@ class StatusFile:
         self.lock_path = Path(f"{path}.lock")
 
     def read(self) -> Status:
+        """The current status; unknown keys and lines without ``=`` are ignored."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -143,7 +148,9 @@ class StatusFile:
         self._locked(act)
 
     def mark_ready_for_pid(self, pid: int) -> None:
+        """running(pid) → ready; anything else is an error naming the state found."""
         self._finish_for_pid(pid, "ready", None)
 
     def mark_failed_for_pid(self, pid: int, error: str) -> None:
+        """running(pid) → failed with ``error``; anything else is an error naming the state found."""
         self._finish_for_pid(pid, "failed", error)

@@ -1,0 +1,112 @@
+"""The krun-podman backend: a libkrun-mode task (``podman run --runtime crun`` with the
+krun handler, reference section 6) whose guest command is the agent on stdio.
+
+The task argv is the runtime's exact builder (:func:`runtime.tasks.krun.krun_task_argv`)
+with two harness changes: ``-i`` instead of ``-it`` (the agent speaks frames on
+the container's stdin/stdout, so no tty) and the command
+``agentbox-guest-init agent``. Needs crun built with libkrun, libkrunfw and KVM:
+the fixtures skip (strict: fail) naming what is missing before this runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agentbox_harness.machine import Machine, Result
+from runtime.channel import AgentClient, ChannelError
+from runtime.tasks.krun import KrunOptions
+
+if TYPE_CHECKING:
+    from agentbox_harness.registry import BackendContext
+
+AGENT_STDIO_COMMAND = ("agentbox-guest-init", "agent")
+STOP_TIMEOUT_S = 10
+
+
+def harness_argv(task_argv: list[str]) -> list[str]:
+    """The runtime's ``podman run`` argv adapted for the harness: ``-it`` becomes ``-i``."""
+    return ["-i" if a == "-it" else a for a in task_argv]
+
+
+@dataclass
+class KrunPodmanMachine(Machine):
+    """A krun-podman task driven through its agent on the container's stdio."""
+
+    argv: list[str] = field(default_factory=list)
+    container: str = ""
+    boot_timeout: float = 120.0
+    _proc: subprocess.Popen[bytes] | None = None
+    _agent: AgentClient | None = None
+
+    def _start(self) -> None:
+        self._proc = subprocess.Popen(["podman", *self.argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=open(self.artifacts / f"{self.name}-podman.log", "ab")
+                                      if self.artifacts else subprocess.DEVNULL)
+        assert self._proc.stdout is not None and self._proc.stdin is not None
+        self._agent = AgentClient(self._proc.stdout.fileno(), self._proc.stdin.fileno())
+        try:
+            self._agent.wait_ready(self.scaled(self.boot_timeout))
+        except ChannelError as exc:
+            raise AssertionError(f"{self.name}: krun task agent did not answer: {exc}; "
+                                 f"noise seen: {self._agent.noise()[-2000:]}") from None
+
+    def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
+                 timeout: float, stdin: bytes | None) -> Result:
+        if self._agent is None:
+            raise AssertionError(f"{self.name} is not running")
+        try:
+            r = self._agent.run(argv, timeout=timeout, env=env, cwd=cwd, user=user, stdin=stdin)
+        except ChannelError as exc:
+            raise AssertionError(f"{self.name}: {exc}") from None
+        return Result(" ".join(argv), r.exit_status, r.stdout.decode("utf-8", "replace"),
+                      r.stderr.decode("utf-8", "replace"), r.duration_s, r.timed_out)
+
+    def _stop(self, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if self._agent is not None:
+            try:
+                self._agent.shutdown(min(timeout, 10))
+            except (ChannelError, OSError):
+                pass
+            self._agent = None
+        subprocess.run(["podman", "stop", "-t", str(STOP_TIMEOUT_S), self.container], capture_output=True,
+                       timeout=timeout + STOP_TIMEOUT_S)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
+    """A krun-podman machine. Options: ``memory`` (MiB, default the ``vm_memory`` GiB), ``cpus``,
+    ``publish`` (host:guest port specs), ``root`` (enter as root), ``tsi`` (TSI networking
+    instead of passt), ``guest_init`` (a host file mounted over the image's guest-init), ``image``."""
+    from runtime import disks
+    from runtime.microvm.session import host_ids
+    from runtime.state import task_container_name, task_hostname
+    from runtime.tasks.krun import guest_init_override, krun_task_argv
+    from runtime.tasks.volumes import task_volumes
+
+    layout = ctx.workspace.state.ensure()
+    disks.prepare_all(disks.LIBKRUN_DISKS, layout.state_root)
+    guest_init = options.pop("guest_init", None)
+    opts = KrunOptions(ram_mib=int(options.pop("memory", ctx.memory_gib * 1024)),  # type: ignore[call-overload]
+                       cpus=int(options.pop("cpus", ctx.cpus)),  # type: ignore[call-overload]
+                       tsi=bool(options.pop("tsi", False)),
+                       publish=tuple(str(p) for p in options.pop("publish", ())),  # type: ignore[attr-defined]
+                       root=bool(options.pop("root", False)),
+                       guest_init_mount=guest_init_override(str(guest_init)) if guest_init else None,
+                       run_label=ctx.session.run_label, command=AGENT_STDIO_COMMAND)
+    container = task_container_name(layout.slug)
+    uid, gid = host_ids(ctx.workspace.path)
+    argv = krun_task_argv(name=container, hostname=task_hostname(layout.slug), state_root=layout.state_root,
+                          volumes=task_volumes(layout, home=layout.state_root / "home"), uid=uid, gid=gid,
+                          image=str(options.pop("image", None) or ctx.image()), opts=opts)
+    return KrunPodmanMachine(name=name, timeout_scale=ctx.session.timeout_scale, argv=harness_argv(argv),
+                             container=container)
+

@@ -1,0 +1,263 @@
+"""Leak protection that does not depend on fixture teardown running.
+
+Every pytest process that uses a harness fixture keeps a registry file
+``<cache>/agentbox/harness-runs/<run label>.json`` naming its owner process
+(pid and start time), its run label (put on every container it starts) and
+the directories it created (per-test tmp roots and state bases) and mounts.
+
+- At session start, :func:`reap_dead_runs` reaps what a run whose owner
+  process is gone left behind: its labelled containers, recorded VM processes
+  and task dirs (through :mod:`runtime.microvm.reaper`), recorded mounts and
+  loop devices backed by files under its roots. Nothing else is touched: a
+  live run's registry is never read for reaping and nothing unrecorded is
+  ever unmounted or removed.
+- At session end, :func:`leaks` lists what this run created that is still
+  there; the plugin reports it (and fails the run under ``--agentbox-strict``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agentbox_harness.wait import WaitTimeout, retry
+from guest_init.contract import LABEL_HARNESS_RUN
+from runtime.microvm import reaper as vm_reaper
+from runtime.state import StateLayout
+
+TOOL_TIMEOUT_S = 60.0
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/agentbox`` (else ``~/.cache/agentbox``): image caches and run registries."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "agentbox"
+
+
+def registry_dir() -> Path:
+    """Where run registries live (mode 0700)."""
+    path = cache_root() / "harness-runs"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _owner_alive(pid: int, start: str | None) -> bool:
+    current = _start_time(pid)
+    return current is not None and (start is None or current == start)
+
+
+@dataclass
+class RunRegistry:
+    """What one pytest process created; persisted after every change."""
+
+    path: Path
+    run_label: str
+    owner: int = field(default_factory=os.getpid)
+    owner_start: str | None = field(default_factory=lambda: _start_time(os.getpid()))
+    roots: list[str] = field(default_factory=list)
+    state_bases: list[str] = field(default_factory=list)
+    mounts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, run_label: str) -> RunRegistry:
+        """A new registry for ``run_label`` owned by this process."""
+        reg = cls(registry_dir() / f"{run_label}.json", run_label)
+        reg.save()
+        return reg
+
+    @classmethod
+    def load(cls, path: Path) -> RunRegistry:
+        data = json.loads(path.read_text())
+        return cls(path, str(data["run_label"]), int(data["owner"]), data.get("owner_start"),
+                   list(data.get("roots", [])), list(data.get("state_bases", [])), list(data.get("mounts", [])))
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_label": self.run_label, "owner": self.owner, "owner_start": self.owner_start,
+                                   "roots": self.roots, "state_bases": self.state_bases, "mounts": self.mounts}))
+        tmp.replace(self.path)
+
+    def _add(self, items: list[str], path: Path) -> None:
+        if str(path) not in items:
+            items.append(str(path))
+            self.save()
+
+    def add_root(self, path: Path) -> None:
+        """A directory this run owns (mounts and loop devices under it are ours)."""
+        self._add(self.roots, path)
+
+    def add_state_base(self, path: Path) -> None:
+        """A state base whose ``agentbox/microvm/running`` records this run's VMs."""
+        self._add(self.state_bases, path)
+
+    def add_mount(self, path: Path) -> None:
+        """A mount point this run created (removed again with :meth:`drop_mount`)."""
+        self._add(self.mounts, path)
+
+    def drop_mount(self, path: Path) -> None:
+        if str(path) in self.mounts:
+            self.mounts.remove(str(path))
+            self.save()
+
+    def owner_alive(self) -> bool:
+        return _owner_alive(self.owner, self.owner_start)
+
+
+# --- what is there ---------------------------------------------------------
+def labelled_containers(run_label: str) -> list[str]:
+    """Podman containers (any state) carrying ``io.agentbox.harness.run=<run_label>``."""
+    if shutil.which("podman") is None:
+        return []
+    try:
+        proc = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}} {{.Names}}",
+                               "--filter", f"label={LABEL_HARNESS_RUN}={run_label}"],
+                              capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return []
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _unescape(field_: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def mounts_under(roots: list[str]) -> list[str]:
+    """Mount points at or below any of ``roots`` (deepest first)."""
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        point = _unescape(line.split()[4])
+        if any(point == r or point.startswith(r.rstrip("/") + "/") for r in roots):
+            found.append(point)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def loops_under(roots: list[str]) -> list[tuple[str, str]]:
+    """``(loop device, backing file)`` for loop devices backed by a file below ``roots``."""
+    out = []
+    for dev in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            backing = (dev / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if any(backing.startswith(r.rstrip("/") + "/") for r in roots):
+            out.append((f"/dev/{dev.name}", backing))
+    return out
+
+
+def live_vms(state_bases: list[str]) -> list[str]:
+    """Recorded VM processes of these state bases that are still running."""
+    out = []
+    for base in state_bases:
+        app = Path(base) / "agentbox"
+        if not app.is_dir():
+            continue
+        for rec in vm_reaper.records(StateLayout(app, app.name, app, app)):
+            pid = rec.get("pid")
+            if isinstance(pid, int) and _owner_alive(pid, rec.get("start")):  # type: ignore[arg-type]
+                out.append(f"VM process {pid} (task dir {rec.get('task_dir')})")
+    return out
+
+
+def task_dirs(state_bases: list[str], keep: set[str]) -> list[str]:
+    """Task dirs (``<state root>/microvm-tasks/*``) still present, except the preserved ones in ``keep``."""
+    out = []
+    for base in state_bases:
+        for d in sorted(Path(base).glob("agentbox/*/microvm-tasks/*")):
+            if d.is_dir() and str(d) not in keep:
+                out.append(str(d))
+    return out
+
+
+def leaks(reg: RunRegistry, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """One line per resource this run created that is still there (``keep``: preserved paths)."""
+    roots = reg.roots + reg.state_bases
+    out = [f"container {c} (label {LABEL_HARNESS_RUN}={reg.run_label})" for c in labelled_containers(reg.run_label)]
+    out += live_vms(reg.state_bases)
+    out += [f"mount {m}" for m in mounts_under(roots + reg.mounts)
+            if not any(m == k or m.startswith(k + "/") for k in keep)]
+    out += [f"loop device {dev} (backing {f})" for dev, f in loops_under(roots)]
+    out += [f"task dir {d}" for d in task_dirs(reg.state_bases, keep)]
+    return out
+
+
+# --- reaping ---------------------------------------------------------------
+def _unmount(point: str) -> bool:
+    for argv in (["fusermount3", "-u", "-z"], ["umount", "-l"]):
+        try:
+            if subprocess.run([*argv, point], capture_output=True, timeout=TOOL_TIMEOUT_S).returncode == 0:
+                return True
+        except (FileNotFoundError, subprocess.TimeoutExpired):
+            continue
+    return False
+
+
+def reap(reg: RunRegistry) -> list[str]:
+    """Remove everything ``reg`` recorded that is still there; one line per thing reaped."""
+    done = []
+    for c in labelled_containers(reg.run_label):
+        cid = c.split()[0]
+        subprocess.run(["podman", "rm", "-f", "-t", "0", cid], capture_output=True, timeout=TOOL_TIMEOUT_S)
+        done.append(f"container {c}")
+    for base in reg.state_bases:
+        app = Path(base) / "agentbox"
+        if app.is_dir():
+            done += [f"task {t}" for t in vm_reaper.reap_stale(StateLayout(app, app.name, app, app),
+                                                               include_label=reg.run_label)]
+    for point in mounts_under(reg.roots + reg.state_bases + reg.mounts):
+        if _unmount(point):
+            done.append(f"mount {point}")
+    for dev, backing in loops_under(reg.roots + reg.state_bases):
+        if subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=TOOL_TIMEOUT_S).returncode == 0:
+            done.append(f"loop device {dev} ({backing})")
+    return done
+
+
+def reap_dead_runs() -> list[str]:
+    """Reap the registries of runs whose owner process is gone; what was reaped.
+
+    A registry whose owner is alive (a concurrent run) is left alone."""
+    done: list[str] = []
+    root = cache_root() / "harness-runs"
+    if not root.is_dir():
+        return done
+    for path in sorted(root.glob("*.json")):
+        try:
+            reg = RunRegistry.load(path)
+        except (OSError, ValueError, KeyError):
+            continue
+        if reg.owner_alive():
+            continue
+        done += reap(reg)
+        path.unlink(missing_ok=True)
+    return done
+
+
+def settle(reg: RunRegistry, keep: set[str], wait_s: float = 5.0) -> list[str]:
+    """The leaks of ``reg`` after giving exiting processes up to ``wait_s`` seconds to go."""
+    found: list[str] = []
+
+    def gone(_last_try: bool) -> bool:
+        found[:] = leaks(reg, keep)
+        return not found
+
+    try:
+        retry(gone, timeout=wait_s, interval=0.25)
+    except WaitTimeout:
+        pass
+    return found

@@ -1,0 +1,93 @@
+"""Backend registry: backend name -> a builder of (unstarted) :class:`Machine` objects.
+
+``machine_factory`` and the backend-specific factories look the backend up
+here, so adding a backend is one entry::
+
+    from agentbox_harness.registry import MACHINE_BACKENDS
+
+    def build_mine(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine: ...
+    MACHINE_BACKENDS["mine"] = build_mine
+
+A builder pops the options it understands from ``options``; whatever is left
+is reported as unknown. It never starts the machine (the factory does, so a
+failed start is still torn down).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentbox_harness.backends import ContainerMachine, MicrovmMachine
+from agentbox_harness.machine import Machine
+from agentbox_harness.session import HarnessSession
+from agentbox_harness.workspace import Workspace
+from runtime.microvm.session import MicrovmOptions
+
+
+@dataclass
+class BackendContext:
+    """What a builder may use: the session, the test's workspace and the dimension values."""
+
+    session: HarnessSession
+    workspace: Workspace
+    image: Callable[[], str]
+    memory_gib: int
+    cpus: int
+    storage: str
+
+
+MachineBuilder = Callable[[BackendContext, str, dict[str, object]], Machine]
+
+
+def _microvm(vmm: str) -> MachineBuilder:
+    def build(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
+        ws = options.pop("workspace", ctx.workspace)
+        if not isinstance(ws, Workspace):
+            raise TypeError(f"microvm option workspace must be a Workspace, not {type(ws).__name__}")
+        s = ctx.session
+        opts = MicrovmOptions(
+            workspace=ws.path, image=str(options.pop("image", None) or ctx.image()),
+            storage=str(options.pop("storage", ctx.storage)), vmm=str(options.pop("vmm", vmm)),
+            mem_gib=int(options.pop("mem_gib", ctx.memory_gib)),  # type: ignore[call-overload]
+            cpus=int(options.pop("cpus", ctx.cpus)),  # type: ignore[call-overload]
+            state=ws.state, image_cache=Path(str(options.pop("image_cache", s.image_cache))),
+            run_label=s.run_label, preserve_debug=bool(options.pop("preserve_debug", s.preserve_debug)),
+            kernel=s.kernel, interactive=False)
+        return MicrovmMachine(name=name, timeout_scale=s.timeout_scale, options=opts)
+    return build
+
+
+def _container(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
+    ws = ctx.workspace
+    return ContainerMachine(name=name, timeout_scale=1.0, workspace=ws.path,
+                            state_root=ws.state.ensure().state_root, image=str(options.pop("image", None) or ctx.image()),
+                            run_label=ctx.session.run_label)
+
+
+def _krun_podman(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
+    from agentbox_harness.krun import build_krun_machine
+
+    return build_krun_machine(ctx, name, options)
+
+
+MACHINE_BACKENDS: dict[str, MachineBuilder] = {
+    "qemu": _microvm("qemu"),
+    "krun-direct": _microvm("libkrun"),
+    "krun-podman": _krun_podman,
+    "container": _container,
+}
+"""Backend name -> machine builder (see the module docstring)."""
+
+
+def build(backend: str, ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
+    """An unstarted machine of ``backend``; unknown backends and options are one clear error."""
+    builder = MACHINE_BACKENDS.get(backend)
+    if builder is None:
+        raise ValueError(f"unknown agentbox backend '{backend}'; known: {', '.join(MACHINE_BACKENDS)}")
+    left = dict(options)
+    machine = builder(ctx, name, left)
+    if left:
+        raise TypeError(f"unknown {backend} option(s): {', '.join(sorted(left))}")
+    return machine

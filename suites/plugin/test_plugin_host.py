@@ -1,0 +1,359 @@
+"""The plugin in fresh pytester projects, with machines on the ``host`` backend
+(real subprocess transport, no guest): verbs, waits, factories, artifacts,
+capability skips, strict mode, leak report and reaping, Allure, xdist."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from suites.plugin.host_backend import install
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def artifact_dirs(root: Path) -> dict[str, Path]:
+    base = root / "results" / "artifacts"
+    return {p.name: p for p in base.iterdir()} if base.is_dir() else {}
+
+
+def test_options_and_markers_are_registered(pytester: pytest.Pytester) -> None:
+    help_out = pytester.runpytest("--help").stdout.str()
+    for option in ("--agentbox-backend", "--agentbox-image", "--agentbox-kernel", "--agentbox-state-dir",
+                   "--preserve-debug", "--agentbox-strict", "--agentbox-timeout-scale"):
+        assert option in help_out
+    markers = pytester.runpytest("--markers").stdout.str()
+    for marker in ("vm:", "needs_kvm:", "needs_libkrun:", "needs_root:", "destructive:", "slow:"):
+        assert f"@pytest.mark.{marker}" in markers
+
+
+def test_verbs_waits_and_errors(pytester: pytest.Pytester) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_verbs='''
+        import pytest, threading, time
+        from agentbox_harness.machine import MachineError
+
+        def test_verbs(machine_factory, tmp_path):
+            m = machine_factory("h")
+            assert m.succeed("echo hi", timeout=10) == "hi\\n"
+            assert m.succeed(["printf", "%s", "a b"], timeout=10) == "a b"
+            r = m.execute("echo out; echo err >&2; exit 3", timeout=10)
+            assert (r.exit_status, r.stdout, r.stderr, r.ok) == (3, "out\\n", "err\\n", False)
+            m.fail("exit 1", timeout=10)
+            with pytest.raises(MachineError) as exc:
+                m.succeed("echo visible-out; echo visible-err >&2; exit 7", timeout=10)
+            text = str(exc.value)
+            assert "exit status 7" in text and "visible-out" in text and "visible-err" in text
+            assert "console tail:" in text and "ready" in text
+            with pytest.raises(MachineError):
+                m.fail("true", timeout=10)
+            flag = tmp_path / "flag"
+            threading.Timer(1.0, flag.touch).start()
+            m.wait_for_file(str(flag), timeout=20)
+            threading.Timer(1.0, flag.unlink).start()
+            m.wait_until_fails(["test", "-e", str(flag)], timeout=20)
+            with pytest.raises(MachineError) as exc:
+                m.wait_until_succeeds("echo still-waiting; false", timeout=2)
+            assert "timed out after 2.0s" in str(exc.value) and "still-waiting" in str(exc.value)
+            r = m.execute("sleep 5", timeout=0.5)
+            assert r.timed_out and not r.ok
+            with pytest.raises(TypeError):
+                m.succeed("true")
+            src = tmp_path / "src.bin"
+            src.write_bytes(bytes(range(256)))
+            m.copy_from(str(src), tmp_path / "back.bin")
+            assert (tmp_path / "back.bin").read_bytes() == bytes(range(256))
+            assert m.console.wait_for_text("rea.y", timeout=5) == "ready"
+            assert m.console.log.name == "h-host-console.log"
+            verbs = m.profile["verbs"]
+            assert verbs["succeed"]["count"] == 3 and verbs["wait_for_file"]["count"] == 1
+            assert m.profile["phases"]["boot_s"] >= 0
+
+        def test_timeout_scale(machine_factory):
+            m = machine_factory("slow", scale=4.0)
+            r = m.execute("sleep 1", timeout=0.5)  # 0.5 s scaled to 2 s
+            assert r.ok, r
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_failing_test_keeps_artifacts_passing_test_removes_them(pytester: pytest.Pytester) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_art='''
+        def test_ok(machine_factory):
+            machine_factory("a").succeed("true", timeout=10)
+
+        def test_bad(machine_factory):
+            m = machine_factory("b")
+            m.succeed("echo seen", timeout=10)
+            assert False, "deliberate"
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    dirs = artifact_dirs(pytester.path)
+    assert list(dirs) == ["test_art.py_test_bad"]
+    kept = dirs["test_art.py_test_bad"]
+    names = sorted(p.name for p in kept.iterdir())
+    assert {"b-transcript.json", "b-profile.json", "outcome.json", "doctor.json", "b-host-console.log"} <= set(names)
+    transcript = json.loads((kept / "b-transcript.json").read_text())
+    assert transcript[0]["command"] == "echo seen" and transcript[0]["exit_status"] == 0
+    assert len(transcript[0]["stdout_sha256"]) == 64 and "duration_s" in transcript[0]
+    assert json.loads((kept / "outcome.json").read_text())["phases"]["call"] == "failed"
+    assert any(c["name"] == "qemu" for c in json.loads((kept / "doctor.json").read_text()))
+    timings = {p.name for p in (pytester.path / "results" / "timings").iterdir()}
+    assert timings == {"test_art.py_test_ok.json", "test_art.py_test_bad.json"}
+
+
+def test_preserve_debug_keeps_artifacts_and_refuses_xdist(pytester: pytest.Pytester) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_keep='''
+        def test_ok(machine_factory):
+            machine_factory("a").succeed("true", timeout=10)
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider", "--preserve-debug")
+    result.assert_outcomes(passed=1)
+    assert list(artifact_dirs(pytester.path)) == ["test_keep.py_test_ok"]
+    refused = pytester.runpytest("-p", "no:cacheprovider", "--preserve-debug", "-n", "2")
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    refused.stderr.fnmatch_lines(["*--preserve-debug*cannot run under xdist*drop -n*"])
+
+
+def test_teardown_reaches_every_machine_and_reports_each_error(pytester: pytest.Pytester) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_td='''
+        import pytest
+        STOPPED = []
+
+        @pytest.fixture(autouse=True)
+        def broken_stop(monkeypatch):
+            from conftest import HostMachine
+            def stop(self, timeout):
+                STOPPED.append(self.name)
+                if self.name != "ok":
+                    raise RuntimeError(f"cannot stop {self.name}")
+            monkeypatch.setattr(HostMachine, "_stop", stop)
+
+        def test_three(machine_factory):
+            for name in ("first", "ok", "last"):
+                machine_factory(name)
+
+        def test_order():
+            assert STOPPED == ["last", "ok", "first"]
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*machine teardown failed: last: shutdown: cannot stop last; "
+                                 "first: shutdown: cannot stop first*"])
+
+
+def test_missing_capability_skips_then_fails_under_strict(pytester: pytest.Pytester,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTBOX_LIBKRUN_LIBRARY", str(pytester.path / "no-such" / "libkrun.so.1"))
+    pytester.makepyfile(test_caps='''
+        import pytest
+
+        @pytest.mark.needs_libkrun
+        def test_marked():
+            pass
+
+        @pytest.mark.vm
+        def test_vm_on_krun_direct(microvm):
+            pass
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider", "-rs", "--agentbox-backend", "krun-direct")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*missing capability: libkrun: *no-such/libkrun.so.1*(fix: *",
+                                 "*missing capability: backend krun-direct unavailable: libkrun: *"])
+    strict = pytester.runpytest("-p", "no:cacheprovider", "--agentbox-backend", "krun-direct",
+                                "--agentbox-strict")
+    strict.assert_outcomes(errors=2)  # a missing capability fails the setup phase
+    strict.stdout.fnmatch_lines(["*missing capability (--agentbox-strict): libkrun: *"])
+
+
+def test_workspace_modes_and_isolated_state(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_ws='''
+        import pytest
+        ROOTS = []
+
+        def test_direct(workspace):
+            assert workspace.mode == "direct" and workspace.path == workspace.source
+            assert workspace.slug == "project"
+            ROOTS.append(workspace.state.state_root)
+
+        def test_isolated(workspace):
+            ROOTS.append(workspace.state.state_root)
+            assert ROOTS[0] != ROOTS[1]
+
+        @pytest.mark.parametrize("workspace", ["copy"], indirect=True)
+        def test_copy(workspace):
+            (workspace.path / "f").write_text("guest")
+            assert workspace.path != workspace.source and not (workspace.source / "f").exists()
+
+        @pytest.mark.parametrize("workspace", ["overlay-review"], indirect=True)
+        def test_overlay_review(workspace):
+            (workspace.path / "new").write_text("guest")
+            assert workspace.changes() == ["new"] and not (workspace.source / "new").exists()
+            workspace.apply()
+            assert (workspace.source / "new").read_text() == "guest"
+            (workspace.path / "later").write_text("x")
+            workspace.discard()
+            assert workspace.changes() == [] and not (workspace.path / "later").exists()
+
+        @pytest.mark.parametrize("workspace", ["bogus"], indirect=True)
+        def test_bad_mode(workspace):
+            pass
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(["*workspace mode 'bogus' is not one of direct, copy, overlay-review*"])
+
+
+@pytest.fixture
+def private_registry(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run registries of the inner runs in a private cache, so no concurrent run reaps them."""
+    cache = pytester.path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache / "agentbox" / "harness-runs"
+
+
+def printed(result: pytest.RunResult, tag: str) -> str:
+    """The path an inner test printed after ``tag``."""
+    return re.search(rf"{tag} (\S+)", result.stdout.str()).group(1)  # type: ignore[union-attr]
+
+
+def _mounted(path_part: str) -> list[str]:
+    return [line for line in Path("/proc/self/mounts").read_text().splitlines() if path_part in line]
+
+
+@pytest.mark.needs_root
+def test_killed_run_is_reaped_by_the_next_run(pytester: pytest.Pytester, private_registry: Path) -> None:
+    pytester.makepyfile(test_die='''
+        import os, signal
+        import pytest
+
+        @pytest.mark.parametrize("workspace", ["overlay-review"], indirect=True)
+        def test_killed(workspace):
+            print("MOUNT", workspace.path, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    ''')
+    killed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s")
+    assert killed.ret == -signal.SIGKILL
+    mount = printed(killed, "MOUNT")
+    try:
+        assert _mounted(mount), "the killed run left its overlay mounted"
+        pytester.makepyfile(test_die="def test_nothing():\n    pass\n")
+        nxt = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+        nxt.assert_outcomes(passed=1)
+        nxt.stdout.fnmatch_lines(["*agentbox: reaped what a dead run left*", f"mount {mount}*"])
+        assert not _mounted(mount)
+        assert list(private_registry.iterdir()) == [], "the reaped registry and the clean run's are gone"
+    finally:
+        subprocess.run(["umount", "-l", mount], capture_output=True)
+
+
+@pytest.mark.needs_root
+def test_leaks_are_reported_and_fail_under_strict(pytester: pytest.Pytester, private_registry: Path) -> None:
+    pytester.makepyfile(test_leak='''
+        import subprocess
+
+        def test_leaky(workspace, tmp_path):
+            (tmp_path / "leak").mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "leak", str(tmp_path / "leak")], check=True)
+            print("LEAK", tmp_path / "leak")
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--agentbox-strict")
+    leak = printed(result, "LEAK")
+    try:
+        assert result.ret == pytest.ExitCode.TESTS_FAILED
+        result.stdout.fnmatch_lines(["*agentbox: leaked resources*", f"mount {leak}",
+                                     "--agentbox-strict: leaks fail the run"])
+    finally:
+        subprocess.run(["umount", leak], capture_output=True)
+
+
+@pytest.mark.needs_root
+def test_interrupted_run_leaves_no_leaks(pytester: pytest.Pytester, private_registry: Path) -> None:
+    pytester.makepyfile(test_int='''
+        import pytest
+
+        @pytest.mark.parametrize("workspace", ["overlay-review"], indirect=True)
+        def test_interrupted(workspace):
+            print("MOUNT", workspace.path, flush=True)
+            raise KeyboardInterrupt
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--agentbox-strict")
+    mount = printed(result, "MOUNT")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    assert not _mounted(mount)
+    assert "leaked resources" not in result.stdout.str()
+    assert list(private_registry.iterdir()) == []
+
+
+def test_xdist_gives_the_same_results_with_unique_state(pytester: pytest.Pytester,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_par='''
+        import os
+        import pytest
+
+        @pytest.mark.parametrize("n", range(6))
+        def test_many(n, machine_factory, workspace, agentbox_harness, tmp_path):
+            m = machine_factory(f"m{n}")
+            assert m.succeed(["echo", str(n)], timeout=10) == f"{n}\\n"
+            line = f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {agentbox_harness.run_label} {workspace.state.state_root}\\n"
+            with open(os.environ["RECORD"], "a") as f:
+                f.write(line)
+            assert n != 5, "one deliberate failure"
+    ''')
+    outcomes = {}
+    for args in ([], ["-n", "2"]):
+        record = pytester.path / f"record{len(args)}"
+        monkeypatch.setenv("RECORD", str(record))
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+        outcomes[len(args)] = result.parseoutcomes()
+        rows = [line.split() for line in record.read_text().splitlines()]
+        assert len({r[2] for r in rows}) == 6, "every test has its own state root"
+        if args:
+            workers = {r[0] for r in rows}
+            labels = {r[0]: r[1] for r in rows}
+            assert workers == {"gw0", "gw1"} and len(set(labels.values())) == 2
+            assert all(label.endswith(w) for w, label in labels.items())
+    assert outcomes[0] == outcomes[2] == {"passed": 5, "failed": 1}
+
+
+def test_allure_steps_attachments_and_environment(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("allure_pytest", reason="allure-pytest is not installed")
+    install(pytester.path)
+    pytester.makepyfile(test_al='''
+        def test_fails(machine_factory):
+            m = machine_factory("al")
+            m.succeed("echo step-one", timeout=10)
+            assert False
+    ''')
+    alluredir = pytester.path / "allure"
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--alluredir={alluredir}")
+    result.assert_outcomes(failed=1)
+    props = (alluredir / "environment.properties").read_text()
+    assert "agentbox.backend=" in props and "host.kernel=" in props and "tool.qemu=" in props
+    case = next(json.loads(p.read_text()) for p in alluredir.glob("*-result.json"))
+
+    def titles(steps: list[dict[str, object]]) -> list[str]:
+        out = []
+        for s in steps:
+            out.append(str(s["name"]))
+            out += titles(s.get("steps", []))  # type: ignore[arg-type]
+        return out
+
+    assert "al: succeed echo step-one" in titles(case.get("steps", []))
+    names = {a["name"] for a in case.get("attachments", [])}
+    for container in alluredir.glob("*-container.json"):
+        for fixture in json.loads(container.read_text()).get("afters", []):
+            names |= {a["name"] for a in fixture.get("attachments", [])}
+    assert {"al-transcript.json", "al-host-console.log"} <= names
