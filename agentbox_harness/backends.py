@@ -27,6 +27,17 @@ AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 BOOT_TIMEOUT_S = 60.0
 
 
+def agent_execute(machine: Machine, agent: AgentClient, argv: list[str], *, user: str | None,
+                  env: dict[str, str] | None, cwd: str | None, timeout: float, stdin: bytes | None) -> Result:
+    """``_execute`` over a guest agent (every agent-driven backend)."""
+    try:
+        r = agent.run(argv, timeout=timeout, env=env, cwd=cwd, user=user, stdin=stdin)
+    except ChannelError as exc:
+        raise AssertionError(f"{machine.name}: {exc}\nconsole tail:\n{machine.console_tail()}") from None
+    return Result(" ".join(argv), r.exit_status, r.stdout.decode("utf-8", "replace"),
+                  r.stderr.decode("utf-8", "replace"), r.duration_s, r.timed_out)
+
+
 @dataclass(frozen=True)
 class Preserved:
     """What --preserve-debug kept of one task: summary lines and the kept paths (not leaks)."""
@@ -93,12 +104,7 @@ class MicrovmMachine(Machine):
 
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:
-        try:
-            r = self._agent().run(argv, timeout=timeout, env=env, cwd=cwd, user=user, stdin=stdin)
-        except ChannelError as exc:
-            raise AssertionError(f"{self.name}: {exc}\nconsole tail:\n{self.console_tail()}") from None
-        return Result(" ".join(argv), r.exit_status, r.stdout.decode("utf-8", "replace"),
-                      r.stderr.decode("utf-8", "replace"), r.duration_s, r.timed_out)
+        return agent_execute(self, self._agent(), argv, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
 
     def _stop(self, timeout: float) -> None:
         task, self.task = self.task, None

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from agentbox_harness.backends import agent_execute
 from agentbox_harness.machine import Machine, Result
 from runtime.channel import AgentClient, ChannelError
 from runtime.tasks.krun import KrunOptions
@@ -56,12 +57,7 @@ class KrunPodmanMachine(Machine):
                  timeout: float, stdin: bytes | None) -> Result:
         if self._agent is None:
             raise AssertionError(f"{self.name} is not running")
-        try:
-            r = self._agent.run(argv, timeout=timeout, env=env, cwd=cwd, user=user, stdin=stdin)
-        except ChannelError as exc:
-            raise AssertionError(f"{self.name}: {exc}") from None
-        return Result(" ".join(argv), r.exit_status, r.stdout.decode("utf-8", "replace"),
-                      r.stderr.decode("utf-8", "replace"), r.duration_s, r.timed_out)
+        return agent_execute(self, self._agent, argv, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
 
     def _stop(self, timeout: float) -> None:
         proc, self._proc = self._proc, None

@@ -46,18 +46,6 @@ def registry_dir() -> Path:
     return path
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _owner_alive(pid: int, start: str | None) -> bool:
-    current = _start_time(pid)
-    return current is not None and (start is None or current == start)
-
-
 @dataclass
 class RunRegistry:
     """What one pytest process created; persisted after every change."""
@@ -65,7 +53,7 @@ class RunRegistry:
     path: Path
     run_label: str
     owner: int = field(default_factory=os.getpid)
-    owner_start: str | None = field(default_factory=lambda: _start_time(os.getpid()))
+    owner_start: str | None = field(default_factory=lambda: vm_reaper.start_time(os.getpid()))
     roots: list[str] = field(default_factory=list)
     state_bases: list[str] = field(default_factory=list)
     mounts: list[str] = field(default_factory=list)
@@ -112,7 +100,7 @@ class RunRegistry:
             self.save()
 
     def owner_alive(self) -> bool:
-        return _owner_alive(self.owner, self.owner_start)
+        return vm_reaper.same_process(self.owner, self.owner_start)
 
 
 # --- what is there ---------------------------------------------------------
@@ -169,7 +157,7 @@ def live_vms(state_bases: list[str]) -> list[str]:
             continue
         for rec in vm_reaper.records(StateLayout(app, app.name, app, app)):
             pid = rec.get("pid")
-            if isinstance(pid, int) and _owner_alive(pid, rec.get("start")):  # type: ignore[arg-type]
+            if isinstance(pid, int) and vm_reaper.same_process(pid, rec.get("start")):  # type: ignore[arg-type]
                 out.append(f"VM process {pid} (task dir {rec.get('task_dir')})")
     return out
 
