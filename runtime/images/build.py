@@ -25,7 +25,8 @@ from filelock import FileLock, Timeout
 
 from runtime.errors import AgentboxError
 from runtime.images import recipe
-from runtime.images.commit import commit_layer, image_id, image_labels, import_root, remove_if_untagged
+from runtime.images.commit import (commit_layer, image_id, image_labels, import_root, prune_other_tags,
+                                   remove_if_untagged)
 from runtime.images.install import install_guest_init
 from runtime.images.rootfs import build_root
 from runtime.images.steps import progress
@@ -130,6 +131,7 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
             previous = image_id(base)
             build_base(base, recipe_hash, log)
             remove_if_untagged(previous)
+            prune_other_tags(recipe.BASE_REPO, base)
             built_base = True
         build_final(tag, base, recipe_hash, gi_hash, guest_init_src)
         progress(f"{tag} built in {time.monotonic() - started:.1f}s")

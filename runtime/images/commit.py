@@ -5,7 +5,8 @@
 - :func:`commit_layer`: ``buildah from <base>``, let a callback write into the
   mounted root, apply the :class:`~runtime.images.recipe.ImageConfig`,
   ``buildah commit``; the working container is removed on every path;
-- :func:`image_labels` / :func:`image_id`: what is in local storage.
+- :func:`image_labels` / :func:`image_id`: what is in local storage;
+- :func:`remove_if_untagged` / :func:`prune_other_tags`: drop superseded images.
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ def commit_layer(base: str, tag: str, config: ImageConfig, populate: Callable[[P
         if ctr:
             subprocess.run(["buildah", "rm", ctr], capture_output=True, timeout=INSPECT_TIMEOUT_S,
                            check=False)
+
+
+def prune_other_tags(repo: str, keep: str) -> None:
+    """Best effort: untag and delete ``repo``'s other images (older recipes); images
+    still used by a container or by a child image stay."""
+    out = subprocess.run(["podman", "images", "--noheading", "--format", "{{.Repository}}:{{.Tag}}", repo],
+                         capture_output=True, text=True, timeout=INSPECT_TIMEOUT_S, check=False).stdout
+    for ref in sorted(set(out.split()) - {keep}):
+        subprocess.run(["podman", "rmi", ref], capture_output=True, timeout=INSPECT_TIMEOUT_S, check=False)
 
 
 def remove_if_untagged(image: str | None) -> None:
