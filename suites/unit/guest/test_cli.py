@@ -1,0 +1,91 @@
+"""The ``agentbox-guest-init`` command line (7.1 plus status, agent, vm-init)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guest_init import cli
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("argv,words,command", [
+    (["libkrun", "enter", "--", "bash", "-lc", "echo hi"], ["libkrun", "enter"], ["bash", "-lc", "echo hi"]),
+    (["libkrun", "enter"], ["libkrun", "enter"], []),
+    (["microvm", "enter", "--", "--weird", "-x"], ["microvm", "enter"], ["--weird", "-x"]),
+    (["container", "enter", "fish", "-l"], ["container", "enter"], ["fish", "-l"]),
+    (["default", "enter", "--", "--"], ["default", "enter"], ["--"]),
+    (["libkrun", "podman", "wait"], ["libkrun", "podman", "wait"], []),
+])
+def test_parses_enter_command_after_separator(argv: list[str], words: list[str], command: list[str]) -> None:
+    assert cli.split_enter(argv) == (words, command)
+
+
+def test_parses_libkrun_podman_prep_and_wait() -> None:
+    for verb in ("prep", "wait", "service-wait"):
+        ns = cli._parser().parse_args(["libkrun", "podman", verb])
+        assert (ns.mode, ns.action, ns.verb) == ("libkrun", "podman", verb)
+    ns = cli._parser().parse_args(["libkrun", "resize", "--target", "containers"])
+    assert ns.target == "containers"
+
+
+@pytest.mark.parametrize("argv", [["libkrun", "nix", "service-wait"], ["libkrun", "resize", "--target", "root"],
+                                  ["status", "--wait", "docker"], ["agent", "--device", "x", "--port", "y"],
+                                  ["libkrun"], []])
+def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "guest_init.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=cwd or REPO, env={**os.environ, **(env or {})})
+
+
+def test_runs_as_a_module_from_any_dir_holding_the_package(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "guest_init.cli", "status", "--json"], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr
+    report = json.loads(p.stdout)
+    assert set(report) == {"nix", "podman"}
+    assert report["nix"]["status_path"] == "/run/agentbox/nix-prep.status"
+
+
+def test_guest_errors_print_one_line_and_exit_1() -> None:
+    p = run_cli("libkrun", "enter", "--", "true", env={"AGENTBOX_HOST_UID": "x1"})
+    assert p.returncode == 1
+    assert p.stderr == "agentbox-guest-init: invalid numeric value in AGENTBOX_HOST_UID\n"
+
+
+def test_status_rejects_a_non_positive_timeout() -> None:
+    p = run_cli("status", "--timeout", "0")
+    assert p.returncode == 1 and "--timeout must be a positive number of seconds, got 0" in p.stderr
+
+
+def test_prep_workers_are_no_ops_without_their_flags() -> None:
+    for kind in ("nix", "podman"):
+        p = run_cli("libkrun", kind, "prep", env={"AGENTBOX_LIBKRUN_NIX_OVERLAY": "",
+                                                  "AGENTBOX_LIBKRUN_CONTAINERS_STORAGE": "true"})
+        assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+
+
+def test_vm_init_lazily_imports_guest_init_vminit(tmp_path: Path) -> None:
+    """vm-init hands its argv to guest_init.vminit.main (a stand-in package shadows the real module)."""
+    pkg = tmp_path / "guest_init"
+    pkg.mkdir()
+    for f in (REPO / "guest_init").glob("*.py"):
+        if f.name != "vminit.py":
+            (pkg / f.name).write_bytes(f.read_bytes())
+    (pkg / "vminit.py").write_text("def main(argv):\n    print('vminit', argv)\n    return 7\n")
+    p = subprocess.run([sys.executable, "-m", "guest_init.cli", "vm-init", "/run/x.conf"], capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert (p.returncode, p.stdout) == (7, "vminit ['/run/x.conf']\n"), p.stderr
+    assert "vm-init" not in run_cli("--help").stdout
