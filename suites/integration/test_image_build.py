@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.errors import AgentboxError
 from runtime.images import recipe
 from runtime.images.build import BuildResult, build
 
@@ -149,3 +150,26 @@ def test_guest_init_only_redoes_just_the_final_layer(built: BuildResult, scratch
     proc = podman_run(scratch_tag, "--help", entrypoint="/bin/agentbox-guest-init")
     assert proc.returncode == 0, proc.stderr
     assert build(scratch_tag, guest_init_only=True).up_to_date
+
+
+def test_guest_init_only_without_a_base_fails_clearly(built: BuildResult, scratch_tag: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recipe, "BASE_REPO", "localhost/agentbox-base-missing-for-test")
+    with pytest.raises(AgentboxError) as err:
+        build(scratch_tag, guest_init_only=True)
+    assert str(err.value) == (
+        f"image build --guest-init-only needs the base image localhost/agentbox-base-missing-for-test:"
+        f"{built.recipe_hash[:16]}, which does not exist; run 'agentbox image build' once without "
+        "--guest-init-only")
+    assert subprocess.run(["podman", "image", "exists", scratch_tag], timeout=60).returncode == 1
+
+
+def test_concurrent_builds_build_once(built: BuildResult, scratch_tag: str) -> None:
+    argv = [sys.executable, "-m", "runtime.cli", "image", "build", "--guest-init-only", "--tag", scratch_tag]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    lines = sorted(out.strip() for out, _ in outs)
+    assert lines[0].startswith(f"{scratch_tag} built (guest_init layer) in "), lines
+    assert lines[1] == f"{scratch_tag} is up to date (base {built.base_tag})", lines

@@ -1,0 +1,50 @@
+"""Image build steps: progress lines, output in the log, failures that name the step and show the tail."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.errors import AgentboxError
+from runtime.images.steps import step, tool
+
+
+def test_step_logs_output_and_reports_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "build.log"
+    step("say hello", ["sh", "-c", "echo hello; echo to-stderr >&2"], log)
+    text = log.read_text()
+    assert "==> say hello: sh -c" in text and "hello\nto-stderr\n" in text
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "agentbox image: say hello ..."
+    assert lines[1].startswith("agentbox image: say hello done in ") and lines[1].endswith("s")
+
+
+def test_failed_step_names_itself_and_shows_the_log_tail(tmp_path: Path) -> None:
+    log = tmp_path / "build.log"
+    script = "for i in $(seq 1 50); do echo line-$i; done; exit 3"
+    with pytest.raises(AgentboxError) as err:
+        step("apt-get install", ["sh", "-c", script], log)
+    msg = str(err.value)
+    assert msg.startswith(f"image build step 'apt-get install' failed with status 3; log {log}:\n")
+    assert "line-50" in msg and "line-21" in msg and "line-20\n" not in msg  # the last 30 lines
+
+
+def test_step_timeout_names_the_step(tmp_path: Path) -> None:
+    with pytest.raises(AgentboxError, match=r"^image build step 'slow' timed out after 1s; log "):
+        step("slow", [sys.executable, "-c", "print('started', flush=True); import time; time.sleep(30)"],
+             tmp_path / "log", timeout=1)
+
+
+def test_missing_tool_says_what_to_install(tmp_path: Path) -> None:
+    with pytest.raises(AgentboxError, match="needs no-such-tool-x, which is not installed; run scripts/setup.sh"):
+        step("debootstrap", ["no-such-tool-x"], tmp_path / "log")
+    with pytest.raises(AgentboxError, match="image build step 'buildah from' needs no-such-tool-x"):
+        tool(["no-such-tool-x"], "buildah from")
+
+
+def test_tool_returns_stdout_and_reports_stderr_on_failure() -> None:
+    assert tool(["sh", "-c", "echo ' id-123 '"], "buildah from") == "id-123"
+    with pytest.raises(AgentboxError, match=r"image build step 'buildah mount' failed: sh -c .*: no such container"):
+        tool(["sh", "-c", "echo 'no such container' >&2; exit 125"], "buildah mount")
