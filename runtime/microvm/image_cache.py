@@ -21,6 +21,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,7 @@ class ImageCache:
             except AgentboxError as exc:
                 raise AgentboxError(f"failed to verify buildah for microvm image '{ref}'; install buildah or "
                                     f"pre-populate '{self.root}'") from exc
-            digest = self.ingest(ref, pinned_digest(ref) or local_digest(ref) or "")
+            digest = self._ingest_transaction(ref, pinned_digest(ref) or local_digest(ref) or "")
             entry = self.entry(digest)
             if not entry.complete():
                 raise AgentboxError("buildah ingested image but no microvm cache rootfs was found afterward")
@@ -180,6 +181,23 @@ class ImageCache:
             ref_file.parent.mkdir(parents=True, exist_ok=True)
             ref_file.write_text(digest)
             return entry, True
+
+    def _ingest_transaction(self, ref: str, expected: str) -> str:
+        """Root ingests in-process; a rootless user through ``buildah unshare agentbox internal
+        microvm-ingest-cache`` so that every file keeps its image owner inside the user namespace."""
+        if os.geteuid() == 0:
+            return self.ingest(ref, expected)
+        argv = ["unshare", sys.executable, "-m", "runtime.cli", "internal", "microvm-ingest-cache", ref,
+                str(self.root), expected]
+        try:
+            out = _buildah(argv)
+        except AgentboxError as exc:
+            raise AgentboxError(f"failed to ingest microvm image '{ref}' with rootless buildah unshare") from exc
+        if not out.strip():
+            raise AgentboxError("buildah unshare ingestion did not return an image digest")
+        digest = out.strip().splitlines()[-1]
+        parse_digest(digest)
+        return digest
 
     def ingest(self, ref: str, expected: str) -> str:
         """The Buildah transaction; returns the digest. Cleans up on every failure."""

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +264,31 @@ class MicrovmTask:
         assert self.handle is not None
         return self.handle.wait(timeout)
 
+    def _stop_vm(self) -> None:
+        """Graceful shutdown; if the driver cannot stop it, SIGKILL the recorded pid (bounded wait)
+        so that the rootfs cleanup still runs."""
+        assert self.handle is not None
+        try:
+            self.handle.shutdown(10.0)
+            return
+        except Exception as exc:  # noqa: BLE001 - any driver failure falls back to SIGKILL
+            failure = exc
+        pid = self.handle.pid
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                if not Path(f"/proc/{pid}").exists():
+                    return
+            time.sleep(0.05)
+        raise AgentboxError(f"failed to stop microvm process {pid}") from failure
+
     def close(self) -> None:
         """Stop the VM and clean up (idempotent); keeps everything with preserve_debug."""
         if self.closed:
@@ -272,7 +299,7 @@ class MicrovmTask:
         if self.handle is not None:
             if hasattr(self, "_session_started"):
                 self.phases.rows.append(("helper_session", (time.perf_counter() - self._session_started) * 1000))
-            self.handle.shutdown(10.0)  # preserve keeps files, never a running VM
+            self._stop_vm()  # preserve keeps files, never a running VM
         if self.rootfs is None:
             if hasattr(self, "layout"):
                 forget(self.layout, self.task_dir)
@@ -288,16 +315,39 @@ class MicrovmTask:
         forget(self.layout, self.task_dir)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived while a microvm task ran."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(f"agentbox microvm terminated by signal {signum}")
+
+
 def run_microvm(opts: MicrovmOptions) -> int:
     """The CLI path: start, wait, clean up, combine results, report."""
     task = MicrovmTask(opts)
     run_error: BaseException | None = None
     status = 1
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
         task.start()
         status = task.wait(None)
     except (AgentboxError, OSError, RuntimeError) as exc:
         run_error = exc
+    except BaseException:  # Ctrl-C or SIGTERM: stop the VM and clean up, then let it propagate
+        if in_main:  # a second signal must not interrupt the cleanup
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            task.close()
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise
+    if in_main:
+        signal.signal(signal.SIGTERM, previous)
     cleanup_error: BaseException | None = None
     try:
         task.close()

@@ -98,27 +98,55 @@ def test_preserve_debug_keeps_rootfs_and_prints_hint(env: dict[str, str], worksp
         reset_task_dir(task_dir)
 
 
-def test_sigkill_of_parent_during_boot_leaves_nothing_after_next_run(env: dict[str, str], workspace: Path) -> None:
-    parent = subprocess.Popen([sys.executable, "-m", "runtime.cli", "microvm", "--vmm", "qemu", "--", "sleep", "600"],
-                              cwd=workspace, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+def start_and_wait_for_vm(env: dict[str, str], workspace: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """An ``agentbox microvm -- sleep 600`` parent (stderr in ``<workspace>/../parent.err``) and its
+    recorded VM pid once the VM is up."""
+    with open(workspace.parent / "parent.err", "wb") as err:
+        parent = subprocess.Popen([sys.executable, "-m", "runtime.cli", "microvm", "--vmm", "qemu", "--", "sleep",
+                                   "600"], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     running = app_dir(env) / "microvm" / "running"
-    vm_pid = None
     deadline = time.monotonic() + BOOT_TIMEOUT_S
     try:
-        while vm_pid is None and time.monotonic() < deadline and parent.poll() is None:
+        while time.monotonic() < deadline and parent.poll() is None:
             for rec in running.glob("*.json"):
-                vm_pid = json.loads(rec.read_text()).get("pid")
+                pid = json.loads(rec.read_text()).get("pid")
+                if pid:
+                    return parent, pid
             time.sleep(0.2)
-        assert vm_pid, f"no VM process was recorded under {running} (parent status {parent.poll()})"
-        parent.send_signal(signal.SIGKILL)
-        parent.wait(30)
-    finally:
-        if parent.poll() is None:
-            parent.kill()
+    except BaseException:
+        parent.kill()
+        raise
+    parent.kill()
+    pytest.fail(f"no VM process was recorded under {running} (parent status {parent.poll()})")
+
+
+def qemu_gone(pid: int) -> bool:
+    try:
+        return "qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return True
+
+
+def test_sigkill_of_parent_during_boot_leaves_nothing_after_next_run(env: dict[str, str], workspace: Path) -> None:
+    parent, vm_pid = start_and_wait_for_vm(env, workspace)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(30)
     assert leftovers(env) != []  # the dead run left its task behind...
     after = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--", "true")
     assert after.returncode == 0, after.stderr[-3000:]
     assert leftovers(env) == []  # ...and the next run reaped it
-    assert not Path(f"/proc/{vm_pid}").exists() or \
-        "qemu" not in Path(f"/proc/{vm_pid}/cmdline").read_bytes().decode(errors="replace")
+    assert qemu_gone(vm_pid)
+
+
+def test_sigterm_of_parent_stops_vm_and_cleans_up(env: dict[str, str], workspace: Path) -> None:
+    parent, vm_pid = start_and_wait_for_vm(env, workspace)
+    parent.send_signal(signal.SIGTERM)
+    try:
+        status = parent.wait(120)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    err = (workspace.parent / "parent.err").read_text(errors="replace")[-3000:]
+    assert status != 0, err
+    assert leftovers(env) == [] and qemu_gone(vm_pid), err
