@@ -9,14 +9,13 @@
 
 A final image whose two labels already match is up to date: nothing is built.
 A change to guest_init only redoes the final layer; ``guest_init_only`` does
-that explicitly and fails when there is no base. A file lock under the cache
-dir makes concurrent builds (pytest-xdist workers) build once.
+that explicitly and fails when there is no base. A file lock (per user, see
+:func:`lock_path`) makes concurrent builds (pytest-xdist workers) build once.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from runtime.images.commit import (commit_layer, image_id, image_labels, import_
 from runtime.images.install import install_guest_init
 from runtime.images.rootfs import build_root
 from runtime.images.steps import progress
+from runtime.images.workdir import work_dir
 
 LOCK_TIMEOUT_S = 3600.0
 
@@ -54,17 +54,25 @@ class BuildResult:
 
 
 def cache_dir() -> Path:
-    """Where the build log and lock live: ``$XDG_CACHE_HOME/agentbox/image-build``."""
+    """Where the build log lives: ``$XDG_CACHE_HOME/agentbox/image-build``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     path = Path(base) / "agentbox" / "image-build"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
+def lock_path() -> Path:
+    """The build lock: one per user and image storage, whatever HOME says
+    (``/run/lock/agentbox-image-build.lock`` for root)."""
+    if os.geteuid() == 0 and Path("/run/lock").is_dir():
+        return Path("/run/lock/agentbox-image-build.lock")
+    return cache_dir() / "build.lock"
+
+
 def build_base(tag: str, recipe_hash: str, log: Path) -> None:
-    """Debootstrap a root in a temporary dir and import it as the base image ``tag``."""
-    with tempfile.TemporaryDirectory(prefix="agentbox-root-", dir=os.environ.get("AGENTBOX_BUILD_DIR")) as tmp:
-        root = Path(tmp) / "root"
+    """Debootstrap a root in a work dir and import it as the base image ``tag``."""
+    with work_dir() as tmp:
+        root = tmp / "root"
         build_root(root, log)
         import_root(root, tag, recipe_hash, log)
 
@@ -107,7 +115,7 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
         return BuildResult(tag, base, recipe_hash, gi_hash, built_base, built_final,
                            time.monotonic() - started, log)
 
-    lock = FileLock(str(cache / "build.lock"))
+    lock = FileLock(str(lock_path()))
     try:
         lock.acquire(timeout=LOCK_TIMEOUT_S)
     except Timeout:

@@ -48,3 +48,21 @@ def test_tool_returns_stdout_and_reports_stderr_on_failure() -> None:
     assert tool(["sh", "-c", "echo ' id-123 '"], "buildah from") == "id-123"
     with pytest.raises(AgentboxError, match=r"image build step 'buildah mount' failed: sh -c .*: no such container"):
         tool(["sh", "-c", "echo 'no such container' >&2; exit 125"], "buildah mount")
+
+
+def test_mounts_under_decodes_and_orders_deepest_first(tmp_path: Path) -> None:
+    from runtime.images.workdir import mounts_under
+
+    root = tmp_path / "agentbox-root-x"
+    root.mkdir()
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"proc {root}/root/proc proc rw 0 0\n"
+                      f"/dev {root}/root/dev devtmpfs rw 0 0\n"
+                      f"devpts {root}/root/dev/pts devpts rw 0 0\n"
+                      f"x {str(root).replace(' ', chr(92) + '040')}/with\\040space tmpfs rw 0 0\n"
+                      f"y {root}-other/dev tmpfs rw 0 0\n"
+                      "/dev/vda / ext4 rw 0 0\n")
+    found = mounts_under(root, mounts)
+    assert found[0] == f"{root}/root/dev/pts"
+    assert sorted(found) == sorted([f"{root}/root/proc", f"{root}/root/dev", f"{root}/root/dev/pts",
+                                    f"{root}/with space"])
