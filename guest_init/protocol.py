@@ -70,6 +70,10 @@ class FrameReader:
         if data:
             self.noise = (self.noise + bytes(data[-self.noise_keep:]))[-self.noise_keep:]
 
+    def tail(self) -> bytes:
+        """The recent noise plus bytes not yet decoded (a partial frame or a possible magic start)."""
+        return (self.noise + bytes(self.buf[-self.noise_keep:]))[-self.noise_keep:]
+
     def _drop_front(self, n: int, noise: bool) -> None:
         if noise:
             self._note_noise(self.buf[:n])

@@ -106,7 +106,7 @@ class AgentClient:
 
     def noise(self) -> str:
         """The last non-frame bytes seen on the stream."""
-        return self.reader.noise[-2000:].decode("utf-8", "replace")
+        return self.reader.tail()[-2000:].decode("utf-8", "replace")
 
     def _send(self, message: dict[str, Any]) -> None:
         with self._write_lock:
@@ -141,14 +141,14 @@ class AgentClient:
             finally:
                 self._read_lock.release()
 
-    def request(self, op: str, timeout: float, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait up to ``timeout`` seconds for its response."""
+    def request(self, op: str, wait_s: float, /, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait up to ``wait_s`` seconds for its response."""
         if self.closed:
             raise ChannelError(f"agent channel is closed; cannot send '{op}'")
         rid = next(self.ids)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_s
         self._send({"op": op, "id": rid, **fields})
-        self._pump(op, rid, deadline, timeout)
+        self._pump(op, rid, deadline, wait_s)
         resp = self.pending.pop(rid)
         if not resp.get("ok"):
             raise ChannelError(f"agent '{op}' failed: {resp.get('error')}")
