@@ -1,10 +1,15 @@
 """pytest plugin and fixtures that boot real agentbox guests (``microvm``, ``krun_task``, ...).
 
-The exception types a test may expect from fixture operations are re-exported here,
-so tests need nothing from the runtime's internals.
+The types a test meets are re-exported here (the Machine verbs' result and
+errors, and the exception types fixture operations raise), so tests need
+nothing from the runtime's internals.
 """
 
+from agentbox_harness.console import ConsoleError
+from agentbox_harness.machine import Machine, MachineError, Result
+from agentbox_harness.wait import WaitTimeout
 from runtime.errors import AgentboxError, InputError
 from runtime.resize import GuestStepFailed
 
-__all__ = ["AgentboxError", "InputError", "GuestStepFailed"]
+__all__ = ["AgentboxError", "ConsoleError", "GuestStepFailed", "InputError", "Machine", "MachineError", "Result",
+           "WaitTimeout"]

@@ -110,22 +110,24 @@ class MicrovmMachine(Machine):
         task, self.task = self.task, None
         if task is None:
             return
+        agent, self.agent = self.agent, None
         try:
-            if self.agent is not None:
-                try:
-                    self.agent.run(["sync"], timeout=min(timeout, 30), user="root")
-                    self.agent.shutdown(min(timeout, 10))  # the agent exits; PID 1 powers off
-                except (ChannelError, OSError):
+            if agent is not None:
+                try:  # graceful: flush, then the agent exits and PID 1 powers off
+                    agent.run(["sync"], timeout=min(timeout, 30), user="root")
+                    agent.shutdown(min(timeout, 10))
+                except Exception:  # noqa: BLE001 - best effort; the VMM is stopped below either way
                     pass
-                self.agent.close()
-                self.agent = None
-            self._keep_console(task)
+                agent.close()
         finally:
-            if task.handle is not None:
-                task.handle.shutdown(timeout)
-            task.close()
-            if task.notice:
-                self.preserved.append(Preserved(self._debug_lines(task), (str(task.task_dir),)))
+            try:
+                if task.handle is not None:
+                    task.handle.shutdown(timeout)
+                self._keep_console(task)
+            finally:
+                task.close()
+                if task.notice:
+                    self.preserved.append(Preserved(self._debug_lines(task), (str(task.task_dir),)))
 
     def _debug_lines(self, task: MicrovmTask) -> list[str]:
         """Ready-to-paste commands for a task whose state --preserve-debug kept."""

@@ -357,3 +357,48 @@ def test_allure_steps_attachments_and_environment(pytester: pytest.Pytester) -> 
         for fixture in json.loads(container.read_text()).get("afters", []):
             names |= {a["name"] for a in fixture.get("attachments", [])}
     assert {"al-transcript.json", "al-host-console.log"} <= names
+
+
+def test_dimension_fixtures_take_params_and_overrides(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest('''
+        import pytest
+
+        @pytest.fixture
+        def vm_cpus():
+            return 3
+    ''')
+    pytester.makepyfile(test_dims='''
+        import pytest
+
+        @pytest.mark.parametrize("vm_memory", [4], indirect=True)
+        @pytest.mark.parametrize("storage_backend", ["fuse-overlay"], indirect=True)
+        @pytest.mark.parametrize("agentbox_backend", ["container"], indirect=True)
+        def test_params(vm_memory, storage_backend, agentbox_backend, vm_cpus):
+            assert (vm_memory, storage_backend, agentbox_backend, vm_cpus) == (4, "fuse-overlay", "container", 3)
+
+        def test_defaults(vm_memory, storage_backend):
+            assert (vm_memory, storage_backend) == (2, "auto")
+    ''')
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+@pytest.mark.needs_root
+def test_disk_fixtures_create_validate_inspect_reset(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_disks='''
+        import os
+        from runtime.disks import Outcome
+
+        def test_nix_disk(nix_disk, containers_disk):
+            assert nix_disk.create() is Outcome.CREATED
+            assert nix_disk.create() is Outcome.REUSED
+            size = nix_disk.validate()
+            assert size > 0 and nix_disk.path.name == "microvm-nix.raw"
+            with nix_disk.inspect() as root:
+                assert os.path.ismount(root)
+            assert not os.path.exists(root)
+            nix_disk.reset(force=True)
+            assert nix_disk.validate() == size
+            assert containers_disk.create() is Outcome.CREATED
+            assert containers_disk.path.name == "microvm-containers.raw"
+    ''')
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -1,0 +1,89 @@
+"""The plugin's VM-backed fixtures in fresh pytester projects: real qemu boots
+through runtime.microvm.session (TCG here), artifacts of a failing test,
+--preserve-debug with its ready-to-paste commands, and an interrupted run that
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+
+def qemu_under(path: Path) -> list[str]:
+    """qemu processes whose command line mentions ``path``."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("qemu-system") and str(path) in cmd:
+            out.append(f"{proc.name} {cmd[:200]}")
+    return out
+
+
+def mounts_under(path: Path) -> list[str]:
+    return [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(path))]
+
+
+def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_guest='''
+        def test_guest(microvm, tmp_path):
+            assert microvm.succeed("id -un", timeout=60) == "dev\\n"
+            assert microvm.succeed("id -un", timeout=60, user="root") == "root\\n"
+            src = tmp_path / "in.txt"
+            src.write_text("payload")
+            microvm.copy_to(src, "/home/dev/sub/in.txt")
+            assert microvm.succeed("stat -c %U /home/dev/sub/in.txt; cat /home/dev/sub/in.txt",
+                                   timeout=60) == "dev\\npayload"
+            microvm.copy_from("/etc/os-release", tmp_path / "os-release")
+            assert "ID=debian" in (tmp_path / "os-release").read_text()
+            microvm.succeed("setsid -f sh -c 'sleep 2; touch /tmp/later'", timeout=60, user="root")
+            microvm.wait_for_file("/tmp/later", timeout=60)
+            microvm.fail("test -e /no/such/file", timeout=60)
+            assert microvm.console.log.is_file()
+            shell = microvm.shell(timeout=60)
+            shell.sendline("tty; id -un")
+            shell.expect(r"/dev/hvc0\\r?\\ndev")
+            shell.close()
+            assert microvm.profile["verbs"]["succeed"]["count"] >= 4
+            assert False, "deliberate failure after the checks"
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+                                           "--preserve-debug", timeout=1800)
+    result.assert_outcomes(failed=1)
+    assert "deliberate failure after the checks" in result.stdout.str()
+    kept = pytester.path / "results" / "artifacts" / "test_guest.py_test_guest"
+    names = {p.name for p in kept.iterdir()}
+    assert {"vm-transcript.json", "vm-profile.json", "outcome.json", "doctor.json"} <= names
+    assert any(n.endswith("-console.log") for n in names) and any(n.endswith("-launch.conf") for n in names)
+    out = result.stdout.str()
+    assert "agentbox: preserved debug state" in out
+    cleanup = re.search(r"clean up:\s+(.*)", out)
+    assert cleanup, out
+    task_dir = Path(re.search(r"console log:\s+less (\S+)/console.log", out).group(1))  # type: ignore[union-attr]
+    assert (task_dir / "launch.conf").is_file(), "the task state is kept"
+    assert not qemu_under(pytester.path), "the VM is stopped; its state is kept"
+    subprocess.run(["sh", "-c", cleanup.group(1)], check=True, timeout=120)
+    assert not task_dir.exists() and not mounts_under(pytester.path)
+
+
+def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_int='''
+        def test_interrupted(microvm):
+            microvm.succeed("true", timeout=60)
+            raise KeyboardInterrupt
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+                                           "--agentbox-strict", timeout=1800)
+    assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
+    assert "leaked resources" not in result.stdout.str()
+    assert not qemu_under(pytester.path)
+    assert not mounts_under(pytester.path)
+    assert not list(pytester.path.glob("**/microvm-tasks/*"))
