@@ -82,11 +82,8 @@ def build_final(tag: str, base: str, recipe_hash: str, gi_hash: str, guest_init_
     package) and the config, commit as ``tag``."""
     started = time.monotonic()
     progress(f"guest_init layer on {base} ...")
-    previous = image_id(tag)
     commit_layer(base, tag, recipe.image_config(recipe_hash, gi_hash),
                  lambda root: install_guest_init(root, gi_hash, guest_init_src))
-    if previous != image_id(tag):
-        remove_if_untagged(previous)
     progress(f"guest_init layer done in {time.monotonic() - started:.1f}s")
 
 
@@ -126,6 +123,7 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
             progress(f"{tag} is up to date")
             return result(False, False)
         built_base = False
+        superseded = [image_id(tag), image_id(base)]  # final first: it is the base's child
         base_labels = image_labels(base)
         if guest_init_only:
             if base_labels is None:
@@ -136,12 +134,13 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
                 raise AgentboxError(f"building the base image {base} needs root (debootstrap and chroot "
                                     "mounts); run 'agentbox image build' as root")
             log.write_text("")
-            previous = image_id(base)
             build_base(base, recipe_hash, log)
-            remove_if_untagged(previous)
-            prune_other_tags(recipe.BASE_REPO, base)
             built_base = True
         build_final(tag, base, recipe_hash, gi_hash, guest_init_src)
+        for image in superseded:
+            remove_if_untagged(image)
+        if built_base:
+            prune_other_tags(recipe.BASE_REPO, base)
         progress(f"{tag} built in {time.monotonic() - started:.1f}s")
         return result(built_base, True)
     finally:
