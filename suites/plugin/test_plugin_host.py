@@ -402,3 +402,25 @@ def test_disk_fixtures_create_validate_inspect_reset(pytester: pytest.Pytester) 
             assert containers_disk.path.name == "microvm-containers.raw"
     ''')
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_krun='''
+        import pytest
+        from agentbox_harness.registry import BackendContext, build
+
+        def test_argv(agentbox_harness, workspace):
+            ctx = BackendContext(agentbox_harness, workspace, lambda: "localhost/agentbox:latest", 2, 3, "auto")
+            m = build("krun-podman", ctx, "task", {"memory": 1536, "publish": ("8080:80",), "root": True})
+            argv = m.argv
+            assert argv[:3] == ["run", "--rm", "-i"] and "-it" not in argv
+            assert argv[-3:] == ["localhost/agentbox:latest", "agentbox-guest-init", "agent"]
+            assert "krun.ram_mib=1536" in argv and "8080:80" in argv
+            assert f"io.agentbox.harness.run={agentbox_harness.run_label}" in argv
+            assert (workspace.state.state_root / "libkrun-nix.raw").is_file()
+            with pytest.raises(TypeError, match="unknown krun-podman option.s.: bogus"):
+                build("krun-podman", ctx, "task", {"bogus": 1})
+            with pytest.raises(ValueError, match="unknown agentbox backend 'nope'; known: qemu, krun-direct"):
+                build("nope", ctx, "task", {})
+    ''')
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)

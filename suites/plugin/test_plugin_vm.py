@@ -87,3 +87,23 @@ def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester) -> None:
     assert not qemu_under(pytester.path)
     assert not mounts_under(pytester.path)
     assert not list(pytester.path.glob("**/microvm-tasks/*"))
+
+
+def test_killed_vm_run_is_reaped_by_the_next_run(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_die='''
+        import os, signal
+
+        def test_killed(microvm):
+            microvm.succeed("true", timeout=60)
+            print("BOOTED", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    ''')
+    killed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--agentbox-backend", "qemu",
+                                           timeout=1800)
+    assert killed.ret == -9 and "BOOTED" in killed.stdout.str()
+    assert list(pytester.path.glob("**/microvm-tasks/*")), "the killed run left its task dir"
+    pytester.makepyfile(test_die="def test_nothing():\n    pass\n")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert not qemu_under(pytester.path)
+    assert not mounts_under(pytester.path)
+    assert not list(pytester.path.glob("**/microvm-tasks/*"))
