@@ -12,7 +12,7 @@ from pathlib import Path
 
 from guest_init import contract as c
 from guest_init.launch_config import decode
-from runtime.microvm.reaper import _same_process, records
+from runtime.microvm.reaper import records, same_process
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 from runtime.resize import ResizePlan
 from runtime.state import StateLayout
@@ -38,7 +38,7 @@ def live_users(layout: StateLayout, disk_path: Path) -> list[str]:
     """Running microvm tasks (recorded by this harness) whose launch config attaches ``disk_path``."""
     users = []
     for rec in records(layout):
-        if not _same_process(int(rec["pid"]), rec.get("start")):  # type: ignore[arg-type]
+        if not same_process(int(rec["pid"]), rec.get("start")):  # type: ignore[arg-type]
             continue
         conf = Path(str(rec["task_dir"])) / "launch.conf"
         try:
