@@ -5,3 +5,6 @@ package is installed in editable mode by ``scripts/setup.sh``); this file only
 makes the repository root importable so test helpers under ``suites`` can be
 shared between tiers.
 """
+
+# pytester (used by suites/plugin) must be enabled at the top level.
+pytest_plugins = ["pytester"]
