@@ -213,6 +213,15 @@ def storage(genv: GuestEnv, ident: Identity, engine: Engine, *, root: Path = ROO
     _write_owned(cfg / "policy.json", POLICY_JSON, ident)
 
 
+def share_log(ident: Identity, root: Path = ROOT) -> None:
+    """Let dev append to the Podman prep log: the API service started by a dev
+    ``docker`` command writes its output there (reference 7.6)."""
+    log = under(root, c.PODMAN_PREP_LOG)
+    if log.exists():
+        os.chown(log, ident.uid, ident.gid)
+        os.chmod(log, 0o644)
+
+
 def prep(genv: GuestEnv, ident: Identity, *, root: Path = ROOT, runner: Runner = run_tool,
          expand: Expand = glob.glob, euid: int | None = None) -> None:
     """The whole prep (root only): tools, kernel, idmap, storage and config."""
@@ -223,3 +232,4 @@ def prep(genv: GuestEnv, ident: Identity, *, root: Path = ROOT, runner: Runner =
     kernel(root)
     idmap(ident, root=root, runner=runner)
     storage(genv, ident, engine, root=root, runner=runner, expand=expand)
+    share_log(ident, root)

@@ -81,6 +81,9 @@ def _spawn(ident: Identity, sock: Path, root: Path, env: Mapping[str, str]) -> s
     as_root = os.geteuid() == 0
     log_path = under(root, c.PODMAN_PREP_LOG)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if not as_root and not os.access(log_path, os.W_OK):
+        # prep normally hands the log to dev; if it could not, keep the output next to the socket
+        log_path = sock.parent / "podman-service.log"
     with open(log_path, "ab") as log:
         if as_root:
             os.chown(log_path, ident.uid, ident.gid)
