@@ -53,6 +53,7 @@ def test_guest_failure_after_host_growth_is_retryable(microvm, nix_disk):
     assert nix_disk.path.stat().st_size == 70 * GIB, "the host grew the file and nothing was rolled back"
     nix_disk.grow(75 * GIB, microvm.resize_runner())
     microvm.start()
+    microvm.wait_for_prep("nix", timeout=120)
     assert int(microvm.succeed("df -B1 --output=size /run/agentbox/nix-disk | tail -n1", timeout=120,
                                user="root")) > 70 * GIB
 
