@@ -283,3 +283,27 @@ def krun_task_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessS
 def krun_task(krun_task_factory: Callable[..., Machine]) -> Machine:
     """One libkrun-mode task (see ``krun_task_factory``)."""
     return krun_task_factory("task")
+
+
+@pytest.fixture
+def nix_sidecar(agentbox_harness: HarnessSession, workspace: Workspace, agentbox_image: str) -> Iterator[object]:
+    """The container-mode nix-daemon sidecar of the workspace (started or reused, health-probed).
+
+    Yields a ``Sidecar`` (``name``, ``merged`` /nix dir, ``proxy_port``, ``reused``);
+    a ``container_task`` of the same workspace shares it. Afterwards the sidecar,
+    its FUSE mount and image mount are removed (``nix-upper`` stays in the state root)."""
+    require_backend(agentbox_harness, "container")
+    from runtime.container import host_conf
+    from runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
+    from runtime.podman import Podman
+
+    os.environ[host_conf.ENV] = str(host_conf.ensure())
+    layout = workspace.state.ensure()
+    podman = Podman()
+    req = SidecarRequest(image=agentbox_image, canonical_cwd=str(workspace.path), slug=layout.slug,
+                         state_root=layout.state_root, run_label=agentbox_harness.run_label)
+    sidecar = prepare_sidecar(podman, req, probe=True)
+    try:
+        yield sidecar
+    finally:
+        teardown_stack(podman, req)
