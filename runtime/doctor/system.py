@@ -69,10 +69,8 @@ def check_kvm_boot(probe: bool = True) -> Check:
     return summary
 
 
-def check_libkrun() -> Check:
-    """libkrun loads through ctypes (``$AGENTBOX_LIBKRUN_LIBRARY``, else libkrun.so.1 then libkrun.so)."""
-    explicit = os.environ.get(LIBKRUN_ENV)
-    names = [explicit] if explicit else list(LIBKRUN_SONAMES)
+def _first_loadable(names: list[str]) -> tuple[str | None, list[str]]:
+    """The first library in ``names`` that loads, and the load failures before it."""
     failures = []
     for name in names:
         try:
@@ -80,6 +78,16 @@ def check_libkrun() -> Check:
         except OSError as exc:
             failures.append(load_failure(name, str(exc)))
             continue
+        return name, failures
+    return None, failures
+
+
+def check_libkrun() -> Check:
+    """libkrun loads through ctypes (``$AGENTBOX_LIBKRUN_LIBRARY``, else libkrun.so.1 then libkrun.so)."""
+    explicit = os.environ.get(LIBKRUN_ENV)
+    names = [explicit] if explicit else list(LIBKRUN_SONAMES)
+    name, failures = _first_loadable(names)
+    if name is not None:
         return Check("libkrun", True, "ok", f"{name} loads" + (f" (from ${LIBKRUN_ENV})" if explicit else ""))
     source = f" (from ${LIBKRUN_ENV})" if explicit else f" (${LIBKRUN_ENV} not set)"
     status = "unusable" if any(" load error: " in f for f in failures) else "missing"
@@ -92,13 +100,8 @@ def check_libkrunfw() -> Check:
     explicit = os.environ.get(LIBKRUN_ENV)
     if explicit:
         names = sorted(glob.glob(os.path.join(os.path.dirname(explicit), "libkrunfw.so*"))) + names
-    failures = []
-    for name in names:
-        try:
-            ctypes.CDLL(name, mode=os.RTLD_NOW)
-        except OSError as exc:
-            failures.append(load_failure(name, str(exc)))
-            continue
+    name, failures = _first_loadable(names)
+    if name is not None:
         return Check("libkrunfw", True, "ok", f"{name} loads")
     return Check("libkrunfw", False, "missing", "; ".join(failures[-len(LIBKRUNFW_SONAMES):]),
                  "no Debian 12 package: build libkrunfw from source (github.com/containers/libkrunfw) "
