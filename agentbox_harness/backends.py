@@ -24,6 +24,9 @@ from runtime.channel import AgentClient, ChannelError
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
+"""The agent on its own virtio-serial port (qemu)."""
+AGENT_STDIO_COMMAND = ("agentbox-guest-init", "agent")
+"""The agent on the guest command's stdio (libkrun's console, krun-podman's ``podman run -i``)."""
 BOOT_TIMEOUT_S = 60.0
 
 
@@ -69,12 +72,13 @@ class MicrovmMachine(Machine):
 
     def _start(self) -> None:
         assert self.options is not None
-        opts = replace(self.options, command=AGENT_COMMAND, root=True, interactive=False)
+        command = AGENT_STDIO_COMMAND if self.options.vmm == "libkrun" else AGENT_COMMAND
+        opts = replace(self.options, command=command, root=True, interactive=False)
         task = MicrovmTask(opts)
         self.task = task
         task.start()
         self.tasks_run.append(task.task_id)
-        assert task.handle is not None and task.handle.agent_socket is not None
+        assert task.handle is not None
         handle, limit = task.handle, self.scaled(self.boot_timeout)
         errors: list[str] = []
 
@@ -88,7 +92,7 @@ class MicrovmMachine(Machine):
                                      f"{self.console_tail()}")
             try:
                 if self.agent is None:
-                    self.agent = AgentClient.connect_unix(handle.agent_socket, 5.0)  # type: ignore[arg-type]
+                    self.agent = handle.agent_client(5.0)
                 self.agent.ping(2.0)
                 return True
             except (ChannelError, OSError) as exc:
@@ -138,7 +142,7 @@ class MicrovmMachine(Machine):
                  f"  {task.notice}",
                  f"  console log:  less {d / 'console.log'}",
                  f"  launch.conf:  cat {d / 'launch.conf'}",
-                 f"  qemu argv:    cat {d / 'qemu.argv'}",
+                 *([f"  qemu argv:    cat {d / 'qemu.argv'}"] if (d / "qemu.argv").exists() else []),
                  f"  rootfs:       ls {root}"]
         if state is not None:
             lines.append(f"  nix disk:     mkdir -p /tmp/nixdisk && mount -o loop,ro {MICROVM_NIX.path(state)} /tmp/nixdisk")

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agentbox_harness.backends import agent_execute
+from agentbox_harness.backends import AGENT_STDIO_COMMAND, agent_execute
 from agentbox_harness.machine import Machine, Result
 from runtime.channel import AgentClient, ChannelError
 from runtime.tasks.krun import KrunOptions
@@ -22,7 +22,6 @@ from runtime.tasks.krun import KrunOptions
 if TYPE_CHECKING:
     from agentbox_harness.registry import BackendContext
 
-AGENT_STDIO_COMMAND = ("agentbox-guest-init", "agent")
 STOP_TIMEOUT_S = 10
 
 
@@ -91,11 +90,12 @@ def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object
     layout = ctx.workspace.state.ensure()
     disks.prepare_all(disks.LIBKRUN_DISKS, layout.state_root)
     guest_init = options.pop("guest_init", None)
+    options.pop("root", None)  # the agent always runs as root now; verbs choose the user per command
     opts = KrunOptions(ram_mib=int(options.pop("memory", ctx.memory_gib * 1024)),  # type: ignore[call-overload]
                        cpus=int(options.pop("cpus", ctx.cpus)),  # type: ignore[call-overload]
                        tsi=bool(options.pop("tsi", False)),
                        publish=tuple(str(p) for p in options.pop("publish", ())),  # type: ignore[attr-defined]
-                       root=bool(options.pop("root", False)),
+                       root=True,  # the agent runs as root and runs each command as the user asked
                        guest_init_mount=guest_init_override(str(guest_init)) if guest_init else None,
                        run_label=ctx.session.run_label, command=AGENT_STDIO_COMMAND)
     container = task_container_name(layout.slug)

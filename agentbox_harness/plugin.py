@@ -66,6 +66,12 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.testrunuid = uuid.uuid4().hex  # known here, so the leak check can find the workers' runs
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which backend VM fixtures use, and why (``auto`` probes libkrun once when it loads)."""
+    h = harness(config)
+    return [f"agentbox: backend {h.backend} ({h.backend_reason})"]
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Reap what dead runs left (their registries name it); a live run's things are never touched."""
     config = session.config

@@ -15,6 +15,8 @@ from agentbox_harness.reaper import RunRegistry, cache_root
 from runtime.doctor import Check, run_checks, usable_backends
 
 KEY = pytest.StashKey["HarnessSession"]()
+AUTO_ORDER = ("krun-direct", "qemu", "container")
+"""What ``--agentbox-backend=auto`` tries, best first."""
 TCG_SCALE = 4.0
 """Default timeout scale under TCG (software emulation); 1.0 with KVM."""
 
@@ -38,6 +40,8 @@ class HarnessSession:
     _checks: list[Check] | None = None
     _image: str | None = None
     _accel: str | None = None
+    _backend: str | None = None
+    backend_reason: str = ""
 
     @property
     def checks(self) -> list[Check]:
@@ -51,13 +55,38 @@ class HarnessSession:
 
     @property
     def backend(self) -> str:
-        """``--agentbox-backend``; ``auto`` picks krun-direct, then qemu, then container."""
+        """``--agentbox-backend``; ``auto`` picks krun-direct, then qemu, then container, each only
+        when usable here (krun-direct: only after a probe boot through it passed)."""
+        if self._backend is None:
+            self._backend, self.backend_reason = self._choose_backend()
+        return self._backend
+
+    def _choose_backend(self) -> tuple[str, str]:
+        if self.backend_option in ("auto", "krun-direct"):
+            self._probe_krun_direct()
         if self.backend_option != "auto":
-            return self.backend_option
-        for name in ("krun-direct", "qemu", "container"):
-            if self.backends[name][0]:
-                return name
-        return "qemu"
+            return self.backend_option, "chosen with --agentbox-backend"
+        table = self.backends
+        skipped = []
+        for name in AUTO_ORDER:
+            ok, why = table[name]
+            if ok:
+                detail = f"; {', '.join(skipped)}" if skipped else ""
+                return name, f"auto: first usable of {', '.join(AUTO_ORDER)}{detail}"
+            skipped.append(f"{name} unavailable ({why})")
+        return "qemu", f"auto: nothing usable ({'; '.join(skipped)}); qemu reports why"
+
+    def _probe_krun_direct(self) -> None:
+        """When libkrun loads but has never booted a guest here, boot once (cached per library)."""
+        from runtime.vmm import boot_verdicts
+
+        key = boot_verdicts.krun_direct_key()
+        if key is None or boot_verdicts.read(boot_verdicts.KRUN_DIRECT, key) is not None:
+            return
+        from runtime.microvm.probe import probe
+
+        probe(self.image(), image_cache=self.image_cache)
+        self._checks = None
 
     @property
     def accelerator(self) -> str:

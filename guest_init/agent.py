@@ -96,6 +96,10 @@ def run_command(req: Mapping[str, Any], base_env: Mapping[str, str] | None = Non
     if user not in (c.DEV_USER, "root"):
         return {"ok": False, "error": f"run user must be '{c.DEV_USER}' or 'root', got {user!r}"}
     env, ident = command_env(user, req.get("env") or {}, os.environ if base_env is None else base_env)
+    euid = os.geteuid()
+    if euid != 0 and (user == "root" or (ident is not None and ident.uid != euid)):
+        return {"ok": False, "error": f"run as {user!r} asked, but the agent runs as uid {euid} and cannot "
+                                      "switch users (start the agent as root)"}
     cwd = req.get("cwd") or (c.WORKSPACE if os.path.isdir(c.WORKSPACE) else "/")
     timeout = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
 

@@ -28,12 +28,13 @@ from guest_init.env import GuestEnv
 from guest_init.errors import GuestError
 from guest_init.identity import Identity, dev_identity, passwd_dev, resolve_identity
 
+PROG = "agentbox-guest-init"
 ENTER_MODES = ("default", "libkrun", "container", "microvm")
 PREP_VERBS = {"nix": ("prep", "wait"), "podman": ("prep", "wait", "service-wait")}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="agentbox-guest-init", description="agentbox guest bootstrap (runs inside the guest)")
+    p = argparse.ArgumentParser(prog=PROG, description="agentbox guest bootstrap (runs inside the guest)")
     sub = p.add_subparsers(dest="mode", required=True, metavar="{default,libkrun,container,microvm,status,agent}")
     for mode in ("default", "container", "microvm"):
         sub.add_parser(mode, help=f"{mode} enter [-- CMD...]").add_subparsers(
@@ -155,7 +156,10 @@ def split_enter(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``agentbox-guest-init``."""
-    words, command = split_enter(list(sys.argv[1:] if argv is None else argv))
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == [PROG]:  # libkrun passes krun_set_exec's argv after the exec path; tolerate our name there
+        words = words[1:]
+    words, command = split_enter(words)
     args = _parser().parse_args(words)
     try:
         return dispatch(args, command)

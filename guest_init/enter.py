@@ -83,11 +83,31 @@ def resolve_command(cmd: Sequence[str]) -> list[str]:
     return list(cmd) if cmd else list(c.DEFAULT_SHELL)
 
 
+NINEP_TAGS = "/sys/bus/virtio/drivers/9pnet_virtio"
+
+
+def share_fstype(tag: str, root: Path = ROOT) -> str:
+    """``9p`` when a virtio-9p device offers ``tag``, else ``virtiofs`` (libkrun's transport)."""
+    base = under(root, NINEP_TAGS)
+    try:
+        devices = list(base.iterdir())
+    except OSError:
+        return "virtiofs"
+    for dev in devices:
+        try:
+            if (dev / "mount_tag").read_text().rstrip("\0\n") == tag:
+                return "9p"
+        except OSError:
+            continue
+    return "virtiofs"
+
+
 def mount_workspace(genv: GuestEnv, host: Host) -> bool:
     """Mount the workspace tag at its target; False when it already was (same tag and fstype)."""
     if not genv.workspace_tag:
         raise GuestError(f"{c.ENV_MICROVM_WORKSPACE_TAG} is required for microvm enter")
-    target, tag, fstype = genv.workspace_target, genv.workspace_tag, genv.workspace_fstype
+    target, tag = genv.workspace_target, genv.workspace_tag
+    fstype = genv.workspace_fstype or share_fstype(tag, host.root)
     if not target.startswith("/"):
         raise GuestError(f"{c.ENV_MICROVM_WORKSPACE_TARGET} must be an absolute path")
     path = under(host.root, target)

@@ -45,7 +45,8 @@ class GuestEnv:
     debug: bool = False
     workspace_tag: str | None = None
     workspace_target: str = c.WORKSPACE
-    workspace_fstype: str = "virtiofs"
+    workspace_fstype: str = ""
+    """``9p`` or ``virtiofs``; empty: whichever transport offers the workspace tag."""
     allocator: str = ""
     mimalloc_lib: str = ""
     hardened_malloc_lib: str = ""
@@ -70,7 +71,7 @@ class GuestEnv:
             debug=c.flag_is_set(env.get(c.ENV_GUEST_DEBUG)),
             workspace_tag=env.get(c.ENV_MICROVM_WORKSPACE_TAG) or None,
             workspace_target=env.get(c.ENV_MICROVM_WORKSPACE_TARGET) or c.WORKSPACE,
-            workspace_fstype=env.get(c.ENV_MICROVM_WORKSPACE_FSTYPE) or "virtiofs",
+            workspace_fstype=env.get(c.ENV_MICROVM_WORKSPACE_FSTYPE) or "",
             allocator=env.get(c.ENV_NIX_ALLOCATOR, ""),
             mimalloc_lib=env.get(c.ENV_MIMALLOC_LIB, ""),
             hardened_malloc_lib=env.get(c.ENV_HARDENED_MALLOC_LIB, ""),

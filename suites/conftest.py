@@ -104,3 +104,26 @@ def loop_mount(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
         if os.path.ismount(target):
             subprocess.run(["umount", str(target)], capture_output=True, timeout=TOOL_TIMEOUT_S,
                            check=False)
+
+
+@pytest.fixture(scope="session")
+def libkrun_standin() -> Path:
+    """The QEMU-backed libkrun stand-in (``suites/standins/libkrun``), compiled once; skips without cc."""
+    from suites.standins.libkrun.build import StandinBuildError, build
+
+    try:
+        return build()
+    except StandinBuildError as exc:
+        pytest.skip(f"cannot build the libkrun stand-in: {exc}")
+
+
+VM_BACKENDS = ("qemu", "krun-direct")
+"""The microvm backends the VM tiers run on: qemu, and krun-direct through the libkrun stand-in."""
+
+
+@pytest.fixture(params=VM_BACKENDS)
+def vm_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each microvm backend in turn; for krun-direct, AGENTBOX_LIBKRUN_LIBRARY is the stand-in."""
+    if request.param == "krun-direct":
+        monkeypatch.setenv("AGENTBOX_LIBKRUN_LIBRARY", str(request.getfixturevalue("libkrun_standin")))
+    return str(request.param)

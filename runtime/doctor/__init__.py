@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from runtime.doctor.model import Check
 from runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check_kvm_boot,
-                                   check_kvm_device, check_libkrun, check_libkrunfw, check_tun,
+                                   check_krun_direct_boot, check_kvm_device, check_libkrun, check_libkrunfw, check_tun,
                                    check_userns)
 from runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_crun_krun,
                                   check_fuse, check_image, check_passt, check_podman, check_qemu,
@@ -43,6 +43,7 @@ CHECKS: dict[str, Callable[[], Check]] = {
     "kvm-boot": check_kvm_boot,
     "libkrun": check_libkrun,
     "libkrunfw": check_libkrunfw,
+    "krun-direct-boot": check_krun_direct_boot,
     "net-tun": check_tun,
     "user-namespaces": check_userns,
     "idmap": check_idmap,
@@ -56,11 +57,13 @@ _ROOTLESS = ("user-namespaces", "idmap")  # both pass for root
 BACKENDS: dict[str, tuple[str, ...]] = {
     "krun-podman": ("podman", "crun-krun", "libkrunfw", "kvm-device", "net-tun", "passt", "cgroups",
                     "btrfs-progs", "blkid", *_ROOTLESS),
-    "krun-direct": ("libkrun", "libkrunfw", "kvm-device", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
+    "krun-direct": ("libkrun", "krun-direct-boot", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
     "qemu": ("qemu", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
     "container": ("podman", "runc", "fuse-overlayfs", *_ROOTLESS),
 }
-"""Backend -> the checks it needs (all of them). qemu falls back to TCG, so it does not need /dev/kvm."""
+"""Backend -> the checks it needs (all of them). qemu falls back to TCG, so it does not need /dev/kvm.
+krun-direct needs a passed probe boot through the library that loads (which proves libkrunfw and
+KVM too; their own lines say why a boot failed)."""
 
 
 def _guarded(name: str, fn: Callable[[], Check]) -> Check:

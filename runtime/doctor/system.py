@@ -15,6 +15,7 @@ from runtime.doctor.parse import (can_read_write, cgroup_layout, cgroup_meaning,
                                   subid_ranges)
 from runtime.errors import AgentboxError
 from runtime.state import state_base
+from runtime.vmm import boot_verdicts
 from runtime.vmm.libkrun import SONAMES as LIBKRUN_SONAMES
 
 KVM_GET_API_VERSION = 0xAE00
@@ -92,6 +93,19 @@ def check_libkrun() -> Check:
     source = f" (from ${LIBKRUN_ENV})" if explicit else f" (${LIBKRUN_ENV} not set)"
     status = "unusable" if any(" load error: " in f for f in failures) else "missing"
     return Check("libkrun", False, status, "; ".join(failures) + source, LIBKRUN_FIX)
+
+
+def check_krun_direct_boot() -> Check:
+    """Whether a probe boot through the libkrun that loads now passed (the cached verdict)."""
+    key = boot_verdicts.krun_direct_key()
+    if key is None:
+        return Check("krun-direct-boot", False, "missing", "not probed: libkrun does not load", LIBKRUN_FIX)
+    verdict = boot_verdicts.read(boot_verdicts.KRUN_DIRECT, key)
+    if verdict is None:
+        return Check("krun-direct-boot", False, "info", "libkrun loads but has not booted a guest here yet",
+                     "agentbox doctor probes it when the guest image exists (agentbox image build)")
+    return Check("krun-direct-boot", verdict.ok, "ok" if verdict.ok else "unusable", verdict.describe(),
+                 "" if verdict.ok else "see the detail; delete ~/.cache/agentbox/boot-probes to probe again")
 
 
 def check_libkrunfw() -> Check:

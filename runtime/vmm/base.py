@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Protocol
 
 from guest_init.launch_config import LaunchConfig
+from runtime.channel import AgentClient
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class VmHandle(Protocol):
     agent_socket: Path | None
     console_socket: Path | None
     accel: str
+
+    def agent_client(self, timeout: float) -> AgentClient:
+        """A client of the guest agent (when the guest command is ``agentbox-guest-init agent``)."""
+        ...
 
     def wait(self, timeout: float | None) -> int:
         """Wait for the guest to finish; the guest command's exit status."""

@@ -29,12 +29,14 @@ import libarchive
 
 from guest_init import contract
 
-GENERATOR_VERSION = "3"
+GENERATOR_VERSION = "4"
 WANTED = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "9p",
           "9pnet_virtio", "crc32c_generic", "btrfs", "overlay", "fuse", "tun")
 # modules that must be loaded before others although modules.dep does not say so
 SOFT_FIRST = ("crc32c_generic",)
 LAUNCH_PATH = "agentbox/launch.conf"
+PID1_PATH = "agentbox/pid1"
+"""An alternative PID 1 (a busybox sh script) a task archive may carry instead of launch.conf."""
 PROBE_MARKER = "AGENTBOX-INITRAMFS-PROBE-OK"
 
 INIT = f"""#!/bin/busybox sh
@@ -56,9 +58,14 @@ if ! $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,a
 fi
 $bb mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 $bb mkdir -p /newroot/run/agentbox /newroot/dev
-$bb cp /{LAUNCH_PATH} /newroot/run/agentbox/launch.conf
 $bb mount --move /dev /newroot/dev
 $bb umount /sys /proc
+if [ -f /{PID1_PATH} ]; then
+  $bb cp /bin/busybox /newroot/run/agentbox/busybox
+  $bb cp /{PID1_PATH} /newroot/run/agentbox/pid1
+  exec $bb switch_root /newroot /run/agentbox/busybox sh /run/agentbox/pid1
+fi
+$bb cp /{LAUNCH_PATH} /newroot/run/agentbox/launch.conf
 exec $bb switch_root /newroot {contract.GUEST_INIT_PATH} vm-init /run/agentbox/launch.conf
 """
 
@@ -202,13 +209,14 @@ def _write_cpio(stage: Path, out: Path) -> None:
         os.chdir(cwd)
 
 
-def launch_archive(launch_text: str) -> bytes:
-    """The per-task archive with ``/agentbox/launch.conf``."""
+def task_archive(files: dict[str, str]) -> bytes:
+    """A per-task newc archive holding ``files`` (archive path -> text), e.g. ``{LAUNCH_PATH: ...}``."""
     buf = io.BytesIO()
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
-        (stage / "agentbox").mkdir()
-        (stage / LAUNCH_PATH).write_text(launch_text)
+        for rel, text in files.items():
+            (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (stage / rel).write_text(text)
         out = stage.parent / (stage.name + ".cpio")
         try:
             _write_cpio(stage, out)
@@ -216,6 +224,11 @@ def launch_archive(launch_text: str) -> bytes:
         finally:
             out.unlink(missing_ok=True)
     return buf.getvalue()
+
+
+def launch_archive(launch_text: str) -> bytes:
+    """The per-task archive with ``/agentbox/launch.conf``."""
+    return task_archive({LAUNCH_PATH: launch_text})
 
 
 def cached_base(rootfs: Path, version: str, cache: Path) -> Path:
@@ -229,10 +242,10 @@ def cached_base(rootfs: Path, version: str, cache: Path) -> Path:
     return path
 
 
-def task_initrd(base: Path, launch_text: str, out: Path) -> Path:
-    """Concatenate the base archive and the task's launch archive into ``out``."""
+def task_initrd(base: Path, launch_text: str, out: Path, *, files: dict[str, str] | None = None) -> Path:
+    """Concatenate the base archive and the task's archive (launch.conf, or ``files``) into ``out``."""
     with open(out, "wb") as f:
         with open(base, "rb") as b:
             shutil.copyfileobj(b, f)
-        f.write(launch_archive(launch_text))
+        f.write(task_archive(files) if files is not None else launch_archive(launch_text))
     return out

@@ -19,7 +19,8 @@ from pathlib import Path
 from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
 from runtime.vmm.base import VmSpec
-from runtime.vmm.qemu import _die_with_parent
+from runtime.channel import AgentClient
+from runtime.vmm.qemu import die_with_parent, tail
 
 SONAMES = ("libkrun.so.1", "libkrun.so")
 
@@ -33,6 +34,20 @@ def load_library() -> ctypes.CDLL:
         except OSError as exc:
             last = f"failed to load {name}: {exc}"
     raise AgentboxError(last)
+
+
+def library_path() -> str:
+    """The file :func:`load_library` loads (raises like it when none loads)."""
+    explicit = os.environ.get("AGENTBOX_LIBKRUN_LIBRARY")
+    load_library()
+    if explicit:
+        return os.path.realpath(explicit)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1] if len(line.split()) >= 6 else ""
+            if os.path.basename(path).startswith("libkrun.so"):
+                return path
+    raise AgentboxError("libkrun loaded but its file is not in /proc/self/maps")
 
 
 def _fn(lib: ctypes.CDLL, name: str):  # type: ignore[no-untyped-def]
@@ -89,36 +104,69 @@ def helper_main(path: str) -> int:
 
 
 class LibkrunHandle:
+    """A running helper (``krun_start_enter`` never returns: the process is the VM).
+
+    The helper's stdin/stdout are the guest command's stdio (libkrun's default
+    console: non-TTY fds become the ``krun-stdin``/``krun-stdout`` ports), so a
+    non-interactive guest whose command is ``agentbox-guest-init agent`` is
+    reached through :meth:`agent_client`. The helper's stderr (guest stderr and
+    console output) is ``console.log`` in the task dir.
+    """
+
     def __init__(self, proc: subprocess.Popen[bytes], task_dir: Path) -> None:
         self.proc, self.task_dir = proc, task_dir
         self.pid = proc.pid
         self.console_log = task_dir / "console.log"
-        self.agent_socket = None
-        self.console_socket = None
+        self.agent_socket: Path | None = None
+        self.console_socket: Path | None = None
         self.accel = "kvm"
 
+    def agent_client(self, timeout: float) -> AgentClient:
+        """The agent on the guest command's stdio (requires a non-interactive start)."""
+        if self.proc.stdout is None or self.proc.stdin is None:
+            raise AgentboxError("this libkrun guest was started interactively: its stdio is the terminal")
+        return AgentClient(self.proc.stdout.fileno(), self.proc.stdin.fileno())
+
     def poll(self) -> int | None:
-        return self.proc.poll()
+        rc = self.proc.poll()
+        return None if rc is None else (rc if 0 <= rc <= 255 else 1)
 
     def wait(self, timeout: float | None) -> int:
-        rc = self.proc.wait(timeout)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"guest still running after {timeout:.0f}s; console log "
+                               f"{self.console_log}:\n{tail(self.console_log)}") from None
         return rc if 0 <= rc <= 255 else 1
 
     def shutdown(self, timeout: float) -> None:
+        """SIGTERM (libkrun's VMM exits on it), then SIGKILL after ``timeout``."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._close_pipes()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(30)
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
 
 
 class LibkrunDriver:
+    """Boots guests through the microvm helper and libkrun."""
+
     name = "libkrun"
 
     def available(self) -> tuple[bool, str]:
@@ -132,9 +180,15 @@ class LibkrunDriver:
         ok, why = self.available()
         if not ok:
             raise AgentboxError(f"libkrun backend unavailable: {why}")
-        argv = [sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(spec.task_dir / "launch.conf")]
+        spec.task_dir.mkdir(parents=True, exist_ok=True)
+        launch = spec.task_dir / "launch.conf"
+        argv = [sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(launch)]
+        pipe = None if spec.interactive else subprocess.PIPE
         try:
-            proc = subprocess.Popen(argv, start_new_session=not spec.interactive, preexec_fn=_die_with_parent)
+            with open(spec.task_dir / "console.log", "ab") as log:
+                proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=None if spec.interactive else log,
+                                        start_new_session=not spec.interactive, preexec_fn=die_with_parent)
         except OSError as exc:
-            raise AgentboxError(f"failed to start microvm helper for '{spec.task_dir / 'launch.conf'}'") from exc
+            raise AgentboxError(f"failed to start microvm helper for '{launch}': {exc.strerror}") from None
+        (spec.task_dir / "helper.pid").write_text(str(proc.pid))
         return LibkrunHandle(proc, spec.task_dir)

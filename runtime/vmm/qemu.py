@@ -20,6 +20,7 @@ kernel, TCG otherwise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,7 +33,9 @@ from pathlib import Path
 
 from guest_init import contract
 from guest_init.launch_config import encode
+from runtime.channel import AgentClient
 from runtime.errors import AgentboxError
+from runtime.private_dir import runtime_dir
 from runtime.vmm import initramfs
 from runtime.vmm.base import GuestExitUnknown, VmSpec
 
@@ -50,15 +53,12 @@ def cache_dir() -> Path:
 
 
 def socket_dir(task_dir: Path) -> Path:
-    """A short private dir for the task's unix sockets (paths are limited to 107 bytes)."""
-    import hashlib
-    import tempfile
+    """A short private dir for the task's unix sockets (paths are limited to 107 bytes).
 
+    Under the per-user runtime dir (:func:`runtime.private_dir.runtime_dir`), never a
+    shared /tmp path; a dir that is not ours and private is refused."""
     key = hashlib.sha256(str(task_dir).encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"agentbox-{os.getuid()}" / key
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.parent.chmod(0o700)
-    return path
+    return runtime_dir("vm", key)
 
 
 def tail(path: Path, lines: int = 25) -> str:
@@ -70,38 +70,63 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty console log)"
 
 
+def machine_args(*, ram_mib: int, vcpus: int, kernel: Path, initrd: Path, accel: str,
+                 cmdline: str = CMDLINE) -> list[str]:
+    """The machine itself: accelerator, memory, CPUs, kernel and initramfs."""
+    accel_arg = "kvm" if accel == "kvm" else "tcg,thread=multi"
+    return [qemu_binary(), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-machine", "pc", "-accel", accel_arg, "-cpu", "host" if accel == "kvm" else "max",
+            "-m", str(ram_mib), "-smp", str(max(1, vcpus)),
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+
+
+def port_args(chardev: str, cid: str, name: str, *, console: bool = False) -> list[str]:
+    """A virtio-serial port ``name`` (or the virtconsole) on the ``vser`` bus backed by ``chardev``
+    (``BACKEND[,OPTIONS]``, e.g. ``socket,path=/x.sock,server=on,wait=off``)."""
+    device = "virtconsole,bus=vser.0" if console else "virtserialport,bus=vser.0"
+    backend, _, opts = chardev.partition(",")
+    return ["-chardev", f"{backend},id={cid}" + (f",{opts}" if opts else ""),
+            "-device", f"{device},chardev={cid}" + ("" if console else f",name={name}")]
+
+
+def share_args(fsid: str, path: str | Path, tag: str, *, read_only: bool = False) -> list[str]:
+    """A virtio-9p share of host ``path`` under mount tag ``tag``."""
+    ro = ",readonly=on" if read_only else ""
+    return ["-fsdev", f"local,id={fsid},path={path},security_model=passthrough{ro}",
+            "-device", f"virtio-9p-pci,fsdev={fsid},mount_tag={tag}"]
+
+
+def disk_args(index: int, disk_id: str, path: str | Path, *, read_only: bool = False,
+              fmt: str = "raw") -> list[str]:
+    """A virtio-blk disk; ``serial=<id>`` names it in the guest's /dev/disk/by-id."""
+    ro = ",readonly=on" if read_only else ""
+    return ["-drive", f"file={path},if=none,id=d{index},format={fmt},cache=writeback,discard=unmap{ro}",
+            "-device", f"virtio-blk-pci,drive=d{index},serial={disk_id[:20]}"]
+
+
+def net_args() -> list[str]:
+    """User-mode networking (10.0.2.15 via 10.0.2.2) and an entropy source."""
+    return ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
+            "-device", "virtio-rng-pci"]
+
+
 def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str) -> list[str]:
     """The exact qemu command line for ``spec``."""
     t, launch = spec.task_dir, spec.launch
     sock = socket_dir(t)
-    accel_arg = "kvm" if accel == "kvm" else "tcg,thread=multi"
-    argv = [qemu_binary(), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-machine", "pc", "-accel", accel_arg, "-cpu", "host" if accel == "kvm" else "max",
-            "-m", str(launch.ram_mib), "-smp", str(max(1, launch.vcpus)),
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE,
-            "-serial", f"file:{t / 'console.log'}",
-            "-qmp", f"unix:{sock / 'qmp.sock'},server=on,wait=off",
-            "-device", "virtio-serial-pci,id=vser",
-            "-chardev", f"socket,id=agent,path={sock / 'agent.sock'},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser.0,chardev=agent,name={contract.AGENT_PORT_NAME}",
-            "-chardev", f"file,id=status,path={t / 'status'}",
-            "-device", f"virtserialport,bus=vser.0,chardev=status,name={STATUS_PORT}"]
-    if spec.interactive:
-        argv += ["-chardev", "stdio,id=con,signal=off"]
-    else:
-        argv += ["-chardev", f"socket,id=con,path={sock / 'console.sock'},server=on,wait=off"]
-    argv += ["-device", "virtconsole,bus=vser.0,chardev=con",
-             "-fsdev", f"local,id=root,path={spec.rootfs},security_model=passthrough",
-             "-device", f"virtio-9p-pci,fsdev=root,mount_tag={contract.ROOTFS_TAG}",
-             "-fsdev", f"local,id=ws,path={launch.workspace_source},security_model=passthrough",
-             "-device", f"virtio-9p-pci,fsdev=ws,mount_tag={launch.workspace_tag}"]
+    argv = machine_args(ram_mib=launch.ram_mib, vcpus=launch.vcpus, kernel=kernel, initrd=initrd, accel=accel)
+    argv += ["-serial", f"file:{t / 'console.log'}",
+             "-qmp", f"unix:{sock / 'qmp.sock'},server=on,wait=off",
+             "-device", "virtio-serial-pci,id=vser"]
+    argv += port_args(f"socket,path={sock / 'agent.sock'},server=on,wait=off", "agent", contract.AGENT_PORT_NAME)
+    argv += port_args(f"file,path={t / 'status'}", "status", STATUS_PORT)
+    con = "stdio,signal=off" if spec.interactive else f"socket,path={sock / 'console.sock'},server=on,wait=off"
+    argv += port_args(con, "con", "", console=True)
+    argv += share_args("root", spec.rootfs, contract.ROOTFS_TAG)
+    argv += share_args("ws", launch.workspace_source, launch.workspace_tag)
     for i, disk in enumerate(launch.disks):
-        ro = ",readonly=on" if disk.read_only else ""
-        argv += ["-drive", f"file={disk.path},if=none,id=d{i},format=raw,cache=writeback,discard=unmap{ro}",
-                 "-device", f"virtio-blk-pci,drive=d{i},serial={disk.id[:20]}"]
-    argv += ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
-             "-device", "virtio-rng-pci"]
-    return argv
+        argv += disk_args(i, disk.id, disk.path, read_only=disk.read_only)
+    return argv + net_args()
 
 
 def parse_status(text: str) -> int | None:
@@ -159,6 +184,11 @@ class QemuHandle:
             raise TimeoutError(f"guest still running after {timeout:.0f}s; console log "
                                f"{self.console_log}:\n{tail(self.console_log)}") from None
         return self.exit_status()
+
+    def agent_client(self, timeout: float) -> AgentClient:
+        """The agent on the ``org.agentbox.agent`` port (its unix socket)."""
+        assert self.agent_socket is not None
+        return AgentClient.connect_unix(self.agent_socket, timeout)
 
     def qmp(self, command: str, timeout: float = 5.0) -> None:
         """Send one QMP command (best effort)."""
@@ -235,7 +265,7 @@ class QemuDriver:
         try:
             proc = subprocess.Popen(argv, stdin=stdio, stdout=stdio, stderr=open(spec.task_dir / "qemu.log", "ab"),
                                     start_new_session=not spec.interactive,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
         except OSError as exc:
             raise AgentboxError(f"failed to start {argv[0]}: {exc}") from None
         (spec.task_dir / "qemu.pid").write_text(str(proc.pid))
@@ -244,7 +274,7 @@ class QemuDriver:
         return handle
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """PR_SET_PDEATHSIG(SIGKILL): qemu dies when the process that started it dies."""
     import ctypes
 

@@ -32,9 +32,9 @@ def mounts_under(path: Path) -> list[str]:
             if line.split()[1].startswith(str(path))]
 
 
-def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester) -> None:
+def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_guest='''
-        def test_guest(microvm, tmp_path):
+        def test_guest(microvm, tmp_path, agentbox_backend):
             assert microvm.succeed("id -un", timeout=60) == "dev\\n"
             assert microvm.succeed("id -un", timeout=60, user="root") == "root\\n"
             src = tmp_path / "in.txt"
@@ -47,15 +47,17 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester) -
             microvm.succeed("setsid -f sh -c 'sleep 2; touch /tmp/later'", timeout=60, user="root")
             microvm.wait_for_file("/tmp/later", timeout=60)
             microvm.fail("test -e /no/such/file", timeout=60)
+            assert microvm.execute("exit 7", timeout=60).exit_status == 7
             assert microvm.console.log.is_file()
-            shell = microvm.shell(timeout=60)
-            shell.sendline("tty; id -un")
-            shell.expect(r"/dev/hvc0\\r?\\ndev")
-            shell.close()
+            if agentbox_backend == "qemu":  # krun-direct's console is the helper's stdio (the agent)
+                shell = microvm.shell(timeout=60)
+                shell.sendline("tty; id -un")
+                shell.expect(r"/dev/hvc0\\r?\\ndev")
+                shell.close()
             assert microvm.profile["verbs"]["succeed"]["count"] >= 4
             assert False, "deliberate failure after the checks"
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", vm_backend,
                                            "--preserve-debug", timeout=1800)
     result.assert_outcomes(failed=1)
     assert "deliberate failure after the checks" in result.stdout.str()
@@ -74,13 +76,13 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester) -
     assert not task_dir.exists() and not mounts_under(pytester.path)
 
 
-def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester) -> None:
+def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_int='''
         def test_interrupted(microvm):
             microvm.succeed("true", timeout=60)
             raise KeyboardInterrupt
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", vm_backend,
                                            "--agentbox-strict", timeout=1800)
     assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     assert "leaked resources" not in result.stdout.str()
@@ -89,7 +91,7 @@ def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester) -> None:
     assert not list(pytester.path.glob("**/microvm-tasks/*"))
 
 
-def test_killed_vm_run_is_reaped_by_the_next_run(pytester: pytest.Pytester) -> None:
+def test_killed_vm_run_is_reaped_by_the_next_run(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_die='''
         import os, signal
 
@@ -98,7 +100,7 @@ def test_killed_vm_run_is_reaped_by_the_next_run(pytester: pytest.Pytester) -> N
             print("BOOTED", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
     ''')
-    killed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--agentbox-backend", "qemu",
+    killed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--agentbox-backend", vm_backend,
                                            timeout=1800)
     assert killed.ret == -9 and "BOOTED" in killed.stdout.str()
     assert list(pytester.path.glob("**/microvm-tasks/*")), "the killed run left its task dir"

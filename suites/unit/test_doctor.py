@@ -148,12 +148,18 @@ def test_backend_table_names_what_is_missing_and_how_to_get_it() -> None:
 
 def test_backend_table_shared_needs() -> None:
     table = usable_backends(_checks(**{"kvm-device": "/dev/kvm does not exist", "fuse-overlayfs": "gone"}))
-    assert not table["krun-podman"][0] and not table["krun-direct"][0]
-    assert "kvm-device: /dev/kvm does not exist" in table["krun-direct"][1]
+    assert not table["krun-podman"][0] and table["krun-direct"][0]  # krun-direct: its probe boot decides
     assert table["qemu"] == (True, "usable")
     assert table["container"] == (False, "fuse-overlayfs: gone (fix: get fuse-overlayfs)")
     cgroups = usable_backends(_checks(cgroups="cgroup layout hybrid"))
     assert not cgroups["krun-podman"][0] and cgroups["container"][0]
+
+
+def test_krun_direct_needs_a_passed_probe_boot_not_just_a_library_that_loads() -> None:
+    table = usable_backends(_checks(**{"krun-direct-boot": "libkrun loads but has not booted a guest here yet"}))
+    assert table["krun-direct"] == (False, "krun-direct-boot: libkrun loads but has not booted a guest here yet "
+                                           "(fix: get krun-direct-boot)")
+    assert table["qemu"] == (True, "usable")
 
 
 def test_backend_needs_are_known_checks() -> None:

@@ -28,7 +28,7 @@ def test_defaults_for_disk_names_and_workspace() -> None:
     assert (g.nix_disk_id, g.nix_disk_label) == ("agentbox-nix", "AGENTBOX_NIX")
     assert (g.containers_disk_id, g.containers_disk_label) == ("agentbox-containers", "AGENTBOX_CONTAINERS")
     assert (g.host_uid, g.host_gid, g.workspace_tag) == (None, None, None)
-    assert (g.workspace_target, g.workspace_fstype) == ("/workspace", "virtiofs")
+    assert (g.workspace_target, g.workspace_fstype) == ("/workspace", "")  # auto: the transport offering the tag
 
 
 def test_explicit_values_are_taken() -> None:
