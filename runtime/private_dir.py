@@ -66,15 +66,27 @@ def _runtime_base() -> Path | None:
     return Path(xdg)
 
 
-def runtime_dir(*parts: str) -> Path:
-    """``$XDG_RUNTIME_DIR/agentbox/<parts>`` (else ``<cache>/agentbox/run/<parts>``), each level private."""
+SOCKET_DIR_MAX = 72
+"""Longest dir :func:`runtime_dir` returns for sockets: unix socket paths are limited to 107 bytes."""
+
+
+def runtime_dir(*parts: str, for_sockets: bool = False) -> Path:
+    """``$XDG_RUNTIME_DIR/agentbox/<parts>`` (else ``<cache>/agentbox/run/<parts>``), each level private.
+
+    With ``for_sockets``, a result longer than :data:`SOCKET_DIR_MAX` moves to
+    ``/tmp/agentbox-<uid>/<parts>``, which is checked like every other level (a
+    dir someone else created there is refused, never used)."""
     base = _runtime_base()
     if base is None:
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        (cache / "agentbox").mkdir(parents=True, exist_ok=True)  # the user's own cache: not checked
-        path = ensure_private(cache / "agentbox" / "run")
+        top = cache / "agentbox" / "run"
     else:
-        path = ensure_private(base / "agentbox")
+        top = base / "agentbox"
+    if for_sockets and len(str(top.joinpath(*parts))) > SOCKET_DIR_MAX:
+        top = Path("/tmp") / f"agentbox-{os.geteuid()}"
+    elif base is None:
+        (cache / "agentbox").mkdir(parents=True, exist_ok=True)  # the user's own cache: not checked
+    path = ensure_private(top)
     for part in parts:
         path = ensure_private(path / part)
     return path

@@ -58,7 +58,7 @@ def socket_dir(task_dir: Path) -> Path:
     Under the per-user runtime dir (:func:`runtime.private_dir.runtime_dir`), never a
     shared /tmp path; a dir that is not ours and private is refused."""
     key = hashlib.sha256(str(task_dir).encode()).hexdigest()[:12]
-    return runtime_dir("vm", key)
+    return runtime_dir("vm", key, for_sockets=True)
 
 
 def tail(path: Path, lines: int = 25) -> str:

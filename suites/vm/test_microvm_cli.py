@@ -1,7 +1,9 @@
-"""``agentbox microvm`` end to end with real qemu boots (TCG here) of localhost/agentbox:latest.
+"""``agentbox microvm`` end to end with real boots (TCG here) of localhost/agentbox:latest,
+on both VMMs: ``--vmm qemu``, and ``--vmm libkrun`` through the QEMU-backed libkrun
+stand-in (the production helper and ctypes calls, a real guest).
 
-All runs share one isolated state base (XDG_STATE_HOME) so the image is ingested
-once per module."""
+All runs of one VMM share one isolated state base (XDG_STATE_HOME) so the image
+is ingested once per VMM."""
 
 from __future__ import annotations
 
@@ -21,16 +23,24 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 IMAGE = "localhost/agentbox:latest"
 BOOT_TIMEOUT_S = 900
+DEV_UID = 1000
+
+
+@pytest.fixture(scope="module", params=["qemu", "libkrun"])
+def vmm(request: pytest.FixtureRequest) -> str:
+    """``--vmm`` of every run in the module: qemu, then libkrun (the stand-in)."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def env(tmp_path_factory: pytest.TempPathFactory, vmm: str, request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("needs qemu-system-x86_64")
     if subprocess.run(["podman", "image", "exists", IMAGE], timeout=60).returncode != 0:
         pytest.skip(f"needs the guest image {IMAGE} (build it with `agentbox image build`)")
-    base = tmp_path_factory.mktemp("microvm-state")
-    yield {**os.environ, "XDG_STATE_HOME": str(base)}
+    base = tmp_path_factory.mktemp(f"microvm-state-{vmm}")
+    extra = {"AGENTBOX_LIBKRUN_LIBRARY": str(request.getfixturevalue("libkrun_standin"))} if vmm == "libkrun" else {}
+    yield {**os.environ, "XDG_STATE_HOME": str(base), **extra}
     for line in Path("/proc/self/mountinfo").read_text().splitlines():  # a failed test's fuse mounts
         if line.split()[4].startswith(str(base)):
             subprocess.run(["umount", "-l", line.split()[4]], capture_output=True, timeout=60)
@@ -38,8 +48,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 @pytest.fixture()
 def workspace(tmp_path: Path) -> Path:
+    """A project dir owned by uid 1000 when run as root (the guest's dev takes the owner's ids)."""
     ws = tmp_path / "ws"
     ws.mkdir()
+    if os.geteuid() == 0:
+        os.chown(ws, DEV_UID, DEV_UID)
     return ws
 
 
@@ -65,21 +78,21 @@ def leftovers(env: dict[str, str]) -> list[str]:
     return tasks + recs + mounts
 
 
-def test_exit_status_passes_through_and_second_run_reuses_cache(env: dict[str, str], workspace: Path) -> None:
-    first = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--", "sh", "-c", "echo ok; exit 3")
+def test_exit_status_passes_through_and_second_run_reuses_cache(env: dict[str, str], workspace: Path, vmm: str) -> None:
+    first = agentbox(env, workspace, "microvm", "--vmm", vmm, "--", "sh", "-c", "echo ok; exit 3")
     assert first.returncode == 3, first.stderr[-3000:]
     assert "ok" in first.stdout.splitlines()
     cached = markers(env)
     assert len(cached) == 1
-    second = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--", "sh", "-c", "echo again")
+    second = agentbox(env, workspace, "microvm", "--vmm", vmm, "--", "sh", "-c", "echo again")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "again" in second.stdout.splitlines()
     assert markers(env) == cached  # the entry was not rewritten: no second ingestion
     assert leftovers(env) == []
 
 
-def test_preserve_debug_keeps_rootfs_and_prints_hint(env: dict[str, str], workspace: Path) -> None:
-    proc = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--preserve-debug", "--", "true")
+def test_preserve_debug_keeps_rootfs_and_prints_hint(env: dict[str, str], workspace: Path, vmm: str) -> None:
+    proc = agentbox(env, workspace, "microvm", "--vmm", vmm, "--preserve-debug", "--", "true")
     assert proc.returncode == 0, proc.stderr[-3000:]
     notice = [line for line in proc.stderr.splitlines() if line.startswith("agentbox: preserved microvm debug state: ")]
     assert len(notice) == 1, proc.stderr[-3000:]
@@ -98,11 +111,11 @@ def test_preserve_debug_keeps_rootfs_and_prints_hint(env: dict[str, str], worksp
         reset_task_dir(task_dir)
 
 
-def start_and_wait_for_vm(env: dict[str, str], workspace: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_and_wait_for_vm(env: dict[str, str], workspace: Path, vmm: str) -> tuple[subprocess.Popen[bytes], int]:
     """An ``agentbox microvm -- sleep 600`` parent (stderr in ``<workspace>/../parent.err``) and its
     recorded VM pid once the VM is up."""
     with open(workspace.parent / "parent.err", "wb") as err:
-        parent = subprocess.Popen([sys.executable, "-m", "runtime.cli", "microvm", "--vmm", "qemu", "--", "sleep",
+        parent = subprocess.Popen([sys.executable, "-m", "runtime.cli", "microvm", "--vmm", vmm, "--", "sleep",
                                    "600"], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     running = app_dir(env) / "microvm" / "running"
@@ -121,26 +134,30 @@ def start_and_wait_for_vm(env: dict[str, str], workspace: Path) -> tuple[subproc
     pytest.fail(f"no VM process was recorded under {running} (parent status {parent.poll()})")
 
 
-def qemu_gone(pid: int) -> bool:
+def vm_gone(pid: int) -> bool:
+    """The recorded VM process (qemu, or the libkrun helper) no longer runs (or the pid was reused)."""
     try:
-        return "qemu" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return True
+    return state == "Z" or not any(word in cmd for word in ("qemu", "launcher.py", "__agentbox_microvm_enter"))
 
 
-def test_sigkill_of_parent_during_boot_leaves_nothing_after_next_run(env: dict[str, str], workspace: Path) -> None:
-    parent, vm_pid = start_and_wait_for_vm(env, workspace)
+def test_sigkill_of_parent_during_boot_leaves_nothing_after_next_run(env: dict[str, str], workspace: Path,
+                                                                   vmm: str) -> None:
+    parent, vm_pid = start_and_wait_for_vm(env, workspace, vmm)
     parent.send_signal(signal.SIGKILL)
     parent.wait(30)
     assert leftovers(env) != []  # the dead run left its task behind...
-    after = agentbox(env, workspace, "microvm", "--vmm", "qemu", "--", "true")
+    after = agentbox(env, workspace, "microvm", "--vmm", vmm, "--", "true")
     assert after.returncode == 0, after.stderr[-3000:]
     assert leftovers(env) == []  # ...and the next run reaped it
-    assert qemu_gone(vm_pid)
+    assert vm_gone(vm_pid)
 
 
-def test_sigterm_of_parent_stops_vm_and_cleans_up(env: dict[str, str], workspace: Path) -> None:
-    parent, vm_pid = start_and_wait_for_vm(env, workspace)
+def test_sigterm_of_parent_stops_vm_and_cleans_up(env: dict[str, str], workspace: Path, vmm: str) -> None:
+    parent, vm_pid = start_and_wait_for_vm(env, workspace, vmm)
     parent.send_signal(signal.SIGTERM)
     try:
         status = parent.wait(120)
@@ -149,4 +166,19 @@ def test_sigterm_of_parent_stops_vm_and_cleans_up(env: dict[str, str], workspace
             parent.kill()
     err = (workspace.parent / "parent.err").read_text(errors="replace")[-3000:]
     assert status != 0, err
-    assert leftovers(env) == [] and qemu_gone(vm_pid), err
+    assert leftovers(env) == [] and vm_gone(vm_pid), err
+
+
+def test_workspace_reads_and_writes_and_both_persistent_disks(env: dict[str, str], workspace: Path,
+                                                              vmm: str) -> None:
+    (workspace / "from-host").write_text("host data\n")
+    script = ("cat /workspace/from-host; id -un; echo guest data > /workspace/from-guest; "
+              "echo $(cat /sys/block/vda/serial); echo $(cat /sys/block/vdb/serial)")
+    proc = agentbox(env, workspace, "microvm", "--vmm", vmm, "--", "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["host data", "dev", "agentbox-nix", "agentbox-containers"], proc.stderr[-2000:]
+    written = workspace / "from-guest"
+    assert written.read_text() == "guest data\n"
+    assert (written.stat().st_uid, written.stat().st_gid) == (os.stat(workspace).st_uid, os.stat(workspace).st_gid)
+    state = next(app_dir(env).glob("*/microvm-nix.raw")).parent
+    assert {p.name for p in state.glob("microvm-*.raw")} == {"microvm-nix.raw", "microvm-containers.raw"}

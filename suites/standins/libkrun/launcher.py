@@ -256,7 +256,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="krun-standin-launcher")
     p.add_argument("--config-fd", type=int, required=True)
     cfg = Config.read(p.parse_args().config_fd)
-    work = Path(tempfile.mkdtemp(prefix="krun-", dir=runtime_dir("krun-standin")))
+    work = Path(tempfile.mkdtemp(prefix="k", dir=runtime_dir("krun", for_sockets=True)))
     try:
         return boot(cfg, work)
     except (OSError, RuntimeError, initramfs.InitramfsError) as exc:

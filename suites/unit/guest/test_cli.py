@@ -89,3 +89,10 @@ def test_vm_init_lazily_imports_guest_init_vminit(tmp_path: Path) -> None:
                        text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert (p.returncode, p.stdout) == (7, "vminit ['/run/x.conf']\n"), p.stderr
     assert "vm-init" not in run_cli("--help").stdout
+
+
+def test_a_leading_own_name_is_skipped_as_libkrun_passes_argv_after_the_exec_path() -> None:
+    with_name = run_cli("agentbox-guest-init", "status", "--timeout", "0")
+    without = run_cli("status", "--timeout", "0")
+    assert (with_name.returncode, with_name.stderr) == (without.returncode, without.stderr)
+    assert "--timeout must be a positive number of seconds" in with_name.stderr

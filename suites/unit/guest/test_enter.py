@@ -252,3 +252,24 @@ def test_container_enter_nss_wrapper_env(tmp_path: Path) -> None:
     assert "dev:x:1234:1234:dev user:/home/dev:" in passwd.read_text()
     assert oct(passwd.stat().st_mode & 0o777) == oct(0o600)
     assert os.path.basename(e["NSS_WRAPPER_GROUP"]) == "group"
+
+
+def _ninep_device(root: Path, name: str, tag: str) -> None:
+    dev = root / "sys/bus/virtio/drivers/9pnet_virtio" / name
+    dev.mkdir(parents=True)
+    (dev / "mount_tag").write_bytes(tag.encode() + b"\0")
+
+
+def test_workspace_transport_is_9p_when_a_9p_device_offers_the_tag(tmp_path: Path) -> None:
+    _ninep_device(tmp_path, "virtio3", "agentbox-root")
+    _ninep_device(tmp_path, "virtio4", "ws")
+    g = Guest(tmp_path)
+    assert mount_workspace(GuestEnv(workspace_tag="ws", workspace_target="/w"), g.host)
+    assert g.runner.calls[0][:3] == ["mount", "-t", "9p"]
+
+
+def test_workspace_transport_is_virtiofs_when_no_9p_device_offers_the_tag(tmp_path: Path) -> None:
+    _ninep_device(tmp_path, "virtio3", "agentbox-root")
+    g = Guest(tmp_path)
+    assert mount_workspace(GuestEnv(workspace_tag="ws", workspace_target="/w"), g.host)
+    assert g.runner.calls == [["mount", "-t", "virtiofs", "ws", "/w"]]

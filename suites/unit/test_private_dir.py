@@ -1,0 +1,74 @@
+"""Private runtime dirs: created 0700, reused only when ours, private and not a symlink."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runtime.private_dir import SOCKET_DIR_MAX, UnsafeDirectory, check_private, ensure_private, runtime_dir
+
+
+def test_created_private_and_reused(tmp_path: Path) -> None:
+    d = ensure_private(tmp_path / "a" / "b")
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert ensure_private(d) == d
+
+
+def test_refuses_a_symlink_even_to_a_private_dir(tmp_path: Path) -> None:
+    real = ensure_private(tmp_path / "real")
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(UnsafeDirectory, match="symlink"):
+        ensure_private(link)
+
+
+def test_refuses_group_or_world_access(tmp_path: Path) -> None:
+    d = tmp_path / "shared"
+    d.mkdir(mode=0o777)
+    os.chmod(d, 0o777)
+    with pytest.raises(UnsafeDirectory, match="mode 777 is group- or world-accessible"):
+        ensure_private(d)
+    assert d.stat().st_mode & 0o777 == 0o777, "a refused dir is left as it was"
+
+
+def test_refuses_a_dir_another_user_created_first(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a dir owned by another user")
+    planted = tmp_path / "planted"
+    planted.mkdir(mode=0o700)
+    os.chown(planted, 4242, 4242)
+    with pytest.raises(UnsafeDirectory, match="owned by uid 4242"):
+        ensure_private(planted)
+
+
+def test_refuses_a_file(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_text("")
+    with pytest.raises(UnsafeDirectory, match="not a directory"):
+        check_private(f)
+
+
+def test_runtime_dir_prefers_a_private_xdg_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = ensure_private(tmp_path / "run")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
+    assert runtime_dir("vm", "k") == run / "agentbox" / "vm" / "k"
+
+
+def test_runtime_dir_ignores_a_shared_xdg_runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = tmp_path / "run"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert runtime_dir("x") == tmp_path / "cache" / "agentbox" / "run" / "x"
+    assert not (shared / "agentbox").exists()
+
+
+def test_socket_dirs_stay_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ("c" * 90)))
+    d = runtime_dir("vm", "0123456789ab", for_sockets=True)
+    assert len(str(d)) <= SOCKET_DIR_MAX
+    assert d.stat().st_uid == os.geteuid() and d.stat().st_mode & 0o777 == 0o700
