@@ -146,16 +146,24 @@ class DiskHandle:
 
 @pytest.fixture
 def nix_disk(workspace: Workspace, agentbox_backend: str) -> DiskHandle:
-    """The workspace's /nix raw image (microvm-nix.raw for VM backends, libkrun-nix.raw for krun-podman)."""
-    disk = disks.LIBKRUN_NIX if agentbox_backend == "krun-podman" else disks.MICROVM_NIX
-    return DiskHandle(disk, workspace.state.state_root)
+    """The workspace's /nix raw image as the chosen backend attaches it: ``microvm-nix.raw`` for
+    qemu and krun-direct, ``libkrun-nix.raw`` for krun-podman (the container backend attaches none:
+    the test skips)."""
+    return DiskHandle(_backend_disk(agentbox_backend, "nix"), workspace.state.state_root)
 
 
 @pytest.fixture
 def containers_disk(workspace: Workspace, agentbox_backend: str) -> DiskHandle:
-    """The workspace's container-storage raw image."""
-    disk = disks.LIBKRUN_CONTAINERS if agentbox_backend == "krun-podman" else disks.MICROVM_CONTAINERS
-    return DiskHandle(disk, workspace.state.state_root)
+    """The workspace's container-storage raw image as the chosen backend attaches it (see ``nix_disk``)."""
+    return DiskHandle(_backend_disk(agentbox_backend, "containers"), workspace.state.state_root)
+
+
+def _backend_disk(backend: str, key: str) -> disks.RawDisk:
+    if backend == "container":
+        pytest.skip("the container backend attaches no raw disks (it keeps /nix in an overlay dir); "
+                    "raw-disk tests need qemu, krun-direct or krun-podman")
+    chosen = disks.LIBKRUN_DISKS if backend == "krun-podman" else disks.MICROVM_DISKS
+    return next(d for d in chosen if d.spec.key == key)
 
 
 class Factory:

@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 from agentbox_harness.backends import AGENT_STDIO_COMMAND, agent_execute
 from agentbox_harness.machine import Machine, Result
 from runtime.channel import AgentClient, ChannelError
+from runtime.commands.libkrun import PodmanKrunMaintenance
+from runtime.podman import Podman
+from runtime.state import StateLayout
 from runtime.tasks.krun import KrunOptions
 
 if TYPE_CHECKING:
@@ -36,6 +39,9 @@ class KrunPodmanMachine(Machine):
 
     argv: list[str] = field(default_factory=list)
     container: str = ""
+    layout: StateLayout | None = None
+    krun_options: KrunOptions | None = None
+    image: str = ""
     boot_timeout: float = 120.0
     _proc: subprocess.Popen[bytes] | None = None
     _agent: AgentClient | None = None
@@ -51,6 +57,17 @@ class KrunPodmanMachine(Machine):
         except ChannelError as exc:
             raise AssertionError(f"{self.name}: krun task agent did not answer: {exc}; "
                                  f"noise seen: {self._agent.noise()[-2000:]}") from None
+
+    def resize_runner(self, extra_env: tuple[str, ...] = ()) -> PodmanKrunMaintenance:
+        """A maintenance runner for ``nix_disk.grow``/``containers_disk.grow``: the reference's resize
+        VM (``podman run`` with the krun handler, section 6.4) over this task's state and image.
+        ``extra_env`` is not supported by that argv and must be empty."""
+        if extra_env:
+            raise TypeError("the krun-podman resize VM takes no extra guest env")
+        assert self.layout is not None and self.krun_options is not None
+        runner = PodmanKrunMaintenance(Podman(), self.layout, self.krun_options, self.image)
+        runner.image = self.image  # already resolved by the fixture; run() still checks the krun handler
+        return runner
 
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:
@@ -99,10 +116,11 @@ def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object
                        guest_init_mount=guest_init_override(str(guest_init)) if guest_init else None,
                        run_label=ctx.session.run_label, command=AGENT_STDIO_COMMAND)
     container = task_container_name(layout.slug)
+    image = str(options.pop("image", None) or ctx.image())
     uid, gid = host_ids(ctx.workspace.path)
     argv = krun_task_argv(name=container, hostname=task_hostname(layout.slug), state_root=layout.state_root,
                           volumes=task_volumes(layout, home=layout.state_root / "home"), uid=uid, gid=gid,
-                          image=str(options.pop("image", None) or ctx.image()), opts=opts)
+                          image=image, opts=opts)
     return KrunPodmanMachine(name=name, timeout_scale=ctx.session.timeout_scale, argv=harness_argv(argv),
-                             container=container)
+                             container=container, layout=layout, krun_options=opts, image=image)
 

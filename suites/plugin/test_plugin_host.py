@@ -418,6 +418,13 @@ def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester)
             assert "krun.ram_mib=1536" in argv and "8080:80" in argv
             assert f"io.agentbox.harness.run={agentbox_harness.run_label}" in argv
             assert (workspace.state.state_root / "libkrun-nix.raw").is_file()
+            assert "AGENTBOX_ENTER_AS_ROOT=1" in argv  # the agent is root; verbs pick the user per command
+            from runtime.disks import LIBKRUN_NIX
+            from runtime.resize import ResizePlan
+            runner = m.resize_runner()
+            resize_argv = runner.argv(ResizePlan(LIBKRUN_NIX, workspace.state.state_root / "libkrun-nix.raw", 1, 2))
+            assert "localhost/agentbox:latest" in resize_argv
+            assert any("libkrun-nix.raw" in a for a in resize_argv)
             with pytest.raises(TypeError, match="unknown krun-podman option.s.: bogus"):
                 build("krun-podman", ctx, "task", {"bogus": 1})
             with pytest.raises(ValueError, match="unknown agentbox backend 'nope'; known: qemu, krun-direct"):
