@@ -32,21 +32,43 @@ def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | 
     if not force:
         raise InputError(needs_force(disk))
     path = disk.path(state_root)
-    refuse_if_live(path, "reset", containers, extra_users)
+    dir_fd = open_state_dir(state_root)  # every ownership and symlink check before anything destructive
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise AgentboxError(f"failed to inspect existing {disk.diag} '{path}': {exc}") from None
-    if st is not None:
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"existing {disk.diag} path '{path}' is not a regular "
-                             "file; refusing to reset it")
+        refuse_if_live(path, "reset", containers, extra_users)
         try:
-            path.unlink()
+            st = os.lstat(path.name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            st = None
         except OSError as exc:
-            raise AgentboxError(f"failed to delete existing {disk.diag} '{path}': {exc}") from None
-    ensure_private_dir(state_root, state_root.parent)
+            raise AgentboxError(f"failed to inspect existing {disk.diag} '{path}': {exc}") from None
+        if st is not None:
+            if not stat.S_ISREG(st.st_mode):
+                raise InputError(f"existing {disk.diag} path '{path}' is not a regular "
+                                 "file; refusing to reset it")
+            try:
+                os.unlink(path.name, dir_fd=dir_fd)
+            except OSError as exc:
+                raise AgentboxError(f"failed to delete existing {disk.diag} '{path}': {exc}") from None
+    finally:
+        os.close(dir_fd)
     create(disk, path, tools or SubprocessRunner())
     return path
+
+
+def open_state_dir(state_root: Path) -> int:
+    """An ``O_NOFOLLOW`` descriptor of the workspace state dir, after refusing a symlink anywhere in
+    its managed part, an owner other than us, or group/world write access (InputError, exit 2)."""
+    try:
+        ensure_private_dir(state_root, state_root.parent)
+    except AgentboxError as exc:
+        raise InputError(str(exc)) from None
+    try:
+        fd = os.open(state_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise InputError(f"refusing workspace state dir '{state_root}': {exc.strerror}") from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise InputError(f"refusing workspace state dir '{state_root}': owned by uid {st.st_uid} with mode "
+                         f"{stat.S_IMODE(st.st_mode):o} (accepted: ours, not writable by group or others)")
+    return fd

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 import resource
+import stat
 from pathlib import Path
 from typing import Final
+
+from runtime.private_dir import runtime_dir
 
 ENV: Final = "CONTAINERS_CONF"
 NOFILE_CAP: Final = 16384
@@ -44,18 +47,38 @@ def render(runtime: str = "runc", nofile: int = NOFILE_CAP, nproc: int = NPROC_C
 
 
 def default_path() -> Path:
-    """``$XDG_RUNTIME_DIR`` (else /tmp) ``/agentbox-harness-<uid>/containers.conf``."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return Path(base) / f"agentbox-harness-{os.getuid()}" / "containers.conf"
+    """``containers.conf`` in the per-user private runtime dir (:mod:`runtime.private_dir`), never a
+    shared /tmp path: a dir another user created first is refused, not used."""
+    return runtime_dir("podman") / "containers.conf"
 
 
 def ensure(path: Path | None = None, runtime: str = "runc") -> Path:
-    """Write the harness ``containers.conf`` (if it differs) and return its path."""
+    """Write the harness ``containers.conf`` (if it differs) and return its path.
+
+    The file is written 0600 through a new temporary file (``O_EXCL|O_NOFOLLOW``)
+    renamed over the target, so a planted symlink is replaced, never followed."""
     target = path or default_path()
     text = render(runtime, *host_ulimits())
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not target.exists() or target.read_text() != text:
+    if path is not None:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if _current(target) != text:
         tmp = target.with_name(target.name + f".tmp.{os.getpid()}")
-        tmp.write_text(text)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, target)
     return target
+
+
+def _current(target: Path) -> str | None:
+    """The target's text when it is a regular file we own (anything else is rewritten)."""
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 65536:
+            return None
+        return f.read()

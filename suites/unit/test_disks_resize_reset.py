@@ -2,6 +2,7 @@
 
 import subprocess
 from collections.abc import Sequence
+import os
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,39 @@ def test_start_failure_is_the_retryable_failed_to_start_variant(tmp_path: Path) 
     assert str(info.value).startswith(f"libkrun resize guest step for nix failed to start after host raw "
                                       f"image '{path}' was enlarged; fix the reported guest error")
     assert info.value.exit_code == 1 and path.stat().st_size == 100 << 30
+
+
+def test_reset_through_a_symlinked_state_dir_deletes_nothing(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (victim / "libkrun-nix.raw").write_bytes(b"someone else's image")
+    state = tmp_path / "app" / "ws"
+    state.parent.mkdir()
+    state.symlink_to(victim)
+    probe = Containers()
+    with pytest.raises(InputError, match="is a symlink"):
+        reset_nix(state, True, containers=probe, tools=Tools())
+    assert (victim / "libkrun-nix.raw").read_bytes() == b"someone else's image"
+    assert probe.asked == 0, "refused before probing anything"
+
+
+def test_reset_refuses_a_state_dir_others_can_write(tmp_path: Path) -> None:
+    state = tmp_path / "ws"
+    state.mkdir()
+    os.chmod(state, 0o777)
+    (state / "libkrun-nix.raw").write_bytes(b"old")
+    with pytest.raises(InputError, match="mode 777 .accepted: ours, not writable by group or others."):
+        reset_nix(state, True, containers=Containers(), tools=Tools())
+    assert (state / "libkrun-nix.raw").read_bytes() == b"old"
+
+
+def test_reset_refuses_a_state_dir_owned_by_another_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a dir owned by another user")
+    state = tmp_path / "ws"
+    state.mkdir(mode=0o700)
+    (state / "libkrun-nix.raw").write_bytes(b"theirs")
+    os.chown(state, 4242, 4242)
+    with pytest.raises(InputError, match="owned by uid 4242"):
+        reset_nix(state, True, containers=Containers(), tools=Tools())
+    assert (state / "libkrun-nix.raw").read_bytes() == b"theirs"

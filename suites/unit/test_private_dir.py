@@ -72,3 +72,32 @@ def test_socket_dirs_stay_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     d = runtime_dir("vm", "0123456789ab", for_sockets=True)
     assert len(str(d)) <= SOCKET_DIR_MAX
     assert d.stat().st_uid == os.geteuid() and d.stat().st_mode & 0o777 == 0o700
+
+
+def test_harness_containers_conf_refuses_a_dir_planted_by_another_user(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.container import host_conf
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a dir owned by another user")
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    planted = tmp_path / "cache" / "agentbox" / "run"
+    planted.mkdir(parents=True, mode=0o700)
+    os.chown(planted, 4242, 4242)
+    with pytest.raises(UnsafeDirectory, match="owned by uid 4242"):
+        host_conf.ensure()
+    assert list(planted.iterdir()) == []
+
+
+def test_harness_containers_conf_replaces_a_planted_symlink_instead_of_following_it(tmp_path: Path) -> None:
+    from runtime.container import host_conf
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    conf = ensure_private(tmp_path / "d") / "containers.conf"
+    conf.symlink_to(victim)
+    assert host_conf.ensure(conf) == conf
+    assert victim.read_text() == "keep"
+    assert not conf.is_symlink() and "[engine]" in conf.read_text()
+    assert conf.stat().st_mode & 0o777 == 0o600
