@@ -28,6 +28,7 @@ from pathlib import Path
 import libarchive
 
 from guest_init import contract
+from runtime.rootfs_paths import EscapesRoot, relative_entry, resolve_in_root
 
 GENERATOR_VERSION = "4"
 WANTED = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "9p",
@@ -74,10 +75,20 @@ class InitramfsError(RuntimeError):
     """The rootfs lacks what the initramfs needs (kernel modules, busybox)."""
 
 
+def image_path(rootfs: Path, path: str) -> Path:
+    """Guest path ``path`` of the untrusted image as a host path that stays inside ``rootfs``."""
+    try:
+        return resolve_in_root(rootfs, path)
+    except EscapesRoot as exc:
+        raise InitramfsError(str(exc)) from None
+
+
 def kernel_version(rootfs: Path, kernel: Path | None = None) -> str:
     """The module directory name that goes with the kernel (newest if not given)."""
-    versions = sorted(p.name for p in (rootfs / "lib/modules").iterdir() if (p / "modules.dep").exists()) \
-        if (rootfs / "lib/modules").is_dir() else []
+    moddirs = image_path(rootfs, "lib/modules")
+    versions = sorted(p.name for p in moddirs.iterdir()
+                      if image_path(rootfs, f"lib/modules/{p.name}/modules.dep").is_file()) \
+        if moddirs.is_dir() else []
     if kernel is not None:
         name = kernel.name.removeprefix("vmlinuz-")
         if name in versions:
@@ -89,11 +100,12 @@ def kernel_version(rootfs: Path, kernel: Path | None = None) -> str:
 
 def find_kernel(rootfs: Path) -> Path:
     """The newest ``/boot/vmlinuz-*`` in the rootfs."""
-    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    kernels = sorted(k for k in image_path(rootfs, "boot").glob("vmlinuz-*")
+                     if image_path(rootfs, f"boot/{k.name}").is_file())
     if not kernels:
         raise InitramfsError(f"no kernel at {rootfs}/boot/vmlinuz-* (install linux-image-amd64 in the image "
                              "or pass --kernel)")
-    return kernels[-1]
+    return image_path(rootfs, f"boot/{kernels[-1].name}")
 
 
 def parse_modules_dep(text: str) -> dict[str, list[str]]:
@@ -167,32 +179,38 @@ def _plain_name(path: str) -> str:
 
 def base_key(rootfs: Path, version: str, wanted: tuple[str, ...] = WANTED) -> str:
     h = hashlib.sha256(f"{GENERATOR_VERSION}\0{version}\0{' '.join(wanted)}".encode())
-    h.update((rootfs / "lib/modules" / version / "modules.dep").read_bytes())
+    h.update(image_path(rootfs, f"lib/modules/{version}/modules.dep").read_bytes())
     h.update(INIT.encode())
     return h.hexdigest()[:20]
 
 
 def write_base(rootfs: Path, version: str, out: Path, wanted: tuple[str, ...] = WANTED) -> list[str]:
     """Write the base archive to ``out``; return the module load order (names)."""
-    moddir = rootfs / "lib/modules" / version
-    deps = parse_modules_dep((moddir / "modules.dep").read_text())
-    builtin_file = moddir / "modules.builtin"
-    builtin = {module_name(p) for p in builtin_file.read_text().split()} if builtin_file.exists() else set()
+    moddir = f"lib/modules/{relative_entry(version, 'kernel version')}"
+    deps = parse_modules_dep(image_path(rootfs, f"{moddir}/modules.dep").read_text())
+    builtin_file = image_path(rootfs, f"{moddir}/modules.builtin")
+    builtin = {module_name(p) for p in builtin_file.read_text().split()} if builtin_file.is_file() else set()
     order = closure(wanted, deps, builtin)
-    busybox = rootfs / "bin/busybox"
-    if not busybox.exists():
+    try:
+        for p in order:
+            relative_entry(p, "modules.dep")
+    except EscapesRoot as exc:
+        raise InitramfsError(str(exc)) from None
+    busybox = image_path(rootfs, "bin/busybox")
+    if not busybox.is_file():
         raise InitramfsError(f"no static busybox at {busybox} (install busybox-static in the image)")
     loads = [_plain_name(p) for p in order]
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         (stage / "bin").mkdir()
-        shutil.copy2(busybox, stage / "bin/busybox")
+        shutil.copyfile(busybox, stage / "bin/busybox")
+        (stage / "bin/busybox").chmod(0o755)
         (stage / "init").write_text(INIT)
         (stage / "init").chmod(0o755)
         mods = stage / "lib/modules"
         mods.mkdir(parents=True)
         for p, name in zip(order, loads):
-            (mods / name).write_bytes(read_module(moddir / p))
+            (mods / name).write_bytes(read_module(image_path(rootfs, f"{moddir}/{p}")))
         (stage / "modules.order").write_text("\n".join(loads) + "\n")
         (stage / "agentbox").mkdir()
         _write_cpio(stage, out)

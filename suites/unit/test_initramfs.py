@@ -153,3 +153,43 @@ def test_missing_busybox_names_the_package(rootfs: Path, tmp_path: Path) -> None
     (rootfs / "bin/busybox").unlink()
     with pytest.raises(initramfs.InitramfsError, match="install busybox-static"):
         initramfs.write_base(rootfs, VERSION, tmp_path / "x.cpio")
+
+
+@pytest.mark.parametrize("entry", ["/etc/shadow", "../../../../../etc/shadow", "kernel/../../../../etc/shadow"])
+def test_a_modules_dep_entry_outside_the_image_is_refused(rootfs: Path, tmp_path: Path, entry: str) -> None:
+    moddir = rootfs / "lib/modules" / VERSION
+    (moddir / "modules.dep").write_text(f"kernel/fs/overlayfs/overlay.ko: {entry}\n")
+    out = tmp_path / "x.cpio"
+    with pytest.raises(initramfs.InitramfsError, match="image paths must be relative and stay inside the image"):
+        initramfs.write_base(rootfs, VERSION, out)
+    assert not out.exists()
+
+
+def test_a_symlinked_busybox_never_copies_a_host_file(rootfs: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"HOST SECRET")
+    (rootfs / "bin/busybox").unlink()
+    (rootfs / "bin/busybox").symlink_to(secret)  # absolute: resolved inside the image, where it is missing
+    with pytest.raises(initramfs.InitramfsError, match="no static busybox"):
+        initramfs.write_base(rootfs, VERSION, tmp_path / "a.cpio")
+    (rootfs / "bin/busybox").unlink()
+    (rootfs / "bin/busybox").symlink_to("../" * 12 + str(secret).lstrip("/"))
+    with pytest.raises(initramfs.InitramfsError, match="leaves the image root"):
+        initramfs.write_base(rootfs, VERSION, tmp_path / "b.cpio")
+
+
+def test_symlinks_inside_the_image_resolve_against_the_image_root(rootfs: Path, tmp_path: Path) -> None:
+    (rootfs / "usr/bin").mkdir(parents=True)
+    (rootfs / "bin/busybox").rename(rootfs / "usr/bin/busybox")
+    (rootfs / "bin/busybox").symlink_to("/usr/bin/busybox")  # absolute, as images often have
+    out = tmp_path / "ok.cpio"
+    initramfs.write_base(rootfs, VERSION, out)
+    assert entries(out)["bin/busybox"][1] == b"BUSYBOX"
+
+
+def test_a_module_symlink_pointing_out_of_the_image_is_refused(rootfs: Path, tmp_path: Path) -> None:
+    module = rootfs / "lib/modules" / VERSION / "kernel/fs/overlayfs/overlay.ko"
+    module.unlink()
+    module.symlink_to("../" * 20 + "etc/hostname")
+    with pytest.raises(initramfs.InitramfsError, match="leaves the image root"):
+        initramfs.write_base(rootfs, VERSION, tmp_path / "m.cpio")
