@@ -21,6 +21,7 @@ The agent runs as root (the host starts it with ``AGENTBOX_ENTER_AS_ROOT=1``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import signal
@@ -159,13 +160,53 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
     raise ValueError(f"owner must be '{c.DEV_USER}' or 'root', got {owner!r}")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_file(req: Mapping[str, Any]) -> dict[str, Any]:
+    """``length`` bytes (default all) of ``path`` from ``offset``, the file's ``size``, and its
+    ``sha256`` when ``digest`` is set (chunked transfers ask for it once, at the end)."""
+    path = Path(req["path"])
+    offset, length = int(req.get("offset") or 0), req.get("length")
+    if offset < 0 or (length is not None and int(length) < 0):
+        raise ValueError("offset and length must be non-negative")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(offset)
+        data = f.read() if length is None else f.read(int(length))
+    resp: dict[str, Any] = {"ok": True, "data": b64(data), "size": size}
+    if req.get("digest"):
+        resp["sha256"] = _sha256(path)
+    return resp
+
+
 def write_file(req: Mapping[str, Any]) -> dict[str, Any]:
-    """Write ``data`` to ``path`` (atomically), then set ``mode`` and ``owner``."""
+    """Write ``data`` to ``path`` (atomically), then set ``mode`` and ``owner``.
+
+    A chunked transfer names itself with ``transfer`` (letters and digits): ``first`` starts
+    its temporary file, each request appends, and ``final`` checks ``sha256`` (when given),
+    then sets mode and owner and renames it over ``path``."""
     path = Path(req["path"])
     ids = _owner_ids(req.get("owner"))
+    transfer = str(req.get("transfer") or "")
+    if transfer and not (transfer.isalnum() and len(transfer) <= 32):
+        raise ValueError("transfer must be 1-32 letters or digits")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.agentbox-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_bytes(unb64(req.get("data")))
+    tag = transfer or f"{os.getpid()}-{threading.get_ident()}"
+    tmp = path.with_name(f".{path.name}.agentbox-{tag}")
+    with open(tmp, "wb" if (not transfer or req.get("first")) else "ab") as f:
+        f.write(unb64(req.get("data")))
+    if transfer and not req.get("final"):
+        return {"ok": True}
+    want = req.get("sha256")
+    if want and _sha256(tmp) != want:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"sha256 mismatch for {path}: the transfer was damaged")
     os.chmod(tmp, int(req.get("mode", 0o644)))
     if ids is not None:
         os.chown(tmp, *ids)
@@ -193,7 +234,7 @@ def handle(req: Mapping[str, Any]) -> dict[str, Any]:
         if op == "run":
             return run_command(req)
         if op == "read_file":
-            return {"ok": True, "data": b64(Path(req["path"]).read_bytes())}
+            return read_file(req)
         if op == "write_file":
             return write_file(req)
         if op == "prep_status":

@@ -17,7 +17,11 @@ import zlib
 from typing import Any
 
 MAGIC = b"@@AGENTBOX1 "
-MAX_FRAME = 256 << 20  # a partial frame longer than this is noise
+MAX_FRAME = 64 << 20  # a partial frame longer than this is noise (file transfers go in CHUNK pieces)
+CHUNK = 4 << 20
+"""Bytes of file data per ``read_file``/``write_file`` frame (base64 makes it a third larger)."""
+MAX_DEPTH = 32
+"""Deepest JSON nesting a frame may have (messages are flat; deeper is hostile)."""
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
@@ -26,16 +30,58 @@ def encode_frame(message: dict[str, Any]) -> bytes:
     return b"\n" + MAGIC + payload + b" " + f"{zlib.crc32(payload):08x}".encode() + b"\n"
 
 
-def decode_line(line: bytes) -> dict[str, Any] | None:
-    """The message of one frame body (``<base64> <crc>``), or None when it is damaged."""
+class Damaged(ValueError):
+    """Why a frame body was dropped."""
+
+
+def _depth(text: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of JSON text (strings skipped)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == 0x5C:  # backslash
+                escaped = True
+            elif ch == 0x22:
+                in_string = False
+        elif ch == 0x22:
+            in_string = True
+        elif ch in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def decode_body(line: bytes) -> dict[str, Any]:
+    """The message of one frame body (``<base64> <crc>``); raises :class:`Damaged` naming the fault."""
     payload, _, crc = line.strip().rpartition(b" ")
     try:
         if int(crc, 16) != zlib.crc32(payload):
-            return None
-        message = json.loads(base64.b64decode(payload, validate=True))
-    except (ValueError, json.JSONDecodeError):
+            raise Damaged("checksum mismatch")
+        text = base64.b64decode(payload, validate=True)
+    except ValueError as exc:
+        raise Damaged(f"bad framing ({exc})") from None
+    if _depth(text) > MAX_DEPTH:
+        raise Damaged(f"JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        message = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise Damaged(f"bad JSON ({type(exc).__name__})") from None
+    if not isinstance(message, dict):
+        raise Damaged(f"a JSON {type(message).__name__}, not an object")
+    return message
+
+
+def decode_line(line: bytes) -> dict[str, Any] | None:
+    """The message of one frame body (``<base64> <crc>``), or None when it is damaged."""
+    try:
+        return decode_body(line)
+    except Damaged:
         return None
-    return message if isinstance(message, dict) else None
 
 
 def b64(data: bytes) -> str:
@@ -59,12 +105,15 @@ def write_all(fd: int, data: bytes) -> None:
 class FrameReader:
     """Feed bytes in, get decoded messages out; keeps the recent noise for diagnostics."""
 
-    def __init__(self, noise_keep: int = 4096) -> None:
+    def __init__(self, noise_keep: int = 4096, max_frame: int = MAX_FRAME) -> None:
         self.buf = bytearray()
         self.scanned = 0  # bytes of an open frame already searched for its end
         self.noise = b""
         self.noise_keep = noise_keep
+        self.max_frame = max_frame
         self.dropped = 0
+        self.last_drop = ""
+        """Why the last frame was dropped (for diagnostics)."""
 
     def _note_noise(self, data: bytes | bytearray) -> None:
         if data:
@@ -100,13 +149,15 @@ class FrameReader:
                 continue
             if end < 0:
                 self.scanned = len(self.buf)
-                if len(self.buf) > MAX_FRAME:
+                if len(self.buf) > self.max_frame:
                     self.dropped += 1
+                    self.last_drop = f"a frame longer than {self.max_frame} bytes"
                     self._drop_front(len(self.buf), True)
                 return out
-            message = decode_line(bytes(self.buf[len(MAGIC):end]))
+            body = bytes(self.buf[len(MAGIC):end])
             self._drop_front(end + 1, False)
-            if message is None:
+            try:
+                out.append(decode_body(body))
+            except Damaged as exc:
                 self.dropped += 1
-            else:
-                out.append(message)
+                self.last_drop = str(exc)

@@ -10,6 +10,9 @@ stream (kernel messages, a shell's complaint), which usually say why.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import itertools
 import os
 import select
@@ -17,13 +20,15 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from guest_init.protocol import FrameReader, b64, encode_frame, unb64, write_all
+from guest_init.protocol import CHUNK, FrameReader, b64, encode_frame
 
 RUN_MARGIN_S = 10.0  # the channel waits this much longer than a command's own timeout
+SEND_TIMEOUT_S = 30.0  # a request the guest does not take within this is an error
 
 
 class ChannelError(RuntimeError):
@@ -69,8 +74,12 @@ class AgentClient:
         self.reader = FrameReader()
         self.ids = itertools.count(1)
         self.pending: dict[int, dict[str, Any]] = {}
+        self.waiting: set[int] = set()
+        self.unrequested = 0
+        """Frames dropped because no request of ours carried their id (a hostile or confused guest)."""
         self.closer = closer
         self.closed = False
+        os.set_blocking(self.wfd, False)  # sends are bounded by select + partial writes, never a blocked write
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
 
@@ -105,16 +114,34 @@ class AgentClient:
             self.closer.close()
 
     def noise(self) -> str:
-        """The last non-frame bytes seen on the stream."""
-        return self.reader.tail()[-2000:].decode("utf-8", "replace")
+        """The last non-frame bytes seen on the stream, and why frames were dropped, if any were."""
+        text = self.reader.tail()[-2000:].decode("utf-8", "replace")
+        dropped = []
+        if self.reader.dropped:
+            dropped.append(f"{self.reader.dropped} damaged frame(s) dropped, last: {self.reader.last_drop}")
+        if self.unrequested:
+            dropped.append(f"{self.unrequested} frame(s) with ids never requested dropped")
+        return text + (f" [{'; '.join(dropped)}]" if dropped else "")
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: dict[str, Any], timeout: float = SEND_TIMEOUT_S) -> None:
+        """Write one frame, waiting at most ``timeout`` for the stream to take it."""
+        data = memoryview(encode_frame(message))
+        deadline = time.monotonic() + timeout
         with self._write_lock:
-            try:
-                write_all(self.wfd, encode_frame(message))
-            except OSError as exc:
-                raise ChannelError(f"cannot send '{message.get('op')}' to the agent: {exc}; "
-                                   f"last bytes seen on the channel: {self.noise()!r}") from None
+            while data:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChannelTimeout(f"the agent did not take '{message.get('op')}' within {timeout:g}s "
+                                         f"(stream full); last bytes seen on the channel: {self.noise()!r}")
+                try:
+                    _, ready, _ = select.select([], [self.wfd], [], min(left, 0.2))
+                    if ready:
+                        data = data[_write_some(self.wfd, data):]
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise ChannelError(f"cannot send '{message.get('op')}' to the agent: {exc}; "
+                                       f"last bytes seen on the channel: {self.noise()!r}") from None
 
     def _pump(self, op: str, rid: int, deadline: float, timeout: float) -> None:
         """Read until response ``rid`` arrived (another thread may read it for us)."""
@@ -131,13 +158,19 @@ class AgentClient:
                 ready, _, _ = select.select([self.rfd], [], [], min(left, 0.2))
                 if not ready:
                     continue
-                data = os.read(self.rfd, 1 << 16)
+                try:
+                    data = os.read(self.rfd, 1 << 16)
+                except BlockingIOError:
+                    continue
                 if not data:
                     raise ChannelError(f"agent channel closed while waiting for '{op}'; last bytes seen on the "
                                        f"channel: {self.noise()!r}")
                 for frame in self.reader.feed(data):
-                    if isinstance(frame.get("id"), int):
-                        self.pending[frame["id"]] = frame
+                    fid = frame.get("id")
+                    if isinstance(fid, int) and fid in self.waiting:
+                        self.pending[fid] = frame
+                    else:
+                        self.unrequested += 1
             finally:
                 self._read_lock.release()
 
@@ -147,11 +180,16 @@ class AgentClient:
             raise ChannelError(f"agent channel is closed; cannot send '{op}'")
         rid = next(self.ids)
         deadline = time.monotonic() + wait_s
-        self._send({"op": op, "id": rid, **fields})
-        self._pump(op, rid, deadline, wait_s)
-        resp = self.pending.pop(rid)
-        if not resp.get("ok"):
-            raise ChannelError(f"agent '{op}' failed: {resp.get('error')}")
+        self.waiting.add(rid)
+        try:
+            self._send({"op": op, "id": rid, **fields}, min(wait_s, SEND_TIMEOUT_S))
+            self._pump(op, rid, deadline, wait_s)
+            resp = self.pending.pop(rid)
+        finally:
+            self.waiting.discard(rid)
+            self.pending.pop(rid, None)
+        if resp.get("ok") is not True:
+            raise ChannelError(f"agent '{op}' failed: {_short(resp.get('error'))}")
         return resp
 
     def ping(self, timeout: float) -> dict[str, Any]:
@@ -174,17 +212,84 @@ class AgentClient:
         """Run ``argv`` in the guest (as dev unless ``user="root"``); the process group is killed at ``timeout``."""
         resp = self.request("run", timeout + RUN_MARGIN_S, argv=list(argv), env=env or {}, cwd=cwd, user=user,
                             timeout=timeout, stdin=b64(stdin or b""))
-        return RunResult(int(resp["exit_status"]), unb64(resp.get("stdout")), unb64(resp.get("stderr")),
-                         float(resp.get("duration_s", 0.0)), bool(resp.get("timed_out")), resp.get("signal"))
+        signal_ = resp.get("signal")
+        return RunResult(_field(resp, "run", "exit_status", int), _bytes(resp, "run", "stdout"),
+                         _bytes(resp, "run", "stderr"), float(_field(resp, "run", "duration_s", (int, float), 0.0)),
+                         bool(resp.get("timed_out")), signal_ if isinstance(signal_, int) else None)
 
     def read_file(self, path: str, timeout: float = 30.0) -> bytes:
-        """The bytes of guest file ``path``."""
-        return unb64(self.request("read_file", timeout, path=path)["data"])
+        """The bytes of guest file ``path`` (for files that fit in memory; see :meth:`download`)."""
+        buf = io.BytesIO()
+        self._download(path, buf, timeout)
+        return buf.getvalue()
+
+    def download(self, path: str, dest: Path, timeout: float = 300.0) -> int:
+        """Copy guest file ``path`` to host file ``dest`` in :data:`CHUNK` pieces, checking its size and
+        sha256; the byte count. ``timeout`` bounds the whole transfer."""
+        with open(dest, "wb") as f:
+            return self._download(path, f, timeout)
+
+    def _download(self, path: str, sink: IO[bytes], timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        digest, offset, size = hashlib.sha256(), 0, None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeout(f"copying {path} from the guest took longer than {timeout:g}s "
+                                     f"({offset} of {size} bytes)")
+            last = size is not None and offset + CHUNK >= size
+            resp = self.request("read_file", left, path=path, offset=offset, length=CHUNK, digest=last)
+            data = _bytes(resp, "read_file", "data")
+            reported = _field(resp, "read_file", "size", int)
+            if size is None:
+                size = reported
+            elif reported != size:
+                raise ChannelError(f"{path} changed size during the copy ({size} -> {reported} bytes)")
+            if offset + len(data) > size:
+                raise ChannelError(f"the agent sent more of {path} than its size {size}")
+            sink.write(data)
+            digest.update(data)
+            offset += len(data)
+            if offset >= size:
+                if "sha256" not in resp:  # the whole file came in the first chunk: ask for its digest
+                    resp = self.request("read_file", max(0.1, deadline - time.monotonic()), path=path,
+                                        offset=size, length=0, digest=True)
+                if _field(resp, "read_file", "sha256", str) != digest.hexdigest():
+                    raise ChannelError(f"{path} changed during the copy (sha256 mismatch)")
+                return offset
+            if not data:
+                raise ChannelError(f"the agent sent no data for {path} at offset {offset} of {size}")
 
     def write_file(self, path: str, data: bytes, *, mode: int = 0o644, owner: str | None = None,
                    timeout: float = 30.0) -> None:
         """Write guest file ``path`` (parents created) with ``mode`` and ``owner`` (``dev``/``root``)."""
-        self.request("write_file", timeout, path=path, data=b64(data), mode=mode, owner=owner)
+        self._upload(io.BytesIO(data), path, mode=mode, owner=owner, timeout=timeout)
+
+    def upload(self, src: Path, path: str, *, mode: int = 0o644, owner: str | None = None,
+               timeout: float = 300.0) -> None:
+        """Copy host file ``src`` to guest ``path`` in :data:`CHUNK` pieces; the guest checks the sha256
+        before renaming it into place (a failed copy leaves ``path`` as it was)."""
+        with open(src, "rb") as f:
+            self._upload(f, path, mode=mode, owner=owner, timeout=timeout)
+
+    def _upload(self, source: IO[bytes], path: str, *, mode: int, owner: str | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        digest, transfer, first = hashlib.sha256(), uuid.uuid4().hex, True
+        chunk = source.read(CHUNK)
+        while True:
+            nxt = source.read(CHUNK)
+            digest.update(chunk)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeout(f"copying to {path} in the guest took longer than {timeout:g}s")
+            fields: dict[str, Any] = {"path": path, "data": b64(chunk), "transfer": transfer, "first": first,
+                                      "final": not nxt, "mode": mode, "owner": owner}
+            if not nxt:
+                fields["sha256"] = digest.hexdigest()
+            self.request("write_file", left, **fields)
+            if not nxt:
+                return
+            chunk, first = nxt, False
 
     def prep_status(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
         """The ``nix`` or ``podman`` prep status fields (state, pid, error, log_path, ...)."""
@@ -193,3 +298,31 @@ class AgentClient:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the agent to exit (a qemu guest then powers off)."""
         self.request("shutdown", timeout)
+
+
+def _write_some(fd: int, data: memoryview) -> int:
+    return os.write(fd, data[:65536])
+
+
+def _short(value: object, limit: int = 500) -> str:
+    text = str(value).replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _field(resp: dict[str, Any], op: str, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+    """``resp[name]`` if it has the expected JSON type; a ChannelError naming the field otherwise."""
+    value = resp.get(name, default)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ChannelError(f"the agent sent a malformed '{op}' response: {name} is {_short(repr(value), 80)}, "
+                           f"not {getattr(kind, '__name__', 'a number')}")
+    return value
+
+
+def _bytes(resp: dict[str, Any], op: str, name: str) -> bytes:
+    value = resp.get(name) or ""
+    if not isinstance(value, str):
+        raise ChannelError(f"the agent sent a malformed '{op}' response: {name} is not a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError:
+        raise ChannelError(f"the agent sent a malformed '{op}' response: {name} is not valid base64") from None

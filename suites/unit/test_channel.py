@@ -252,3 +252,112 @@ def test_agent_port_lookup_by_sysfs_name(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="no virtio-serial port named nope within 0.2s "
                                          r"\(ports seen: org.agentbox.status, org.agentbox.agent\)"):
         find_port("nope", sys_ports, dev, timeout=0.2)
+
+
+class HostileGuest:
+    """A scripted 'agent' on a socketpair: answers each request with whatever ``respond`` returns."""
+
+    def __init__(self, respond) -> None:  # type: ignore[no-untyped-def]
+        self.host, self.guest = socket.socketpair()
+        self.respond = respond
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        reader = FrameReader()
+        try:
+            while data := self.guest.recv(65536):
+                for req in reader.feed(data):
+                    out = self.respond(req)
+                    if out is not None:
+                        self.guest.sendall(out)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.host.close()
+        self.guest.close()
+
+
+def _raw_frame(text: bytes) -> bytes:
+    import base64
+    import zlib
+
+    payload = base64.b64encode(text)
+    return b"\n" + MAGIC + payload + b" " + f"{zlib.crc32(payload):08x}".encode() + b"\n"
+
+
+def test_deeply_nested_json_from_the_guest_is_a_named_drop_not_a_crash() -> None:
+    g = HostileGuest(lambda req: _raw_frame(b'{"id": %d, "ok": true, "x": ' % req["id"] + b"[" * 100000
+                                            + b"]" * 100000 + b"}"))
+    try:
+        with pytest.raises(ChannelTimeout, match="JSON nested deeper than 32 levels"):
+            AgentClient(g.host).ping(1.0)
+    finally:
+        g.close()
+
+
+def test_frames_with_ids_never_requested_are_not_kept() -> None:
+    def flood(req):  # type: ignore[no-untyped-def]
+        return b"".join(encode_frame({"id": 10_000 + i, "ok": True, "pad": "x" * 1000}) for i in range(500)) + \
+            encode_frame({"id": req["id"], "ok": True})
+    g = HostileGuest(flood)
+    try:
+        client = AgentClient(g.host)
+        client.ping(5)
+        assert client.pending == {} and client.unrequested == 500
+    finally:
+        g.close()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("exit_status", "zero", "exit_status is 'zero', not int"),
+    ("exit_status", None, "exit_status is None, not int"),
+    ("stdout", 5, "stdout is not a base64 string"),
+    ("stdout", "***", "stdout is not valid base64"),
+])
+def test_a_malformed_run_response_is_a_channel_error(field: str, value: object, message: str) -> None:
+    def answer(req):  # type: ignore[no-untyped-def]
+        resp = {"id": req["id"], "ok": True, "exit_status": 0, "stdout": "", "stderr": "", "duration_s": 0.1}
+        resp[field] = value
+        return encode_frame(resp)
+    g = HostileGuest(answer)
+    try:
+        with pytest.raises(ChannelError, match=f"malformed 'run' response: {message}"):
+            AgentClient(g.host).run(["true"], timeout=5)
+    finally:
+        g.close()
+
+
+def test_a_send_the_guest_never_reads_times_out() -> None:
+    host, guest = socket.socketpair()
+    try:
+        host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        client = AgentClient(host)
+        started = time.monotonic()
+        with pytest.raises(ChannelTimeout, match="did not take 'write_file' within"):
+            client.write_file("/x", b"y" * (8 << 20), timeout=1.0)
+        assert time.monotonic() - started < 30
+    finally:
+        host.close()
+        guest.close()
+
+
+def test_an_oversized_frame_is_dropped_with_bounded_memory() -> None:
+    reader = FrameReader(max_frame=1 << 20)
+    reader.feed(MAGIC + b"A" * (2 << 20))
+    assert len(reader.buf) < (1 << 20) and reader.dropped == 1
+    assert "longer than" in reader.last_drop
+
+
+def test_files_round_trip_in_chunks_with_digest_checks(piped, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client, _ = piped
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for i in range(5):
+            f.write(os.urandom(1 << 20) * 3)  # 15 MiB: several chunks, over the old single-frame caps
+    client.upload(src, str(tmp_path / "guest" / "big.bin"), timeout=120)
+    back = tmp_path / "back.bin"
+    assert client.download(str(tmp_path / "guest" / "big.bin"), back, timeout=120) == src.stat().st_size
+    assert back.read_bytes() == src.read_bytes()
+    (tmp_path / "empty").write_bytes(b"")
+    assert client.read_file(str(tmp_path / "empty")) == b""
