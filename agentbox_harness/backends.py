@@ -41,6 +41,22 @@ def agent_execute(machine: Machine, agent: AgentClient, argv: list[str], *, user
                   r.stderr.decode("utf-8", "replace"), r.duration_s, r.timed_out)
 
 
+def agent_copy_from(machine: Machine, agent: AgentClient, guest_path: str, host_path: Path, timeout: float) -> None:
+    """``_copy_from`` over a guest agent: chunked, size- and sha256-checked."""
+    try:
+        agent.download(guest_path, host_path, timeout)
+    except ChannelError as exc:
+        raise AssertionError(f"{machine.name}: cannot copy {guest_path} from the guest: {exc}") from None
+
+
+def agent_copy_to(machine: Machine, agent: AgentClient, host_path: Path, guest_path: str, timeout: float) -> None:
+    """``_copy_to`` over a guest agent: chunked, checked by the guest before it replaces the file."""
+    try:
+        agent.upload(host_path, guest_path, owner=c.DEV_USER, timeout=timeout)
+    except ChannelError as exc:
+        raise AssertionError(f"{machine.name}: cannot copy {host_path} to {guest_path}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Preserved:
     """What --preserve-debug kept of one task: summary lines and the kept paths (not leaks)."""
@@ -179,17 +195,11 @@ class MicrovmMachine(Machine):
         child.expect_exact("AGENTBOX$ ")
         return child
 
-    def _read_file(self, guest_path: str, timeout: float) -> bytes:
-        try:
-            return self._agent().read_file(guest_path, timeout)
-        except ChannelError as exc:
-            raise AssertionError(f"{self.name}: cannot read {guest_path}: {exc}") from None
+    def _copy_from(self, guest_path: str, host_path: Path, timeout: float) -> None:
+        agent_copy_from(self, self._agent(), guest_path, host_path, timeout)
 
-    def _write_file(self, guest_path: str, data: bytes, timeout: float) -> None:
-        try:
-            self._agent().write_file(guest_path, data, owner=c.DEV_USER, timeout=timeout)
-        except ChannelError as exc:
-            raise AssertionError(f"{self.name}: cannot write {guest_path}: {exc}") from None
+    def _copy_to(self, host_path: Path, guest_path: str, timeout: float) -> None:
+        agent_copy_to(self, self._agent(), host_path, guest_path, timeout)
 
     def _agent(self) -> AgentClient:
         if self.agent is None:

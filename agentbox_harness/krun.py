@@ -11,10 +11,11 @@ the fixtures skip (strict: fail) naming what is missing before this runs.
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agentbox_harness.backends import AGENT_STDIO_COMMAND, agent_execute
+from agentbox_harness.backends import AGENT_STDIO_COMMAND, agent_copy_from, agent_copy_to, agent_execute
 from agentbox_harness.machine import Machine, Result
 from runtime.channel import AgentClient, ChannelError
 from runtime.commands.libkrun import PodmanKrunMaintenance
@@ -74,6 +75,16 @@ class KrunPodmanMachine(Machine):
         if self._agent is None:
             raise AssertionError(f"{self.name} is not running")
         return agent_execute(self, self._agent, argv, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+
+    def _copy_from(self, guest_path: str, host_path: Path, timeout: float) -> None:
+        if self._agent is None:
+            raise AssertionError(f"{self.name} is not running")
+        agent_copy_from(self, self._agent, guest_path, host_path, timeout)
+
+    def _copy_to(self, host_path: Path, guest_path: str, timeout: float) -> None:
+        if self._agent is None:
+            raise AssertionError(f"{self.name} is not running")
+        agent_copy_to(self, self._agent, host_path, guest_path, timeout)
 
     def _stop(self, timeout: float) -> None:
         proc, self._proc = self._proc, None

@@ -95,19 +95,21 @@ class Machine(ABC):
         """An interactive shell as a pexpect child; backends that can give a real tty override this."""
         raise AssertionError(f"{type(self).__name__} cannot open an interactive shell")
 
-    def _read_file(self, guest_path: str, timeout: float) -> bytes:
+    def _copy_from(self, guest_path: str, host_path: Path, timeout: float) -> None:
+        """Guest file -> host file; agent backends stream it in checked chunks, this fallback uses base64."""
         out = self._execute(["base64", "-w0", guest_path], user="root", env=None, cwd=None, timeout=timeout,
                             stdin=None)
         if not out.ok:
             raise MachineError(self._explain(f"cannot read {guest_path}", out))
         import base64
 
-        return base64.b64decode(out.stdout)
+        host_path.write_bytes(base64.b64decode(out.stdout))
 
-    def _write_file(self, guest_path: str, data: bytes, timeout: float) -> None:
+    def _copy_to(self, host_path: Path, guest_path: str, timeout: float) -> None:
+        """Host file -> guest file owned by dev (parents created)."""
         script = 'mkdir -p "$(dirname "$1")" && cat > "$1" && chown dev:dev "$1"'
         out = self._execute(["sh", "-c", script, "sh", guest_path], user="root", env=None, cwd=None,
-                            timeout=timeout, stdin=data)
+                            timeout=timeout, stdin=host_path.read_bytes())
         if not out.ok:
             raise MachineError(self._explain(f"cannot write {guest_path}", out))
 
@@ -236,15 +238,15 @@ class Machine(ABC):
             self.succeed(cmd, timeout=timeout + 10, user="root")
 
     def copy_to(self, host_path: Path, guest_path: str, *, timeout: float = 60) -> None:
-        """Copy a host file into the guest (parents created, owned by dev)."""
-        data = Path(host_path).read_bytes()
+        """Copy a host file into the guest (parents created, owned by dev). Agent backends send it
+        in chunks that the guest checks (size and sha256) before it replaces ``guest_path``."""
         with self._verb("copy_to", guest_path):
-            self._write_file(guest_path, data, self.scaled(timeout))
+            self._copy_to(Path(host_path), guest_path, self.scaled(timeout))
 
     def copy_from(self, guest_path: str, host_path: Path, *, timeout: float = 60) -> None:
-        """Copy a guest file to the host."""
+        """Copy a guest file to the host (any size: agent backends stream it with size and sha256 checks)."""
         with self._verb("copy_from", guest_path):
-            Path(host_path).write_bytes(self._read_file(guest_path, self.scaled(timeout)))
+            self._copy_from(guest_path, Path(host_path), self.scaled(timeout))
 
     def shell(self, *, timeout: float = 60) -> Any:
         """An interactive shell of dev on a real tty in the guest, as a ``pexpect.spawn``.

@@ -13,7 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from runtime.errors import AgentboxError, error_chain
+from runtime.errors import AgentboxError, InputError, error_chain, one_line
 
 ABOUT = "Launch a Podman shell with the current directory mounted at /workspace"
 
@@ -244,7 +244,8 @@ def _guarded(fn) -> int:  # type: ignore[no-untyped-def]
     try:
         return fn()
     except AgentboxError as exc:
-        print(f"agentbox: {error_chain(exc)}", file=sys.stderr)
+        text = error_chain(exc)
+        print(f"agentbox: {one_line(text) if isinstance(exc, InputError) else text}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("agentbox: interrupted", file=sys.stderr)

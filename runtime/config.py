@@ -16,12 +16,13 @@ names the file, the key and what is accepted (exit status 2).
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import InputError
+from runtime.errors import InputError, one_line
 
 KNOWN = {"state": {"location"}}
 
@@ -84,17 +85,41 @@ def parse_config(text: str, path: Path) -> Config:
     return Config(path, loc)
 
 
+MAX_CONFIG_BYTES = 64 << 10
+
+
+def read_small_text(path: Path) -> str:
+    """A regular file of at most :data:`MAX_CONFIG_BYTES`, as UTF-8 text. A fifo, a device or a
+    directory is refused without reading (no hang, no unbounded read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"config file {quote(path)} is not a regular file; point AGENTBOX_CONFIG at an "
+                             "agentbox.toml file")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InputError(f"config file {quote(path)} is larger than {MAX_CONFIG_BYTES} bytes; accepted: a small "
+                         "agentbox.toml")
+    return data.decode("utf-8")
+
+
+def quote(value: object) -> str:
+    """``'value'`` with control characters escaped, so an error stays one line."""
+    return f"'{one_line(str(value))}'"
+
+
 def load_config(env: Mapping[str, str] | None = None) -> Config:
     """Read and parse the configuration file; a missing file gives defaults."""
     env = os.environ if env is None else env
     path = default_config_path(env)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_text(path)
     except FileNotFoundError:
         if env.get("AGENTBOX_CONFIG"):
             raise InputError(f"AGENTBOX_CONFIG names '{path}', which does not exist; "
                              "point it at an agentbox.toml file or unset it") from None
         return Config(None)
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"failed to read config file '{path}': {exc}") from None
+        raise InputError(f"failed to read config file {quote(path)}: {exc}") from None
     return parse_config(text, path)

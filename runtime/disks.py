@@ -86,6 +86,19 @@ def filesystem_type(path: Path, diag: str, runner: Runner) -> str:
     return proc.stdout.strip()
 
 
+def filesystem_label(path: Path, diag: str, runner: Runner) -> str:
+    """``blkid -o value -s LABEL <path>`` (empty when there is none)."""
+    try:
+        proc = runner.run(["blkid", "-o", "value", "-s", "LABEL", str(path)])
+    except FileNotFoundError:
+        raise AgentboxError(f"blkid is required to validate the existing {diag}; install util-linux and retry") from None
+    if proc.returncode == 2 and not proc.stdout.strip():
+        return ""
+    if proc.returncode != 0:
+        raise AgentboxError(f"failed to read the filesystem label of '{path}'{_detail(proc)}")
+    return proc.stdout.strip()
+
+
 def validate(disk: RawDisk, path: Path, runner: Runner, min_size: int = DEFAULT_SIZE) -> int:
     """Check an existing image; return its size. Raises :class:`InputError`."""
     st = os.lstat(path)
@@ -169,6 +182,10 @@ def grow(disk: RawDisk, path: Path, target: int, runner: Runner | None = None,
         raise InputError(
             f"{disk.diag} '{path}' does not exist; run agentbox libkrun once to create it before resizing")
     current = validate(disk, path, runner)
+    label = filesystem_label(path, disk.diag, runner)
+    if label != disk.spec.label:
+        raise InputError(f"existing {disk.diag} '{path}' has btrfs label '{label or 'none'}', expected "
+                         f"'{disk.spec.label}'; refusing to grow a disk that is not this one")
     if target <= current:
         raise InputError(
             f"target size {target} bytes must be greater than existing {disk.diag} size {current} "

@@ -36,3 +36,8 @@ def error_chain(exc: BaseException) -> str:
             parts.append(text)
         current = current.__cause__
     return ": ".join(parts) if parts else type(exc).__name__
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines too) escaped, so an input error stays one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)

@@ -9,7 +9,7 @@ from pathlib import Path
 from runtime.disks import LIBKRUN_NIX, RawDisk, Runner, SubprocessRunner, create
 from runtime.errors import AgentboxError, InputError
 from runtime.live_disks import RunningContainers, refuse_if_live
-from runtime.state import ensure_private_dir
+from runtime.state import open_state_dir
 
 
 def needs_force(disk: RawDisk = LIBKRUN_NIX) -> str:
@@ -53,22 +53,3 @@ def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | 
         os.close(dir_fd)
     create(disk, path, tools or SubprocessRunner())
     return path
-
-
-def open_state_dir(state_root: Path) -> int:
-    """An ``O_NOFOLLOW`` descriptor of the workspace state dir, after refusing a symlink anywhere in
-    its managed part, an owner other than us, or group/world write access (InputError, exit 2)."""
-    try:
-        ensure_private_dir(state_root, state_root.parent)
-    except AgentboxError as exc:
-        raise InputError(str(exc)) from None
-    try:
-        fd = os.open(state_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise InputError(f"refusing workspace state dir '{state_root}': {exc.strerror}") from None
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        os.close(fd)
-        raise InputError(f"refusing workspace state dir '{state_root}': owned by uid {st.st_uid} with mode "
-                         f"{stat.S_IMODE(st.st_mode):o} (accepted: ours, not writable by group or others)")
-    return fd

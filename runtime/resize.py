@@ -9,12 +9,14 @@ ever shrunk or rolled back.
 
 from __future__ import annotations
 
+
 from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from runtime.disks import LIBKRUN_CONTAINERS, LIBKRUN_NIX, RawDisk, Runner, grow
+from runtime.state import check_state_dir
 from runtime.errors import AgentboxError
 from runtime.live_disks import RunningContainers, refuse_if_live
 
@@ -65,6 +67,7 @@ def resize(target: str | RawDisk, size: int, state_root: Path, runner: Maintenan
     the place to check that the maintenance guest can start at all."""
     disk = target if isinstance(target, RawDisk) else TARGETS[target]
     path = disk.path(state_root)
+    check_state_dir(state_root)  # symlinks, owner and mode refused before anything else
     refuse_if_live(path, "resize", containers, extra_users)
     old = grow(disk, path, size, tools, before_grow=before_grow)
     plan = ResizePlan(disk, path, old, size)

@@ -7,6 +7,8 @@ from runtime.errors import InputError
 GIB = 1 << 30
 TIB = 1 << 40
 U64_MAX = (1 << 64) - 1
+MAX_SIZE = (1 << 63) - 1
+"""Largest accepted size: file sizes are signed 64-bit (off_t)."""
 ACCEPTED = "must be a positive integer size like 128, 128G, 128GiB, or 2TiB"
 # Tried in this order; no K/M suffixes on purpose.
 SUFFIXES = (("GiB", GIB), ("GIB", GIB), ("gib", GIB), ("G", GIB), ("g", GIB),
@@ -27,6 +29,6 @@ def parse_resize_size(text: str) -> int:
     if number == 0:
         raise InputError(f"invalid size '{text}': size must be greater than zero")
     total = number * unit
-    if total > U64_MAX:
-        raise InputError(f"invalid size '{text}': size is too large")
+    if total > MAX_SIZE:
+        raise InputError(f"invalid size '{text}': size is too large (at most {MAX_SIZE} bytes, about 8 EiB)")
     return total

@@ -9,6 +9,7 @@ symlink anywhere in a managed path is refused.
 from __future__ import annotations
 
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,6 +98,44 @@ def ensure_private_dir(path: Path, stop: Path | None = None) -> Path:
     if not path.is_dir():
         raise AgentboxError(f"managed path '{path}' is not a directory")
     return path
+
+
+def check_state_dir(state_root: Path) -> None:
+    """Refuse (InputError, exit 2) a workspace state dir reached through a symlink in its managed
+    part, owned by another user, or writable by group or others. A missing dir passes (nothing
+    is created)."""
+    try:
+        refuse_symlinks(state_root, state_root.parent)
+    except AgentboxError as exc:
+        raise InputError(str(exc)) from None
+    try:
+        st = os.lstat(state_root)
+    except FileNotFoundError:
+        return
+    _check_owner(state_root, st)
+
+
+def _check_owner(state_root: Path, st: os.stat_result) -> None:
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise InputError(f"refusing workspace state dir '{state_root}': owned by uid {st.st_uid} with mode "
+                         f"{stat.S_IMODE(st.st_mode):o} (accepted: ours, not writable by group or others)")
+
+
+def open_state_dir(state_root: Path) -> int:
+    """An ``O_NOFOLLOW`` descriptor of the workspace state dir (created 0700 if missing), after
+    :func:`check_state_dir`; destructive steps work relative to it."""
+    check_state_dir(state_root)
+    ensure_private_dir(state_root, state_root.parent)
+    try:
+        fd = os.open(state_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise InputError(f"refusing workspace state dir '{state_root}': {exc.strerror}") from None
+    try:
+        _check_owner(state_root, os.fstat(fd))
+    except InputError:
+        os.close(fd)
+        raise
+    return fd
 
 
 @dataclass(frozen=True)

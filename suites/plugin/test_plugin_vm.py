@@ -34,6 +34,8 @@ def mounts_under(path: Path) -> list[str]:
 
 def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_guest='''
+        import os
+
         def test_guest(microvm, tmp_path, agentbox_backend):
             assert microvm.succeed("id -un", timeout=60) == "dev\\n"
             assert microvm.succeed("id -un", timeout=60, user="root") == "root\\n"
@@ -42,6 +44,11 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, v
             microvm.copy_to(src, "/home/dev/sub/in.txt")
             assert microvm.succeed("stat -c %U /home/dev/sub/in.txt; cat /home/dev/sub/in.txt",
                                    timeout=60) == "dev\\npayload"
+            big = tmp_path / "big.bin"
+            big.write_bytes(os.urandom(1 << 20) * 24)  # 24 MiB: several chunks, over the old output caps
+            microvm.copy_to(big, "/home/dev/big.bin", timeout=600)
+            microvm.copy_from("/home/dev/big.bin", tmp_path / "back.bin", timeout=600)
+            assert (tmp_path / "back.bin").read_bytes() == big.read_bytes()
             microvm.copy_from("/etc/os-release", tmp_path / "os-release")
             assert "ID=debian" in (tmp_path / "os-release").read_text()
             microvm.succeed("setsid -f sh -c 'sleep 2; touch /tmp/later'", timeout=60, user="root")

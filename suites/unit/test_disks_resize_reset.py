@@ -17,14 +17,17 @@ from runtime.resize import GuestStepFailed, ResizePlan, resize
 class Tools:
     """Records tool calls; mkfs succeeds (or fails), blkid answers ``fstype``."""
 
-    def __init__(self, fstype: str = "btrfs", mkfs_rc: int = 0) -> None:
+    def __init__(self, fstype: str = "btrfs", mkfs_rc: int = 0, label: str | None = None) -> None:
         self.calls: list[list[str]] = []
-        self.fstype, self.mkfs_rc = fstype, mkfs_rc
+        self.fstype, self.mkfs_rc, self.label = fstype, mkfs_rc, label
 
     def run(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
         self.calls.append(list(argv))
         if argv[0] == "mkfs.btrfs":
             return subprocess.CompletedProcess(argv, self.mkfs_rc, "", "boom" if self.mkfs_rc else "")
+        if "LABEL" in argv:  # the label mkfs gave the image (by its file name) unless told otherwise
+            label = self.label or ("AGENTBOX_CONTAINERS" if "containers" in argv[-1] else "AGENTBOX_NIX")
+            return subprocess.CompletedProcess(argv, 0, label + "\n", "")
         return subprocess.CompletedProcess(argv, 0, self.fstype + "\n", "")
 
 
@@ -252,3 +255,23 @@ def test_reset_refuses_a_state_dir_owned_by_another_user(tmp_path: Path) -> None
     with pytest.raises(InputError, match="owned by uid 4242"):
         reset_nix(state, True, containers=Containers(), tools=Tools())
     assert (state / "libkrun-nix.raw").read_bytes() == b"theirs"
+
+
+def test_resize_refuses_an_image_with_another_label(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+    with pytest.raises(InputError, match="has btrfs label 'AGENTBOX_CONTAINERS', expected 'AGENTBOX_NIX'"):
+        resize("nix", 128 << 30, tmp_path, Runner(0), containers=Containers(),
+               tools=Tools(label="AGENTBOX_CONTAINERS"))
+    assert path.stat().st_size == 64 << 30
+
+
+def test_resize_through_a_symlinked_state_root_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    path = _image(real)
+    link = tmp_path / "app" / "ws"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    with pytest.raises(InputError, match="is a symlink"):
+        resize("nix", 128 << 30, link, Runner(0), containers=Containers(), tools=Tools())
+    assert path.stat().st_size == 64 << 30
