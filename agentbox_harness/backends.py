@@ -20,14 +20,17 @@ from agentbox_harness.machine import Machine, Result
 from agentbox_harness.wait import WaitTimeout, retry
 from guest_init import contract as c
 from runtime.disks import MICROVM_NIX
-from runtime.channel import AgentClient, ChannelError
+from runtime.channel import AgentClient, ChannelError, PtyRelay
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
+from runtime.vmm.qemu import tail_bytes
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 """The agent on its own virtio-serial port (qemu)."""
 AGENT_STDIO_COMMAND = ("agentbox-guest-init", "agent")
 """The agent on the guest command's stdio (libkrun's console, krun-podman's ``podman run -i``)."""
 BOOT_TIMEOUT_S = 60.0
+ARTIFACT_LOG_MAX = 8 << 20
+"""Artifacts keep at most the last 8 MiB of a log."""
 
 
 def agent_execute(machine: Machine, agent: AgentClient, argv: list[str], *, user: str | None,
@@ -55,6 +58,27 @@ def agent_copy_to(machine: Machine, agent: AgentClient, host_path: Path, guest_p
         agent.upload(host_path, guest_path, owner=c.DEV_USER, timeout=timeout)
     except ChannelError as exc:
         raise AssertionError(f"{machine.name}: cannot copy {host_path} to {guest_path}: {exc}") from None
+
+
+SHELL_PROMPT = "AGENTBOX$ "
+
+
+def agent_shell(machine: Machine, agent: AgentClient, timeout: float) -> Any:
+    """dev's bash on a fresh pty in the guest (a real tty), relayed through the agent, as a pexpect
+    child whose prompt (``AGENTBOX$ ``) was already consumed once."""
+    from pexpect import fdpexpect
+
+    try:
+        pty = agent.pty_spawn(["bash", "--norc", "-i"], user=c.DEV_USER, env={"PS1": SHELL_PROMPT},
+                              timeout=machine.scaled(30))
+    except ChannelError as exc:
+        raise AssertionError(f"{machine.name}: cannot start a shell on a guest pty: {exc}") from None
+    relay = PtyRelay(agent, pty)
+    child = fdpexpect.fdspawn(relay.local.fileno(), timeout=timeout, encoding="utf-8", codec_errors="replace")
+    child.relay = relay  # keeps the relay alive with the child; closing the child ends the guest shell
+    child.sendline("")
+    child.expect_exact(SHELL_PROMPT)
+    return child
 
 
 @dataclass(frozen=True)
@@ -186,7 +210,10 @@ class MicrovmMachine(Machine):
                              timeout=self.scaled(30), encoding="utf-8", codec_errors="replace")
 
     def _shell(self, timeout: float) -> Any:
-        """dev's bash on the command console ``hvc0`` (a real tty), reached through the console socket."""
+        """dev's bash on a real tty: the command console ``hvc0`` where the VMM exposes it (qemu),
+        else a guest pty relayed through the agent (libkrun, whose console carries the agent)."""
+        if self.task is None or self.task.handle is None or self.task.handle.console_socket is None:
+            return agent_shell(self, self._agent(), timeout)
         self.execute("setsid -f sh -c 'exec runuser -u dev -- env PS1=\"AGENTBOX$ \" bash --norc -i "
                      "<>/dev/hvc0 >&0 2>&0'", timeout=30, user="root", check=True)
         child = self._console_connect()
@@ -213,7 +240,11 @@ class MicrovmMachine(Machine):
         for name in ("console.log", "launch.conf", "qemu.argv", "qemu.log"):
             src = task.task_dir / name
             if src.exists():
-                (self.artifacts / f"{self.name}-{task.task_id}-{name}").write_bytes(src.read_bytes())
+                dest = self.artifacts / f"{self.name}-{task.task_id}-{name}"
+                data = tail_bytes(src, ARTIFACT_LOG_MAX)
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:  # 0600 like the originals (launch.conf names host paths)
+                    f.write(data)
 
 
 @dataclass

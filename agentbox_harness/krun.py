@@ -13,9 +13,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from agentbox_harness.backends import AGENT_STDIO_COMMAND, agent_copy_from, agent_copy_to, agent_execute
+from agentbox_harness.backends import (AGENT_STDIO_COMMAND, agent_copy_from, agent_copy_to, agent_execute,
+                                       agent_shell)
 from agentbox_harness.machine import Machine, Result
 from runtime.channel import AgentClient, ChannelError
 from runtime.commands.libkrun import PodmanKrunMaintenance
@@ -75,6 +76,12 @@ class KrunPodmanMachine(Machine):
         if self._agent is None:
             raise AssertionError(f"{self.name} is not running")
         return agent_execute(self, self._agent, argv, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
+
+    def _shell(self, timeout: float) -> Any:
+        """dev's bash on a guest pty relayed through the agent."""
+        if self._agent is None:
+            raise AssertionError(f"{self.name} is not running")
+        return agent_shell(self, self._agent, timeout)
 
     def _copy_from(self, guest_path: str, host_path: Path, timeout: float) -> None:
         if self._agent is None:

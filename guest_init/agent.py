@@ -13,6 +13,8 @@ Requests run concurrently; each response echoes the request ``id``:
   with the nix overlay);
 - ``read_file`` / ``write_file`` (``mode``, ``owner`` ``dev``|``root``);
 - ``prep_status`` (``nix`` | ``podman``) → the status file fields;
+- ``pty_spawn`` / ``pty_io`` / ``pty_close``: an interactive program on a real
+  pty in the guest (:mod:`guest_init.pty_sessions`);
 - ``shutdown`` → answer, then exit (PID 1 of a qemu guest powers off when
   its command, the agent, ends).
 
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from guest_init import prep
 from guest_init.env import GuestEnv
 from guest_init.identity import Identity, dev_identity
 from guest_init.proc import ROOT
+from guest_init.pty_sessions import PtySessions
 from guest_init.protocol import FrameReader, b64, encode_frame, unb64, write_all
 from guest_init.shell_env import nix_remote_env, shell_env
 
@@ -88,27 +91,56 @@ def _writer(stream: Any, data: bytes) -> None:
             pass
 
 
-def run_command(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Run one ``run`` request to completion or timeout."""
-    argv = [str(a) for a in req.get("argv") or []]
-    if not argv:
-        return {"ok": False, "error": "run needs a non-empty argv"}
+def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
+             ) -> tuple[dict[str, str], Callable[[], None], str]:
+    """The environment, the privilege drop (for ``preexec_fn``) and the cwd of a request's ``user``;
+    ValueError when the user is not dev or root, or the agent cannot become it."""
     user = req.get("user") or c.DEV_USER
     if user not in (c.DEV_USER, "root"):
-        return {"ok": False, "error": f"run user must be '{c.DEV_USER}' or 'root', got {user!r}"}
+        raise ValueError(f"run user must be '{c.DEV_USER}' or 'root', got {user!r}")
     env, ident = command_env(user, req.get("env") or {}, os.environ if base_env is None else base_env)
     euid = os.geteuid()
     if euid != 0 and (user == "root" or (ident is not None and ident.uid != euid)):
-        return {"ok": False, "error": f"run as {user!r} asked, but the agent runs as uid {euid} and cannot "
-                                      "switch users (start the agent as root)"}
+        raise ValueError(f"run as {user!r} asked, but the agent runs as uid {euid} and cannot switch users "
+                         "(start the agent as root)")
     cwd = req.get("cwd") or (c.WORKSPACE if os.path.isdir(c.WORKSPACE) else "/")
-    timeout = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
 
     def demote() -> None:
         if ident is not None and os.geteuid() == 0:
             os.setgroups([])
             os.setgid(ident.gid)
             os.setuid(ident.uid)
+
+    return env, demote, str(cwd)
+
+
+PTYS = PtySessions()
+
+
+def pty_op(op: str, req: Mapping[str, Any]) -> dict[str, Any]:
+    """``pty_spawn`` (argv, user, env, cwd, rows, cols), ``pty_io`` (pty, data, wait_s, rows, cols),
+    ``pty_close`` (pty): see :mod:`guest_init.pty_sessions`."""
+    if op == "pty_spawn":
+        env, demote, cwd = _as_user(req)
+        env.setdefault("TERM", "xterm")
+        return PTYS.spawn([str(a) for a in req.get("argv") or []], env, cwd, int(req.get("rows") or 24),
+                          int(req.get("cols") or 80), demote)
+    if op == "pty_io":
+        return PTYS.io(req.get("pty"), unb64(req.get("data")), float(req.get("wait_s") or 0.0),
+                       req.get("rows"), req.get("cols"))
+    return PTYS.close(req.get("pty"))
+
+
+def run_command(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run one ``run`` request to completion or timeout."""
+    argv = [str(a) for a in req.get("argv") or []]
+    if not argv:
+        return {"ok": False, "error": "run needs a non-empty argv"}
+    try:
+        env, demote, cwd = _as_user(req, base_env)
+    except ValueError as exc:
+        return {"ok": False, "error": str(exc)}
+    timeout = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
 
     started = time.monotonic()
     try:
@@ -237,12 +269,14 @@ def handle(req: Mapping[str, Any]) -> dict[str, Any]:
             return read_file(req)
         if op == "write_file":
             return write_file(req)
+        if op in ("pty_spawn", "pty_io", "pty_close"):
+            return pty_op(op, req)
         if op == "prep_status":
             return prep_status(str(req.get("kind")))
         if op == "shutdown":
             return {"ok": True, "shutdown": True}
         return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, run, read_file, write_file, "
-                                      "prep_status, shutdown"}
+                                      "prep_status, pty_spawn, pty_io, pty_close, shutdown"}
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 

@@ -291,6 +291,24 @@ class AgentClient:
                 return
             chunk, first = nxt, False
 
+    def pty_spawn(self, argv: list[str], *, user: str | None = None, env: dict[str, str] | None = None,
+                  rows: int = 24, cols: int = 80, timeout: float = 30.0) -> int:
+        """Start ``argv`` on a new pty in the guest; its session id (see :class:`PtyRelay`)."""
+        resp = self.request("pty_spawn", timeout, argv=list(argv), user=user, env=env or {}, rows=rows, cols=cols)
+        return int(_field(resp, "pty_spawn", "pty", int))
+
+    def pty_io(self, pty: int, data: bytes = b"", *, wait_s: float = 0.2, rows: int | None = None,
+               cols: int | None = None) -> tuple[bytes, int | None]:
+        """Send ``data``, get what the program printed within ``wait_s`` and its status once it ended."""
+        resp = self.request("pty_io", wait_s + RUN_MARGIN_S, pty=pty, data=b64(data), wait_s=wait_s, rows=rows,
+                            cols=cols)
+        status = resp.get("exit_status")
+        return _bytes(resp, "pty_io", "data"), status if isinstance(status, int) else None
+
+    def pty_close(self, pty: int, timeout: float = 10.0) -> None:
+        """Kill the session's process group and free its pty."""
+        self.request("pty_close", timeout, pty=pty)
+
     def prep_status(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
         """The ``nix`` or ``podman`` prep status fields (state, pid, error, log_path, ...)."""
         return self.request("prep_status", timeout, kind=kind)
@@ -298,6 +316,52 @@ class AgentClient:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the agent to exit (a qemu guest then powers off)."""
         self.request("shutdown", timeout)
+
+
+class PtyRelay:
+    """A guest pty session as a local stream: bytes written to :attr:`local` reach the program,
+    its output comes back on :attr:`local`; EOF when it exits. Wrap :attr:`local` with
+    ``pexpect.fdpexpect.fdspawn`` for an interactive test."""
+
+    def __init__(self, agent: AgentClient, pty: int, poll_s: float = 0.2) -> None:
+        self.agent, self.pty, self.poll_s = agent, pty, poll_s
+        self.local, self._far = socket.socketpair()
+        self.exit_status: int | None = None
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        self._far.setblocking(False)
+        try:
+            while not self._stop.is_set():
+                try:
+                    data = self._far.recv(65536)
+                    if not data:
+                        break  # the local side closed
+                except BlockingIOError:
+                    data = b""
+                out, status = self.agent.pty_io(self.pty, data, wait_s=self.poll_s)
+                if out:
+                    self._far.sendall(out)
+                if status is not None:
+                    self.exit_status = status
+                    break
+        except (ChannelError, OSError) as exc:
+            self.error = str(exc)
+        finally:
+            try:
+                self.agent.pty_close(self.pty)
+            except (ChannelError, OSError):
+                pass
+            self._far.close()
+
+    def close(self) -> None:
+        """Stop relaying and kill the guest program."""
+        self._stop.set()
+        self.local.close()
+        self._thread.join(self.poll_s + RUN_MARGIN_S + 5)
 
 
 def _write_some(fd: int, data: memoryview) -> int:

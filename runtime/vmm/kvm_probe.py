@@ -28,7 +28,7 @@ def _cache() -> Path:
 
 
 def _qemu_version() -> str:
-    from runtime.vmm.qemu import qemu_binary
+    from runtime.vmm.qemu import die_with_parent, qemu_binary, tail_bytes
 
     try:
         return subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True,
@@ -44,7 +44,7 @@ def _key(kernel: Path) -> str:
 
 def probe(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
     """Boot once under KVM; (booted, detail)."""
-    from runtime.vmm.qemu import qemu_binary
+    from runtime.vmm.qemu import die_with_parent, qemu_binary, tail_bytes
 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not accessible"
@@ -57,14 +57,15 @@ def probe(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple
                 "-serial", f"file:{log}"]
         started = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, start_new_session=True)
+                                stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=die_with_parent)  # never outlives a killed caller
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
             return False, f"KVM boot did not reach the initramfs within {timeout:.0f}s (kernel hangs under KVM)"
-        text = log.read_text(errors="replace") if log.exists() else ""
+        text = tail_bytes(log, 65536).decode(errors="replace")
         if PROBE_MARKER in text:
             return True, f"KVM booted the kernel to the initramfs in {time.monotonic() - started:.1f}s"
         return False, f"qemu -accel kvm exited {proc.returncode}: {err.decode(errors='replace').strip()[-200:]}"

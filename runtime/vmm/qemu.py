@@ -61,12 +61,22 @@ def socket_dir(task_dir: Path) -> Path:
     return runtime_dir("vm", key, for_sockets=True)
 
 
+def tail_bytes(path: Path, limit: int) -> bytes:
+    """The last ``limit`` bytes of a file (never reads more; empty when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - limit))
+            return f.read(limit)
+    except OSError:
+        return b""
+
+
 def tail(path: Path, lines: int = 25) -> str:
     """The last lines of a log file (for error messages)."""
-    try:
-        text = path.read_bytes()[-16384:].decode("utf-8", "replace")
-    except OSError:
+    if not path.exists():
         return "(no console output)"
+    text = tail_bytes(path, 16384).decode("utf-8", "replace")
     return "\n".join(text.splitlines()[-lines:]) or "(empty console log)"
 
 
@@ -168,7 +178,7 @@ class QemuHandle:
     def exit_status(self) -> int:
         """The guest command's status from the status port; raises when none was written."""
         try:
-            status = parse_status((self.task_dir / "status").read_text(errors="replace"))
+            status = parse_status(tail_bytes(self.task_dir / "status", 4096).decode(errors="replace"))
         except OSError:
             status = None
         if status is None:

@@ -361,3 +361,27 @@ def test_files_round_trip_in_chunks_with_digest_checks(piped, tmp_path: Path) ->
     assert back.read_bytes() == src.read_bytes()
     (tmp_path / "empty").write_bytes(b"")
     assert client.read_file(str(tmp_path / "empty")) == b""
+
+
+def test_a_program_on_a_guest_pty_through_the_relay(piped) -> None:  # type: ignore[no-untyped-def]
+    import pexpect
+    from pexpect import fdpexpect
+
+    from runtime.channel import PtyRelay
+
+    client, _ = piped
+    pty = client.pty_spawn(["sh", "-c", "stty size; tty; read x; echo got $x; exit 5"], user="root", rows=33, cols=101)
+    relay = PtyRelay(client, pty)
+    child = fdpexpect.fdspawn(relay.local.fileno(), timeout=20, encoding="utf-8")
+    child.expect(r"33 101\r?\n/dev/pts/\d+")
+    child.sendline("hello")
+    child.expect("got hello")
+    child.expect(pexpect.EOF)
+    relay.close()
+    assert relay.exit_status == 5 and relay.error is None
+
+
+def test_pty_io_on_an_unknown_session_is_a_channel_error(piped) -> None:  # type: ignore[no-untyped-def]
+    client, _ = piped
+    with pytest.raises(ChannelError, match="no pty session 999"):
+        client.pty_io(999)

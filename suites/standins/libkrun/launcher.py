@@ -243,7 +243,7 @@ def _run(proc: subprocess.Popen[bytes], listeners: dict[str, socket.socket], cfg
     proc.wait()
     relay.drain(DRAIN_S)
     try:
-        status = qemu.parse_status((work / "status").read_text(errors="replace"))
+        status = qemu.parse_status(qemu.tail_bytes(work / "status", 4096).decode(errors="replace"))
     except OSError:
         status = None
     if status is None:
