@@ -38,6 +38,7 @@ from runtime.errors import AgentboxError
 from runtime.private_dir import runtime_dir
 from runtime.vmm import initramfs
 from runtime.vmm.base import GuestExitUnknown, VmSpec
+from runtime.vmm.kernel_image import pvh_kernel
 
 STATUS_PORT = "org.agentbox.status"
 CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
@@ -80,13 +81,28 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty console log)"
 
 
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+
+
+def fast_boot(kernel: Path) -> tuple[Path, list[str]]:
+    """The kernel file to boot and the firmware arguments: the decompressed ELF entered through PVH,
+    with qboot when qemu ships it (the measured floor here), else the bzImage through SeaBIOS.
+    ``AGENTBOX_QEMU_FAST_BOOT=0`` keeps the bzImage."""
+    if os.environ.get("AGENTBOX_QEMU_FAST_BOOT", "1") == "0":
+        return kernel, []
+    elf = pvh_kernel(kernel, cache_dir() / "vmlinux")
+    if elf is None:
+        return kernel, []
+    return elf, (["-bios", str(QBOOT)] if QBOOT.exists() else [])
+
+
 def machine_args(*, ram_mib: int, vcpus: int, kernel: Path, initrd: Path, accel: str,
-                 cmdline: str = CMDLINE) -> list[str]:
-    """The machine itself: accelerator, memory, CPUs, kernel and initramfs."""
+                 cmdline: str = CMDLINE, firmware: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The machine itself: accelerator, memory, CPUs, firmware, kernel and initramfs."""
     accel_arg = "kvm" if accel == "kvm" else "tcg,thread=multi"
     return [qemu_binary(), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-machine", "pc", "-accel", accel_arg, "-cpu", "host" if accel == "kvm" else "max",
-            "-m", str(ram_mib), "-smp", str(max(1, vcpus)),
+            "-m", str(ram_mib), "-smp", str(max(1, vcpus)), *firmware,
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
 
@@ -120,11 +136,13 @@ def net_args() -> list[str]:
             "-device", "virtio-rng-pci"]
 
 
-def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str) -> list[str]:
+def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str,
+               firmware: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The exact qemu command line for ``spec``."""
     t, launch = spec.task_dir, spec.launch
     sock = socket_dir(t)
-    argv = machine_args(ram_mib=launch.ram_mib, vcpus=launch.vcpus, kernel=kernel, initrd=initrd, accel=accel)
+    argv = machine_args(ram_mib=launch.ram_mib, vcpus=launch.vcpus, kernel=kernel, initrd=initrd, accel=accel,
+                        firmware=firmware)
     argv += ["-serial", f"file:{t / 'console.log'}",
              "-qmp", f"unix:{sock / 'qmp.sock'},server=on,wait=off",
              "-device", "virtio-serial-pci,id=vser"]
@@ -269,7 +287,8 @@ class QemuDriver:
         accel = self.choose_accel(spec.accel, kernel, base)
         for name in ("status", "console.log"):
             (spec.task_dir / name).unlink(missing_ok=True)
-        argv = build_argv(spec, kernel=kernel, initrd=initrd, accel=accel)
+        boot_kernel, firmware = fast_boot(kernel)
+        argv = build_argv(spec, kernel=boot_kernel, initrd=initrd, accel=accel, firmware=firmware)
         (spec.task_dir / "qemu.argv").write_text(json.dumps(argv))
         stdio = None if spec.interactive else subprocess.DEVNULL
         try:

@@ -179,7 +179,9 @@ def accept(lst: socket.socket, proc: subprocess.Popen[bytes]) -> socket.socket:
 
 
 def qemu_argv(cfg: Config, work: Path, kernel: Path, initrd: Path, accel: str, tty: bool) -> list[str]:
-    argv = qemu.machine_args(ram_mib=cfg.ram_mib, vcpus=cfg.vcpus, kernel=kernel, initrd=initrd, accel=accel)
+    boot_kernel, firmware = qemu.fast_boot(kernel)
+    argv = qemu.machine_args(ram_mib=cfg.ram_mib, vcpus=cfg.vcpus, kernel=boot_kernel, initrd=initrd, accel=accel,
+                             firmware=firmware)
     argv += ["-chardev", f"socket,id=kcon,path={work / 'ttyS0.sock'},server=off", "-serial", "chardev:kcon",
              "-device", "virtio-serial-pci,id=vser"]
     argv += qemu.port_args(f"file,path={work / 'status'}", "status", qemu.STATUS_PORT)
