@@ -22,6 +22,7 @@ from guest_init import contract as c
 from runtime.disks import MICROVM_NIX
 from runtime.channel import AgentClient, ChannelError, PtyRelay
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
+from runtime.vmm import boot_phases
 from runtime.vmm.qemu import tail_bytes
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
@@ -121,6 +122,7 @@ class MicrovmMachine(Machine):
         assert task.handle is not None
         handle, limit = task.handle, self.scaled(self.boot_timeout)
         errors: list[str] = []
+        ready: list[float] = []
 
         def answered(_last_try: bool) -> bool:
             try:
@@ -133,18 +135,23 @@ class MicrovmMachine(Machine):
             try:
                 if self.agent is None:
                     self.agent = handle.agent_client(5.0)
-                self.agent.ping(2.0)
+                pong = self.agent.ping(2.0)
+                uptime = pong.get("uptime")
+                ready[:] = [float(uptime)] if isinstance(uptime, (int, float)) else []
                 return True
             except (ChannelError, OSError) as exc:
                 errors[:] = [str(exc)]
                 return False
 
         try:
-            retry(answered, timeout=limit, interval=0.5)
+            retry(answered, timeout=limit, interval=0.2)
         except WaitTimeout:
             raise AssertionError(f"{self.name}: guest agent did not come up within {limit:.0f}s "
                                  f"(last error: {errors[0] if errors else 'none'})\nconsole tail:\n"
                                  f"{self.console_tail()}") from None
+        console = tail_bytes(handle.console_log, 1 << 16).decode("utf-8", "replace")
+        self.timings.update(boot_phases.durations(console, ready[0] if ready else None))
+        self.timings.update({f"host_{label}_s": round(ms / 1000, 3) for label, ms in task.phases.rows})
 
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:

@@ -91,6 +91,13 @@ def _writer(stream: Any, data: bytes) -> None:
             pass
 
 
+def _uptime() -> float | None:
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
              ) -> tuple[dict[str, str], Callable[[], None], str]:
     """The environment, the privilege drop (for ``preexec_fn``) and the cwd of a request's ``user``;
@@ -262,7 +269,7 @@ def handle(req: Mapping[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     try:
         if op == "ping":
-            return {"ok": True, "pong": True, "pid": os.getpid(), "uid": os.geteuid()}
+            return {"ok": True, "pong": True, "pid": os.getpid(), "uid": os.geteuid(), "uptime": _uptime()}
         if op == "run":
             return run_command(req)
         if op == "read_file":

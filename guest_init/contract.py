@@ -109,3 +109,9 @@ NIX_ALLOCATOR_LIBS: Final = "/etc/nix-allocator-libs"
 NIX_PRELOAD: Final = "/etc/ld-nix.so.preload"
 # How background workers re-run guest-init (default: the launcher that ran us).
 ENV_GUEST_INIT_SELF: Final = "AGENTBOX_GUEST_INIT_SELF"
+
+# Boot-phase stamps on the kernel console: "agentbox-phase NAME UPTIME_S" (guest monotonic
+# seconds since the kernel started). Phases in order: kernel (initramfs running), modules
+# (loaded), root (task root mounted), init (PID 1 of the root running), enter (the guest
+# command about to exec). runtime.vmm.boot_phases turns them into durations.
+PHASE_MARK: Final = "agentbox-phase"

@@ -21,6 +21,7 @@ import termios
 import time
 from pathlib import Path
 
+from guest_init import contract
 from guest_init.launch_config import LaunchConfig, decode
 
 STATUS_PORT = "org.agentbox.status"
@@ -43,6 +44,23 @@ def log(msg: str) -> None:
             tty.write(f"agentbox-vminit: {msg}\n")
     except OSError:
         print(f"agentbox-vminit: {msg}", file=sys.stderr)
+
+
+def stamp(phase: str) -> None:
+    """A boot-phase stamp on the kernel console (see ``contract.PHASE_MARK``)."""
+    try:
+        uptime = Path("/proc/uptime").read_text().split()[0]
+    except (OSError, IndexError):
+        return
+    log_raw(f"{contract.PHASE_MARK} {phase} {uptime}")
+
+
+def log_raw(line: str) -> None:
+    try:
+        with open("/dev/ttyS0", "w") as tty:
+            tty.write(line + "\n")
+    except OSError:
+        pass
 
 
 def mount_all() -> None:
@@ -175,6 +193,7 @@ def main(argv: list[str]) -> int:
     status = "exit=1"
     try:
         mount_all()
+        stamp("init")
         network()
         cfg = decode(Path(path).read_text())
         status = reap_until(start_command(cfg))

@@ -30,7 +30,7 @@ import libarchive
 from guest_init import contract
 from runtime.rootfs_paths import EscapesRoot, relative_entry, resolve_in_root
 
-GENERATOR_VERSION = "4"
+GENERATOR_VERSION = "5"
 WANTED = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "9p",
           "9pnet_virtio", "crc32c_generic", "btrfs", "overlay", "fuse", "tun")
 # modules that must be loaded before others although modules.dep does not say so
@@ -46,9 +46,12 @@ $bb mkdir -p /proc /sys /dev /newroot /tmp
 $bb mount -t proc proc /proc
 $bb mount -t sysfs sysfs /sys
 $bb mount -t devtmpfs devtmpfs /dev
+stamp() {{ echo "{contract.PHASE_MARK} $1 $($bb cut -d' ' -f1 /proc/uptime)" >/dev/ttyS0; }}
+stamp kernel
 for m in $($bb cat /modules.order); do
   $bb insmod /lib/modules/$m 2>/dev/null || echo "agentbox-initramfs: insmod $m failed" >/dev/ttyS0
 done
+stamp modules
 if $bb grep -q agentbox.probe=1 /proc/cmdline; then
   echo {PROBE_MARKER} >/dev/ttyS0
   $bb poweroff -f
@@ -57,6 +60,7 @@ if ! $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,a
   echo "agentbox-initramfs: cannot mount the task rootfs (9p tag {contract.ROOTFS_TAG})" >/dev/ttyS0
   $bb poweroff -f
 fi
+stamp root
 $bb mount -t tmpfs -o mode=0755 tmpfs /newroot/run
 $bb mkdir -p /newroot/run/agentbox /newroot/dev
 $bb mount --move /dev /newroot/dev
