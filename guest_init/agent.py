@@ -23,7 +23,6 @@ The agent runs as root (the host starts it with ``AGENTBOX_ENTER_AS_ROOT=1``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import select
 import signal
@@ -200,6 +199,8 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
 
 
 def _sha256(path: Path) -> str:
+    import hashlib  # only file transfers need it; loading OpenSSL costs 0.1 s at every agent start under TCG
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -115,3 +115,7 @@ ENV_GUEST_INIT_SELF: Final = "AGENTBOX_GUEST_INIT_SELF"
 # (loaded), root (task root mounted), init (PID 1 of the root running), enter (the guest
 # command about to exec). runtime.vmm.boot_phases turns them into durations.
 PHASE_MARK: Final = "agentbox-phase"
+
+# Kernel modules PID 1 loads from the root's /lib/modules in the background (the initramfs loads
+# only what mounting the root needs). Anything else is loaded on demand by the kernel's modprobe.
+LATE_MODULES: Final = ("crc32c_generic", "btrfs", "overlay", "fuse", "tun", "virtio_rng")

@@ -68,6 +68,7 @@ class Host:
     drop: Callable[[Identity], None] = drop_privileges
     execvpe: Callable[[str, list[str], dict[str, str]], None] = _exec
     start_prep: Callable[[prep.PrepKind, Mapping[str, str]], object] | None = None
+    serve_agent: Callable[[tuple[str | None, str | None], dict[str, str]], None] | None = None
     cwd: Callable[[], str] = os.getcwd
     chdir: Callable[[str], None] = os.chdir
 
@@ -142,12 +143,39 @@ def finish(prof: Profile, argv: list[str], ident: Identity, drop: bool, env: dic
         raise GuestError("cannot exec an empty command")
     if drop:
         host.drop(ident)
+    agent = own_agent(argv)
+    if agent is not None and host.serve_agent is not None:
+        host.serve_agent(agent, env)
+        return
     host.execvpe(argv[0], argv, env)
 
 
+def own_agent(argv: list[str]) -> tuple[str | None, str | None] | None:
+    """``(device, port)`` when the command is our own ``agentbox-guest-init agent [--port N|--device P]``
+    (served in this process: no second interpreter start, about a second under TCG), else None."""
+    if len(argv) < 2 or os.path.basename(argv[0]) != "agentbox-guest-init" or argv[1] != "agent":
+        return None
+    rest = argv[2:]
+    if not rest:
+        return None, None
+    if len(rest) == 2 and rest[0] in ("--port", "--device"):
+        return (None, rest[1]) if rest[0] == "--port" else (rest[1], None)
+    return None
+
+
+def _serve_agent(where: tuple[str | None, str | None], env: dict[str, str]) -> NoReturn:
+    """Become the agent: the command's environment, then serve until EOF or shutdown."""
+    from guest_init import agent
+
+    os.environ.clear()
+    os.environ.update(env)
+    raise SystemExit(agent.main(*where))
+
+
 def enter(mode: str, cmd: Sequence[str], env: Mapping[str, str] | None = None, host: Host | None = None) -> None:
-    """The ``libkrun``/``microvm`` enter flow; does not return on success (exec)."""
-    host = host or Host()
+    """The ``libkrun``/``microvm`` enter flow; does not return on success (exec, or our own agent served
+    in this process)."""
+    host = host or Host(serve_agent=_serve_agent)
     env_out = dict(os.environ if env is None else env)
     prof = Profile.from_env(f"{mode} enter", env_out)
     genv = prof.step("read-env", lambda: GuestEnv.parse(env_out))

@@ -31,8 +31,10 @@ from guest_init import contract
 from runtime.rootfs_paths import EscapesRoot, relative_entry, resolve_in_root
 
 GENERATOR_VERSION = "5"
-WANTED = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "virtio_rng", "9p",
-          "9pnet_virtio", "crc32c_generic", "btrfs", "overlay", "fuse", "tun")
+WANTED = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "9p", "9pnet_virtio")
+"""What the initramfs loads: only what mounting the root and the first steps of PID 1 need. The rest
+(:data:`guest_init.contract.LATE_MODULES`: btrfs, overlay, fuse, tun, ...) PID 1 loads from the root
+in the background, in parallel with its own start (btrfs's raid6/xor benchmarks alone cost ~1 s)."""
 # modules that must be loaded before others although modules.dep does not say so
 SOFT_FIRST = ("crc32c_generic",)
 LAUNCH_PATH = "agentbox/launch.conf"

@@ -96,3 +96,17 @@ def test_a_leading_own_name_is_skipped_as_libkrun_passes_argv_after_the_exec_pat
     without = run_cli("status", "--timeout", "0")
     assert (with_name.returncode, with_name.stderr) == (without.returncode, without.stderr)
     assert "--timeout must be a positive number of seconds" in with_name.stderr
+
+
+@pytest.mark.parametrize("words", [["microvm", "enter"], ["libkrun", "enter"], ["container", "enter"],
+                                   ["default", "enter"], ["vm-init"], ["vm-init", "/run/agentbox/launch.conf"]])
+def test_the_boot_path_fast_parse_matches_argparse(words: list[str]) -> None:
+    fast = cli.fast_args(words)
+    assert fast is not None
+    full = vars(cli._parser().parse_args(words))
+    assert {k: v for k, v in full.items() if k in vars(fast)} == vars(fast)
+
+
+@pytest.mark.parametrize("words", [["vm-init", "--help"], ["status"], ["agent", "--port", "x"], ["microvm"]])
+def test_other_command_lines_take_the_full_parser(words: list[str]) -> None:
+    assert cli.fast_args(words) is None

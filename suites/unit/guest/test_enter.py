@@ -273,3 +273,21 @@ def test_workspace_transport_is_virtiofs_when_no_9p_device_offers_the_tag(tmp_pa
     g = Guest(tmp_path)
     assert mount_workspace(GuestEnv(workspace_tag="ws", workspace_target="/w"), g.host)
     assert g.runner.calls == [["mount", "-t", "virtiofs", "ws", "/w"]]
+
+
+def test_our_own_agent_is_served_in_process_instead_of_exec(tmp_path: Path) -> None:
+    from guest_init.enter import own_agent
+
+    assert own_agent(["agentbox-guest-init", "agent"]) == (None, None)
+    assert own_agent(["/usr/local/bin/agentbox-guest-init", "agent", "--port", "org.agentbox.agent"]) == \
+        (None, "org.agentbox.agent")
+    assert own_agent(["agentbox-guest-init", "agent", "--device", "/dev/vport0p1"]) == ("/dev/vport0p1", None)
+    assert own_agent(["agentbox-guest-init", "agent", "--bogus"]) is None
+    assert own_agent(["sh", "agent"]) is None and own_agent(["fish", "-l"]) is None
+    g = Guest(tmp_path)
+    served: list[object] = []
+    g.host.serve_agent = lambda where, env: served.append((where, env["HOME"]))
+    enter("microvm", ["agentbox-guest-init", "agent"], {c.ENV_MICROVM_WORKSPACE_TAG: "t", c.ENV_ENTER_AS_ROOT: "1"},
+          g.host)
+    assert served == [((None, None), "/home/dev")]
+    assert "exec" not in [e[0] for e in g.events]
