@@ -17,6 +17,8 @@ from agentbox_harness import artifacts, reaper
 from agentbox_harness.artifacts import REPORTS
 from agentbox_harness.fixtures import *  # noqa: F403 - registers the fixtures
 from agentbox_harness.session import KEY, harness
+from runtime.config import check_location
+from runtime.errors import InputError
 
 MARKERS = {
     "vm": "boots a real guest (qemu, libkrun or krun-podman backend)",
@@ -64,6 +66,12 @@ def pytest_configure(config: pytest.Config) -> None:
                                 "drop -n (or pass -n 0)")
     if _xdist_controller(config) and getattr(config.option, "testrunuid", "") is None:
         config.option.testrunuid = uuid.uuid4().hex  # known here, so the leak check can find the workers' runs
+    state_dir = config.getoption("--agentbox-state-dir", default=None)
+    if state_dir and Path(state_dir).is_dir():
+        try:
+            check_location(Path(state_dir))
+        except InputError as exc:
+            raise pytest.UsageError(f"--agentbox-state-dir {exc}") from None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

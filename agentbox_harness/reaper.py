@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,10 @@ class RunRegistry:
 
     @classmethod
     def load(cls, path: Path) -> RunRegistry:
+        """A registry file; refused (ValueError) unless it is a regular file owned by us."""
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise ValueError(f"run registry {path} is not a regular file owned by uid {os.geteuid()}")
         data = json.loads(path.read_text())
         return cls(path, str(data["run_label"]), int(data["owner"]), data.get("owner_start"),
                    list(data.get("roots", [])), list(data.get("state_bases", [])), list(data.get("mounts", [])))
@@ -148,39 +153,53 @@ def loops_under(roots: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def live_vms(state_bases: list[str]) -> list[str]:
-    """Recorded VM processes of these state bases that are still running."""
+def _layouts(state_bases: list[str]) -> list[StateLayout]:
+    apps = [Path(base) / "agentbox" for base in state_bases]
+    return [StateLayout(app, app.name, app, app) for app in apps if app.is_dir()]
+
+
+def live_vms(state_bases: list[str], run_label: str) -> list[str]:
+    """This run's recorded VM processes in these state bases that are still running (a state base
+    shared with other runs through ``--agentbox-state-dir`` also holds theirs: never counted)."""
     out = []
-    for base in state_bases:
-        app = Path(base) / "agentbox"
-        if not app.is_dir():
-            continue
-        for rec in vm_reaper.records(StateLayout(app, app.name, app, app)):
+    for layout in _layouts(state_bases):
+        for rec in vm_reaper.records(layout):
             pid = rec.get("pid")
-            if isinstance(pid, int) and vm_reaper.same_process(pid, rec.get("start")):  # type: ignore[arg-type]
+            if rec.get("run_label") == run_label and isinstance(pid, int) \
+                    and vm_reaper.same_process(pid, rec.get("start")):  # type: ignore[arg-type]
                 out.append(f"VM process {pid} (task dir {rec.get('task_dir')})")
     return out
 
 
-def task_dirs(state_bases: list[str], keep: set[str]) -> list[str]:
-    """Task dirs (``<state root>/microvm-tasks/*``) still present, except the preserved ones in ``keep``."""
+def task_dirs(state_bases: list[str], keep: set[str], run_label: str, roots: list[str]) -> list[str]:
+    """This run's task dirs (``<state root>/microvm-tasks/*``) still present, except the preserved ones in
+    ``keep``: those recorded with this run's label, and unrecorded ones under this run's own roots."""
+    labels = {Path(str(rec["task_dir"])).name: rec.get("run_label")
+              for layout in _layouts(state_bases) for rec in vm_reaper.records(layout)}
     out = []
     for base in state_bases:
         for d in sorted(Path(base).glob("agentbox/*/microvm-tasks/*")):
-            if d.is_dir() and str(d) not in keep:
+            if not d.is_dir() or str(d) in keep:
+                continue
+            ours = labels[d.name] == run_label if d.name in labels else _under(str(d), roots)
+            if ours:
                 out.append(str(d))
     return out
 
 
+def _under(path: str, roots: list[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
 def leaks(reg: RunRegistry, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """One line per resource this run created that is still there (``keep``: preserved paths)."""
-    roots = reg.roots + reg.state_bases
+    tasks = task_dirs(reg.state_bases, keep, reg.run_label, reg.roots)
     out = [f"container {c} (label {LABEL_HARNESS_RUN}={reg.run_label})" for c in labelled_containers(reg.run_label)]
-    out += live_vms(reg.state_bases)
-    out += [f"mount {m}" for m in mounts_under(roots + reg.mounts)
+    out += live_vms(reg.state_bases, reg.run_label)
+    out += [f"mount {m}" for m in mounts_under(reg.roots + reg.mounts + tasks)
             if not any(m == k or m.startswith(k + "/") for k in keep)]
-    out += [f"loop device {dev} (backing {f})" for dev, f in loops_under(roots)]
-    out += [f"task dir {d}" for d in task_dirs(reg.state_bases, keep)]
+    out += [f"loop device {dev} (backing {f})" for dev, f in loops_under(reg.roots)]
+    out += [f"task dir {d}" for d in tasks]
     return out
 
 
@@ -207,10 +226,10 @@ def reap(reg: RunRegistry) -> list[str]:
         if app.is_dir():
             done += [f"task {t}" for t in vm_reaper.reap_stale(StateLayout(app, app.name, app, app),
                                                                include_label=reg.run_label)]
-    for point in mounts_under(reg.roots + reg.state_bases + reg.mounts):
+    for point in mounts_under(reg.roots + reg.mounts):  # never a shared state base: other runs' mounts live there
         if _unmount(point):
             done.append(f"mount {point}")
-    for dev, backing in loops_under(reg.roots + reg.state_bases):
+    for dev, backing in loops_under(reg.roots):
         if subprocess.run(["losetup", "-d", dev], capture_output=True, timeout=TOOL_TIMEOUT_S).returncode == 0:
             done.append(f"loop device {dev} ({backing})")
     return done

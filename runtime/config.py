@@ -82,7 +82,22 @@ def parse_config(text: str, path: Path) -> Config:
         raise InputError(
             f"config file '{path}': [state].location '{location}' does not exist or is not a directory"
         )
+    try:
+        check_location(loc)
+    except InputError as exc:
+        raise InputError(f"config file '{path}': [state].location: {exc}") from None
     return Config(path, loc)
+
+
+def check_location(loc: Path) -> None:
+    """Refuse a state location owned by someone else or writable by group or others (InputError):
+    whoever can write there can plant records, symlinks or disk images for agentbox to act on."""
+    st = loc.stat()
+    if st.st_uid != os.geteuid():
+        raise InputError(f"'{loc}' is owned by uid {st.st_uid}, not {os.geteuid()}; accepted: a directory you own")
+    if st.st_mode & 0o022:
+        raise InputError(f"'{loc}' is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+                         "accepted: a directory only you can write (chmod go-w)")
 
 
 MAX_CONFIG_BYTES = 64 << 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
@@ -62,9 +63,13 @@ def forget(layout: StateLayout, task_dir: Path) -> None:
 
 
 def records(layout: StateLayout) -> list[dict[str, object]]:
+    """The task records under ``layout`` that are regular files owned by us (anything else is ignored)."""
     out = []
     for p in sorted(_dir(layout).glob("*.json")):
         try:
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 65536:
+                continue
             data = json.loads(p.read_text())
             data["_file"] = str(p)
             out.append(data)
@@ -76,6 +81,28 @@ def records(layout: StateLayout) -> list[dict[str, object]]:
 def same_process(pid: int, start: object) -> bool:
     """``pid`` is alive and, when ``start`` is known, is the process that was recorded (not a reused pid)."""
     return _alive(pid) and (start is None or start_time(pid) == start)
+
+
+def managed_task_dir(layout: StateLayout, task_dir: Path) -> bool:
+    """Whether ``task_dir`` really is one of ours: ``<app>/<slug>/microvm-tasks/<id>`` with no symlink
+    below the app dir (checked component by component, and by real path), a directory owned by us. A
+    planted record naming anything else is never acted on."""
+    try:
+        rel = Path(os.path.abspath(task_dir)).relative_to(os.path.abspath(layout.app_dir))
+    except ValueError:
+        return False
+    if len(rel.parts) != 3 or rel.parts[1] != "microvm-tasks" or ".." in rel.parts:
+        return False
+    current = Path(os.path.abspath(layout.app_dir))
+    for part in rel.parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+    return Path(os.path.realpath(task_dir)).is_relative_to(os.path.realpath(layout.app_dir))
 
 
 def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list[str]:
@@ -101,7 +128,7 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
                 while _alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
         task_dir = Path(str(rec["task_dir"]))
-        if task_dir.parent.name == "microvm-tasks" and task_dir.is_relative_to(layout.app_dir) and task_dir.exists():
+        if managed_task_dir(layout, task_dir):
             reset_task_dir(task_dir)
         Path(str(rec["_file"])).unlink(missing_ok=True)
         reaped.append(str(task_dir))
