@@ -106,11 +106,20 @@ def default_containers(podman: Podman | None = None) -> RunningContainers:
     return ApiContainers(sock) if sock else CliContainers(podman)
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file: same (st_dev, st_ino) when both exist (aliases through
+    symlinks, bind mounts or ``..`` included), else the same normalised real path."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
 def users_of(path: Path, running: Mapping[str, Mapping[str, str]]) -> list[str]:
-    """IDs of containers whose ``krun.disk.*.path`` annotation equals ``path``."""
-    target = str(path)
+    """IDs of containers whose ``krun.disk.*.path`` annotation names the file ``path`` (by identity)."""
     return [cid for cid, annos in running.items()
-            if any(k.startswith("krun.disk.") and k.endswith(".path") and v == target
+            if any(k.startswith("krun.disk.") and k.endswith(".path") and same_file(v, path)
                    for k, v in annos.items())]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from runtime.disks import LIBKRUN_NIX, RawDisk, Runner, SubprocessRunner, create
 from runtime.errors import AgentboxError, InputError
 from runtime.live_disks import RunningContainers, refuse_if_live
-from runtime.state import open_state_dir
+from runtime.state import maintenance_lock, open_state_dir
 
 
 def needs_force(disk: RawDisk = LIBKRUN_NIX) -> str:
@@ -33,6 +33,13 @@ def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | 
         raise InputError(needs_force(disk))
     path = disk.path(state_root)
     dir_fd = open_state_dir(state_root)  # every ownership and symlink check before anything destructive
+    with maintenance_lock(state_root, f"reset {disk.file_name}"):
+        _reset(disk, path, dir_fd, containers, tools, extra_users)
+    return path
+
+
+def _reset(disk: RawDisk, path: Path, dir_fd: int, containers: RunningContainers | None, tools: Runner | None,
+           extra_users: tuple[str, ...]) -> None:
     try:
         refuse_if_live(path, "reset", containers, extra_users)
         try:
@@ -49,7 +56,6 @@ def reset_nix(state_root: Path, force: bool, *, containers: RunningContainers | 
                 os.unlink(path.name, dir_fd=dir_fd)
             except OSError as exc:
                 raise AgentboxError(f"failed to delete existing {disk.diag} '{path}': {exc}") from None
+        create(disk, path, tools or SubprocessRunner())
     finally:
         os.close(dir_fd)
-    create(disk, path, tools or SubprocessRunner())
-    return path

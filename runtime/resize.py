@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from runtime.disks import LIBKRUN_CONTAINERS, LIBKRUN_NIX, RawDisk, Runner, grow
-from runtime.state import check_state_dir
+from runtime.state import check_state_dir, maintenance_lock
 from runtime.errors import AgentboxError
 from runtime.live_disks import RunningContainers, refuse_if_live
 
@@ -68,13 +68,14 @@ def resize(target: str | RawDisk, size: int, state_root: Path, runner: Maintenan
     disk = target if isinstance(target, RawDisk) else TARGETS[target]
     path = disk.path(state_root)
     check_state_dir(state_root)  # symlinks, owner and mode refused before anything else
-    refuse_if_live(path, "resize", containers, extra_users)
-    old = grow(disk, path, size, tools, before_grow=before_grow)
-    plan = ResizePlan(disk, path, old, size)
-    try:
-        status = runner.run(plan)
-    except AgentboxError as exc:
-        raise GuestStepFailed(retry_message(disk.spec.key, path, None), 1) from exc
+    with maintenance_lock(state_root, f"resize {disk.file_name}"):
+        refuse_if_live(path, "resize", containers, extra_users)
+        old = grow(disk, path, size, tools, before_grow=before_grow)
+        plan = ResizePlan(disk, path, old, size)
+        try:
+            status = runner.run(plan)
+        except AgentboxError as exc:
+            raise GuestStepFailed(retry_message(disk.spec.key, path, None), 1) from exc
     if status != 0:
         raise GuestStepFailed(retry_message(disk.spec.key, path, status), status)
     return plan

@@ -8,10 +8,12 @@ symlink anywhere in a managed path is refused.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +138,27 @@ def open_state_dir(state_root: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+@contextlib.contextmanager
+def maintenance_lock(state_root: Path, operation: str) -> Iterator[None]:
+    """One writer per workspace disk: resize and reset hold an exclusive ``flock`` on the state dir
+    itself (no lock file is written). A second one fails at once with one line (AgentboxError)
+    instead of racing the first."""
+    try:
+        fd = os.open(state_root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield  # nothing to protect yet: the operation reports the missing state itself
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AgentboxError(f"refusing to {operation}: another resize or reset is running on the workspace "
+                                f"state '{state_root}'; wait for it to finish and retry") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from guest_init import contract as c
 from guest_init.launch_config import decode
+from runtime.live_disks import same_file
 from runtime.microvm.reaper import records, same_process
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 from runtime.resize import ResizePlan
@@ -45,6 +46,6 @@ def live_users(layout: StateLayout, disk_path: Path) -> list[str]:
             cfg = decode(conf.read_text())
         except (OSError, ValueError):
             continue
-        if any(d.path == str(disk_path) for d in cfg.disks):
+        if any(same_file(d.path, disk_path) for d in cfg.disks):
             users.append(f"microvm task {Path(str(rec['task_dir'])).name} (pid {rec['pid']})")
     return users

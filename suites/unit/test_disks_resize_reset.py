@@ -275,3 +275,42 @@ def test_resize_through_a_symlinked_state_root_is_refused(tmp_path: Path) -> Non
     with pytest.raises(InputError, match="is a symlink"):
         resize("nix", 128 << 30, link, Runner(0), containers=Containers(), tools=Tools())
     assert path.stat().st_size == 64 << 30
+
+
+def test_a_concurrent_reset_or_resize_on_one_workspace_is_refused(tmp_path: Path) -> None:
+    import threading
+
+    path = _image(tmp_path)
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowRunner(Runner):
+        def run(self, plan: ResizePlan) -> int:
+            entered.set()
+            release.wait(10)
+            return 0
+
+    first = threading.Thread(target=resize, args=("nix", 128 << 30, tmp_path, SlowRunner()),
+                             kwargs={"containers": Containers(), "tools": Tools()})
+    first.start()
+    try:
+        assert entered.wait(10)
+        with pytest.raises(AgentboxError, match="another resize or reset is running on the workspace state"):
+            reset_nix(tmp_path, True, containers=Containers(), tools=Tools())
+        with pytest.raises(AgentboxError, match="another resize or reset is running"):
+            resize("nix", 256 << 30, tmp_path, Runner(0), containers=Containers(), tools=Tools())
+    finally:
+        release.set()
+        first.join(10)
+    assert path.stat().st_size == 128 << 30, "the running resize finished; nothing deleted its image"
+
+
+def test_a_live_user_naming_the_image_through_an_alias_still_blocks(tmp_path: Path) -> None:
+    path = _image(tmp_path)
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_path)
+    live = Containers({"c1": {"krun.disk.0.path": str(alias / "libkrun-nix.raw")}})
+    with pytest.raises(AgentboxError, match="refusing to reset"):
+        reset_nix(tmp_path, True, containers=live, tools=Tools())
+    with pytest.raises(AgentboxError, match="refusing to resize"):
+        resize("nix", 128 << 30, tmp_path, Runner(0), containers=live, tools=Tools())
+    assert path.stat().st_size == 64 << 30
