@@ -99,7 +99,7 @@ def check_krun_direct_boot() -> Check:
     """Whether a probe boot through the libkrun that loads now passed (the cached verdict)."""
     key = boot_verdicts.krun_direct_key()
     if key is None:
-        return Check("krun-direct-boot", False, "missing", "not probed: libkrun does not load", LIBKRUN_FIX)
+        return Check("krun-direct-boot", False, "info", "not probed: libkrun does not load (see the libkrun line)")
     verdict = boot_verdicts.read(boot_verdicts.KRUN_DIRECT, key)
     if verdict is None:
         return Check("krun-direct-boot", False, "info", "libkrun loads but has not booted a guest here yet",
