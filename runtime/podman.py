@@ -7,10 +7,12 @@ with context gives ``<context>[: <stderr>]``. Every call has a timeout.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Sequence
 
-from runtime.errors import AgentboxError
+from runtime.errors import AgentboxError, InputError, one_line
 
 MISSING = "podman is not installed or not available on PATH"
 CALL_TIMEOUT_S = 300.0
@@ -67,13 +69,33 @@ class Podman:
         return self.capture(["image", "exists", image]).returncode == 0
 
 
+IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                       r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+"""An OCI image reference: ``[registry[:port]/]name[:tag][@sha256:digest]``, lowercase name components."""
+
+
+def validate_image_ref(ref: str, source: str = "--image") -> str:
+    """``ref`` if it is an image reference; InputError (exit 2) otherwise, before anything is written.
+    A value that starts with ``-`` would be read as a flag by Podman and Buildah."""
+    if not ref or len(ref) > 255 or not IMAGE_REF.fullmatch(ref):
+        raise InputError(f"invalid image reference {one_line(repr(ref))} from {source}; accepted: "
+                         "[registry[:port]/]name[:tag][@sha256:<64 hex>], e.g. localhost/agentbox:latest")
+    return ref
+
+
+def explicit_image(image: str | None) -> str | None:
+    """``--image`` or else ``$AGENTBOX_IMAGE``, validated; None when neither is set."""
+    if image:
+        return validate_image_ref(image, "--image")
+    env = os.environ.get("AGENTBOX_IMAGE")
+    return validate_image_ref(env, "AGENTBOX_IMAGE") if env else None
+
+
 def resolve_image(podman: Podman, image: str | None, pull_latest: bool) -> str:
     """The image to run: explicit ``--image``/``AGENTBOX_IMAGE`` wins; else pull
     the published image with ``--pull-latest``; else the local default if it
     exists, else the published one."""
-    import os
-
-    explicit = image or os.environ.get("AGENTBOX_IMAGE") or None
+    explicit = explicit_image(image)
     if explicit:
         return explicit
     if pull_latest:

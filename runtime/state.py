@@ -63,9 +63,15 @@ def resize_container_name(task_name: str) -> str:
 def canonical_cwd(cwd: Path | None = None) -> Path:
     """The canonical working directory (symlinks resolved)."""
     try:
-        return (cwd or Path.cwd()).resolve(strict=True)
+        path = (cwd or Path.cwd()).resolve(strict=True)
     except OSError as exc:
         raise AgentboxError(f"failed to canonicalize current directory: {exc}") from None
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"the workspace path {ascii(str(path))} is not valid UTF-8; accepted: a directory whose "
+                         "path is UTF-8 (it names the workspace state and the guest mount)") from None
+    return path
 
 
 def state_base(env: Mapping[str, str] | None = None) -> Path:

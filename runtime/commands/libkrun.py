@@ -9,7 +9,7 @@ import subprocess
 from guest_init.contract import GUEST_INIT_PATH
 from runtime import disks
 from runtime.errors import AgentboxError
-from runtime.podman import Podman, resolve_image
+from runtime.podman import Podman, explicit_image, resolve_image
 from runtime.reset import reset_nix
 from runtime.resize import ResizePlan, resize
 from runtime.sizing import default_cpus, libkrun_ram_mib
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if args.libkrun_action == "reset-nix":
         reset_nix(StateLayout.resolve().state_root, bool(args.force))
         return 0
+    explicit_image(args.image)  # every input is checked before the state dir or a disk is touched
     opts = _options(args, tuple(args.command))
     layout = StateLayout.resolve()
     podman = Podman(debug=bool(args.debug))

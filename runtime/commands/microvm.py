@@ -9,7 +9,8 @@ from pathlib import Path
 from runtime.errors import InputError
 from runtime.microvm.reaper import reap_stale
 from runtime.microvm.session import MicrovmOptions, run_microvm
-from runtime.state import StateLayout
+from runtime.podman import explicit_image
+from runtime.state import StateLayout, canonical_cwd
 
 PULL_LATEST = ("agentbox --pull-latest microvm is not supported yet; experimental microvm image refresh must "
                "use a future Buildah-backed path, not Podman")
@@ -28,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     """Run one microvm task; the exit status is the guest command's."""
     if args.pull_latest:
         raise InputError(PULL_LATEST)
+    image = explicit_image(args.image)  # --image, else AGENTBOX_IMAGE; validated before anything is written
     opts = MicrovmOptions(
-        workspace=Path.cwd(), image=args.image, storage=args.storage, vmm=args.vmm, mem_gib=args.mem,
+        workspace=canonical_cwd(), image=image, storage=args.storage, vmm=args.vmm, mem_gib=args.mem,
         cpus=args.cpus, guest_init=_file(args.guest_init, "--guest-init"), preserve_debug=args.preserve_debug,
         command=tuple(args.command), root=bool(args.root), profile=bool(args.profile), debug=bool(args.debug),
         kernel=_file(args.kernel, "--kernel"), initrd=_file(args.initrd, "--initrd"),

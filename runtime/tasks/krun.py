@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,11 +39,30 @@ class KrunOptions:
     command: tuple[str, ...] = field(default=("fish", "-l"))
 
 
+PUBLISH = re.compile(r"(?:(?:(?P<ip>\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?(?P<host>\d+(?:-\d+)?)?:)?"
+                     r"(?P<guest>\d+(?:-\d+)?)(?:/(?:tcp|udp|sctp))?")
+PUBLISH_ACCEPTED = "[[ip:][hostPort]:]containerPort[/tcp|udp|sctp], ports 1-65535 or ranges a-b"
+
+
+def _ports_ok(spec: str | None) -> bool:
+    if spec is None:
+        return True
+    lo, _, hi = spec.partition("-")
+    ports = [int(lo)] + ([int(hi)] if hi else [])
+    return all(1 <= p <= 65535 for p in ports) and ports == sorted(ports)
+
+
 def validate_publish(publish: Sequence[str], tsi: bool) -> tuple[str, ...]:
-    """Publish specs pass through verbatim; empty ones and ``--tsi`` are refused."""
+    """The ``--publish`` specs, each checked against Podman's grammar (InputError, exit 2, before any
+    state or disk is created)."""
     for spec in publish:
         if not spec.strip():
             raise InputError("publish spec must not be empty")
+        m = PUBLISH.fullmatch(spec)
+        ip_ok = m is not None and (m["ip"] is None or m["ip"].startswith("[")
+                                   or all(int(o) <= 255 for o in m["ip"].split(".")))
+        if m is None or not ip_ok or not _ports_ok(m["host"]) or not _ports_ok(m["guest"]):
+            raise InputError(f"invalid publish spec {spec!r}; accepted: {PUBLISH_ACCEPTED}")
     if publish and tsi:
         raise InputError(
             "--publish requires default passt networking and is not supported with --tsi; "
