@@ -90,11 +90,10 @@ class HarnessSession:
 
     @property
     def accelerator(self) -> str:
-        """``kvm`` or ``tcg`` as the qemu backend will choose (``libkrun`` for krun backends)."""
+        """``kvm`` when a probe boot proved KVM boots the guest kernel here, else ``tcg`` (also for the
+        krun backends: a QEMU-backed libkrun stand-in runs under TCG where KVM does not boot)."""
         if self._accel is None:
-            if self.backend.startswith("krun"):
-                self._accel = "kvm"
-            elif os.environ.get("AGENTBOX_QEMU_ACCEL") in ("kvm", "tcg"):
+            if os.environ.get("AGENTBOX_QEMU_ACCEL") in ("kvm", "tcg"):
                 self._accel = os.environ["AGENTBOX_QEMU_ACCEL"]
             else:
                 from runtime.vmm import kvm_probe

@@ -86,6 +86,8 @@ $bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 $bb mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 $bb mount -t tmpfs -o mode=1777 tmpfs /tmp
 $bb mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+# libkrunfw's kernel has its drivers built in; this root's kernel loads the rest from the root
+[ -x /sbin/modprobe ] && /sbin/modprobe -a {" ".join(contract.LATE_MODULES)} </dev/null >/dev/null 2>&1 &
 echo "{contract.PHASE_MARK} init $($bb cut -d' ' -f1 /proc/uptime)" >/dev/ttyS0
 for l in fd:/proc/self/fd stdin:/proc/self/fd/0 stdout:/proc/self/fd/1 stderr:/proc/self/fd/2 ptmx:pts/ptmx; do
   [ -e /dev/${{l%%:*}} ] || $bb ln -s ${{l#*:}} /dev/${{l%%:*}}

@@ -33,7 +33,9 @@
  *     guest code that mounts by tag must accept either transport.
  *   - PID 1 is a busybox sh script the launcher generates (placed in a tmpfs
  *     at /run/agentbox), not libkrun's init.krun; it mounts /proc, /sys,
- *     /dev/pts, /dev/shm, /tmp and cgroup2 and brings up qemu user-mode
+ *     /dev/pts, /dev/shm, /tmp and cgroup2, loads the kernel modules the
+ *     initramfs left out (btrfs, overlay, fuse, tun: libkrunfw builds them
+ *     in) from the root in the background, and brings up qemu user-mode
  *     networking (libkrun uses TSI or passt).
  *   - The kernel console (ttyS0) and the console port go to the caller's
  *     stderr when it is not a terminal.
