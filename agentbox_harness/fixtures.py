@@ -266,6 +266,39 @@ def microvm(microvm_factory: Callable[..., MicrovmMachine]) -> MicrovmMachine:
     return microvm_factory()
 
 
+@pytest.fixture(scope="module")
+def shared_workspace(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                     agentbox_harness: HarnessSession) -> Iterator[Workspace]:
+    """The workspace of ``shared_microvm``: one per test module (direct mode, owned by dev's ids
+    when the tests run as root)."""
+    tmp = tmp_path_factory.mktemp("shared")
+    ws = Workspace.create(tmp / "project", tmp / "ws-scratch", agentbox_harness.state_base(tmp), "direct",
+                          DEV_IDS if os.geteuid() == 0 else None)
+    yield ws
+    ws.close()
+
+
+@pytest.fixture(scope="module")
+def _shared_microvm_machine(request: pytest.FixtureRequest, agentbox_harness: HarnessSession,
+                            shared_workspace: Workspace) -> Iterator[MicrovmMachine]:
+    backend = agentbox_harness.backend
+    if backend not in ("qemu", "krun-direct"):
+        pytest.skip(f"microvm needs the qemu or krun-direct backend, not {backend}")
+    ctx = BackendContext(agentbox_harness, shared_workspace, agentbox_harness.image, 2, 2, "auto")
+    for make in _factory(request, agentbox_harness, backend, ctx, "shared microvm"):
+        yield make("shared")  # type: ignore[misc]
+
+
+@pytest.fixture
+def shared_microvm(_shared_microvm_machine: MicrovmMachine) -> MicrovmMachine:
+    """A microvm booted once per test module and :meth:`~agentbox_harness.machine.Machine.reset`
+    before each test, for checks that only look (the image contract, say): one boot instead of one
+    per test. Its workspace is ``shared_workspace``. Tests that change the guest beyond what the
+    reset undoes (packages, the persistent disks, a restart) use the function-scoped ``microvm``."""
+    _shared_microvm_machine.reset()
+    return _shared_microvm_machine
+
+
 @pytest.fixture
 def container_task(request: pytest.FixtureRequest, agentbox_harness: HarnessSession,
                    workspace: Workspace) -> Iterator[Machine]:

@@ -75,6 +75,7 @@ class Machine(ABC):
     timings: dict[str, float] = field(default_factory=dict)
     profiler: Profile = field(default_factory=Profile)
     _console: Console | None = field(default=None, repr=False)
+    _baseline_pids: set[int] | None = field(default=None, repr=False)
 
     # --- what a backend provides ------------------------------------------
     @abstractmethod
@@ -261,6 +262,27 @@ class Machine(ABC):
         with self._verb("start", ""):
             self._start()
         self.timings["boot_s"] = round(time.monotonic() - started, 3)
+        self._baseline_pids = None
+
+    def reset(self, *, timeout: float = 60) -> None:
+        """Back to a just-booted state between tests that share this machine: every dev process
+        started since the first reset is killed (the guest's own services, such as the nix and
+        Podman preps, were already running then and stay), and ``/tmp`` and ``/workspace`` are
+        emptied. What it does not undo (installed packages, files elsewhere, the persistent
+        disks) is why tests that change the guest take a fresh ``microvm`` instead."""
+        with self._verb("reset", ""):
+            listing = self._execute(["pgrep", "-u", "dev"], user="root", env=None, cwd="/",
+                                    timeout=self.scaled(timeout), stdin=None)
+            pids = {int(p) for p in listing.stdout.split() if p.isdigit()}
+            if self._baseline_pids is None:
+                self._baseline_pids = pids
+            stray = sorted(pids - self._baseline_pids)
+            script = (("kill -KILL " + " ".join(map(str, stray)) + " 2>/dev/null; " if stray else "")
+                      + "find /tmp /workspace -mindepth 1 -delete")
+            out = self._execute(["sh", "-c", script], user="root", env=None, cwd="/",
+                                timeout=self.scaled(timeout), stdin=None)
+            if not out.ok:
+                raise MachineError(self._explain("reset failed", out))
 
     def shutdown(self, timeout: float = 60) -> None:
         """Graceful then forced stop, bounded by ``timeout``."""

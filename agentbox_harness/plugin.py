@@ -15,7 +15,6 @@ import pytest
 
 from agentbox_harness import artifacts, reaper
 from agentbox_harness.artifacts import REPORTS
-from agentbox_harness.fixtures import *  # noqa: F403 - registers the fixtures
 from agentbox_harness.session import KEY, harness
 from runtime.config import check_location
 from runtime.errors import InputError
@@ -32,6 +31,9 @@ MARKERS = {
 REAPED = pytest.StashKey[list[str]]()
 LEAKS = pytest.StashKey[list[str]]()
 
+
+pytest_plugins = ["agentbox_harness.fixtures"]
+"""The fixtures live in their own module, registered with the plugin (no star import)."""
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("agentbox", "agentbox microVM harness")

@@ -115,3 +115,27 @@ def test_killed_vm_run_is_reaped_by_the_next_run(pytester: pytest.Pytester, vm_b
     assert not qemu_under(pytester.path)
     assert not mounts_under(pytester.path)
     assert not list(pytester.path.glob("**/microvm-tasks/*"))
+
+
+def test_shared_microvm_boots_once_per_module_and_resets_between_tests(pytester: pytest.Pytester,
+                                                                       vm_backend: str) -> None:
+    pytester.makepyfile(test_shared='''
+        BOOT = []
+
+        def test_first(shared_microvm, shared_workspace):
+            BOOT.append(shared_microvm.succeed("cat /proc/sys/kernel/random/boot_id", timeout=60))
+            shared_microvm.succeed("setsid -f sleep 600; echo x > /tmp/left; echo y > /workspace/left",
+                                   timeout=60)
+            assert (shared_workspace.path / "left").exists()
+
+        def test_second(shared_microvm, shared_workspace):
+            assert shared_microvm.succeed("cat /proc/sys/kernel/random/boot_id", timeout=60) == BOOT[0]
+            assert shared_microvm.fail("pgrep -u dev -x sleep", timeout=60)
+            assert shared_microvm.fail("test -e /tmp/left", timeout=60)
+            assert not (shared_workspace.path / "left").exists()
+            shared_microvm.succeed("nix-store --version", timeout=60)
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", vm_backend,
+                                           "--agentbox-strict", timeout=1800)
+    result.assert_outcomes(passed=2)
+    assert "leaked resources" not in result.stdout.str()
