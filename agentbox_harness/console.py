@@ -44,6 +44,7 @@ class Console:
     log: Path | None
     connect: Callable[[], Any] | None = None
     timeout_scale: float = 1.0
+    default_timeout: float = 60.0
     _child: Any = field(default=None, repr=False)
 
     @property
@@ -66,7 +67,7 @@ class Console:
             return ""
         return self.log.read_bytes().decode("utf-8", "replace")
 
-    def wait_for_text(self, pattern: str, *, timeout: float) -> str:
+    def wait_for_text(self, pattern: str, *, timeout: float | None = None) -> str:
         """Wait until ``pattern`` (a regex) appears in the console log; the matching line.
 
         Fails at once when a kernel panic shows up; the error carries the log tail."""
@@ -87,7 +88,8 @@ class Console:
             return bool(found)
 
         try:
-            retry(seen, timeout=timeout * self.timeout_scale, interval=0.5)
+            retry(seen, timeout=(self.default_timeout if timeout is None else timeout) * self.timeout_scale,
+                  interval=0.5)
         except WaitTimeout as exc:
             raise ConsoleError(f"{self.name}: {exc}: waiting for {pattern!r} on the console; console tail:\n"
                                f"{self.tail()}") from None

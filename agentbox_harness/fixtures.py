@@ -174,6 +174,7 @@ class Factory:
         self.machines: list[Machine] = []
 
     def add(self, machine: Machine) -> Machine:
+        machine.default_timeout = self.session.default_timeout
         self.machines.append(machine)
         machine.artifacts = self.session.artifact_dir(self.request.node)
         machine.start()

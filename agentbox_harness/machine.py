@@ -1,9 +1,11 @@
 """The Machine: verbs a test uses on a guest, over one abstract ``_execute``.
 
 Backends supply only transport (``_execute``, file copy) and lifecycle
-(``start``, ``shutdown``); every verb below is shared. Every wait takes a
-required ``timeout`` (multiplied by the session's timeout scale) and its
-error carries the last output and the console tail.
+(``start``, ``shutdown``); every verb below is shared. Every verb and wait takes
+an optional ``timeout`` in seconds: omitted, it is the machine's
+``default_timeout`` (``--agentbox-timeout`` / ini ``agentbox_timeout``, default 60;
+``wait_for_prep`` waits twice that). Either way it is multiplied by the session's
+timeout scale, and a wait's error carries the last output and the console tail.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ class Machine(ABC):
 
     name: str
     timeout_scale: float = 1.0
+    default_timeout: float = 60.0
+    """Seconds (before scaling) of a verb whose ``timeout`` is omitted."""
     artifacts: Path | None = None
     transcript: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -126,7 +130,8 @@ class Machine(ABC):
         if self._console is None or self._console.log != self.console_log:
             if self._console is not None:
                 self._console.close()
-            self._console = Console(self.name, self.console_log, self._console_connect, self.timeout_scale)
+            self._console = Console(self.name, self.console_log, self._console_connect, self.timeout_scale,
+                                    self.default_timeout)
         return self._console
 
     def console_tail(self, lines: int = 30) -> str:
@@ -151,10 +156,14 @@ class Machine(ABC):
         return block()
 
     # --- verbs -------------------------------------------------------------
-    def scaled(self, timeout: float) -> float:
-        return timeout * self.timeout_scale
+    def scaled(self, timeout: float | None) -> float:
+        """``timeout`` (or :attr:`default_timeout` when None) times the session's timeout scale."""
+        return (self.default_timeout if timeout is None else timeout) * self.timeout_scale
 
-    def execute(self, cmd: Command, *, timeout: float, user: str | None = None, env: dict[str, str] | None = None,
+    def _given(self, timeout: float | None, factor: float = 1.0) -> float:
+        return self.default_timeout * factor if timeout is None else timeout
+
+    def execute(self, cmd: Command, *, timeout: float | None = None, user: str | None = None, env: dict[str, str] | None = None,
                 cwd: str | None = None, stdin: bytes | None = None, check: bool = False) -> Result:
         """Run ``cmd`` (a string runs under ``sh -c``) as ``user`` (default dev); return its Result."""
         with self._verb("execute", render(cmd)):
@@ -181,7 +190,7 @@ class Machine(ABC):
             parts.append(f"console tail:\n{tail}")
         return "\n".join(parts)
 
-    def succeed(self, cmd: Command, *, timeout: float, user: str | None = None,
+    def succeed(self, cmd: Command, *, timeout: float | None = None, user: str | None = None,
                 env: dict[str, str] | None = None, cwd: str | None = None, stdin: bytes | None = None) -> str:
         """Run ``cmd``; fail the test unless it exits 0. Returns stdout.
 
@@ -189,7 +198,7 @@ class Machine(ABC):
         with self._verb("succeed", render(cmd)):
             return self.execute(cmd, timeout=timeout, user=user, env=env, cwd=cwd, stdin=stdin, check=True).stdout
 
-    def fail(self, cmd: Command, *, timeout: float, user: str | None = None,
+    def fail(self, cmd: Command, *, timeout: float | None = None, user: str | None = None,
              env: dict[str, str] | None = None) -> Result:
         """Run ``cmd``; fail the test unless it exits non-zero. Returns the Result."""
         with self._verb("fail", render(cmd)):
@@ -198,7 +207,8 @@ class Machine(ABC):
             raise MachineError(self._explain(f"command unexpectedly succeeded: {render(cmd)}", result))
         return result
 
-    def _wait_for(self, cmd: Command, want_ok: bool, timeout: float, user: str | None) -> str:
+    def _wait_for(self, cmd: Command, want_ok: bool, timeout: float | None, user: str | None) -> str:
+        timeout = self._given(timeout)
         last: list[Result] = []
 
         def check(_last_try: bool) -> bool:
@@ -215,41 +225,43 @@ class Machine(ABC):
                                              last[0] if last else None)) from None
         return last[0].stdout
 
-    def wait_until_succeeds(self, cmd: Command, *, timeout: float, user: str | None = None) -> str:
+    def wait_until_succeeds(self, cmd: Command, *, timeout: float | None = None, user: str | None = None) -> str:
         """Retry ``cmd`` until it exits 0; its stdout."""
         return self._wait_for(cmd, True, timeout, user)
 
-    def wait_until_fails(self, cmd: Command, *, timeout: float, user: str | None = None) -> str:
+    def wait_until_fails(self, cmd: Command, *, timeout: float | None = None, user: str | None = None) -> str:
         """Retry ``cmd`` until it exits non-zero."""
         return self._wait_for(cmd, False, timeout, user)
 
-    def wait_for_file(self, path: str, *, timeout: float) -> None:
+    def wait_for_file(self, path: str, *, timeout: float | None = None) -> None:
         """Wait until ``path`` exists in the guest."""
         with self._verb("wait_for_file", path):
             self.wait_until_succeeds(["test", "-e", path], timeout=timeout, user="root")
 
-    def wait_for_prep(self, kind: str, *, timeout: float) -> None:
-        """Wait until the ``nix`` or ``podman`` background prep is ready (fails fast when it failed).
+    def wait_for_prep(self, kind: str, *, timeout: float | None = None) -> None:
+        """Wait until the ``nix`` or ``podman`` background prep is ready (fails fast when it failed;
+        the default timeout is twice the machine's).
 
         Uses ``agentbox-guest-init status --wait KIND``; the error shows its last output."""
         if kind not in ("nix", "podman"):
             raise ValueError(f"wait_for_prep kind '{kind}' is not one of nix, podman")
+        timeout = self._given(timeout, 2.0)  # a prep formats or checks a disk: twice the default
         cmd = ["agentbox-guest-init", "status", "--wait", kind, "--timeout", str(int(self.scaled(timeout)))]
         with self._verb("wait_for_prep", kind):
             self.succeed(cmd, timeout=timeout + 10, user="root")
 
-    def copy_to(self, host_path: Path, guest_path: str, *, timeout: float = 60) -> None:
+    def copy_to(self, host_path: Path, guest_path: str, *, timeout: float | None = None) -> None:
         """Copy a host file into the guest (parents created, owned by dev). Agent backends send it
         in chunks that the guest checks (size and sha256) before it replaces ``guest_path``."""
         with self._verb("copy_to", guest_path):
             self._copy_to(Path(host_path), guest_path, self.scaled(timeout))
 
-    def copy_from(self, guest_path: str, host_path: Path, *, timeout: float = 60) -> None:
+    def copy_from(self, guest_path: str, host_path: Path, *, timeout: float | None = None) -> None:
         """Copy a guest file to the host (any size: agent backends stream it with size and sha256 checks)."""
         with self._verb("copy_from", guest_path):
             self._copy_from(guest_path, Path(host_path), self.scaled(timeout))
 
-    def shell(self, *, timeout: float = 60) -> Any:
+    def shell(self, *, timeout: float | None = None) -> Any:
         """An interactive shell of dev on a real tty in the guest, as a ``pexpect.spawn``.
 
         Its prompt is ``AGENTBOX$ `` (already consumed once); ``timeout`` is the child's
@@ -264,7 +276,7 @@ class Machine(ABC):
         self.timings["boot_s"] = round(time.monotonic() - started, 3)
         self._baseline_pids = None
 
-    def reset(self, *, timeout: float = 60) -> None:
+    def reset(self, *, timeout: float | None = None) -> None:
         """Back to a just-booted state between tests that share this machine: every dev process
         started since the first reset is killed (the guest's own services, such as the nix and
         Podman preps, were already running then and stay), and ``/tmp`` and ``/workspace`` are
@@ -284,14 +296,14 @@ class Machine(ABC):
             if not out.ok:
                 raise MachineError(self._explain("reset failed", out))
 
-    def shutdown(self, timeout: float = 60) -> None:
+    def shutdown(self, timeout: float | None = None) -> None:
         """Graceful then forced stop, bounded by ``timeout``."""
         with self._verb("shutdown", ""):
             if self._console is not None:
                 self._console.close()
             self._stop(self.scaled(timeout))
 
-    def restart(self, timeout: float = 120) -> None:
+    def restart(self, timeout: float | None = None) -> None:
         """Stop and start again with the same state (persistent disks, workspace)."""
         with self._verb("restart", ""):
             self.shutdown(timeout)

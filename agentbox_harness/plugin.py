@@ -50,6 +50,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="a missing capability fails the test instead of skipping it")
     group.addoption("--agentbox-timeout-scale", type=float, default=None,
                     help="multiply every wait timeout (default: 4 under TCG, 1 with KVM)")
+    group.addoption("--agentbox-timeout", type=float, default=None,
+                    help="seconds a verb waits when the test passes no timeout (default: ini agentbox_timeout, "
+                         "else 60; scaled like every timeout)")
+    parser.addini("agentbox_timeout", "seconds a verb waits when the test passes no timeout (default 60)",
+                  default="60")
 
 
 def _is_worker(config: pytest.Config) -> bool:

@@ -34,6 +34,7 @@ class HarnessSession:
     kernel: Path | None
     state_dir: Path | None
     scale_option: float | None
+    default_timeout: float = 60.0
     image_cache: Path = field(default_factory=lambda: cache_root() / "microvm-images")
     preserved: list[Any] = field(default_factory=list)
     _registry: RunRegistry | None = None
@@ -157,5 +158,17 @@ def harness(config: pytest.Config) -> HarnessSession:
             image_option=opt("--agentbox-image"),
             kernel=Path(opt("--agentbox-kernel")) if opt("--agentbox-kernel") else None,
             state_dir=Path(opt("--agentbox-state-dir")) if opt("--agentbox-state-dir") else None,
-            scale_option=opt("--agentbox-timeout-scale"))
+            scale_option=opt("--agentbox-timeout-scale"), default_timeout=_default_timeout(config))
     return config.stash[KEY]
+
+
+def _default_timeout(config: pytest.Config) -> float:
+    """``--agentbox-timeout``, else the ini ``agentbox_timeout``; a bad value is a usage error."""
+    raw = config.getoption("--agentbox-timeout") or config.getini("agentbox_timeout")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise pytest.UsageError(f"agentbox_timeout must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise pytest.UsageError(f"agentbox_timeout must be positive, got {value:g}")
+    return value

@@ -84,6 +84,30 @@ def test_verbs_waits_and_errors(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
+def test_timeouts_are_optional_with_a_default_from_option_or_ini(pytester: pytest.Pytester) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_defaults='''
+        def test_no_timeout_needed(machine_factory):
+            m = machine_factory("d")
+            assert m.succeed("echo hi") == "hi\\n"
+            m.wait_until_succeeds("true")
+            m.wait_for_file("/")
+
+        def test_default_applies(machine_factory):
+            m = machine_factory("d", scale=1.0)
+            assert m.execute("sleep 3").timed_out
+            assert not m.execute("sleep 3", timeout=30).timed_out  # an explicit value still wins
+    ''')
+    pytester.makeini("[pytest]\nagentbox_timeout = 1\n")
+    pytester.runpytest("-p", "no:cacheprovider", "-k", "no_timeout_needed").assert_outcomes(passed=1)
+    pytester.runpytest("-p", "no:cacheprovider", "-k", "default_applies").assert_outcomes(passed=1)
+    pytester.runpytest("-p", "no:cacheprovider", "-k", "default_applies", "--agentbox-timeout", "60"
+                       ).assert_outcomes(failed=1)
+    bad = pytester.runpytest("-p", "no:cacheprovider", "--agentbox-timeout", "-1")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["*agentbox_timeout must be positive, got -1*"])
+
+
 def test_failing_test_keeps_artifacts_passing_test_removes_them(pytester: pytest.Pytester) -> None:
     install(pytester.path)
     pytester.makepyfile(test_art='''
