@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -133,8 +134,14 @@ class HarnessSession:
             else:
                 from runtime.images.build import build
 
-                self._image = build().tag
+                with self.live_output():  # the build's progress lines show while it runs, not after
+                    self._image = build().tag
         return self._image
+
+    def live_output(self) -> contextlib.AbstractContextManager[object]:
+        """Output capture suspended (a long step's progress reaches the terminal as it happens)."""
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
 
     def artifact_dir(self, node: pytest.Item) -> Path:
         """The test's artifact dir (see :mod:`agentbox_harness.artifacts`)."""
