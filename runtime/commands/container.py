@@ -10,8 +10,9 @@ default ``fish -l``), then removes the sidecar and unmounts the merged
 where it listens and leaves it running.
 
 Hosts whose Podman defaults do not run containers (crun refusing the cgroup
-layout, default ulimits above the hard limits) need ``CONTAINERS_CONF``
-pointing at a harness containers.conf: see ``runtime.container.host_conf``.
+layout, default ulimits above the hard limits) get ``CONTAINERS_CONF`` pointed at
+a harness containers.conf automatically unless the user set one: see
+``runtime.container.host_conf``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from runtime.container.lifecycle import (
     adapt_task_argv, rootful_dev_ids, run_task, sidecar_only_message, start_sidecar_only,
 )
+from runtime.container import host_conf
 from runtime.container.podman_bridge import CliPodman
 from runtime.container.sidecar import Sidecar, SidecarRequest
 from runtime.errors import InputError, NotAvailableError
@@ -52,6 +54,7 @@ def _workspace(args: argparse.Namespace, podman: CliPodman) -> tuple[Path, str, 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``agentbox container`` or ``agentbox container sidecar``."""
+    host_conf.apply_if_needed()  # stock Debian 12: runc and ulimits the host allows, unless CONTAINERS_CONF is set
     podman = CliPodman(debug=bool(args.debug))
     command = list(getattr(args, "command", []) or [])
     if args.container_action == "sidecar" and command:

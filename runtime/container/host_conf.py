@@ -46,6 +46,39 @@ def render(runtime: str = "runc", nofile: int = NOFILE_CAP, nproc: int = NPROC_C
     )
 
 
+PODMAN_DEFAULT_NOFILE: Final = 1048576
+
+
+def needed(mountinfo: str | None = None) -> str | None:
+    """Why this host's Podman defaults cannot run containers (None: they can): a cgroup layout that
+    crun refuses (anything but a pure cgroup2 mount), or a hard open-files limit below the
+    1048576 that Podman asks for."""
+    from runtime.doctor.parse import cgroup_layout
+
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            mountinfo = ""
+    layout = cgroup_layout(mountinfo)
+    if layout not in ("v2", "none"):
+        return f"the cgroup layout is {layout} (crun needs a unified cgroup2 mount)"
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < PODMAN_DEFAULT_NOFILE:
+        return f"the hard open-files limit {hard} is below Podman's default {PODMAN_DEFAULT_NOFILE}"
+    return None
+
+
+def apply_if_needed() -> Path | None:
+    """Point ``$CONTAINERS_CONF`` at the harness file when this host needs it and the user has not
+    chosen one; the path, or None when nothing changed."""
+    if os.environ.get(ENV) or needed() is None:
+        return None
+    path = ensure()
+    os.environ[ENV] = str(path)
+    return path
+
+
 def default_path() -> Path:
     """``containers.conf`` in the per-user private runtime dir (:mod:`runtime.private_dir`), never a
     shared /tmp path: a dir another user created first is refused, not used."""

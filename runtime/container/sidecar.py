@@ -209,11 +209,16 @@ def prepare_sidecar(podman: PodmanRunner, req: SidecarRequest, probe: bool = Tru
     except AgentboxError:
         unmount_image(podman, req.image)
         raise
-    if podman.capture(sidecar_run_argv(name, req.merged, req.image, req.run_label)).returncode:
+    started = podman.capture(sidecar_run_argv(name, req.merged, req.image, req.run_label))
+    if started.returncode:
         _teardown_after_failure(podman, req, name, mounted.mode)
+        lines = [line.strip() for line in (started.stderr or "").strip().splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        said = " | ".join(errors[-2:] or lines[-3:])
         raise AgentboxError(
-            f"nix-daemon sidecar '{name}' failed to start; ensure image '{req.image}' contains "
-            f"sidecar entrypoint '{SIDECAR_ENTRYPOINT}' and rebuild/load the image if needed")
+            f"nix-daemon sidecar '{name}' failed to start: podman run exited {started.returncode}: "
+            f"{said or '(no output)'}; if the image is at fault, ensure '{req.image}' contains sidecar "
+            f"entrypoint '{SIDECAR_ENTRYPOINT}'")
     port = proxy_port(podman, name, err)
     if probe:
         last = health.wait_healthy(podman, name, str(req.merged), req.image, port, req.run_label)

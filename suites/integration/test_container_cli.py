@@ -1,0 +1,38 @@
+"""``agentbox container -- CMD`` works on a stock host without the user exporting CONTAINERS_CONF."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from runtime.container import host_conf
+
+IMAGE = "localhost/agentbox:latest"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_container_mode_runs_out_of_the_box(tmp_path: Path) -> None:
+    if subprocess.run(["podman", "image", "exists", IMAGE], timeout=60).returncode != 0:
+        pytest.skip(f"needs the guest image {IMAGE} (agentbox image build)")
+    ws = tmp_path / "project"
+    ws.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != host_conf.ENV}
+    env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "container", "--image", IMAGE, "--",
+                           "sh", "-c", "echo in-container; exit 4"], cwd=ws, env=env, capture_output=True,
+                          text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "in-container" in proc.stdout
+
+
+def test_the_harness_conf_is_applied_only_when_the_host_needs_it() -> None:
+    hybrid = "30 1 0:26 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n" \
+             "31 1 0:27 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+    unified = "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"
+    assert "hybrid" in (host_conf.needed(hybrid) or "")
+    reason = host_conf.needed(unified)
+    assert reason is None or "open-files limit" in reason
