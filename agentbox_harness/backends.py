@@ -23,7 +23,7 @@ from runtime.disks import MICROVM_NIX
 from runtime.channel import AgentClient, ChannelError, PtyRelay
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 from runtime.vmm import boot_phases
-from runtime.vmm.qemu import tail_bytes
+from runtime.vmm.host import tail_bytes
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 """The agent on its own virtio-serial port (qemu)."""

@@ -24,7 +24,8 @@ from agentbox_harness.artifacts import REPORTS, attach, failed, node_name
 from agentbox_harness.backends import MicrovmMachine
 from agentbox_harness.caps import require_backend
 from agentbox_harness.machine import Machine
-from agentbox_harness.registry import BackendContext, build
+from agentbox_harness.context import BackendContext
+from agentbox_harness.registry import build
 from agentbox_harness.session import HarnessSession, harness
 from agentbox_harness.workspace import Workspace
 from runtime import disks

@@ -25,7 +25,7 @@ from runtime.state import StateLayout
 from runtime.tasks.krun import KrunOptions
 
 if TYPE_CHECKING:
-    from agentbox_harness.registry import BackendContext
+    from agentbox_harness.context import BackendContext
 
 STOP_TIMEOUT_S = 10
 

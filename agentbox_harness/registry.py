@@ -16,26 +16,13 @@ failed start is still torn down).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from agentbox_harness.backends import ContainerMachine, MicrovmMachine
 from agentbox_harness.machine import Machine
-from agentbox_harness.session import HarnessSession
+from agentbox_harness.context import BackendContext
 from agentbox_harness.workspace import Workspace
 from runtime.microvm.session import MicrovmOptions
-
-
-@dataclass
-class BackendContext:
-    """What a builder may use: the session, the test's workspace and the dimension values."""
-
-    session: HarnessSession
-    workspace: Workspace
-    image: Callable[[], str]
-    memory_gib: int
-    cpus: int
-    storage: str
 
 
 MachineBuilder = Callable[[BackendContext, str, dict[str, object]], Machine]

@@ -38,7 +38,7 @@ def test_workspace_and_persistent_disks_are_mounted(microvm, workspace):
     microvm.wait_for_prep("nix", timeout=120)
     microvm.wait_for_prep("podman", timeout=120)
     mounts = microvm.succeed("cat /proc/mounts", timeout=30)
-    assert any(l.split()[1] == "/workspace" for l in mounts.splitlines())
+    assert any(line.split()[1] == "/workspace" for line in mounts.splitlines())
     assert "/dev/vda /run/agentbox/nix-disk btrfs" in mounts
     assert "/dev/vdb /home/dev/.local/share/containers btrfs" in mounts
 
@@ -66,8 +66,8 @@ def host_server():
 
 
 def test_outbound_networking_reaches_a_host_server(microvm, host_server):
-    out = microvm.succeed(["python3", "-c", "import urllib.request,sys; "
-                           f"sys.stdout.write(urllib.request.urlopen('http://10.0.2.2:{host_server}/', timeout=20).read().decode())"],
+    fetch = f"urllib.request.urlopen('http://10.0.2.2:{host_server}/', timeout=20).read().decode()"
+    out = microvm.succeed(["python3", "-c", f"import urllib.request,sys; sys.stdout.write({fetch})"],
                           timeout=60)
     assert out == "reached-the-host\n"
 

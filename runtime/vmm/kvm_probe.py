@@ -22,13 +22,13 @@ PROBE_TIMEOUT_S = 20.0
 
 
 def _cache() -> Path:
-    from runtime.vmm.qemu import cache_dir
+    from runtime.vmm.host import cache_dir
 
     return cache_dir() / "kvm-probe"
 
 
 def _qemu_version() -> str:
-    from runtime.vmm.qemu import die_with_parent, qemu_binary, tail_bytes
+    from runtime.vmm.host import qemu_binary
 
     try:
         return subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True,
@@ -44,7 +44,7 @@ def _key(kernel: Path) -> str:
 
 def probe(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
     """Boot once under KVM; (booted, detail)."""
-    from runtime.vmm.qemu import die_with_parent, qemu_binary, tail_bytes
+    from runtime.vmm.host import die_with_parent, qemu_binary, tail_bytes
 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not accessible"
@@ -87,7 +87,7 @@ def kvm_boots(kernel: Path, initrd: Path) -> bool:
 
 def probe_summary():  # type: ignore[no-untyped-def]
     """The doctor line: the cached verdicts recorded so far."""
-    from runtime.doctor import Check
+    from runtime.doctor.model import Check
 
     cache = _cache()
     entries = sorted(cache.glob("*.json")) if cache.is_dir() else []

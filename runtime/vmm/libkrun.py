@@ -20,7 +20,7 @@ from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
 from runtime.vmm.base import VmSpec
 from runtime.channel import AgentClient
-from runtime.vmm.qemu import die_with_parent, tail
+from runtime.vmm.host import die_with_parent, tail
 
 SONAMES = ("libkrun.so.1", "libkrun.so")
 

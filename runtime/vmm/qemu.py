@@ -38,19 +38,11 @@ from runtime.errors import AgentboxError
 from runtime.private_dir import runtime_dir
 from runtime.vmm import initramfs
 from runtime.vmm.base import GuestExitUnknown, VmSpec
+from runtime.vmm.host import cache_dir, die_with_parent, qemu_binary, tail, tail_bytes
 from runtime.vmm.kernel_image import pvh_kernel
 
 STATUS_PORT = "org.agentbox.status"
 CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
-
-
-def qemu_binary() -> str:
-    return f"qemu-system-{os.uname().machine}"
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "agentbox" / "qemu"
 
 
 def socket_dir(task_dir: Path) -> Path:
@@ -60,25 +52,6 @@ def socket_dir(task_dir: Path) -> Path:
     shared /tmp path; a dir that is not ours and private is refused."""
     key = hashlib.sha256(str(task_dir).encode()).hexdigest()[:12]
     return runtime_dir("vm", key, for_sockets=True)
-
-
-def tail_bytes(path: Path, limit: int) -> bytes:
-    """The last ``limit`` bytes of a file (never reads more; empty when it cannot be read)."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            f.seek(max(0, size - limit))
-            return f.read(limit)
-    except OSError:
-        return b""
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    """The last lines of a log file (for error messages)."""
-    if not path.exists():
-        return "(no console output)"
-    text = tail_bytes(path, 16384).decode("utf-8", "replace")
-    return "\n".join(text.splitlines()[-lines:]) or "(empty console log)"
 
 
 QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -301,16 +274,6 @@ class QemuDriver:
         handle = QemuHandle(proc, spec.task_dir, accel, argv)
         _wait_for_socket(handle, handle.sock_dir / "qmp.sock", 30.0)
         return handle
-
-
-def die_with_parent() -> None:
-    """PR_SET_PDEATHSIG(SIGKILL): qemu dies when the process that started it dies."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def _wait_for_socket(handle: QemuHandle, path: Path, timeout: float) -> None:

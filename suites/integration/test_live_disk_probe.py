@@ -3,7 +3,6 @@ see the same running container's ``krun.disk.*.path`` annotation, and both fail 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator

@@ -5,7 +5,6 @@ capability skips, strict mode, leak report and reaping, Allure, xdist."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -429,7 +428,8 @@ def test_disk_fixtures_create_validate_inspect_reset(pytester: pytest.Pytester) 
 def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_krun='''
         import pytest
-        from agentbox_harness.registry import BackendContext, build
+        from agentbox_harness.context import BackendContext
+        from agentbox_harness.registry import build
 
         def test_argv(agentbox_harness, workspace):
             ctx = BackendContext(agentbox_harness, workspace, lambda: "localhost/agentbox:latest", 2, 3, "auto")

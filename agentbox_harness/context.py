@@ -1,0 +1,21 @@
+"""What a machine builder may use (see :mod:`agentbox_harness.registry`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agentbox_harness.session import HarnessSession
+from agentbox_harness.workspace import Workspace
+
+
+@dataclass
+class BackendContext:
+    """What a builder may use: the session, the test's workspace and the dimension values."""
+
+    session: HarnessSession
+    workspace: Workspace
+    image: Callable[[], str]
+    memory_gib: int
+    cpus: int
+    storage: str

@@ -1,0 +1,48 @@
+"""Host-side helpers every VMM driver shares: the qemu binary and cache dir, log tails, and
+tying a VMM process's life to the process that started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+
+def qemu_binary() -> str:
+    """``qemu-system-<this machine's architecture>``."""
+    return f"qemu-system-{os.uname().machine}"
+
+
+def cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/agentbox/qemu`` (initramfs bases, decompressed kernels, KVM verdicts)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "agentbox" / "qemu"
+
+
+def tail_bytes(path: Path, limit: int) -> bytes:
+    """The last ``limit`` bytes of a file (never reads more; empty when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(max(0, size - limit))
+            return f.read(limit)
+    except OSError:
+        return b""
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    """The last lines of a log file (for error messages)."""
+    if not path.exists():
+        return "(no console output)"
+    text = tail_bytes(path, 16384).decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:]) or "(empty console log)"
+
+
+def die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL): qemu dies when the process that started it dies."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+    except OSError:
+        pass
