@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,8 @@ AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 AGENT_STDIO_COMMAND = ("agentbox-guest-init", "agent")
 """The agent on the guest command's stdio (libkrun's console, krun-podman's ``podman run -i``)."""
 BOOT_TIMEOUT_S = 60.0
+GRACEFUL_S = 20.0
+"""How long a guest asked to shut down gets to power itself off before its VMM is terminated."""
 ARTIFACT_LOG_MAX = 8 << 20
 """Artifacts keep at most the last 8 MiB of a log."""
 
@@ -100,6 +103,8 @@ class MicrovmMachine(Machine):
     boot_timeout: float = BOOT_TIMEOUT_S
     tasks_run: list[str] = field(default_factory=list)
     preserved: list[Preserved] = field(default_factory=list)
+    stop_notes: list[str] = field(default_factory=list)
+    """How each stop went (the shutdown ladder's reports, failed graceful requests)."""
 
     @property
     def console_log(self) -> Path | None:
@@ -162,18 +167,24 @@ class MicrovmMachine(Machine):
         if task is None:
             return
         agent, self.agent = self.agent, None
+        asked = False
         try:
             if agent is not None:
                 try:  # graceful: flush, then the agent exits and PID 1 powers off
                     agent.run(["sync"], timeout=min(timeout, 30), user="root")
                     agent.shutdown(min(timeout, 10))
-                except Exception:  # noqa: BLE001 - best effort; the VMM is stopped below either way
-                    pass
+                    asked = True
+                except (ChannelError, OSError) as exc:
+                    self.stop_notes.append(f"graceful shutdown request failed: {exc}")
                 agent.close()
         finally:
             try:
                 if task.handle is not None:
-                    task.handle.shutdown(timeout)
+                    report = task.handle.shutdown(min(timeout, GRACEFUL_S) if asked else 0.0)
+                    self.stop_notes.append(report.describe("VMM"))
+                    if report.forced and asked:
+                        warnings.warn(f"{self.name}: the guest did not power off after the agent's shutdown; "
+                                      f"{report.describe('its VMM')}", stacklevel=2)
                 self._keep_console(task)
             finally:
                 task.close()

@@ -28,6 +28,7 @@ from runtime.microvm.image_cache import ImageCache, resolve_reference, validate_
 from runtime.sizing import default_cpus, microvm_ram_mib
 from runtime.state import StateLayout, task_container_name
 from runtime.vmm.base import VmHandle, VmSpec
+from runtime.vmm.shutdown import StopReport
 
 DEV_FALLBACK_ID = 1000
 
@@ -160,6 +161,7 @@ class MicrovmTask:
     vmm: str = ""
     closed: bool = False
     notice: str | None = None
+    stop_report: StopReport | None = None
 
     def __enter__(self) -> MicrovmTask:
         try:
@@ -265,29 +267,10 @@ class MicrovmTask:
         return self.handle.wait(timeout)
 
     def _stop_vm(self) -> None:
-        """Graceful shutdown; if the driver cannot stop it, SIGKILL the recorded pid (bounded wait)
-        so that the rootfs cleanup still runs."""
+        """Stop the VMM down the one ladder with no graceful wait (a caller that asked the guest to
+        power off has waited already); the report is kept in :attr:`stop_report`."""
         assert self.handle is not None
-        try:
-            self.handle.shutdown(10.0)
-            return
-        except Exception as exc:  # noqa: BLE001 - any driver failure falls back to SIGKILL
-            failure = exc
-        pid = self.handle.pid
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                if not Path(f"/proc/{pid}").exists():
-                    return
-            time.sleep(0.05)
-        raise AgentboxError(f"failed to stop microvm process {pid}") from failure
+        self.stop_report = self.handle.shutdown(0.0)
 
     def close(self) -> None:
         """Stop the VM and clean up (idempotent); keeps everything with preserve_debug."""

@@ -8,6 +8,7 @@ from typing import Protocol
 
 from guest_init.launch_config import LaunchConfig
 from runtime.channel import AgentClient
+from runtime.vmm.shutdown import StopReport
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class VmHandle(Protocol):
         """Wait for the guest to finish; the guest command's exit status."""
         ...
 
-    def shutdown(self, timeout: float) -> None:
-        """Graceful power-off, then forced after ``timeout`` seconds."""
+    def shutdown(self, timeout: float) -> StopReport:
+        """The shutdown ladder (:func:`runtime.vmm.shutdown.stop`): up to ``timeout`` s for the guest
+        to power itself off, then terminate, then kill; the report says which rung stopped it."""
         ...
 
     def kill(self) -> None:

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
+from runtime.vmm import shutdown
 from runtime.vmm.base import VmSpec
+from runtime.vmm.shutdown import StopReport
 from runtime.channel import AgentClient
 from runtime.vmm.host import die_with_parent, tail
 
@@ -139,21 +141,20 @@ class LibkrunHandle:
                                f"{self.console_log}:\n{tail(self.console_log)}") from None
         return rc if 0 <= rc <= 255 else 1
 
-    def shutdown(self, timeout: float) -> None:
-        """SIGTERM (libkrun's VMM exits on it), then SIGKILL after ``timeout``."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close_pipes()
+    def shutdown(self, timeout: float) -> StopReport:
+        """The shutdown ladder: wait ``timeout`` s for the guest to power off, then SIGTERM (libkrun's
+        VMM exits on it), then SIGKILL."""
+        try:
+            return shutdown.stop(self.proc, graceful_s=timeout)
+        finally:
+            self._close_pipes()
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-        self._close_pipes()
+        """Stop now: SIGTERM, then SIGKILL."""
+        try:
+            shutdown.stop(self.proc, graceful_s=0, term_s=2)
+        finally:
+            self._close_pipes()
 
     def _close_pipes(self) -> None:
         for stream in (self.proc.stdin, self.proc.stdout):

@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -37,7 +36,9 @@ from runtime.channel import AgentClient
 from runtime.errors import AgentboxError
 from runtime.private_dir import runtime_dir
 from runtime.vmm import initramfs
+from runtime.vmm import shutdown
 from runtime.vmm.base import GuestExitUnknown, VmSpec
+from runtime.vmm.shutdown import StopReport
 from runtime.vmm.host import cache_dir, die_with_parent, qemu_binary, tail, tail_bytes
 from runtime.vmm.kernel_image import pvh_kernel
 
@@ -202,30 +203,20 @@ class QemuHandle:
             s.sendall(json.dumps({"execute": command}).encode() + b"\n")
             s.recv(65536)
 
-    def shutdown(self, timeout: float) -> None:
-        if self.proc.poll() is not None:
-            return
+    def shutdown(self, timeout: float) -> StopReport:
+        """The shutdown ladder (:mod:`runtime.vmm.shutdown`): wait ``timeout`` s for the guest to power
+        itself off, then QMP ``quit`` (SIGTERM if QMP does not answer), then SIGKILL."""
         try:
-            self.qmp("system_powerdown")
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+            return shutdown.stop(self.proc, graceful_s=timeout, terminate=lambda: self.qmp("quit"))
+        finally:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                if os.getpgid(self.proc.pid) == self.proc.pid:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                else:  # interactive qemu shares the terminal's process group
-                    os.kill(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(30)
-        shutil.rmtree(self.sock_dir, ignore_errors=True)
+        """Stop now: no graceful wait (SIGTERM, then SIGKILL)."""
+        try:
+            shutdown.stop(self.proc, graceful_s=0, term_s=2)
+        finally:
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 class QemuDriver:

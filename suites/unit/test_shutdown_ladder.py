@@ -1,0 +1,48 @@
+"""The one shutdown ladder, on real processes: each rung bounded, the report says which one worked."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+from runtime.vmm.shutdown import stop
+
+
+def spawn(script: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    time.sleep(0.2)  # let the shell install its traps
+    return proc
+
+
+def test_an_exited_process_is_reported_as_exited() -> None:
+    proc = spawn("exit 3")
+    proc.wait(10)
+    report = stop(proc)
+    assert (report.rung, report.returncode, report.forced) == ("exited", 3, False)
+
+
+def test_a_process_that_powers_off_on_its_own_is_graceful() -> None:
+    report = stop(spawn("sleep 0.5; exit 0"), graceful_s=10)
+    assert (report.rung, report.forced) == ("graceful", False)
+
+
+def test_a_running_process_is_terminated_after_the_graceful_wait() -> None:
+    report = stop(spawn("exec sleep 60"), graceful_s=0.3, term_s=10)
+    assert (report.rung, report.forced) == ("terminate", True) and report.returncode == -15
+
+
+def test_a_vmm_level_terminate_is_tried_first_and_sigterm_backs_it_up() -> None:
+    calls: list[str] = []
+
+    def refuses() -> None:
+        calls.append("quit")
+        raise OSError("QMP socket gone")
+
+    report = stop(spawn("exec sleep 60"), graceful_s=0, terminate=refuses, term_s=10)
+    assert calls == ["quit"] and report.rung == "terminate" and report.returncode == -15
+
+
+def test_a_process_ignoring_sigterm_is_killed() -> None:
+    report = stop(spawn("trap '' TERM; while :; do sleep 0.1; done"), graceful_s=0, term_s=0.5)
+    assert (report.rung, report.forced, report.returncode) == ("kill", True, -9)
+    assert "stopped by kill" in report.describe("VMM")
