@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from guest_init.protocol import CHUNK, FrameReader, b64, encode_frame
+from runtime.retry import WaitTimeout, retry
 
 RUN_MARGIN_S = 10.0  # the channel waits this much longer than a command's own timeout
 SEND_TIMEOUT_S = 30.0  # a request the guest does not take within this is an error
@@ -86,19 +87,26 @@ class AgentClient:
     @classmethod
     def connect_unix(cls, path: Path | str, timeout: float) -> AgentClient:
         """Connect to a unix socket, retrying until ``timeout``."""
-        deadline = time.monotonic() + timeout
-        last: OSError | None = None
-        while True:
+        last: list[OSError] = []
+        conn: list[socket.socket] = []
+
+        def connected(_last_try: bool) -> bool:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect(str(path))
-                return cls(s, closer=s)
             except OSError as exc:
-                last = exc
+                last[:] = [exc]
                 s.close()
-            if time.monotonic() >= deadline:
-                raise ChannelError(f"cannot connect to agent socket {path} within {timeout:g}s: {last}")
-            time.sleep(0.1)
+                return False
+            conn.append(s)
+            return True
+
+        try:
+            retry(connected, timeout=timeout, interval=0.1)
+        except WaitTimeout:
+            raise ChannelError(f"cannot connect to agent socket {path} within {timeout:g}s: "
+                               f"{last[0] if last else 'no attempt'}") from None
+        return cls(conn[0], closer=conn[0])
 
     @classmethod
     def over_process(cls, proc: subprocess.Popen[bytes]) -> AgentClient:
@@ -199,13 +207,17 @@ class AgentClient:
     def wait_ready(self, timeout: float, per_try: float = 2.0) -> None:
         """Ping until the agent answers (the guest may still be booting)."""
         deadline = time.monotonic() + timeout
-        while True:
+
+        def answered(last_try: bool) -> bool:
             try:
                 self.ping(min(per_try, max(0.1, deadline - time.monotonic())))
-                return
+                return True
             except ChannelTimeout:
-                if time.monotonic() >= deadline:
+                if last_try:
                     raise
+                return False
+
+        retry(answered, timeout=timeout, interval=0.0)
 
     def run(self, argv: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd: str | None = None,
             user: str | None = None, stdin: bytes | None = None) -> RunResult:

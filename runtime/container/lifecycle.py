@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from runtime.container.podman_api import PodmanRunner
 from runtime.container.sidecar import (
     Sidecar, SidecarRequest, cleanup_idle_sidecar, container_running, prepare_sidecar,
 )
+from runtime.retry import WaitTimeout, retry
 from runtime.errors import AgentboxError
 
 LOCK_TIMEOUT_S = 300.0
@@ -112,15 +112,15 @@ def clamp_status(code: int) -> int:
 
 def _wait_started(podman: PodmanRunner, name: str, proc: subprocess.Popen[bytes],
                   timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while proc.poll() is None:
-        if container_running(podman, name):
-            return
-        if time.monotonic() > deadline:
-            raise AgentboxError(
-                f"task container '{name}' was not running {timeout_s:.0f}s after "
-                "'podman run' started (it is still starting; see 'podman ps -a')")
-        time.sleep(0.1)
+    def running(_last_try: bool) -> bool:
+        return proc.poll() is not None or container_running(podman, name)
+
+    try:
+        retry(running, timeout=timeout_s, interval=0.1)
+    except WaitTimeout:
+        raise AgentboxError(
+            f"task container '{name}' was not running {timeout_s:.0f}s after "
+            "'podman run' started (it is still starting; see 'podman ps -a')") from None
 
 
 def _wait_exit(proc: subprocess.Popen[bytes]) -> int:

@@ -14,6 +14,7 @@ import stat
 import time
 from pathlib import Path
 
+from runtime.retry import WaitTimeout, retry
 from runtime.state import StateLayout
 
 
@@ -124,9 +125,11 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
                     os.killpg(pid, sig) if own_group else os.kill(pid, sig)
                 except (ProcessLookupError, PermissionError):
                     break
-                deadline = time.monotonic() + 3
-                while _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
+                try:
+                    retry(lambda _last: not _alive(pid), timeout=3, interval=0.05)
+                    break
+                except WaitTimeout:
+                    continue  # still alive: the next signal
         task_dir = Path(str(rec["task_dir"]))
         if managed_task_dir(layout, task_dir):
             reset_task_dir(task_dir)

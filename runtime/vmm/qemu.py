@@ -26,7 +26,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from guest_init.launch_config import encode
 from runtime.channel import AgentClient
 from runtime.errors import AgentboxError
 from runtime.private_dir import runtime_dir
+from runtime.retry import retry
 from runtime.vmm import initramfs
 from runtime.vmm import shutdown
 from runtime.vmm.base import GuestExitUnknown, VmSpec
@@ -268,13 +268,16 @@ class QemuDriver:
 
 
 def _wait_for_socket(handle: QemuHandle, path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
+    def created(last_try: bool) -> bool:
+        if path.exists():
+            return True
         if handle.proc.poll() is not None:
-            log = handle.task_dir / "qemu.log"
             raise AgentboxError(f"qemu exited with status {handle.proc.returncode} during startup: "
-                                f"{tail(log, 10)}")
-        if time.monotonic() > deadline:
+                                f"{tail(handle.task_dir / 'qemu.log', 10)}")
+        if last_try:
             handle.kill()
-            raise AgentboxError(f"qemu did not create {path} within {timeout:.0f}s: {tail(handle.task_dir / 'qemu.log', 10)}")
-        time.sleep(0.05)
+            raise AgentboxError(f"qemu did not create {path} within {timeout:.0f}s: "
+                                f"{tail(handle.task_dir / 'qemu.log', 10)}")
+        return False
+
+    retry(created, timeout=timeout, interval=0.05)
