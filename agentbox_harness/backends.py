@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 import warnings
 from typing import Any
@@ -101,7 +100,6 @@ class MicrovmMachine(Machine):
     task: MicrovmTask | None = None
     agent: AgentClient | None = None
     boot_timeout: float = BOOT_TIMEOUT_S
-    tasks_run: list[str] = field(default_factory=list)
     preserved: list[Preserved] = field(default_factory=list)
     stop_notes: list[str] = field(default_factory=list)
     """How each stop went (the shutdown ladder's reports, failed graceful requests)."""
@@ -123,7 +121,6 @@ class MicrovmMachine(Machine):
         task = MicrovmTask(opts)
         self.task = task
         task.start()
-        self.tasks_run.append(task.task_id)
         assert task.handle is not None
         handle, limit = task.handle, self.scaled(self.boot_timeout)
         errors: list[str] = []
@@ -327,7 +324,3 @@ class ContainerMachine(Machine):
 
         self._transport = None
         stop_task(CliPodman(), self._req, self._sidecar, self._name)  # type: ignore[arg-type]
-
-
-def podman_image_exists(image: str) -> bool:
-    return subprocess.run(["podman", "image", "exists", image], capture_output=True, timeout=60).returncode == 0

@@ -75,9 +75,9 @@ class Machine(ABC):
     default_timeout: float = 60.0
     """Seconds (before scaling) of a verb whose ``timeout`` is omitted."""
     artifacts: Path | None = None
-    transcript: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    profiler: Profile = field(default_factory=Profile)
+    transcript: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
+    profiler: Profile = field(default_factory=Profile, repr=False)
     _console: Console | None = field(default=None, repr=False)
     _baseline_pids: set[int] | None = field(default=None, repr=False)
 
@@ -316,15 +316,3 @@ class Machine(ABC):
         self.artifacts.mkdir(parents=True, exist_ok=True)
         (self.artifacts / f"{self.name}-transcript.json").write_text(json.dumps(self.transcript, indent=1))
         (self.artifacts / f"{self.name}-profile.json").write_text(json.dumps(self.profile, indent=1))
-
-
-def timed(machine: Machine, label: str) -> contextlib.AbstractContextManager[None]:
-    """Record the duration of a block under ``label`` in the machine's timings."""
-    @contextlib.contextmanager
-    def block() -> Iterator[None]:
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            machine.timings[label] = round(time.monotonic() - started, 3)
-    return block()
