@@ -49,9 +49,9 @@ class KrunPodmanMachine(Machine):
     _agent: AgentClient | None = None
 
     def _start(self) -> None:
-        self._proc = subprocess.Popen(["podman", *self.argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=open(self.artifacts / f"{self.name}-podman.log", "ab")
-                                      if self.artifacts else subprocess.DEVNULL)
+        self._proc = Podman().spawn(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=open(self.artifacts / f"{self.name}-podman.log", "ab")
+                                    if self.artifacts else subprocess.DEVNULL)
         assert self._proc.stdout is not None and self._proc.stdin is not None
         self._agent = AgentClient(self._proc.stdout.fileno(), self._proc.stdin.fileno())
         try:
@@ -103,8 +103,7 @@ class KrunPodmanMachine(Machine):
             except (ChannelError, OSError):
                 pass
             self._agent = None
-        subprocess.run(["podman", "stop", "-t", str(STOP_TIMEOUT_S), self.container], capture_output=True,
-                       timeout=timeout + STOP_TIMEOUT_S)
+        Podman(timeout_s=timeout + STOP_TIMEOUT_S).capture(["stop", "-t", str(STOP_TIMEOUT_S), self.container])
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -29,6 +29,7 @@ from pathlib import Path
 from agentbox_harness.wait import WaitTimeout, retry
 from guest_init.contract import LABEL_HARNESS_RUN
 from runtime.microvm import reaper as vm_reaper
+from runtime.podman import Podman
 from runtime.state import StateLayout
 
 TOOL_TIMEOUT_S = 60.0
@@ -113,13 +114,9 @@ def labelled_containers(run_label: str) -> list[str]:
     """Podman containers (any state) carrying ``io.agentbox.harness.run=<run_label>``."""
     if shutil.which("podman") is None:
         return []
-    try:
-        proc = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}} {{.Names}}",
-                               "--filter", f"label={LABEL_HARNESS_RUN}={run_label}"],
-                              capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return []
-    return [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    proc = Podman(timeout_s=TOOL_TIMEOUT_S).capture(["ps", "-a", "--format", "{{.ID}} {{.Names}}",
+                                                     "--filter", f"label={LABEL_HARNESS_RUN}={run_label}"])
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
 
 
 def _unescape(field_: str) -> str:
@@ -219,7 +216,7 @@ def reap(reg: RunRegistry) -> list[str]:
     done = []
     for c in labelled_containers(reg.run_label):
         cid = c.split()[0]
-        subprocess.run(["podman", "rm", "-f", "-t", "0", cid], capture_output=True, timeout=TOOL_TIMEOUT_S)
+        Podman(timeout_s=TOOL_TIMEOUT_S).capture(["rm", "-f", "-t", "0", cid])
         done.append(f"container {c}")
     for base in reg.state_bases:
         app = Path(base) / "agentbox"

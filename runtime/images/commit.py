@@ -17,17 +17,18 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from runtime.errors import AgentboxError
 from runtime.images.recipe import LABEL_RECIPE, ImageConfig
 from runtime.images.steps import step, tool
+from runtime.podman import Podman
 
 INSPECT_TIMEOUT_S = 120.0
 
 
 def _inspect(ref: str, fmt: str) -> str | None:
     try:
-        proc = subprocess.run(["podman", "image", "inspect", "--format", fmt, ref], capture_output=True,
-                              text=True, timeout=INSPECT_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False)
-    except FileNotFoundError:
+        proc = Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["image", "inspect", "--format", fmt, ref])
+    except AgentboxError:  # podman is not installed
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
 
@@ -83,14 +84,14 @@ def commit_layer(base: str, tag: str, config: ImageConfig, populate: Callable[[P
 def prune_other_tags(repo: str, keep: str) -> None:
     """Best effort: untag and delete ``repo``'s other images (older recipes); images
     still used by a container or by a child image stay."""
-    out = subprocess.run(["podman", "images", "--noheading", "--format", "{{.Repository}}:{{.Tag}}", repo],
-                         capture_output=True, text=True, timeout=INSPECT_TIMEOUT_S, check=False).stdout
+    out = Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["images", "--noheading", "--format", "{{.Repository}}:{{.Tag}}",
+                                                       repo]).stdout
     for ref in sorted(set(out.split()) - {keep}):
-        subprocess.run(["podman", "rmi", ref], capture_output=True, timeout=INSPECT_TIMEOUT_S, check=False)
+        Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["rmi", ref])
 
 
 def remove_if_untagged(image: str | None) -> None:
     """Best effort: delete a superseded image that lost its last tag (never one in use)."""
     if not image or _inspect(image, "{{len .RepoTags}}") != "0":
         return
-    subprocess.run(["podman", "rmi", image], capture_output=True, timeout=INSPECT_TIMEOUT_S, check=False)
+    Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["rmi", image])
