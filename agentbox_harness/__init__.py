@@ -6,10 +6,10 @@ nothing from the runtime's internals.
 """
 
 from agentbox_harness.console import ConsoleError
-from agentbox_harness.machine import Machine, MachineError, Result
+from agentbox_harness.machine import Machine, MachineError, ReadyStatus, Result
 from agentbox_harness.wait import WaitTimeout
 from runtime.errors import AgentboxError, InputError
 from runtime.resize import GuestStepFailed
 
-__all__ = ["AgentboxError", "ConsoleError", "GuestStepFailed", "InputError", "Machine", "MachineError", "Result",
-           "WaitTimeout"]
+__all__ = ["AgentboxError", "ConsoleError", "GuestStepFailed", "InputError", "Machine", "MachineError",
+           "ReadyStatus", "Result", "WaitTimeout"]

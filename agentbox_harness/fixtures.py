@@ -254,8 +254,9 @@ def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSes
     the agent runs as root and runs commands as dev unless a verb says ``user="root"``.
     Options override the dimension fixtures: ``storage``, ``vmm`` (qemu|libkrun),
     ``mem_gib``, ``cpus``, ``image``, ``workspace`` (a :class:`Workspace`),
-    ``image_cache`` (a directory; default the per-user harness cache) and
-    ``preserve_debug`` (keep the task rootfs and state after shutdown)."""
+    ``image_cache`` (a directory; default the per-user harness cache), ``extra_env`` (``K=V``
+    strings added to the guest's launch env) and ``preserve_debug`` (keep the task rootfs and
+    state after shutdown)."""
     if agentbox_backend not in ("qemu", "krun-direct"):
         pytest.skip(f"microvm needs the qemu or krun-direct backend, not {agentbox_backend}")
     ctx = _context(request, agentbox_harness, workspace, vm_memory, vm_cpus, storage_backend)

@@ -44,6 +44,17 @@ class Result:
         return self.exit_status == 0 and not self.timed_out
 
 
+@dataclass(frozen=True)
+class ReadyStatus:
+    """A readiness verdict: ``ready``, ``reason`` (``ready`` or what is missing), ``missing`` (one
+    entry per part not ready) and ``parts`` (part -> state)."""
+
+    ready: bool
+    reason: str
+    missing: tuple[str, ...]
+    parts: dict[str, str]
+
+
 class MachineError(AssertionError):
     """A verb's expectation failed; the message shows what the guest said."""
 
@@ -80,6 +91,8 @@ class Machine(ABC):
     profiler: Profile = field(default_factory=Profile, repr=False)
     _console: Console | None = field(default=None, repr=False)
     _baseline_pids: set[int] | None = field(default=None, repr=False)
+    ready_checks: dict[str, Command] = field(default_factory=dict, repr=False)
+    """Extra readiness checks for :meth:`wait_ready`: name -> a command that must exit 0 (run as root)."""
 
     # --- what a backend provides ------------------------------------------
     @abstractmethod
@@ -249,6 +262,50 @@ class Machine(ABC):
         cmd = ["agentbox-guest-init", "status", "--wait", kind, "--timeout", str(int(self.scaled(timeout)))]
         with self._verb("wait_for_prep", kind):
             self.succeed(cmd, timeout=timeout + 10, user="root")
+
+    def wait_ready(self, *, timeout: float | None = None) -> ReadyStatus:
+        """Wait until the guest is ready and return the status: the agent answers (liveness), the
+        guest's gate (``agentbox-guest-init status --json``: nix and Podman preps, the workspace
+        mount) passes, and every check in :attr:`ready_checks` (name -> command) succeeds. The
+        default timeout is twice the machine's. On timeout, or at once when a prep has failed, the
+        test fails with the status, ``missing`` naming each part not ready."""
+        last: list[ReadyStatus] = []
+
+        def ready(_last_try: bool) -> bool:
+            last[:] = [self.ready_status()]
+            if any(m.split(" ", 1)[-1].startswith("failed") for m in last[0].missing):
+                raise MachineError(self._explain(f"not ready: {last[0].reason}", None))  # no use waiting
+            return last[0].ready
+
+        with self._verb("wait_ready", ""):
+            try:
+                retry(ready, timeout=self.scaled(self._given(timeout, 2.0)), interval=1.0)
+            except WaitTimeout as exc:
+                raise MachineError(self._explain(f"{exc}: not ready: {last[0].reason if last else 'no status'}",
+                                                 None)) from None
+        return last[0]
+
+    def ready_status(self) -> ReadyStatus:
+        """One readiness check (see :meth:`wait_ready`), without waiting."""
+        probe = self._execute(["agentbox-guest-init", "status", "--json"], user="root", env=None, cwd="/",
+                              timeout=self.scaled(30), stdin=None)
+        parts: dict[str, str] = {"agent": "ready" if probe.exit_status != 124 else "no answer"}
+        missing: list[str] = []
+        try:
+            report = json.loads(probe.stdout)
+            gate = report["gate"]
+        except (ValueError, KeyError, TypeError):
+            missing.append(f"gate: status --json failed (exit {probe.exit_status}): {probe.stderr.strip()[-200:]}")
+        else:
+            for name in ("nix", "podman"):
+                parts[name] = str(report.get(name, {}).get("state", "unknown"))
+            missing += [str(m) for m in gate.get("missing", [])]
+        for name, cmd in self.ready_checks.items():
+            r = self._execute(as_argv(cmd), user="root", env=None, cwd=None, timeout=self.scaled(30), stdin=None)
+            parts[name] = "ready" if r.ok else f"exit {r.exit_status}"
+            if not r.ok:
+                missing.append(f"{name}: {render(cmd)} exited {r.exit_status}")
+        return ReadyStatus(not missing, "ready" if not missing else "; ".join(missing), tuple(missing), parts)
 
     def copy_to(self, host_path: Path, guest_path: str, *, timeout: float | None = None) -> None:
         """Copy a host file into the guest (parents created, owned by dev). Agent backends send it

@@ -41,7 +41,8 @@ def _microvm(vmm: str) -> MachineBuilder:
             cpus=int(options.pop("cpus", ctx.cpus)),  # type: ignore[call-overload]
             state=ws.state, image_cache=Path(str(options.pop("image_cache", s.image_cache))),
             run_label=s.run_label, preserve_debug=bool(options.pop("preserve_debug", s.preserve_debug)),
-            kernel=s.kernel, interactive=False)
+            kernel=s.kernel, interactive=False,
+            extra_env=tuple(str(e) for e in options.pop("extra_env", ())))  # type: ignore[attr-defined]
         return MicrovmMachine(name=name, timeout_scale=s.timeout_scale, options=opts)
     return build
 

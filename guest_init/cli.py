@@ -68,6 +68,23 @@ def status_report() -> dict[str, dict[str, object]]:
     return report
 
 
+def readiness(report: dict[str, dict[str, object]], genv: GuestEnv, mounts: str) -> dict[str, object]:
+    """The readiness gate: ``ready``, ``reason`` and ``missing`` over what this guest's contract
+    enables (the nix prep with the nix overlay, the Podman prep with container storage, the
+    workspace mount in a microvm). Liveness (the agent answering) is the host's part."""
+    missing: list[str] = []
+    for name, enabled in (("nix", genv.nix_overlay), ("podman", genv.containers_storage)):
+        state = report[name]["state"]
+        if enabled and state != "ready":
+            error = report[name].get("error")
+            missing.append(f"{name}: {state}" + (f" ({error})" if error else ""))
+    if genv.workspace_tag:
+        targets = {line.split()[1] for line in mounts.splitlines() if len(line.split()) > 2}
+        if genv.workspace_target not in targets:
+            missing.append(f"workspace: {genv.workspace_target} is not mounted")
+    return {"ready": not missing, "reason": "ready" if not missing else "; ".join(missing), "missing": missing}
+
+
 def _status(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise GuestError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
@@ -76,7 +93,12 @@ def _status(args: argparse.Namespace) -> int:
                   socket=c.NIX_DAEMON_SOCKET if args.wait == "nix" else None)
     report = status_report()
     if args.json:
-        print(json.dumps(report, sort_keys=True))
+        try:
+            mounts = open("/proc/mounts").read()
+        except OSError:
+            mounts = ""
+        gate = readiness(report, GuestEnv.parse(), mounts)
+        print(json.dumps({**report, "gate": gate}, sort_keys=True))
     else:
         for name, r in report.items():
             print(f"{name}: {r['state']}" + (f" ({r['error']})" if r["error"] else ""))

@@ -139,3 +139,29 @@ def test_shared_microvm_boots_once_per_module_and_resets_between_tests(pytester:
                                            "--agentbox-strict", timeout=1800)
     result.assert_outcomes(passed=2)
     assert "leaked resources" not in result.stdout.str()
+
+
+def test_wait_ready_reports_what_is_missing(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_ready='''
+        import pytest
+        from agentbox_harness import MachineError
+
+        def test_ready(microvm_factory):
+            ok = microvm_factory("ok")
+            status = ok.wait_ready()
+            assert status.ready and status.missing == () and status.parts["nix"] == "ready"
+            ok.ready_checks["marker"] = "test -e /tmp/marker"
+            assert ok.ready_status().missing == ("marker: test -e /tmp/marker exited 1",)
+            ok.succeed("touch /tmp/marker")
+            assert ok.wait_ready().ready
+
+        def test_blocked_nix(microvm_factory):
+            blocked = microvm_factory("blocked", extra_env=("AGENTBOX_LIBKRUN_NIX_DISK_LABEL=NO_SUCH_DISK",
+                                                            "AGENTBOX_LIBKRUN_NIX_DISK_ID=no-such-disk"))
+            with pytest.raises(MachineError, match="not ready: nix: failed"):
+                blocked.wait_ready(timeout=30)
+            status = blocked.ready_status()
+            assert not status.ready and status.missing[0].startswith("nix: failed")
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu", timeout=1800)
+    result.assert_outcomes(passed=2)

@@ -55,7 +55,7 @@ def test_runs_as_a_module_from_any_dir_holding_the_package(tmp_path: Path) -> No
                        timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
-    assert set(report) == {"nix", "podman"}
+    assert set(report) == {"nix", "podman", "gate"} and report["gate"]["ready"] is True  # nothing enabled here
     assert report["nix"]["status_path"] == "/run/agentbox/nix-prep.status"
 
 
@@ -110,3 +110,21 @@ def test_the_boot_path_fast_parse_matches_argparse(words: list[str]) -> None:
 @pytest.mark.parametrize("words", [["vm-init", "--help"], ["status"], ["agent", "--port", "x"], ["microvm"]])
 def test_other_command_lines_take_the_full_parser(words: list[str]) -> None:
     assert cli.fast_args(words) is None
+
+
+def _report(nix: str = "ready", podman: str = "ready", error: str | None = None) -> dict[str, dict[str, object]]:
+    return {"nix": {"state": nix, "error": error}, "podman": {"state": podman, "error": None}}
+
+
+def test_the_readiness_gate_lists_what_the_contract_enables_and_is_missing() -> None:
+    from guest_init.env import GuestEnv
+
+    genv = GuestEnv(nix_overlay=True, containers_storage=True, workspace_tag="ws", workspace_target="/workspace")
+    mounted = "ws /workspace 9p rw 0 0\n"
+    assert cli.readiness(_report(), genv, mounted) == {"ready": True, "reason": "ready", "missing": []}
+    gate = cli.readiness(_report(nix="failed", podman="running", error="no disk AGENTBOX_NIX"), genv, "")
+    assert gate["ready"] is False
+    assert gate["missing"] == ["nix: failed (no disk AGENTBOX_NIX)", "podman: running",
+                               "workspace: /workspace is not mounted"]
+    plain = GuestEnv()  # nothing enabled: nothing to wait for
+    assert cli.readiness(_report(nix="not-started", podman="not-started"), plain, "")["ready"] is True
