@@ -297,7 +297,7 @@ class ContainerMachine(Machine):
                                  volumes=task_volumes(layout, home=self.state_root / "home"), merged=sidecar.merged,
                                  sidecar_name=sidecar.name, image=self.image, run_label=self.run_label)
             adapted = adapt_task_argv(ref, self.image, interactive=False, rootless=os.geteuid() != 0,
-                                      dev_ids=("1000", "1000"))
+                                      dev_ids=(str(c.DEV_UID), str(c.DEV_GID)))
             return detached_argv(adapted, self.image)
 
         self._sidecar = start_task(podman, self._req, build)  # type: ignore[arg-type]

@@ -28,12 +28,13 @@ from agentbox_harness.context import BackendContext
 from agentbox_harness.registry import build
 from agentbox_harness.session import HarnessSession, harness
 from agentbox_harness.workspace import Workspace
+from guest_init import contract as c
 from runtime import disks
 from runtime.reset import reset_nix
 from runtime.state import StateLayout
 from runtime.resize import MaintenanceRunner, ResizePlan, resize
 
-DEV_IDS = (1000, 1000)
+DEV_IDS = (c.DEV_UID, c.DEV_GID)
 
 
 @pytest.fixture(scope="session")

@@ -68,6 +68,9 @@ NIX_DAEMON_SOCKET: Final = "/nix/var/nix/daemon-socket/socket"
 NIX_REMOTE_VALUE: Final = "unix:///nix/var/nix/daemon-socket/socket"
 WORKSPACE: Final = "/workspace"
 DEV_USER: Final = "dev"
+DEV_UID: Final = 1000
+"""The dev user's uid in the image (and the fallback host ids when none fit)."""
+DEV_GID: Final = 1000
 DEV_HOME: Final = "/home/dev"
 CONTAINERS_STORAGE_MOUNT: Final = "/home/dev/.local/share/containers"
 PREP_WAIT_TIMEOUT_S: Final = 120

@@ -12,7 +12,7 @@ from guest_init.env import GuestEnv
 from guest_init.errors import GuestError
 from guest_init.proc import ROOT, etc_entries
 
-CONTAINER_DEFAULT_IDS = (1000, 1000)
+CONTAINER_DEFAULT_IDS = (c.DEV_UID, c.DEV_GID)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Protocol, TextIO
 from filelock import FileLock, Timeout
 
 from guest_init.contract import ENV_HOST_GID, ENV_HOST_UID
+from guest_init.contract import DEV_GID, DEV_UID
 from runtime.container.names import LOCK_FILE
 from runtime.container.podman_api import PodmanRunner
 from runtime.container.sidecar import (
@@ -66,12 +67,12 @@ def workspace_lock(state_root: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Itera
 def rootful_dev_ids(environ: Mapping[str, str]) -> tuple[str, str]:
     """The dev uid:gid for a rootful task: ``SUDO_UID``/``SUDO_GID``, else 1000:1000."""
     uid, gid = environ.get("SUDO_UID", ""), environ.get("SUDO_GID", "")
-    return (uid, gid) if uid.isdigit() and gid.isdigit() else ("1000", "1000")
+    return (uid, gid) if uid.isdigit() and gid.isdigit() else (str(DEV_UID), str(DEV_GID))
 
 
 def adapt_task_argv(argv: Sequence[str], image: str, *, interactive: bool, rootless: bool,
                     command: Sequence[str] = (),
-                    dev_ids: tuple[str, str] = ("1000", "1000")) -> list[str]:
+                    dev_ids: tuple[str, str] = (str(DEV_UID), str(DEV_GID))) -> list[str]:
     """Fit the reference task argv (8.2) to how it is run here.
 
     Only the Podman options (everything before the last ``image``) change:

@@ -29,7 +29,7 @@ BASE_REPO = "localhost/agentbox-base"
 GUEST_INIT_VERSION = "0.1.0"
 NIXBLD_GID = 30000
 NIXBLD_USERS = 8
-DEV_UID = 1000
+DEV_UID = contract.DEV_UID
 
 PACKAGES = (
     "python3", "podman", "crun", "runc", "conmon", "netavark", "aardvark-dns", "passt",

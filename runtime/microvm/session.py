@@ -30,7 +30,6 @@ from runtime.state import StateLayout, task_container_name
 from runtime.vmm.base import VmHandle, VmSpec
 from runtime.vmm.shutdown import StopReport
 
-DEV_FALLBACK_ID = 1000
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def host_ids(workspace: Path) -> tuple[int, int]:
     st = workspace.stat()
     if st.st_uid != 0:
         return st.st_uid, st.st_gid or st.st_uid
-    return DEV_FALLBACK_ID, DEV_FALLBACK_ID
+    return c.DEV_UID, c.DEV_GID
 
 
 def build_launch(opts: MicrovmOptions, rootfs: Path, exec_path: str, layout: StateLayout,
