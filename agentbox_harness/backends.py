@@ -274,6 +274,7 @@ class ContainerMachine(Machine):
     _sidecar: object | None = None
     _req: object | None = None
     _name: str = ""
+    _conf: Any = None
 
     def _start(self) -> None:
         from runtime.container import host_conf
@@ -285,7 +286,8 @@ class ContainerMachine(Machine):
         from runtime.tasks.container import container_argv
         from runtime.tasks.volumes import task_volumes
 
-        os.environ[host_conf.ENV] = str(host_conf.ensure())
+        self._conf = host_conf.applied()
+        self._conf.__enter__()  # restored in _stop: the harness conf never outlives the machine
         layout = StateLayout(self.workspace, self.state_root.name, self.state_root.parent, self.state_root)
         podman = CliPodman()
         self._req = SidecarRequest(image=self.image, canonical_cwd=str(self.workspace), slug=layout.slug,
@@ -323,4 +325,9 @@ class ContainerMachine(Machine):
         from runtime.container.podman_bridge import CliPodman
 
         self._transport = None
-        stop_task(CliPodman(), self._req, self._sidecar, self._name)  # type: ignore[arg-type]
+        try:
+            stop_task(CliPodman(), self._req, self._sidecar, self._name)  # type: ignore[arg-type]
+        finally:
+            if self._conf is not None:
+                self._conf.__exit__(None, None, None)
+                self._conf = None

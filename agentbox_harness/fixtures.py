@@ -342,13 +342,13 @@ def nix_sidecar(agentbox_harness: HarnessSession, workspace: Workspace, agentbox
     from runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
     from runtime.podman import Podman
 
-    os.environ[host_conf.ENV] = str(host_conf.ensure())
-    layout = workspace.state.ensure()
-    podman = Podman()
-    req = SidecarRequest(image=agentbox_image, canonical_cwd=str(workspace.path), slug=layout.slug,
-                         state_root=layout.state_root, run_label=agentbox_harness.run_label)
-    sidecar = prepare_sidecar(podman, req, probe=True)
-    try:
-        yield sidecar
-    finally:
-        teardown_stack(podman, req)
+    with host_conf.applied():  # restored afterwards: no fixture changes os.environ for good
+        layout = workspace.state.ensure()
+        podman = Podman()
+        req = SidecarRequest(image=agentbox_image, canonical_cwd=str(workspace.path), slug=layout.slug,
+                             state_root=layout.state_root, run_label=agentbox_harness.run_label)
+        sidecar = prepare_sidecar(podman, req, probe=True)
+        try:
+            yield sidecar
+        finally:
+            teardown_stack(podman, req)

@@ -14,9 +14,11 @@ reference form::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -77,6 +79,22 @@ def apply_if_needed() -> Path | None:
     path = ensure()
     os.environ[ENV] = str(path)
     return path
+
+
+@contextlib.contextmanager
+def applied(path: Path | None = None) -> Iterator[Path]:
+    """``$CONTAINERS_CONF`` pointing at the harness file for the duration of the block (restored
+    afterwards: nothing outlives the caller)."""
+    target = ensure(path)
+    previous = os.environ.get(ENV)
+    os.environ[ENV] = str(target)
+    try:
+        yield target
+    finally:
+        if previous is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = previous
 
 
 def default_path() -> Path:
