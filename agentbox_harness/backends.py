@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +24,9 @@ from runtime.channel import AgentClient, ChannelError, PtyRelay
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 from runtime.vmm import boot_phases
 from runtime.vmm.host import tail_bytes
+
+if TYPE_CHECKING:
+    from runtime.container.machine_transport import ContainerTransport
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 """The agent on its own virtio-serial port (qemu)."""
@@ -270,7 +273,7 @@ class ContainerMachine(Machine):
     state_root: Path = Path()
     image: str = ""
     run_label: str | None = None
-    _transport: object | None = None
+    _transport: ContainerTransport | None = None
     _sidecar: object | None = None
     _req: object | None = None
     _name: str = ""
@@ -305,6 +308,11 @@ class ContainerMachine(Machine):
         self._sidecar = start_task(podman, self._req, build)  # type: ignore[arg-type]
         self._transport = ContainerTransport(self._name, podman)
 
+    def _running(self) -> ContainerTransport:
+        if self._transport is None:
+            raise AssertionError(f"{self.name} is not running")
+        return self._transport
+
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:
         from runtime.container.machine_transport import ExecTimeout
@@ -312,7 +320,7 @@ class ContainerMachine(Machine):
         started = time.monotonic()
         who = None if user in (None, "dev") else ("0" if user == "root" else user)
         try:
-            r = self._transport.execute(argv, user=who if who else "1000:1000", env=env, cwd=cwd,  # type: ignore[union-attr]
+            r = self._running().execute(argv, user=who if who else f"{c.DEV_UID}:{c.DEV_GID}", env=env, cwd=cwd,
                                         timeout=timeout, stdin=stdin)
         except ExecTimeout as exc:
             return Result(" ".join(argv), 124, exc.stdout, exc.stderr, time.monotonic() - started, True)

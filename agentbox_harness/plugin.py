@@ -127,9 +127,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 def _run_registries(config: pytest.Config) -> list[reaper.RunRegistry]:
     """This process's registry, and under an xdist controller those its workers left (they leaked)."""
-    regs = []
-    if KEY in config.stash and config.stash[KEY]._registry is not None:
-        regs.append(config.stash[KEY]._registry)
+    regs: list[reaper.RunRegistry] = []
+    own = config.stash[KEY]._registry if KEY in config.stash else None
+    if own is not None:
+        regs.append(own)
     uid = getattr(config.option, "testrunuid", None)
     if _xdist_controller(config) and uid:
         for path in sorted(reaper.registry_dir().glob(f"pytest-{uid[:12]}-*.json")):

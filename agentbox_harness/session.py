@@ -69,7 +69,7 @@ class HarnessSession:
         if self.backend_option != "auto":
             return self.backend_option, "chosen with --agentbox-backend"
         table = self.backends
-        skipped = []
+        skipped: list[str] = []
         for name in AUTO_ORDER:
             ok, why = table[name]
             if ok:

@@ -84,7 +84,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"agentbox: {message} (see '{self.prog} --help')\n")
 
 
-def _global_flags() -> argparse.ArgumentParser:
+def _global_flags() -> _Parser:
     """Flags accepted before or after any subcommand.
 
     ``default=SUPPRESS`` lets a flag given at any level survive the merge of

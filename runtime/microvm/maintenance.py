@@ -39,7 +39,7 @@ def live_users(layout: StateLayout, disk_path: Path) -> list[str]:
     """Running microvm tasks (recorded by this harness) whose launch config attaches ``disk_path``."""
     users = []
     for rec in records(layout):
-        if not same_process(int(rec["pid"]), rec.get("start")):  # type: ignore[arg-type]
+        if not isinstance(rec["pid"], int) or not same_process(rec["pid"], rec.get("start")):
             continue
         conf = Path(str(rec["task_dir"])) / "launch.conf"
         try:

@@ -114,7 +114,7 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
 
     reaped = []
     for rec in records(layout):
-        owner_gone = not same_process(int(rec["owner"]), rec.get("owner_start"))  # type: ignore[arg-type]
+        owner_gone = not same_process(int(str(rec["owner"])), rec.get("owner_start"))
         if not owner_gone and not (include_label and rec.get("run_label") == include_label):
             continue
         pid = rec.get("pid")

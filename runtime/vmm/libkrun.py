@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
@@ -75,7 +76,7 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
     if ctx < 0:
         raise AgentboxError("libkrun setup failed: create ctx") from AgentboxError(f"krun_create_ctx returned {ctx}")
     u32 = ctypes.c_uint32
-    steps = [("krun_set_log_level", (u32(0),)),
+    steps: list[tuple[str, tuple[Any, ...]]] = [("krun_set_log_level", (u32(0),)),
              ("krun_set_vm_config", (u32(ctx), ctypes.c_uint8(cfg.vcpus), u32(cfg.ram_mib))),
              ("krun_set_root", (u32(ctx), cfg.task_rootfs.encode()))]
     steps += [("krun_add_disk", (u32(ctx), d.id.encode(), d.path.encode(), ctypes.c_bool(d.read_only)))
