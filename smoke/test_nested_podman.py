@@ -44,3 +44,30 @@ def test_nested_rootless_podman_checklist(microvm):
     # 8: no fuse-overlayfs in the rootless setup
     m.fail("grep -ri fuse ~/.config/containers/storage.conf ~/.config/containers/containers.conf", timeout=30)
     assert "fuse" not in m.succeed("podman info --format '{{.Store.GraphOptions}}'", timeout=60)
+
+
+WEB_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; mkdir $d/www; echo hello-web > $d/www/index.html; "
+             "tar -C $d -cf - busybox www | podman import --change 'CMD [\"/busybox\",\"sh\"]' - localhost/smoke-web:latest")
+
+
+def test_nested_podman_as_its_users_use_it(microvm):
+    """Beyond the reference's eight items: --init, detached containers through podman and docker,
+    a user-defined network where containers reach each other by name, and a published port."""
+    m = microvm
+    m.wait_for_prep("podman")
+    m.succeed(WEB_IMAGE, timeout=120)
+    assert m.succeed("podman run --rm --init --network none localhost/smoke-web /busybox echo init-ok",
+                     timeout=120).strip() == "init-ok"
+    for cli in ("podman", "docker"):
+        m.succeed(f"{cli} run -d --name {cli}-bg --network none localhost/smoke-web /busybox sleep 600", timeout=120)
+        assert f"{cli}-bg" in m.succeed(f"{cli} ps --format '{{{{.Names}}}}'", timeout=60).split()
+        m.succeed(f"{cli} stop -t 1 {cli}-bg && {cli} rm {cli}-bg", timeout=120)
+        assert f"{cli}-bg" not in m.succeed(f"{cli} ps -a --format '{{{{.Names}}}}'", timeout=60).split()
+    m.succeed("podman network create smoke-net", timeout=60)
+    m.succeed("podman run -d --name web --network smoke-net localhost/smoke-web /busybox httpd -f -p 8080 -h /www",
+              timeout=120)
+    assert m.wait_until_succeeds("podman run --rm --network smoke-net localhost/smoke-web "
+                                 "/busybox wget -qO- http://web:8080/", timeout=60).strip() == "hello-web"
+    m.succeed("podman run -d --name pub -p 18081:8080 localhost/smoke-web /busybox httpd -f -p 8080 -h /www",
+              timeout=120)
+    assert m.wait_until_succeeds("busybox wget -qO- http://127.0.0.1:18081/", timeout=60).strip() == "hello-web"

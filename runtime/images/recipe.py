@@ -36,6 +36,7 @@ PACKAGES = (
     "slirp4netns", "uidmap", "fuse-overlayfs", "btrfs-progs", "util-linux", "mount", "kmod",
     "busybox-static", "nix-bin", "fish", "bash", "iproute2", "socat", "ca-certificates",
     "procps", "linux-image-amd64", "e2fsprogs", "coreutils", "docker-compose", "file",
+    "catatonit", "iptables",  # podman run --init; netavark's firewall for user-defined networks
 )
 
 LABEL_RECIPE = "io.agentbox.recipe"
