@@ -201,11 +201,8 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
 def _sha256(path: Path) -> str:
     import hashlib  # only file transfers need it; loading OpenSSL costs 0.1 s at every agent start under TCG
 
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_file(req: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from runtime.microvm.session import MicrovmOptions, MicrovmTask
 from runtime.state import StateLayout
 from runtime.vmm import boot_verdicts
 from runtime.vmm.boot_verdicts import Verdict
+from runtime.vmm.host import tail
 
 BACKEND = boot_verdicts.KRUN_DIRECT
 PROBE_STATUS = 7
@@ -46,16 +47,9 @@ def probe(image: str, *, image_cache: Path | None = None, timeout: float = PROBE
         except (AgentboxError, OSError, RuntimeError) as exc:
             ok, detail = False, f"boot failed: {exc}"
         if not ok and task.handle is not None:
-            detail += f"; console: {_tail(task.task_dir / 'console.log')}"
+            detail += f"; console: {' | '.join(tail(task.task_dir / 'console.log', 5).splitlines())}"
         try:
             task.close()
         except AgentboxError:
             pass
     return boot_verdicts.record(BACKEND, key, ok, detail)
-
-
-def _tail(path: Path) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-5:])
-    except OSError:
-        return "(none)"

@@ -39,11 +39,8 @@ def cache_dir() -> Path:
 
 def file_key(path: str | Path) -> str:
     """sha256 of a file's bytes (a library's identity)."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:24]
+        return hashlib.file_digest(f, "sha256").hexdigest()[:24]
 
 
 def _path(backend: str, key: str) -> Path:
