@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Sequence
 
 from runtime.doctor.model import Check
-from runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check_kvm_boot,
+from runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check_share_filter, check_kvm_boot,
                                    check_krun_direct_boot, check_kvm_device, check_libkrun, check_libkrunfw, check_tun,
                                    check_userns)
 from runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_crun_krun,
@@ -47,6 +47,7 @@ CHECKS: dict[str, Callable[[], Check]] = {
     "net-tun": check_tun,
     "user-namespaces": check_userns,
     "idmap": check_idmap,
+    "share-filter": check_share_filter,
     "cgroups": check_cgroups,
     "disk-space": check_disk,
     "guest-image": check_image,
@@ -57,8 +58,8 @@ _ROOTLESS = ("user-namespaces", "idmap")  # both pass for root
 BACKENDS: dict[str, tuple[str, ...]] = {
     "krun-podman": ("podman", "crun-krun", "libkrunfw", "kvm-device", "net-tun", "passt", "cgroups",
                     "btrfs-progs", "blkid", *_ROOTLESS),
-    "krun-direct": ("libkrun", "krun-direct-boot", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
-    "qemu": ("qemu", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
+    "krun-direct": ("libkrun", "krun-direct-boot", "share-filter", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
+    "qemu": ("qemu", "share-filter", "buildah", "btrfs-progs", "blkid", *_ROOTLESS),
     "container": ("podman", "runc", "fuse-overlayfs", *_ROOTLESS),
 }
 """Backend -> the checks it needs (all of them). qemu falls back to TCG, so it does not need /dev/kvm.

@@ -15,7 +15,7 @@ from runtime.doctor.parse import (can_read_write, cgroup_layout, cgroup_meaning,
                                   subid_ranges)
 from runtime.errors import AgentboxError
 from runtime.state import state_base
-from runtime.vmm import boot_verdicts
+from runtime.vmm import boot_verdicts, share_filter
 from runtime.vmm.libkrun import SONAMES as LIBKRUN_SONAMES
 
 KVM_GET_API_VERSION = 0xAE00
@@ -186,6 +186,17 @@ def check_idmap() -> Check:
         return Check("idmap", False, "unusable", f"{detail}: fewer than 65536 in /etc/{' and /etc/'.join(short)}",
                      f"usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}")
     return Check("idmap", True, "ok", detail)
+
+
+def check_share_filter() -> Check:
+    """The seccomp filter the VMM runs under (libseccomp): no setuid/setgid bit, device node or
+    xattr from a guest reaches a host share. Also says how the workspace is id-mapped."""
+    ok, why = share_filter.available()
+    if not ok:
+        return Check("share-filter", False, "missing", why, "apt-get install libseccomp2")
+    mapping = ("as root, the workspace is an id-mapped mount: its owner is the guest's dev user"
+               if os.geteuid() == 0 else "not root: workspace files keep their host owners in the guest")
+    return Check("share-filter", True, "ok", f"{why}; {mapping}")
 
 
 def check_cgroups() -> Check:

@@ -6,6 +6,13 @@ exactly these calls: create_ctx, set_log_level(0), set_vm_config, set_root,
 add_disk per disk, disable_implicit_console, add_virtio_console_default(0,1,2),
 add_virtiofs3(workspace), set_workdir, set_exec, start_enter. A setup failure
 frees the context.
+
+The workspace handed to ``krun_add_virtiofs3`` is the export of
+:func:`runtime.vmm.host_share.export` (id-mapped to the guest's dev user when the
+helper runs as root), and the share filter (:mod:`runtime.vmm.share_filter`) is
+loaded just before ``krun_start_enter``: libkrun's file server runs in this
+process, so no guest request can make a setuid/setgid file, a device node or an
+xattr on the host.
 """
 
 from __future__ import annotations
@@ -19,11 +26,13 @@ from typing import Any
 
 from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
-from runtime.vmm import shutdown
+from runtime.vmm import host_share, shutdown
 from runtime.vmm.base import VmSpec
 from runtime.vmm.shutdown import StopReport
 from runtime.channel import AgentClient
 from runtime.vmm.host import die_with_parent, tail
+from runtime.vmm.share_filter import install as install_filter
+from runtime.vmm.share_filter import require_filter
 
 SONAMES = ("libkrun.so.1", "libkrun.so")
 
@@ -72,6 +81,8 @@ def _cstr_array(items: list[str]):  # type: ignore[no-untyped-def]
 def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
     """Run the v1 call sequence; returns only on failure (libkrun exits with the guest status)."""
     lib = lib or load_library()
+    require_filter()
+    share = host_share.export(Path(cfg.workspace_source))
     ctx = _fn(lib, "krun_create_ctx")()
     if ctx < 0:
         raise AgentboxError("libkrun setup failed: create ctx") from AgentboxError(f"krun_create_ctx returned {ctx}")
@@ -83,7 +94,7 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
               for d in cfg.disks]
     steps += [("krun_disable_implicit_console", (u32(ctx),)),
               ("krun_add_virtio_console_default", (u32(ctx), ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(2))),
-              ("krun_add_virtiofs3", (u32(ctx), cfg.workspace_tag.encode(), cfg.workspace_source.encode(),
+              ("krun_add_virtiofs3", (u32(ctx), cfg.workspace_tag.encode(), share.path.encode(),
                                       ctypes.c_uint64(0), ctypes.c_bool(False))),
               ("krun_set_workdir", (u32(ctx), cfg.workdir.encode())),
               ("krun_set_exec", (u32(ctx), cfg.exec_path.encode(), _cstr_array(list(cfg.argv)),
@@ -93,6 +104,7 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
         if rc < 0:
             _fn(lib, "krun_free_ctx")(u32(ctx))
             raise AgentboxError(f"libkrun setup failed: {name} returned {rc}")
+    install_filter()
     rc = _fn(lib, "krun_start_enter")(u32(ctx))
     raise AgentboxError(f"libkrun start failed: krun_start_enter returned {rc}")
 

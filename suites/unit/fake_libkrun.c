@@ -8,6 +8,11 @@
 #include <string.h>
 #include <stdbool.h>
 #include <stdarg.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
 
 static int32_t note(const char *name, const char *fmt, ...) {
     const char *path = getenv("FAKE_KRUN_LOG");
@@ -44,8 +49,28 @@ int32_t krun_disable_implicit_console(uint32_t ctx) { return note("krun_disable_
 int32_t krun_add_virtio_console_default(uint32_t ctx, int in, int out, int err) {
     return note("krun_add_virtio_console_default", " %u %d %d %d", ctx, in, out, err);
 }
+static char share_path[4096];
 int32_t krun_add_virtiofs3(uint32_t ctx, const char *tag, const char *path, uint64_t shm, bool ro) {
+    snprintf(share_path, sizeof share_path, "%s", path);
     return note("krun_add_virtiofs3", " %u %s %s %llu %d", ctx, tag, path, (unsigned long long)shm, ro);
+}
+/* With $FAKE_KRUN_SHARE_PROBE, krun_start_enter reports what a file server in this process would get:
+ * the share's owner as seen through the path it was given, and the errno of creating a setuid file,
+ * and a character device in it, and of handing a plain file to the guest's dev user (1000). */
+static void probe_share(void) {
+    char file[4200];
+    struct stat st;
+    if (stat(share_path, &st) == 0) note("share-owner", " %u %u", st.st_uid, st.st_gid);
+    snprintf(file, sizeof file, "%s/suid", share_path);
+    int fd = open(file, O_CREAT | O_WRONLY, 04755);
+    note("share-create-setuid", " %s", fd < 0 ? strerror(errno) : "created");
+    snprintf(file, sizeof file, "%s/plain", share_path);
+    fd = open(file, O_CREAT | O_WRONLY, 0644);
+    note("share-create-plain", " %s", fd < 0 ? strerror(errno) : "created");
+    note("share-chown-dev", " %s", chown(file, 1000, 1000) < 0 ? strerror(errno) : "done");
+    note("share-chmod-setgid", " %s", chmod(file, 02755) < 0 ? strerror(errno) : "done");
+    snprintf(file, sizeof file, "%s/null", share_path);
+    note("share-mknod-char", " %s", mknod(file, S_IFCHR | 0666, makedev(1, 3)) < 0 ? strerror(errno) : "created");
 }
 int32_t krun_set_workdir(uint32_t ctx, const char *dir) { return note("krun_set_workdir", " %u %s", ctx, dir); }
 int32_t krun_set_exec(uint32_t ctx, const char *exec, const char *const argv[], const char *const envp[]) {
@@ -58,6 +83,7 @@ int32_t krun_set_exec(uint32_t ctx, const char *exec, const char *const argv[], 
 int32_t krun_start_enter(uint32_t ctx) {
     int32_t rc = note("krun_start_enter", " %u", ctx);
     if (rc < 0) return rc;
+    if (getenv("FAKE_KRUN_SHARE_PROBE")) probe_share();
     const char *code = getenv("FAKE_KRUN_EXIT");
     exit(code ? atoi(code) : 0);
 }

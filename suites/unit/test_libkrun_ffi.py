@@ -5,7 +5,9 @@ child process, loading the double through AGENTBOX_LIBKRUN_LIBRARY."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,15 +56,23 @@ EXPECTED = [
 ]
 
 
-def run_helper(tmp_path: Path, lib: Path, **env: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def run_helper(tmp_path: Path, lib: Path, workspace: Path | None = None,
+               **env: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run the helper; the workspace path it hands libkrun (the source, or the id-mapped export
+    ``/proc/self/fd/N`` as root) is written ``/home/u/proj`` in the calls returned."""
+    if workspace is None:
+        workspace = tmp_path / "proj"
+        workspace.mkdir(exist_ok=True)
     conf = tmp_path / "launch.conf"
-    conf.write_text(encode(CFG))
+    conf.write_text(encode(dataclasses.replace(CFG, workspace_source=str(workspace))))
     log = tmp_path / "calls.log"
     full = {**os.environ, "AGENTBOX_LIBKRUN_LIBRARY": str(lib), "FAKE_KRUN_LOG": str(log), **env}
     proc = subprocess.run([sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(conf)],
                           cwd=REPO, env=full, capture_output=True, text=True, timeout=60)
     calls = log.read_text().splitlines() if log.exists() else []
-    return proc, calls
+    exported = r"/proc/self/fd/\d+" if os.geteuid() == 0 else re.escape(str(workspace))
+    return proc, [re.sub(f"(krun_add_virtiofs3 7 agentbox-workspace ){exported} ", r"\1/home/u/proj ", c)
+                  for c in calls]
 
 
 def test_exact_twelve_call_order_and_guest_status(tmp_path: Path, fake_lib: Path) -> None:
@@ -107,3 +117,27 @@ def test_unreadable_launch_config(tmp_path: Path, fake_lib: Path) -> None:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert f"failed to read microvm launch config '{tmp_path / 'x'}'" in proc.stderr
+
+
+def test_the_workspace_reaches_libkrun_id_mapped_and_under_the_share_filter(tmp_path: Path, fake_lib: Path) -> None:
+    """The file server runs in the helper: a setuid file, a setgid chmod and a device node are refused
+    there; as root the workspace is the id-mapped export (owner seen as dev, dev's files land as the owner)."""
+    workspace = tmp_path / "owned-by-someone"
+    workspace.mkdir()
+    root = os.geteuid() == 0
+    if root:
+        os.chown(workspace, 4242, 4343)
+    proc, calls = run_helper(tmp_path, fake_lib, workspace, FAKE_KRUN_SHARE_PROBE="1")
+    assert proc.returncode == 0, proc.stderr
+    probe = dict(c.split(" ", 1) for c in calls if c.startswith("share-"))
+    assert probe["share-create-setuid"] == "Operation not permitted"
+    assert probe["share-chmod-setgid"] == "Operation not permitted"
+    assert probe["share-mknod-char"] == "Operation not permitted"
+    assert probe["share-create-plain"] == "created"
+    assert not (workspace / "suid").exists() and not (workspace / "null").exists()
+    assert (workspace / "plain").stat().st_mode & 0o6000 == 0
+    if root:
+        assert probe["share-owner"] == "1000 1000"
+        assert probe["share-chown-dev"] == "done"
+        st = (workspace / "plain").stat()
+        assert (st.st_uid, st.st_gid) == (4242, 4343)

@@ -40,7 +40,7 @@ def golden(task: Path, sock: Path, *, accel: str, interactive: bool) -> list[str
         "-device", "virtconsole,bus=vser.0,chardev=con",
         "-fsdev", "local,id=root,path=/r,security_model=passthrough",
         "-device", "virtio-9p-pci,fsdev=root,mount_tag=agentbox-root",
-        "-fsdev", "local,id=ws,path=/w/proj,security_model=passthrough",
+        "-fsdev", "local,id=ws,path=/w/proj,security_model=none",
         "-device", "virtio-9p-pci,fsdev=ws,mount_tag=agentbox-workspace",
         "-drive", "file=/s/nix.raw,if=none,id=d0,format=raw,cache=writeback,discard=unmap",
         "-device", "virtio-blk-pci,drive=d0,serial=agentbox-nix",

@@ -182,3 +182,23 @@ def test_workspace_reads_and_writes_and_both_persistent_disks(env: dict[str, str
     assert (written.stat().st_uid, written.stat().st_gid) == (os.stat(workspace).st_uid, os.stat(workspace).st_gid)
     state = next(app_dir(env).glob("*/microvm-nix.raw")).parent
     assert {p.name for p in state.glob("microvm-*.raw")} == {"microvm-nix.raw", "microvm-containers.raw"}
+
+
+def test_a_root_owned_project_is_writable_by_dev_and_no_setuid_file_reaches_the_host(env: dict[str, str],
+                                                                                    tmp_path: Path, vmm: str) -> None:
+    """Issue 11 item 3: as root, in a root-owned 0755 project, the guest's dev user writes and the file
+    lands owned by the project's owner; a setuid/setgid chmod of it is refused on the host share."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the case is a root-owned project")
+    project = tmp_path / "root-project"
+    project.mkdir(mode=0o755)
+    script = ("echo x > /workspace/f && id -un && "
+              "if chmod u+s /workspace/f 2>/dev/null; then echo setuid-allowed; else echo setuid-refused; fi && "
+              "if chmod g+s /workspace/f 2>/dev/null; then echo setgid-allowed; else echo setgid-refused; fi")
+    proc = agentbox(env, project, "microvm", "--vmm", vmm, "--", "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["dev", "setuid-refused", "setgid-refused"], proc.stderr[-2000:]
+    written = project / "f"
+    assert written.read_text() == "x\n"
+    st = written.stat()
+    assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o6000 == 0

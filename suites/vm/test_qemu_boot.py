@@ -1,8 +1,10 @@
 """Real qemu boots (TCG here) of the guest image through runtime.vmm.qemu.
 
 One boot serves the module: the guest command prints ``ok`` on the command
-console, writes into the 9p workspace as root and as uid 1234, records what it
-sees of the attached disk, and exits 3.
+console, mounts the workspace as ``agentbox-guest-init`` does, writes into it as
+root and as dev, tries to plant setuid/setgid files and device nodes there,
+records what it sees of the attached disk, and exits 3. The host workspace
+belongs to another user (4242:4343, mode 0755), as a project root owns would.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from guest_init import contract
+from guest_init.enter import NINEP_OPTIONS
 from guest_init.launch_config import LaunchConfig, LaunchDisk
 from runtime.vmm.base import VmSpec
 from runtime.vmm.qemu import QemuDriver, tail
@@ -27,13 +31,26 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 IMAGE = "localhost/agentbox:latest"
 BOOT_TIMEOUT_S = 600
-GUEST_UID = 1234
+OWNER = (4242, 4343)
+DEV = f"setpriv --reuid {contract.DEV_UID} --regid {contract.DEV_GID} --clear-groups"
 SCRIPT = f"""
 echo ok
 mkdir -p /workspace
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,access=client {contract.WORKSPACE_TAG} /workspace
+mount -t 9p -o {NINEP_OPTIONS} {contract.WORKSPACE_TAG} /workspace
+stat -c '%u %g' /workspace > /tmp/seen
 echo root > /workspace/by-root
-setpriv --reuid {GUEST_UID} --regid {GUEST_UID} --clear-groups sh -c 'echo user > /workspace/by-user'
+{DEV} sh -c 'echo dev > /workspace/by-dev; mkdir /workspace/dir-by-dev'
+cp /tmp/seen /workspace/seen
+attempt() {{ if "$@" 2>/dev/null; then echo "allowed: $*"; else echo "refused: $*"; fi; }}
+{{
+attempt chmod u+s /workspace/by-dev
+attempt chmod g+s /workspace/by-root
+attempt chmod 6755 /workspace/dir-by-dev
+attempt mknod /workspace/null c 1 3
+attempt mknod /workspace/loop b 7 0
+attempt python3 -c "import os; os.open('/workspace/suid-new', os.O_CREAT | os.O_WRONLY, 0o4755)"
+attempt python3 -c "import os; os.setxattr('/workspace/by-root', 'security.capability', bytes(20))"
+}} > /workspace/attempts
 if [ -b /dev/vda ]; then echo "vda $(cat /sys/block/vda/serial)" > /workspace/disk; fi
 exit 3
 """
@@ -92,7 +109,8 @@ def boot(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Boot:
     base = tmp_path_factory.mktemp("qemu-boot")
     workspace, task_dir, disk = base / "ws", base / "task", base / "disk.raw"
     workspace.mkdir()
-    workspace.chmod(0o1777)
+    workspace.chmod(0o755)
+    os.chown(workspace, *OWNER)
     with open(disk, "wb") as f:
         f.truncate(64 << 20)
     launch = LaunchConfig(
@@ -116,12 +134,23 @@ def test_command_output_reaches_the_console_and_exit_status_is_returned(boot: Bo
     assert "ok" in boot.console.splitlines() or "ok\r" in boot.console.splitlines(), boot.console
 
 
-def test_workspace_writes_land_on_the_host_with_the_writer_uid(boot: Boot) -> None:
-    by_root, by_user = boot.workspace / "by-root", boot.workspace / "by-user"
-    assert by_root.read_text() == "root\n", tail(boot.task_dir / "console.log")
-    assert by_root.stat().st_uid == os.getuid()
-    assert by_user.read_text() == "user\n"
-    assert (by_user.stat().st_uid, by_user.stat().st_gid) == (GUEST_UID, GUEST_UID)
+def test_the_guest_dev_user_owns_the_workspace_and_its_writes_land_as_the_owner(boot: Boot) -> None:
+    assert (boot.workspace / "seen").read_text().split() == [str(contract.DEV_UID), str(contract.DEV_GID)], \
+        tail(boot.task_dir / "console.log")
+    by_dev, dir_by_dev, by_root = boot.workspace / "by-dev", boot.workspace / "dir-by-dev", boot.workspace / "by-root"
+    assert by_dev.read_text() == "dev\n"
+    assert (by_dev.stat().st_uid, by_dev.stat().st_gid) == OWNER
+    assert (dir_by_dev.stat().st_uid, dir_by_dev.stat().st_gid) == OWNER
+    assert by_root.read_text() == "root\n" and by_root.stat().st_uid == 0  # root stays root: the invoking user
+
+
+def test_the_guest_cannot_plant_setuid_files_device_nodes_or_capabilities(boot: Boot) -> None:
+    attempts = (boot.workspace / "attempts").read_text().splitlines()
+    assert len(attempts) == 7 and all(a.startswith("refused: ") for a in attempts), attempts
+    for path in boot.workspace.rglob("*"):
+        mode = path.lstat().st_mode
+        assert not (mode & 0o6000) and not stat.S_ISCHR(mode) and not stat.S_ISBLK(mode), path
+        assert "security.capability" not in os.listxattr(path, follow_symlinks=False), path
 
 
 def test_attached_disk_is_vda_with_its_id_as_serial(boot: Boot) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 
 from guest_init import contract
 from runtime.private_dir import runtime_dir
-from runtime.vmm import initramfs, qemu
+from runtime.vmm import host_share, initramfs, qemu
+from runtime.vmm.host import die_with_parent
 
 INIT_FAILED = 125  # libkrun: "init" cannot set up the environment inside the microVM
 CONNECT_TIMEOUT_S = 30.0
@@ -194,7 +195,7 @@ def qemu_argv(cfg: Config, work: Path, kernel: Path, initrd: Path, accel: str, t
         argv += qemu.port_args(f"socket,path={work / 'hvc0.sock'},server=off", "con", "", console=True)
         for name in STDIO_PORTS:
             argv += qemu.port_args(f"socket,path={work / (name + '.sock')},server=off", name, name)
-    argv += qemu.share_args("root", cfg.root, contract.ROOTFS_TAG)
+    argv += qemu.share_args("root", cfg.root, contract.ROOTFS_TAG, model=qemu.ROOTFS_MODEL)
     for i, share in enumerate(cfg.shares):
         argv += qemu.share_args(f"fs{i}", share["path"], share["tag"], read_only=bool(share["read_only"]))
     for i, disk in enumerate(cfg.disks):
@@ -216,7 +217,8 @@ def boot(cfg: Config, work: Path) -> int:
     listeners = {n: listener(work / f"{n}.sock") for n in names}
     argv = qemu_argv(cfg, work, kernel, initrd, accel, tty)
     proc = subprocess.Popen(argv, stdin=None if tty else subprocess.DEVNULL, stdout=None if tty else subprocess.DEVNULL,
-                            stderr=err_fd, preexec_fn=qemu.die_with_parent)
+                            stderr=err_fd, preexec_fn=die_with_parent,
+                            pass_fds=host_share.fds_in([str(share["path"]) for share in cfg.shares]))
     def terminate(signum: int, _frame: object) -> None:
         proc.kill()
 
