@@ -31,10 +31,14 @@ def tail_bytes(path: Path, limit: int) -> bytes:
 
 
 def tail(path: Path, lines: int = 25) -> str:
-    """The last lines of a log file (for error messages)."""
+    """The last lines of a log file (for error messages), continued from its rotated older half
+    (``<path>.1``, see :mod:`runtime.vmm.console_log`) when the current file is short."""
     if not path.exists():
         return "(no console output)"
     text = tail_bytes(path, 16384).decode("utf-8", "replace")
+    older = path.with_name(path.name + ".1")
+    if len(text.splitlines()) < lines and older.exists():
+        text = tail_bytes(older, 16384).decode("utf-8", "replace") + text
     return "\n".join(text.splitlines()[-lines:]) or "(empty console log)"
 
 

@@ -28,6 +28,7 @@ from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
 from runtime.vmm import host_share, shutdown
 from runtime.vmm.base import VmSpec
+from runtime.vmm.console_log import ConsoleRecorder
 from runtime.vmm.shutdown import StopReport
 from runtime.channel import AgentClient
 from runtime.vmm.host import die_with_parent, tail
@@ -125,11 +126,13 @@ class LibkrunHandle:
     console: non-TTY fds become the ``krun-stdin``/``krun-stdout`` ports), so a
     non-interactive guest whose command is ``agentbox-guest-init agent`` is
     reached through :meth:`agent_client`. The helper's stderr (guest stderr and
-    console output) is ``console.log`` in the task dir.
+    console output) is recorded into ``console.log`` in the task dir, with the
+    size cap of :mod:`runtime.vmm.console_log`.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes], task_dir: Path) -> None:
-        self.proc, self.task_dir = proc, task_dir
+    def __init__(self, proc: subprocess.Popen[bytes], task_dir: Path,
+                 recorder: ConsoleRecorder | None = None) -> None:
+        self.proc, self.task_dir, self.recorder = proc, task_dir, recorder
         self.pid = proc.pid
         self.console_log = task_dir / "console.log"
         self.agent_socket: Path | None = None
@@ -152,6 +155,8 @@ class LibkrunHandle:
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"guest still running after {timeout:.0f}s; console log "
                                f"{self.console_log}:\n{tail(self.console_log)}") from None
+        if self.recorder is not None:
+            self.recorder.join(2.0)  # the last console lines, before anyone reads the log
         return rc if 0 <= rc <= 255 else 1
 
     def shutdown(self, timeout: float) -> StopReport:
@@ -198,11 +203,18 @@ class LibkrunDriver:
         launch = spec.task_dir / "launch.conf"
         argv = [sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(launch)]
         pipe = None if spec.interactive else subprocess.PIPE
+        recorder = None if spec.interactive else ConsoleRecorder(spec.task_dir / "console.log")
+        log_r, log_w = os.pipe() if recorder is not None else (-1, -1)
         try:
-            with open(spec.task_dir / "console.log", "ab") as log:
-                proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=None if spec.interactive else log,
-                                        start_new_session=not spec.interactive, preexec_fn=die_with_parent)
+            proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=None if log_w < 0 else log_w,
+                                    start_new_session=not spec.interactive, preexec_fn=die_with_parent)
         except OSError as exc:
+            for fd in (log_r, log_w):
+                if fd >= 0:
+                    os.close(fd)
             raise AgentboxError(f"failed to start microvm helper for '{launch}': {exc.strerror}") from None
+        if recorder is not None:
+            os.close(log_w)
+            recorder.start(log_r)
         (spec.task_dir / "helper.pid").write_text(str(proc.pid))
-        return LibkrunHandle(proc, spec.task_dir)
+        return LibkrunHandle(proc, spec.task_dir, recorder)

@@ -17,7 +17,8 @@ Layout of one guest (everything under the task dir):
   ``org.agentbox.status`` (file ``status``: PID 1 writes ``exit=N`` there);
 - the command console on a virtconsole (``hvc0``): the caller's terminal when
   interactive, else the unix socket ``console.sock``;
-- the kernel console (ttyS0) logged to ``console.log``; QMP on ``qmp.sock``.
+- the kernel console (ttyS0) on the unix socket ``serial.sock``, recorded into
+  ``console.log`` with a size cap (:mod:`runtime.vmm.console_log`); QMP on ``qmp.sock``.
 
 Accelerator: KVM only when the cached probe boot proved KVM boots this
 kernel, TCG otherwise.
@@ -43,6 +44,7 @@ from runtime.retry import retry
 from runtime.vmm import host_share, initramfs
 from runtime.vmm import shutdown
 from runtime.vmm.base import GuestExitUnknown, VmSpec
+from runtime.vmm.console_log import ConsoleListener
 from runtime.vmm.shutdown import StopReport
 from runtime.vmm.host import cache_dir, qemu_binary, tail, tail_bytes
 from runtime.vmm.share_filter import require_filter, vmm_preexec
@@ -132,7 +134,7 @@ def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str,
     sock = socket_dir(t)
     argv = machine_args(ram_mib=launch.ram_mib, vcpus=launch.vcpus, kernel=kernel, initrd=initrd, accel=accel,
                         firmware=firmware)
-    argv += ["-serial", f"file:{t / 'console.log'}",
+    argv += ["-chardev", f"socket,id=ser0,path={sock / 'serial.sock'},server=off", "-serial", "chardev:ser0",
              "-qmp", f"unix:{sock / 'qmp.sock'},server=on,wait=off",
              "-device", "virtio-serial-pci,id=vser"]
     argv += port_args(f"socket,path={sock / 'agent.sock'},server=on,wait=off", "agent", contract.AGENT_PORT_NAME)
@@ -165,6 +167,7 @@ class QemuHandle:
     task_dir: Path
     accel: str
     argv: list[str]
+    console: ConsoleListener | None = None
     console_log: Path = field(init=False)
     agent_socket: Path | None = field(init=False)
     console_socket: Path | None = field(init=False)
@@ -200,6 +203,8 @@ class QemuHandle:
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"guest still running after {timeout:.0f}s; console log "
                                f"{self.console_log}:\n{tail(self.console_log)}") from None
+        if self.console is not None:
+            self.console.recorder.join(2.0)  # the last console lines, before anyone reads the log
         return self.exit_status()
 
     def agent_client(self, timeout: float) -> AgentClient:
@@ -224,14 +229,19 @@ class QemuHandle:
         try:
             return shutdown.stop(self.proc, graceful_s=timeout, terminate=lambda: self.qmp("quit"))
         finally:
-            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            self._release()
 
     def kill(self) -> None:
         """Stop now: no graceful wait (SIGTERM, then SIGKILL)."""
         try:
             shutdown.stop(self.proc, graceful_s=0, term_s=2)
         finally:
-            shutil.rmtree(self.sock_dir, ignore_errors=True)
+            self._release()
+
+    def _release(self) -> None:
+        if self.console is not None:
+            self.console.close()
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 class QemuDriver:
@@ -264,10 +274,11 @@ class QemuDriver:
             base = initramfs.cached_base(spec.rootfs, version, cache_dir() / "initramfs")
         initrd = initramfs.task_initrd(base, encode(spec.launch), spec.task_dir / "initrd.img")
         accel = self.choose_accel(spec.accel, kernel, base)
-        for name in ("status", "console.log"):
+        for name in ("status", "console.log", "console.log.1"):
             (spec.task_dir / name).unlink(missing_ok=True)
         boot_kernel, firmware = fast_boot(kernel)
         require_filter()
+        console = ConsoleListener(socket_dir(spec.task_dir) / "serial.sock", spec.task_dir / "console.log")
         share = host_share.export(Path(spec.launch.workspace_source))
         try:
             argv = build_argv(spec, kernel=boot_kernel, initrd=initrd, accel=accel, firmware=firmware,
@@ -282,11 +293,12 @@ class QemuDriver:
                                         start_new_session=not spec.interactive, pass_fds=share.pass_fds,
                                         preexec_fn=vmm_preexec)
         except (OSError, subprocess.SubprocessError) as exc:
+            console.close()
             raise AgentboxError(f"failed to start {qemu_binary()}: {exc}") from None
         finally:
             share.close()
         (spec.task_dir / "qemu.pid").write_text(str(proc.pid))
-        handle = QemuHandle(proc, spec.task_dir, accel, argv)
+        handle = QemuHandle(proc, spec.task_dir, accel, argv, console)
         _wait_for_socket(handle, handle.sock_dir / "qmp.sock", 30.0)
         return handle
 

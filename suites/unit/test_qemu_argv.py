@@ -29,7 +29,7 @@ def golden(task: Path, sock: Path, *, accel: str, interactive: bool) -> list[str
         "-cpu", "host" if accel == "kvm" else "max", "-m", "2048", "-smp", "2",
         "-kernel", "/k/vmlinuz", "-initrd", f"{task}/initrd.img",
         "-append", "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init",
-        "-serial", f"file:{task}/console.log",
+        "-chardev", f"socket,id=ser0,path={sock}/serial.sock,server=off", "-serial", "chardev:ser0",
         "-qmp", f"unix:{sock}/qmp.sock,server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser",
         "-chardev", f"socket,id=agent,path={sock}/agent.sock,server=on,wait=off",

@@ -25,6 +25,7 @@ from guest_init import contract
 from guest_init.enter import NINEP_OPTIONS
 from guest_init.launch_config import LaunchConfig, LaunchDisk
 from runtime.vmm.base import VmSpec
+from runtime.vmm import console_log
 from runtime.vmm.qemu import QemuDriver, tail
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -32,6 +33,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 IMAGE = "localhost/agentbox:latest"
 BOOT_TIMEOUT_S = 600
 OWNER = (4242, 4343)
+CONSOLE_CAP = 128 << 10
+FLOOD_BYTES = 4 * CONSOLE_CAP
 DEV = f"setpriv --reuid {contract.DEV_UID} --regid {contract.DEV_GID} --clear-groups"
 SCRIPT = f"""
 echo ok
@@ -52,6 +55,7 @@ attempt python3 -c "import os; os.open('/workspace/suid-new', os.O_CREAT | os.O_
 attempt python3 -c "import os; os.setxattr('/workspace/by-root', 'security.capability', bytes(20))"
 }} > /workspace/attempts
 if [ -b /dev/vda ]; then echo "vda $(cat /sys/block/vda/serial)" > /workspace/disk; fi
+head -c {FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo end-of-flood > /dev/ttyS0
 exit 3
 """
 
@@ -117,7 +121,9 @@ def boot(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Boot:
         task_rootfs=str(rootfs), workspace_source=str(workspace), workspace_tag=contract.WORKSPACE_TAG,
         workspace_target="/workspace", ram_mib=1024, vcpus=2, workdir="/", exec_path="/bin/sh",
         disks=(LaunchDisk("agentbox-test-disk", str(disk)),), argv=("sh", "-c", SCRIPT))
-    handle = QemuDriver().start(VmSpec(rootfs=rootfs, launch=launch, task_dir=task_dir, accel="tcg"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(console_log.ENV_MAX, str(CONSOLE_CAP))
+        handle = QemuDriver().start(VmSpec(rootfs=rootfs, launch=launch, task_dir=task_dir, accel="tcg"))
     chunks: list[bytes] = []
     reader = threading.Thread(target=read_console, args=(handle.console_socket, chunks), daemon=True)
     reader.start()
@@ -155,3 +161,11 @@ def test_the_guest_cannot_plant_setuid_files_device_nodes_or_capabilities(boot: 
 
 def test_attached_disk_is_vda_with_its_id_as_serial(boot: Boot) -> None:
     assert (boot.workspace / "disk").read_text().split() == ["vda", "agentbox-test-disk"]
+
+
+def test_a_guest_flooding_its_console_cannot_grow_the_log_past_the_cap(boot: Boot) -> None:
+    log = boot.task_dir / "console.log"
+    older = console_log.rotated(log)
+    assert older.exists(), tail(log)
+    assert log.stat().st_size + older.stat().st_size <= CONSOLE_CAP
+    assert "end-of-flood" in tail(log, 5)
