@@ -24,6 +24,7 @@ examples:
   agentbox libkrun resize --target nix --size 128G
   agentbox libkrun reset-nix --force
   agentbox libkrun --guest-init ./agentbox-guest-init
+  agentbox --krun-runtime qemu -- sh -c 'echo ok'
   agentbox container
   agentbox container sidecar
   agentbox microvm --storage auto -- sh -c 'echo ok'
@@ -48,6 +49,9 @@ notes:
 STORAGE_CHOICES = ("auto", "btrfs-snapshot", "fuse-overlay", "reflink")
 VMM_CHOICES = ("auto", "qemu", "libkrun")
 RESIZE_TARGETS = ("nix", "containers")
+KRUN_RUNTIME_HELP = ("OCI runtime of libkrun tasks: crun (its krun handler, the default) or qemu "
+                     "(the QEMU-backed agentbox-krun-runtime; env AGENTBOX_KRUN_RUNTIME, "
+                     "config [libkrun] runtime)")
 
 
 def _positive_gib(text: str) -> int:
@@ -105,6 +109,15 @@ def _global_flags() -> _Parser:
     return parent
 
 
+def _krun_runtime_option(parser: argparse.ArgumentParser, help_text: str = KRUN_RUNTIME_HELP) -> None:
+    """``--krun-runtime``: on the top level (no subcommand means libkrun), ``libkrun`` and its
+    actions (``reset-nix`` accepts and ignores it); ``parse`` refuses it with any other subcommand."""
+    from runtime.config import KRUN_RUNTIMES
+
+    parser.add_argument("--krun-runtime", choices=KRUN_RUNTIMES, default=argparse.SUPPRESS,
+                        help=help_text)
+
+
 def _libkrun_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tsi", action="store_true", default=argparse.SUPPRESS,
                         help="TSI/proxy networking instead of the default passt")
@@ -125,19 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     top.add_argument("--version", action="version", version="agentbox 0.1.0")
+    _krun_runtime_option(top)
     top.epilog = EXAMPLES + "\nA guest command follows '--', e.g. agentbox microvm -- sh -c 'echo ok'.\n"
     sub = top.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
 
     lk = sub.add_parser("libkrun", parents=[glob], help="Podman + crun + libkrun task (default)")
     _libkrun_run_options(lk)
+    _krun_runtime_option(lk)
     lk_sub = lk.add_subparsers(dest="libkrun_action", metavar="ACTION")
     rs = lk_sub.add_parser("resize", parents=[glob], help="grow a persistent raw disk")
     rs.add_argument("--target", required=True, choices=RESIZE_TARGETS)
     rs.add_argument("--size", "--size-bytes", dest="size", required=True, type=_resize_size,
                     metavar="SIZE", help="new size: 128, 128G, 128GiB, 2T or 2TiB")
+    _krun_runtime_option(rs)
     rn = lk_sub.add_parser("reset-nix", parents=[glob],
                            help="delete and recreate libkrun-nix.raw (needs --force)")
     rn.add_argument("--force", action="store_true")
+    _krun_runtime_option(rn, "ignored: reset-nix runs no Podman")
 
     ct = sub.add_parser("container", parents=[glob], help="native Podman task with nix-daemon sidecar")
     ct_sub = ct.add_subparsers(dest="container_action", metavar="ACTION")
@@ -198,7 +215,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     """Parse ``argv`` (without the program name) into a namespace.
 
     Global flags may appear before or after the subcommand; a guest command
-    follows ``--``. No subcommand means ``libkrun``.
+    follows ``--``. No subcommand means ``libkrun``. ``--krun-runtime`` is
+    accepted before the subcommand too (``agentbox --krun-runtime qemu -- cmd``),
+    but only for libkrun.
     """
     options, command = _split_command(list(argv))
     parser = build_parser()
@@ -209,9 +228,12 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                 parser.error(f"unrecognized arguments: {flag} (it is a libkrun or microvm option: "
                              f"agentbox libkrun {flag} ...)")
     ns = parser.parse_args(options)
+    if getattr(ns, "krun_runtime", None) and ns.subcommand not in (None, "libkrun"):
+        parser.error("unrecognized arguments: --krun-runtime (it is a libkrun option: "
+                     "agentbox libkrun --krun-runtime ... or agentbox --krun-runtime ... -- CMD)")
     for name, default in (("image", None), ("pull_latest", False), ("debug", False),
                           ("profile", False), ("root", False), ("tsi", False), ("mem", None),
-                          ("guest_init", None), ("publish", [])):
+                          ("guest_init", None), ("publish", []), ("krun_runtime", None)):
         if not hasattr(ns, name):
             setattr(ns, name, default)
     if ns.subcommand is None:

@@ -3,14 +3,23 @@
 Location: ``$AGENTBOX_CONFIG`` if set (the file must exist), else ``$XDG_CONFIG_HOME/agentbox/agentbox.toml``,
 else ``$HOME/.config/agentbox/agentbox.toml``. A missing file is fine.
 
-Only one setting exists::
+Two settings exist::
 
     [state]
     location = "/absolute/existing/dir"   # base of the state root
 
+    [libkrun]
+    runtime = "crun"                      # or "qemu": the OCI runtime of libkrun tasks
+
+``[libkrun].runtime`` picks the ``podman run --runtime`` of ``agentbox libkrun``
+tasks: ``crun`` (the default, crun's krun handler) or ``qemu`` (the QEMU-backed
+``agentbox-krun-runtime``). ``--krun-runtime`` and ``$AGENTBOX_KRUN_RUNTIME``
+override it (flag > env > config > default).
+
 The file is parsed with a real TOML parser (``tomllib``); unknown tables or
-keys, wrong types, relative or missing paths are refused with one line that
-names the file, the key and what is accepted (exit status 2).
+keys, wrong types, relative or missing paths and runtimes other than ``crun`` or
+``qemu`` are refused with one line that names the file, the key and what is
+accepted (exit status 2).
 """
 
 from __future__ import annotations
@@ -24,7 +33,11 @@ from pathlib import Path
 
 from runtime.errors import InputError, one_line
 
-KNOWN = {"state": {"location"}}
+KNOWN = {"state": ("location",), "libkrun": ("runtime",)}
+KNOWN_TEXT = ", ".join(f"[{table}] with key {', '.join(keys)}" for table, keys in KNOWN.items())
+
+KRUN_RUNTIMES = ("crun", "qemu")
+"""Accepted values of ``[libkrun].runtime``, ``--krun-runtime`` and ``$AGENTBOX_KRUN_RUNTIME``."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,7 @@ class Config:
 
     path: Path | None
     state_location: Path | None = None
+    krun_runtime: str | None = None  # [libkrun].runtime, one of KRUN_RUNTIMES; None when unset
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -56,18 +70,35 @@ def parse_config(text: str, path: Path) -> Config:
     for table, value in data.items():
         if table not in KNOWN:
             raise InputError(
-                f"config file '{path}' has unknown table [{table}]; accepted: [state] with key location"
+                f"config file '{path}' has unknown table [{table}]; accepted: {KNOWN_TEXT}"
             )
         if not isinstance(value, dict):
             raise InputError(f"config file '{path}': '{table}' must be a table [{table}]")
         for key in value:
             if key not in KNOWN[table]:
+                accepted = ", ".join(f"[{table}].{k}" for k in KNOWN[table])
                 raise InputError(
-                    f"config file '{path}' has unknown key [{table}].{key}; accepted: [state].location"
+                    f"config file '{path}' has unknown key [{table}].{key}; accepted: {accepted}"
                 )
-    location = data.get("state", {}).get("location")
+    runtime = _krun_runtime(data.get("libkrun", {}).get("runtime"), path)
+    return Config(path, _state_location(data.get("state", {}).get("location"), path), runtime)
+
+
+def _krun_runtime(value: object, path: Path) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"config file '{path}': [libkrun].runtime must be a string, got "
+                         f"{type(value).__name__}; accepted: {', '.join(KRUN_RUNTIMES)}")
+    if value not in KRUN_RUNTIMES:
+        raise InputError(f"config file '{path}': [libkrun].runtime {quote(value)} is not accepted; "
+                         f"accepted: {', '.join(KRUN_RUNTIMES)}")
+    return value
+
+
+def _state_location(location: object, path: Path) -> Path | None:
     if location is None:
-        return Config(path)
+        return None
     if not isinstance(location, str):
         raise InputError(
             f"config file '{path}': [state].location must be a string holding an absolute path, "
@@ -86,7 +117,7 @@ def parse_config(text: str, path: Path) -> Config:
         check_location(loc)
     except InputError as exc:
         raise InputError(f"config file '{path}': [state].location: {exc}") from None
-    return Config(path, loc)
+    return loc
 
 
 def check_location(loc: Path) -> None:

@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 
 from guest_init.contract import GUEST_INIT_PATH
 from runtime import disks
+from runtime.doctor.tools import SELECT_QEMU_RUNTIME, check_crun_krun
 from runtime.errors import AgentboxError
+from runtime.microvm.session import host_ids
 from runtime.podman import Podman, explicit_image, resolve_image
 from runtime.reset import reset_nix
 from runtime.resize import ResizePlan, resize
 from runtime.sizing import default_cpus, libkrun_ram_mib
 from runtime.state import StateLayout, resize_container_name, task_container_name, task_hostname
-from runtime.tasks.krun import KrunOptions, guest_init_override, krun_task_argv, resize_task_argv, validate_publish
+from runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv, oci_runtime, resize_task_argv,
+                                select_krun_runtime, validate_publish)
 from runtime.tasks.volumes import task_volumes
 
 
 def require_krun() -> None:
-    """Refuse to start libkrun tasks on a host whose crun lacks the krun handler.
+    """Refuse to start libkrun tasks with ``--runtime crun`` on a host whose crun lacks the krun
+    handler; the line also says how to select the QEMU-backed runtime instead.
 
-    Uses the doctor's ``crun-krun`` check, so both say the same thing."""
-    from runtime.doctor.tools import check_crun_krun
-
+    Uses the doctor's ``crun-krun`` check, so both say the same thing. Not called when the
+    QEMU-backed runtime is selected (it needs no +LIBKRUN)."""
     check = check_crun_krun()
     if not check.ok:
-        raise AgentboxError(f"libkrun mode needs crun built with libkrun: {check.detail}; "
+        raise AgentboxError(f"libkrun mode needs crun built with libkrun: {check.detail}; install one "
+                            f"or select the QEMU-backed runtime with {SELECT_QEMU_RUNTIME}; "
                             "run 'agentbox doctor' to see what this host can run and how to fix it")
 
 
@@ -37,18 +40,26 @@ def exit_status(code: int | None) -> int:
 
 def _options(args: argparse.Namespace, command: tuple[str, ...]) -> KrunOptions:
     mount = guest_init_override(args.guest_init) if args.guest_init else None
+    publish = validate_publish(args.publish or [], bool(args.tsi))
+    runtime = oci_runtime(select_krun_runtime(getattr(args, "krun_runtime", None)))
     return KrunOptions(
         ram_mib=libkrun_ram_mib(args.mem), cpus=default_cpus(), tsi=bool(args.tsi),
-        publish=validate_publish(args.publish or [], bool(args.tsi)), root=bool(args.root),
+        publish=publish, root=bool(args.root),
         profile=bool(args.profile), debug=bool(args.debug), guest_init_mount=mount,
-        command=command or ("fish", "-l"))
+        command=command or ("fish", "-l"), runtime=runtime)
+
+
+def _require_runtime(opts: KrunOptions) -> None:
+    """crun needs its krun handler (:func:`require_krun`); the QEMU-backed runtime does not."""
+    if opts.runtime == "crun":
+        require_krun()
 
 
 class PodmanKrunMaintenance:
     """Runs the resize guest step as a one-shot libkrun container (6.4).
 
     :meth:`check` runs after the image was validated and before it grows:
-    it refuses a host whose crun lacks libkrun, then resolves the image
+    with ``--runtime crun`` it refuses a host whose crun lacks libkrun, then resolves the image
     (which may pull with ``--pull-latest``), so bad input never pulls."""
 
     def __init__(self, podman: Podman, layout: StateLayout, opts: KrunOptions,
@@ -59,7 +70,7 @@ class PodmanKrunMaintenance:
 
     def check(self) -> None:
         """Raise unless the maintenance guest can start on this host."""
-        require_krun()
+        _require_runtime(self.opts)
         self.image = resolve_image(self.podman, self.image_arg, self.pull_latest)
 
     def argv(self, plan: ResizePlan) -> list[str]:
@@ -81,9 +92,15 @@ class PodmanKrunMaintenance:
 def run(args: argparse.Namespace) -> int:
     """Dispatch ``agentbox [libkrun]``, ``libkrun resize`` and ``libkrun reset-nix``.
 
-    Every user input is validated before anything is probed, pulled or
-    written; a libkrun task on a host whose crun lacks the krun handler stops
-    with one line before anything else is done."""
+    Every user input (the krun runtime selection too) is validated before
+    anything is probed, pulled or written; a libkrun task with ``--runtime crun``
+    on a host whose crun lacks the krun handler stops with one line before
+    anything else is done. ``reset-nix`` runs no Podman and ignores the krun
+    runtime selection.
+
+    ``AGENTBOX_HOST_UID``/``GID`` are :func:`runtime.microvm.session.host_ids`:
+    the user's ids, or as root the workspace owner (else 1000), because the
+    guest refuses a root dev user."""
     if args.libkrun_action == "reset-nix":
         reset_nix(StateLayout.resolve().state_root, bool(args.force))
         return 0
@@ -95,13 +112,14 @@ def run(args: argparse.Namespace) -> int:
         runner = PodmanKrunMaintenance(podman, layout, opts, args.image, bool(args.pull_latest))
         resize(args.target, args.size, layout.state_root, runner, before_grow=runner.check)
         return 0
-    require_krun()
+    _require_runtime(opts)
     image = resolve_image(podman, args.image, args.pull_latest)
+    uid, gid = host_ids(layout.workspace)
     layout.ensure()
     disks.prepare_all(disks.LIBKRUN_DISKS, layout.state_root)
     argv = krun_task_argv(name=task_container_name(layout.slug),
                           hostname=task_hostname(layout.slug), state_root=layout.state_root,
-                          volumes=task_volumes(layout), uid=os.getuid(), gid=os.getgid(),
+                          volumes=task_volumes(layout), uid=uid, gid=gid,
                           image=image, opts=opts)
     try:
         return exit_status(podman.spawn(argv).wait())

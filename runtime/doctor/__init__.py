@@ -23,16 +23,18 @@ from runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check
                                    check_krun_direct_boot, check_kvm_device, check_libkrun, check_libkrunfw, check_tun,
                                    check_userns)
 from runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_crun_krun,
-                                  check_fuse, check_image, check_passt, check_podman, check_qemu,
-                                  check_runc)
+                                  check_fuse, check_image, check_krun_runtime, check_passt, check_podman,
+                                  check_qemu, check_runc)
 
-__all__ = ["BACKENDS", "CHECKS", "Check", "check_by_name", "check_kvm_device", "check_libkrun",
+__all__ = ["BACKENDS", "CHECKS", "KRUN_PODMAN_QEMU", "Check", "check_by_name", "check_kvm_device", "check_libkrun",
+           "krun_podman_runtime",
            "render_json", "render_text", "run_checks", "usable_backends"]
 
 CHECKS: dict[str, Callable[[], Check]] = {
     "podman": check_podman,
     "buildah": check_buildah,
     "crun-krun": check_crun_krun,
+    "krun-runtime": check_krun_runtime,
     "runc": check_runc,
     "btrfs-progs": check_btrfs,
     "blkid": check_blkid,
@@ -65,6 +67,21 @@ BACKENDS: dict[str, tuple[str, ...]] = {
 """Backend -> the checks it needs (all of them). qemu falls back to TCG, so it does not need /dev/kvm.
 krun-direct needs a passed probe boot through the library that loads (which proves libkrunfw and
 KVM too; their own lines say why a boot failed)."""
+
+KRUN_PODMAN_QEMU: tuple[str, ...] = ("podman", "krun-runtime", "qemu", "share-filter", "net-tun", "btrfs-progs",
+                                     "blkid", *_ROOTLESS)
+"""krun-podman without crun's krun handler: Podman running ``agentbox-krun-runtime``, which boots the
+container's rootfs with qemu (KVM when proven, TCG otherwise)."""
+
+
+def krun_podman_runtime(checks: Sequence[Check]) -> str | None:
+    """``crun`` when krun-podman can run through crun with libkrun, ``qemu`` when only through
+    ``agentbox-krun-runtime``, None when through neither."""
+    by = {c.name: c for c in checks}
+    for name, needs in (("crun", BACKENDS["krun-podman"]), ("qemu", KRUN_PODMAN_QEMU)):
+        if all(by[n].ok for n in needs if n in by):
+            return name
+    return None
 
 
 def _guarded(name: str, fn: Callable[[], Check]) -> Check:
@@ -108,6 +125,11 @@ def usable_backends(checks: Sequence[Check]) -> dict[str, tuple[bool, str]]:
     for backend, needs in BACKENDS.items():
         failed = [by[n] for n in needs if n in by and not by[n].ok]
         table[backend] = (not failed, "; ".join(c.reason() for c in failed) or "usable")
+    if not table["krun-podman"][0]:
+        failed = [by[n] for n in KRUN_PODMAN_QEMU if n in by and not by[n].ok]
+        table["krun-podman"] = ((True, "usable through agentbox-krun-runtime (QEMU); crun lacks libkrun") if not failed
+                                else (False, f"{table['krun-podman'][1]}; or through agentbox-krun-runtime: "
+                                             f"{'; '.join(c.reason() for c in failed)}"))
     return table
 
 

@@ -1,4 +1,5 @@
-"""Checks for host tools: Podman, Buildah, OCI runtimes, btrfs, blkid, fuse-overlayfs, QEMU, passt, the image."""
+"""Checks for host tools: Podman, Buildah, OCI runtimes (crun's krun handler, the QEMU-backed
+``agentbox-krun-runtime``), btrfs, blkid, fuse-overlayfs, QEMU, passt, the image."""
 
 from __future__ import annotations
 
@@ -7,9 +8,15 @@ import shutil
 
 from runtime.doctor.model import Check, run_tool, tool_check
 from runtime.doctor.parse import crun_has_krun, podman_summary, qemu_accelerators
+from runtime.errors import AgentboxError
 from runtime.images.recipe import DEFAULT_TAG
+from runtime.oci.locate import runtime_path
+from runtime.tasks.krun import select_krun_runtime
 
 OCI_RUNTIMES = ("crun", "runc", "krun", "crun-krun", "youki", "runsc", "kata-runtime")
+
+SELECT_QEMU_RUNTIME = '--krun-runtime qemu (AGENTBOX_KRUN_RUNTIME=qemu, [libkrun] runtime = "qemu")'
+"""How to select the QEMU-backed krun runtime, for fix texts and error lines."""
 
 
 def check_podman() -> Check:
@@ -34,7 +41,8 @@ def check_crun_krun() -> Check:
     """Whether crun has the libkrun handler (``crun --version`` lists ``+LIBKRUN``)."""
     if shutil.which("crun") is None:
         return Check("crun-krun", False, "missing", "crun not on PATH",
-                     "apt-get install crun (Debian's crun has no libkrun handler; see below)")
+                     "apt-get install crun (Debian's crun has no libkrun handler; see below), or select "
+                     f"the QEMU-backed runtime (see krun-runtime) with {SELECT_QEMU_RUNTIME}")
     rc, out = run_tool(["crun", "--version"])
     version = out.splitlines()[0] if out else f"crun --version exited {rc}"
     if crun_has_krun(out):
@@ -42,7 +50,26 @@ def check_crun_krun() -> Check:
     return Check("crun-krun", False, "unusable",
                  f"{version} was built without libkrun ('crun --version' does not list +LIBKRUN)",
                  "install a crun built with libkrun (no Debian 12 package: build crun with "
-                 "--with-libkrun, or Nix .#crun of the agentbox flake)")
+                 "--with-libkrun, or Nix .#crun of the agentbox flake), or select the QEMU-backed "
+                 f"runtime (see krun-runtime) with {SELECT_QEMU_RUNTIME}")
+
+
+def check_krun_runtime() -> Check:
+    """The QEMU-backed OCI runtime ``agentbox-krun-runtime`` for ``agentbox libkrun`` (it needs no
+    +LIBKRUN crun): its path or that it is not installed, which runtime libkrun tasks use now, and
+    how to select it."""
+    try:
+        selected = f"libkrun tasks use {select_krun_runtime(None)}"
+    except AgentboxError as exc:
+        selected = f"the krun runtime selection is invalid: {exc}"
+    try:
+        path = runtime_path()
+    except AgentboxError as exc:
+        return Check("krun-runtime", False, "missing", f"QEMU-backed krun runtime: {exc}; {selected}",
+                     "reinstall agentbox-harness (pip install -e .) to get agentbox-krun-runtime")
+    return Check("krun-runtime", True, "ok",
+                 f"QEMU-backed krun runtime {path}; {selected} (default crun); "
+                 f"select it with {SELECT_QEMU_RUNTIME}")
 
 
 def check_runc() -> Check:

@@ -2,6 +2,11 @@
 
 The argv lists returned here exclude the leading ``podman`` (and the
 ``--log-level=debug`` that :class:`runtime.podman.Podman` adds).
+
+The OCI runtime is ``crun`` (the reference) or, selected with ``--krun-runtime qemu``,
+``$AGENTBOX_KRUN_RUNTIME=qemu`` or ``[libkrun] runtime = "qemu"``, the absolute path of
+the QEMU-backed ``agentbox-krun-runtime`` (:func:`select_krun_runtime`,
+:func:`oci_runtime`); nothing else in the argv changes with it.
 """
 
 from __future__ import annotations
@@ -10,17 +15,50 @@ import json
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from guest_init import contract as c
+from runtime.config import KRUN_RUNTIMES, Config, load_config, quote
 from runtime.disks import LIBKRUN_DISKS, RawDisk
 from runtime.errors import AgentboxError, InputError
 from runtime.podman import Podman
+from runtime.oci.locate import runtime_path
 from runtime.tasks.volumes import Volumes
 
 TMPFS = "/tmp:rw,exec,mode=1777"
+ENV_KRUN_RUNTIME = "AGENTBOX_KRUN_RUNTIME"
+
+
+def select_krun_runtime(flag: str | None, env: Mapping[str, str] | None = None,
+                        config: Config | None = None) -> str:
+    """The selected krun runtime, one of :data:`runtime.config.KRUN_RUNTIMES`: ``--krun-runtime``
+    (``flag``), else ``$AGENTBOX_KRUN_RUNTIME``, else ``[libkrun].runtime`` of ``config`` (default:
+    the config file of ``env``), else ``crun``.
+
+    An empty environment value counts as unset; any other value outside ``crun``/``qemu`` is an
+    :class:`InputError` (one line, exit 2) when it is the one consulted."""
+    env = os.environ if env is None else env
+    if flag:
+        if flag not in KRUN_RUNTIMES:
+            raise InputError(f"invalid --krun-runtime '{flag}'; accepted: {', '.join(KRUN_RUNTIMES)}")
+        return flag
+    value = env.get(ENV_KRUN_RUNTIME)
+    if value:
+        if value not in KRUN_RUNTIMES:
+            raise InputError(f"invalid {ENV_KRUN_RUNTIME} value {quote(value)}; accepted: {', '.join(KRUN_RUNTIMES)}")
+        return value
+    config = load_config(env) if config is None else config
+    return config.krun_runtime or "crun"
+
+
+def oci_runtime(selected: str) -> str:
+    """The ``podman run --runtime`` value for a selected krun runtime: ``crun``, or for ``qemu``
+    the absolute path of ``agentbox-krun-runtime`` (:class:`AgentboxError` when not installed)."""
+    if selected == "crun":
+        return "crun"
+    return runtime_path()
 
 
 @dataclass(frozen=True)
@@ -37,6 +75,7 @@ class KrunOptions:
     guest_init_mount: str | None = None  # "<src>:<target>:ro"
     run_label: str | None = None
     command: tuple[str, ...] = field(default=("fish", "-l"))
+    runtime: str = "crun"  # podman --runtime: "crun" or the absolute path of agentbox-krun-runtime
 
 
 PUBLISH = re.compile(r"(?:(?:(?P<ip>\d{1,3}(?:\.\d{1,3}){3}|\[[0-9A-Fa-f:.]+\]):)?(?P<host>\d+(?:-\d+)?)?:)?"
@@ -169,12 +208,23 @@ def _label(opts: KrunOptions) -> list[str]:
     return ["--label", f"{c.LABEL_HARNESS_RUN}={opts.run_label}"] if opts.run_label else []
 
 
+def _userns() -> list[str]:
+    """``--userns keep-id`` for rootless Podman; nothing as root, where Podman refuses keep-id
+    ("keep-id is only supported in rootless mode") and root's identity mapping already is what
+    keep-id gives a rootless user."""
+    return [] if os.geteuid() == 0 else ["--userns", "keep-id"]
+
+
 def krun_task_argv(*, name: str, hostname: str, state_root: Path, volumes: Volumes,
                    uid: int, gid: int, image: str, opts: KrunOptions) -> list[str]:
-    """The exact ordered ``podman run`` argv of a libkrun task (6.2)."""
+    """The exact ordered ``podman run`` argv of a libkrun task (6.2).
+
+    ``--runtime`` is ``opts.runtime`` (``crun`` in the reference). Rootless (euid != 0) this is
+    the reference argv; as root the pair ``--userns keep-id`` is left out (Podman refuses it for
+    root, whose identity mapping is what keep-id gives a rootless user)."""
     publish = validate_publish(opts.publish, opts.tsi)
-    argv = ["run", "--rm", "-it", "--name", name, "--userns", "keep-id", "--user", "0:0",
-            "--runtime", "crun", "--annotation", "run.oci.handler=krun",
+    argv = ["run", "--rm", "-it", "--name", name, *_userns(), "--user", "0:0",
+            "--runtime", opts.runtime, "--annotation", "run.oci.handler=krun",
             "--annotation", f"krun.ram_mib={opts.ram_mib}",
             "--annotation", "krun.nested_virt=1"]
     for disk in LIBKRUN_DISKS:
@@ -203,9 +253,12 @@ def krun_task_argv(*, name: str, hostname: str, state_root: Path, volumes: Volum
 
 def resize_task_argv(*, name: str, hostname: str, state_root: Path, disk: RawDisk, image: str,
                      opts: KrunOptions, guest_init_path: str = c.GUEST_INIT_PATH) -> list[str]:
-    """The exact ordered argv of the one-shot resize maintenance VM (6.4)."""
-    argv = ["run", "--rm", "--name", name, "--hostname", hostname, "--userns", "keep-id",
-            "--user", "0:0", "--runtime", "crun", "--annotation", "run.oci.handler=krun",
+    """The exact ordered argv of the one-shot resize maintenance VM (6.4).
+
+    ``--runtime`` is ``opts.runtime``; as root ``--userns keep-id`` is left out, as in
+    :func:`krun_task_argv`."""
+    argv = ["run", "--rm", "--name", name, "--hostname", hostname, *_userns(),
+            "--user", "0:0", "--runtime", opts.runtime, "--annotation", "run.oci.handler=krun",
             "--annotation", f"krun.ram_mib={opts.ram_mib}"]
     argv += _disk_args(disk, state_root)
     argv += _disk_env(disk)

@@ -18,6 +18,7 @@ def env(tmp_path: Path) -> dict[str, str]:
              XDG_CONFIG_HOME=str(tmp_path / "cfg"))
     e.pop("AGENTBOX_CONFIG", None)
     e.pop("AGENTBOX_IMAGE", None)
+    e.pop("AGENTBOX_KRUN_RUNTIME", None)  # never let the caller's selection start a real task
     for d in ("home", "state", "cfg", "ws"):
         (tmp_path / d).mkdir()
     return e

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pyfakefs.fake_filesystem import FakeFilesystem
 
-from runtime.doctor import (BACKENDS, CHECKS, Check, check_by_name, render_text,
+from runtime.doctor import (BACKENDS, CHECKS, KRUN_PODMAN_QEMU, Check, check_by_name, krun_podman_runtime, render_text,
                             usable_backends)
 from runtime.doctor.model import run_tool, version_line
 from runtime.doctor.parse import (can_read_write, cgroup_layout, crun_has_krun, load_failure,
@@ -130,7 +130,7 @@ def test_version_line_prefers_the_named_binary() -> None:
 
 
 def _checks(**bad: str) -> list[Check]:
-    names = sorted({n for needs in BACKENDS.values() for n in needs})
+    names = sorted({n for needs in BACKENDS.values() for n in needs} | set(KRUN_PODMAN_QEMU))
     return [Check(n, n not in bad, "missing" if n in bad else "ok", bad.get(n, "fine"), f"get {n}")
             for n in names]
 
@@ -142,16 +142,26 @@ def test_backend_table_all_usable() -> None:
 def test_backend_table_names_what_is_missing_and_how_to_get_it() -> None:
     table = usable_backends(_checks(libkrun="libkrun.so.1 not found", **{"crun-krun": "no +LIBKRUN"}))
     assert table["krun-direct"] == (False, "libkrun: libkrun.so.1 not found (fix: get libkrun)")
-    assert table["krun-podman"] == (False, "crun-krun: no +LIBKRUN (fix: get crun-krun)")
+    assert table["krun-podman"] == (True, "usable through agentbox-krun-runtime (QEMU); crun lacks libkrun")
     assert table["qemu"] == (True, "usable") and table["container"] == (True, "usable")
+    neither = usable_backends(_checks(**{"crun-krun": "no +LIBKRUN", "krun-runtime": "not installed"}))
+    assert neither["krun-podman"] == (False, "crun-krun: no +LIBKRUN (fix: get crun-krun); or through "
+                                             "agentbox-krun-runtime: krun-runtime: not installed (fix: get krun-runtime)")
+
+
+def test_krun_podman_picks_crun_with_libkrun_first_then_the_qemu_backed_runtime() -> None:
+    assert krun_podman_runtime(_checks()) == "crun"
+    assert krun_podman_runtime(_checks(**{"crun-krun": "no +LIBKRUN"})) == "qemu"
+    assert krun_podman_runtime(_checks(**{"crun-krun": "no +LIBKRUN", "qemu": "missing"})) is None
 
 
 def test_backend_table_shared_needs() -> None:
     table = usable_backends(_checks(**{"kvm-device": "/dev/kvm does not exist", "fuse-overlayfs": "gone"}))
-    assert not table["krun-podman"][0] and table["krun-direct"][0]  # krun-direct: its probe boot decides
+    assert table["krun-direct"][0]  # krun-direct: its probe boot decides
+    assert table["krun-podman"] == (True, "usable through agentbox-krun-runtime (QEMU); crun lacks libkrun")
     assert table["qemu"] == (True, "usable")
     assert table["container"] == (False, "fuse-overlayfs: gone (fix: get fuse-overlayfs)")
-    cgroups = usable_backends(_checks(cgroups="cgroup layout hybrid"))
+    cgroups = usable_backends(_checks(cgroups="cgroup layout hybrid", **{"krun-runtime": "not installed"}))
     assert not cgroups["krun-podman"][0] and cgroups["container"][0]
 
 
@@ -163,7 +173,7 @@ def test_krun_direct_needs_a_passed_probe_boot_not_just_a_library_that_loads() -
 
 
 def test_backend_needs_are_known_checks() -> None:
-    assert {n for needs in BACKENDS.values() for n in needs} <= set(CHECKS)
+    assert {n for needs in BACKENDS.values() for n in needs} | set(KRUN_PODMAN_QEMU) <= set(CHECKS)
 
 
 def test_check_by_name(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -98,6 +98,7 @@ def _agentbox(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_STATE_HOME": str(tmp_path / "state"),
                 "HOME": str(tmp_path / "home"), **(env or {})}
     full_env.pop("AGENTBOX_CONFIG", None)
+    full_env.pop("AGENTBOX_KRUN_RUNTIME", None)
     return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=work, env=full_env,
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 

@@ -1,5 +1,8 @@
-"""Golden argv of libkrun tasks (6.2), resize maintenance VMs (6.4) and container tasks (8.2)."""
+"""Golden argv of libkrun tasks (6.2), resize maintenance VMs (6.4) and container tasks (8.2).
 
+The golden argv are the rootless (reference) ones: euid is pinned to 1000 unless a test says root."""
+
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,17 @@ from runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv
 from runtime.tasks.volumes import Volumes
 
 ST = Path("/s/agentbox/proj")
+QEMU_RUNTIME = "/venv/bin/agentbox-krun-runtime"
+
+
+@pytest.fixture(autouse=True)
+def rootless(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pin euid to a non-root user so the golden argv do not depend on who runs the tests."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+
+
+def as_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
 VOL = Volumes(("/w/proj:/workspace", "/h/.codex:/home/dev/.codex", "/h/.pi:/home/dev/.pi",
                "/s/agentbox/proj/cargo:/home/dev/.cargo",
                "/s/agentbox/sccache:/home/dev/.cache/sccache"),
@@ -112,6 +126,45 @@ def test_resize_builder_keeps_guest_init_override() -> None:
     argv = resize_task_argv(name="n", hostname="h", state_root=ST, disk=LIBKRUN_NIX, image="i", opts=opts)
     assert argv[argv.index("/g:/bin/agentbox-guest-init:ro") - 1] == "--volume"
     assert argv[-4:] == ["libkrun", "resize", "--target", "nix"]
+
+
+def resize(**kw: object) -> list[str]:
+    opts = KrunOptions(**{"ram_mib": 2048, "cpus": 2, **kw})  # type: ignore[arg-type]
+    return resize_task_argv(name="proj-1-resize", hostname="proj-agentbox", state_root=ST,
+                            disk=LIBKRUN_CONTAINERS, image="img", opts=opts)
+
+
+def _swap_runtime(argv: list[str]) -> list[str]:
+    i = argv.index("--runtime")
+    return [*argv[:i + 1], QEMU_RUNTIME, *argv[i + 2:]]
+
+
+@pytest.mark.parametrize("kw", [{}, {"tsi": True}, {"root": True, "profile": True, "debug": True,
+                                                    "guest_init_mount": "/g:/bin/agentbox-guest-init:ro",
+                                                    "run_label": "r1", "publish": ("8080:80",)}])
+def test_qemu_runtime_changes_only_the_runtime_value(kw: dict[str, object]) -> None:
+    assert task(**kw, runtime=QEMU_RUNTIME) == _swap_runtime(task(**kw))
+    assert task(**kw, runtime=QEMU_RUNTIME).count(QEMU_RUNTIME) == 1
+    assert resize(**kw, runtime=QEMU_RUNTIME) == _swap_runtime(resize(**kw))
+    assert resize(**kw, runtime=QEMU_RUNTIME).count(QEMU_RUNTIME) == 1
+
+
+def test_default_runtime_is_crun() -> None:
+    assert KrunOptions(ram_mib=1).runtime == "crun"
+    assert task()[task().index("--runtime") + 1] == "crun"
+
+
+@pytest.mark.parametrize("runtime", ["crun", QEMU_RUNTIME])
+def test_root_leaves_out_only_userns_keep_id(monkeypatch: pytest.MonkeyPatch, runtime: str) -> None:
+    rootless_task, rootless_resize = task(runtime=runtime), resize(runtime=runtime)
+    as_root(monkeypatch)
+    rooted_task, rooted_resize = task(runtime=runtime), resize(runtime=runtime)
+    for rootless_argv, rooted in ((rootless_task, rooted_task), (rootless_resize, rooted_resize)):
+        i = rootless_argv.index("--userns")
+        assert rootless_argv[i:i + 2] == ["--userns", "keep-id"]
+        assert rooted == rootless_argv[:i] + rootless_argv[i + 2:]
+        assert "--userns" not in rooted and "keep-id" not in rooted
+        assert rooted[rooted.index("--runtime") + 1] == runtime
 
 
 def test_guest_init_override_must_be_a_regular_file(tmp_path: Path) -> None:
