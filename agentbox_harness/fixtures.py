@@ -246,6 +246,14 @@ def machine_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSes
 
 
 @pytest.fixture
+def guest(machine_factory: Callable[..., Machine]) -> Machine:
+    """A booted machine of ``agentbox_backend``, whatever it is (microvm, krun-podman, container):
+    the verbs are the same. With ``@pytest.mark.krun_podman_too`` a test runs on the session's
+    backend and on krun-podman (libkrun mode through Podman)."""
+    return machine_factory("vm")
+
+
+@pytest.fixture
 def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
                     agentbox_backend: str, vm_memory: int, vm_cpus: int,
                     storage_backend: str) -> Iterator[Callable[..., MicrovmMachine]]:

@@ -1,18 +1,21 @@
-"""The krun-podman backend: a libkrun-mode task (``podman run --runtime crun`` with the
-krun handler, reference section 6) whose guest command is the agent on stdio.
+"""The krun-podman backend: a libkrun-mode task (``podman run`` with the krun handler,
+reference section 6) whose guest command is the agent on stdio.
 
 The task argv is the runtime's exact builder (:func:`runtime.tasks.krun.krun_task_argv`)
 with two harness changes: ``-i`` instead of ``-it`` (the agent speaks frames on
 the container's stdin/stdout, so no tty) and the command
-``agentbox-guest-init agent``. Needs crun built with libkrun, libkrunfw and KVM:
-the fixtures skip (strict: fail) naming what is missing before this runs.
+``agentbox-guest-init agent``. The OCI runtime is crun when it has the krun handler
+(+LIBKRUN, with libkrunfw and KVM), else the QEMU-backed ``agentbox-krun-runtime``
+(:func:`runtime.doctor.krun_podman_runtime`); the fixtures skip (strict: fail)
+naming what is missing when neither can run.
 """
 
 from __future__ import annotations
 
 import subprocess
+import warnings
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from agentbox_harness.backends import (AGENT_STDIO_COMMAND, agent_copy_from, agent_copy_to, agent_execute,
@@ -20,9 +23,15 @@ from agentbox_harness.backends import (AGENT_STDIO_COMMAND, agent_copy_from, age
 from agentbox_harness.machine import Machine, Result
 from runtime.channel import AgentClient, ChannelError
 from runtime.commands.libkrun import PodmanKrunMaintenance
+from runtime.doctor import krun_podman_runtime
 from runtime.podman import Podman
+from runtime.vmm import shutdown
 from runtime.state import StateLayout
-from runtime.tasks.krun import KrunOptions
+from runtime import disks
+from runtime.microvm.session import host_ids
+from runtime.state import task_container_name, task_hostname
+from runtime.tasks.krun import KrunOptions, guest_init_override, krun_task_argv, oci_runtime
+from runtime.tasks.volumes import task_volumes
 
 if TYPE_CHECKING:
     from agentbox_harness.context import BackendContext
@@ -45,6 +54,7 @@ class KrunPodmanMachine(Machine):
     krun_options: KrunOptions | None = None
     image: str = ""
     boot_timeout: float = 120.0
+    stop_notes: list[str] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _agent: AgentClient | None = None
 
@@ -94,33 +104,35 @@ class KrunPodmanMachine(Machine):
         agent_copy_to(self, self._agent, host_path, guest_path, timeout)
 
     def _stop(self, timeout: float) -> None:
+        """The shutdown ladder on the ``podman run`` process: the agent's shutdown lets the guest sync
+        its disks and power off; then ``podman stop`` (SIGTERM to the VM, SIGKILL after
+        STOP_TIMEOUT_S); then SIGKILL to ``podman run``. A forced stop is reported like a VM's."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        graceful = 0.0
         if self._agent is not None:
             try:
                 self._agent.shutdown(min(timeout, 10))
+                graceful = timeout
             except (ChannelError, OSError):
                 pass
             self._agent = None
-        Podman(timeout_s=timeout + STOP_TIMEOUT_S).capture(["stop", "-t", str(STOP_TIMEOUT_S), self.container])
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+
+        def podman_stop() -> None:
+            Podman(timeout_s=timeout + STOP_TIMEOUT_S).capture(["stop", "-t", str(STOP_TIMEOUT_S), self.container])
+
+        report = shutdown.stop(proc, graceful_s=graceful, terminate=podman_stop, term_s=STOP_TIMEOUT_S + 20)
+        self.stop_notes.append(report.describe("podman run"))
+        if report.forced and graceful:
+            warnings.warn(f"{self.name}: the guest did not power off after the agent's shutdown; "
+                          f"{report.describe('podman run')}", stacklevel=2)
 
 
 def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
     """A krun-podman machine. Options: ``memory`` (MiB, default the ``vm_memory`` GiB), ``cpus``,
     ``publish`` (host:guest port specs), ``root`` (enter as root), ``tsi`` (TSI networking
     instead of passt), ``guest_init`` (a host file mounted over the image's guest-init), ``image``."""
-    from runtime import disks
-    from runtime.microvm.session import host_ids
-    from runtime.state import task_container_name, task_hostname
-    from runtime.tasks.krun import guest_init_override, krun_task_argv
-    from runtime.tasks.volumes import task_volumes
-
     layout = ctx.workspace.state.ensure()
     disks.prepare_all(disks.LIBKRUN_DISKS, layout.state_root)
     guest_init = options.pop("guest_init", None)
@@ -132,6 +144,8 @@ def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object
                        root=True,  # the agent runs as root and runs each command as the user asked
                        guest_init_mount=guest_init_override(str(guest_init)) if guest_init else None,
                        run_label=ctx.session.run_label, command=AGENT_STDIO_COMMAND)
+    runtime = krun_podman_runtime(ctx.session.checks) or "crun"
+    opts = replace(opts, runtime=oci_runtime(runtime))
     container = task_container_name(layout.slug)
     image = str(options.pop("image", None) or ctx.image())
     uid, gid = host_ids(ctx.workspace.path)

@@ -17,6 +17,7 @@ from agentbox_harness import artifacts, reaper
 from agentbox_harness.artifacts import REPORTS
 from agentbox_harness.session import KEY, harness
 from runtime.config import check_location
+from runtime.doctor import krun_podman_runtime
 from runtime.errors import InputError
 
 MARKERS = {
@@ -27,6 +28,7 @@ MARKERS = {
     "destructive": "changes host state outside the per-test state root",
     "slow": "takes minutes (image build, several boots)",
     "nightly": "runs in the nightly VM validation, not in the per-commit CI (see README)",
+    "krun_podman_too": "a ``guest`` test that also runs on krun-podman (libkrun mode), besides the session backend",
 }
 REAPED = pytest.StashKey[list[str]]()
 LEAKS = pytest.StashKey[list[str]]()
@@ -81,10 +83,25 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--agentbox-state-dir {exc}") from None
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.krun_podman_too``: run the test on the session backend and on krun-podman
+    (libkrun mode through Podman), each as its own item (``[qemu]``, ``[krun-podman]``)."""
+    if metafunc.definition.get_closest_marker("krun_podman_too") is None:
+        return
+    if "agentbox_backend" not in metafunc.fixturenames:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: krun_podman_too needs the guest or "
+                                "agentbox_backend fixture")
+    backends = list(dict.fromkeys([harness(metafunc.config).backend, "krun-podman"]))
+    metafunc.parametrize("agentbox_backend", backends, indirect=True, ids=backends)
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which backend VM fixtures use, and why (``auto`` probes libkrun once when it loads)."""
     h = harness(config)
-    return [f"agentbox: backend {h.backend} ({h.backend_reason})"]
+    lines = [f"agentbox: backend {h.backend} ({h.backend_reason})"]
+    if h.backend == "krun-podman" and krun_podman_runtime(h.checks) == "qemu":
+        lines.append("agentbox: krun-podman runs through agentbox-krun-runtime (QEMU): crun lacks +LIBKRUN")
+    return lines
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agentbox_harness.backends import ContainerMachine, MicrovmMachine
+from agentbox_harness.krun import build_krun_machine
 from agentbox_harness.machine import Machine
 from agentbox_harness.context import BackendContext
 from agentbox_harness.workspace import Workspace
@@ -54,16 +55,10 @@ def _container(ctx: BackendContext, name: str, options: dict[str, object]) -> Ma
                             run_label=ctx.session.run_label)
 
 
-def _krun_podman(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
-    from agentbox_harness.krun import build_krun_machine
-
-    return build_krun_machine(ctx, name, options)
-
-
 MACHINE_BACKENDS: dict[str, MachineBuilder] = {
     "qemu": _microvm("qemu"),
     "krun-direct": _microvm("libkrun"),
-    "krun-podman": _krun_podman,
+    "krun-podman": build_krun_machine,
     "container": _container,
 }
 """Backend name -> machine builder (see the module docstring)."""

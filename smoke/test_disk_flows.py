@@ -14,8 +14,9 @@ def _fs_size(m, mount: str) -> int:
     return int(m.succeed(f"df -B1 --output=size {mount} | tail -n1", timeout=30, user="root"))
 
 
-def test_grow_nix_and_containers_keeping_data(microvm, nix_disk, containers_disk):
-    m = microvm
+@pytest.mark.krun_podman_too
+def test_grow_nix_and_containers_keeping_data(guest, nix_disk, containers_disk):
+    m = guest
     m.wait_for_prep("nix", timeout=120)
     m.wait_for_prep("podman", timeout=120)
     path = m.succeed("echo keep > /tmp/k && nix-store --add /tmp/k", timeout=120).strip()
@@ -34,11 +35,12 @@ def test_grow_nix_and_containers_keeping_data(microvm, nix_disk, containers_disk
     assert m.succeed("cat ~/.local/share/containers/marker", timeout=30).strip() == "kept"
 
 
-def test_resize_refused_while_running_and_for_equal_or_smaller(microvm, nix_disk):
-    runner = microvm.resize_runner()
+@pytest.mark.krun_podman_too
+def test_resize_refused_while_running_and_for_equal_or_smaller(guest, nix_disk):
+    runner = guest.resize_runner()
     with pytest.raises(AgentboxError, match="while running"):
         nix_disk.grow(80 * GIB, runner)
-    microvm.shutdown()
+    guest.shutdown()
     for size in (64 * GIB, 32 * GIB):
         with pytest.raises(InputError, match="shrinking and equal-size resize are refused"):
             nix_disk.grow(size, runner)
@@ -58,8 +60,9 @@ def test_guest_failure_after_host_growth_is_retryable(microvm, nix_disk):
                                user="root")) > 70 * GIB
 
 
-def test_reset_nix_flow(microvm, nix_disk):
-    m = microvm
+@pytest.mark.krun_podman_too
+def test_reset_nix_flow(guest, nix_disk):
+    m = guest
     m.wait_for_prep("nix", timeout=120)
     path = m.succeed("echo old > /tmp/o && nix-store --add /tmp/o", timeout=120).strip()
     with pytest.raises(InputError, match="without --force"):

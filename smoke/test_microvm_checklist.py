@@ -32,20 +32,24 @@ def test_digest_mismatch_fails_before_anything_is_written(microvm_factory, tmp_p
     assert not any(p.name.startswith(".") for p in (cache / "blobs").rglob("*")) if (cache / "blobs").exists() else True
 
 
-def test_workspace_and_persistent_disks_are_mounted(microvm, workspace):
+@pytest.mark.krun_podman_too
+def test_workspace_and_persistent_disks_are_mounted(guest, workspace):
     (workspace.path / "from-host.txt").write_text("host\n")
-    assert microvm.succeed("cat /workspace/from-host.txt", timeout=30) == "host\n"
-    microvm.wait_for_prep("nix", timeout=120)
-    microvm.wait_for_prep("podman", timeout=120)
-    mounts = microvm.succeed("cat /proc/mounts", timeout=30)
+    assert guest.succeed("cat /workspace/from-host.txt", timeout=30) == "host\n"
+    guest.wait_for_prep("nix", timeout=120)
+    guest.wait_for_prep("podman", timeout=120)
+    mounts = guest.succeed("cat /proc/mounts", timeout=30)
     assert any(line.split()[1] == "/workspace" for line in mounts.splitlines())
     assert "/dev/vda /run/agentbox/nix-disk btrfs" in mounts
     assert "/dev/vdb /home/dev/.local/share/containers btrfs" in mounts
 
 
 @pytest.fixture
-def host_server():
-    """An HTTP server on the host's loopback, for outbound checks; stopped afterwards."""
+def host_server(agentbox_backend):
+    """An HTTP server on the host for outbound checks, as ``(guest-side host name, port)``; stopped
+    afterwards. A microvm reaches the host's loopback through qemu's user network (10.0.2.2); a
+    krun-podman guest lives in the container's network, which reaches the host by the name Podman
+    gives it (``host.containers.internal``), so there the server listens on every address."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             body = b"reached-the-host\n"
@@ -57,17 +61,20 @@ def host_server():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    krun = agentbox_backend == "krun-podman"
+    server = http.server.ThreadingHTTPServer(("0.0.0.0" if krun else "127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server.server_address[1]
+    yield ("host.containers.internal" if krun else "10.0.2.2"), server.server_address[1]
     server.shutdown()
     server.server_close()
 
 
-def test_outbound_networking_reaches_a_host_server(microvm, host_server):
-    fetch = f"urllib.request.urlopen('http://10.0.2.2:{host_server}/', timeout=20).read().decode()"
-    out = microvm.succeed(["python3", "-c", f"import urllib.request,sys; sys.stdout.write({fetch})"],
+@pytest.mark.krun_podman_too
+def test_outbound_networking_reaches_a_host_server(guest, host_server):
+    host, port = host_server
+    fetch = f"urllib.request.urlopen('http://{host}:{port}/', timeout=20).read().decode()"
+    out = guest.succeed(["python3", "-c", f"import urllib.request,sys; sys.stdout.write({fetch})"],
                           timeout=60)
     assert out == "reached-the-host\n"
 
@@ -80,10 +87,11 @@ def test_no_inbound_publishing(microvm):
         socket.create_connection(("127.0.0.1", 18080), timeout=3).close()
 
 
-def test_terminal_io_and_resize_through_a_real_tty(microvm):
-    shell = microvm.shell()
+@pytest.mark.krun_podman_too
+def test_terminal_io_and_resize_through_a_real_tty(guest):
+    shell = guest.shell()
     shell.sendline("echo $((6*7)); tty")
-    shell.expect(r"42\r?\n/dev/(hvc0|pts/\d+)")  # the console (qemu) or a guest pty (krun-direct)
+    shell.expect(r"42\r?\n/dev/(hvc0|pts/\d+)")  # the console (qemu) or a guest pty (krun-direct, krun-podman)
     shell.expect_exact("AGENTBOX$ ")
     shell.sendline("stty rows 33 cols 101; stty size")
     shell.expect(r"33 101")

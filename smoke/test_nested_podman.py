@@ -8,8 +8,9 @@ MAKE_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; "
               "tar -C $d -cf - busybox | podman import --change 'CMD [\"/busybox\",\"sh\"]' - localhost/smoke-bb:latest")
 
 
-def test_nested_rootless_podman_checklist(microvm):
-    m = microvm
+@pytest.mark.krun_podman_too
+def test_nested_rootless_podman_checklist(guest):
+    m = guest
     # 1-2: the shell is dev; podman waits for prep, then reports rootless + btrfs
     assert m.succeed("id -un", timeout=30).strip() == "dev"
     m.wait_for_prep("podman", timeout=120)
@@ -50,10 +51,11 @@ WEB_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; mkdir $d/www; 
              "tar -C $d -cf - busybox www | podman import --change 'CMD [\"/busybox\",\"sh\"]' - localhost/smoke-web:latest")
 
 
-def test_nested_podman_as_its_users_use_it(microvm):
+@pytest.mark.krun_podman_too
+def test_nested_podman_as_its_users_use_it(guest):
     """Beyond the reference's eight items: --init, detached containers through podman and docker,
     a user-defined network where containers reach each other by name, and a published port."""
-    m = microvm
+    m = guest
     m.wait_for_prep("podman")
     m.succeed(WEB_IMAGE, timeout=120)
     assert m.succeed("podman run --rm --init --network none localhost/smoke-web /busybox echo init-ok",

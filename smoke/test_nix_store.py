@@ -5,8 +5,9 @@ import pytest
 pytestmark = pytest.mark.vm
 
 
-def test_nix_store_content_survives_restart_and_stays_valid(microvm):
-    m = microvm
+@pytest.mark.krun_podman_too
+def test_nix_store_content_survives_restart_and_stays_valid(guest):
+    m = guest
     m.wait_for_prep("nix", timeout=120)
     m.succeed("mount | grep -q ' /nix type overlay'", timeout=30)
     m.succeed("test -S /nix/var/nix/daemon-socket/socket", timeout=30)

@@ -5,8 +5,12 @@ leaves nothing behind."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +169,56 @@ def test_wait_ready_reports_what_is_missing(pytester: pytest.Pytester) -> None:
     ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu", timeout=1800)
     result.assert_outcomes(passed=2)
+
+
+def krun_shim_qemus() -> list[str]:
+    """qemu processes started by agentbox-krun-runtime's shim (their sockets live in a ``krun/o*`` dir)."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith("qemu-system") and "/krun/o" in cmd:
+            out.append(f"{proc.name} {cmd[:160]}")
+    return out
+
+
+def harness_containers() -> set[str]:
+    out = subprocess.run(["podman", "ps", "-a", "--format", "{{.Names}}", "--filter",
+                          "label=io.agentbox.harness.run"], capture_output=True, text=True, timeout=120).stdout
+    return set(out.split())
+
+
+def test_a_harness_killed_during_a_libkrun_mode_boot_is_reaped_by_the_next_run(pytester: pytest.Pytester) -> None:
+    """SIGKILL of the harness while a krun-podman guest boots leaves the container and its QEMU
+    running; the next run's reaper removes both."""
+    if os.geteuid() != 0:
+        pytest.skip("krun-podman through agentbox-krun-runtime needs root here")
+    pytester.makepyfile(test_boot='''
+        def test_boot(krun_task_factory):
+            krun_task_factory("t")
+    ''')
+    before = harness_containers()
+    child = pytester.popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", "test_boot.py"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not krun_shim_qemus():
+            assert child.poll() is None, "the harness run ended before its krun guest started booting"
+            time.sleep(0.2)
+        assert krun_shim_qemus(), "no krun guest started booting within 600 s"
+        new = harness_containers() - before
+        assert new, "the booting krun task has no labelled container"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(60)
+    time.sleep(2)
+    assert harness_containers() - before, "the container went away with the killed harness: nothing to reap"
+    pytester.makepyfile(test_boot="def test_nothing():\n    pass\n")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    assert not harness_containers() - before
+    deadline = time.monotonic() + 30
+    while krun_shim_qemus() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not krun_shim_qemus()
