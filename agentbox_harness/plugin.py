@@ -99,8 +99,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which backend VM fixtures use, and why (``auto`` probes libkrun once when it loads)."""
     h = harness(config)
     lines = [f"agentbox: backend {h.backend} ({h.backend_reason})"]
-    if h.backend == "krun-podman" and krun_podman_runtime(h.checks) == "qemu":
-        lines.append("agentbox: krun-podman runs through agentbox-krun-runtime (QEMU): crun lacks +LIBKRUN")
+    if krun_podman_runtime(h.checks) == "qemu":
+        lines.append("agentbox: krun-podman (krun_task) runs through agentbox-krun-runtime (QEMU): "
+                     "crun lacks +LIBKRUN")
     return lines
 
 
