@@ -265,6 +265,11 @@ class MicrovmMachine(Machine):
                     f.write(data)
 
 
+DEV_EXEC_ENV = {"HOME": "/home/dev", "USER": "dev", "LOGNAME": "dev",
+                "NIX_REMOTE": c.NIX_REMOTE_VALUE}
+"""What ``podman exec`` as dev adds to the container's environment (which is root's)."""
+
+
 @dataclass
 class ContainerMachine(Machine):
     """A container-mode task (not a VM) with the same verbs."""
@@ -319,6 +324,8 @@ class ContainerMachine(Machine):
 
         started = time.monotonic()
         who = None if user in (None, "dev") else ("0" if user == "root" else user)
+        if who is None:  # dev's own login environment: nix (through the daemon) writes to dev's profile
+            env = {**DEV_EXEC_ENV, **(env or {})}
         try:
             r = self._running().execute(argv, user=who if who else f"{c.DEV_UID}:{c.DEV_GID}", env=env, cwd=cwd,
                                         timeout=timeout, stdin=stdin)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import shlex
 import time
 from abc import ABC, abstractmethod
@@ -24,6 +25,10 @@ from typing import Any
 from agentbox_harness.console import Console, read_tail
 from agentbox_harness.profile import Profile
 from agentbox_harness.wait import WaitTimeout, retry
+
+log = logging.getLogger("agentbox_harness")
+BOOTS = {"started": 0}
+"""Guest boots started in this process (every :meth:`Machine.start`, restarts included)."""
 
 Command = str | Sequence[str]
 
@@ -157,15 +162,21 @@ class Machine(ABC):
         return {"phases": dict(self.timings), "verbs": self.profiler.as_dict()}
 
     def _verb(self, verb: str, detail: str) -> contextlib.AbstractContextManager[None]:
-        """An Allure step (when installed) timed into the profile under ``verb``."""
+        """An Allure step (when installed) timed into the profile under ``verb``; verbs other than
+        ``execute`` (which logs its exit status itself) log one INFO line with their outcome."""
         @contextlib.contextmanager
         def block() -> Iterator[None]:
             started = time.monotonic()
+            outcome = "failed"
             try:
                 with _step(f"{self.name}: {verb} {detail}".rstrip()):
                     yield
+                outcome = "ok"
             finally:
-                self.profiler.record(verb, time.monotonic() - started)
+                elapsed = time.monotonic() - started
+                self.profiler.record(verb, elapsed)
+                if verb not in ("execute", "succeed", "fail"):  # execute logs the exit status itself
+                    log.info("%s: %s %s: %s in %.2fs", self.name, verb, detail, outcome, elapsed)
         return block()
 
     # --- verbs -------------------------------------------------------------
@@ -182,6 +193,8 @@ class Machine(ABC):
         with self._verb("execute", render(cmd)):
             result = self._execute(as_argv(cmd), user=user, env=env, cwd=cwd, timeout=self.scaled(timeout),
                                    stdin=stdin)
+        log.info("%s: %s (as %s): exit %s%s in %.2fs", self.name, render(cmd), user or "dev", result.exit_status,
+                 " (timed out)" if result.timed_out else "", result.duration_s)
         self.transcript.append({
             "command": render(cmd), "user": user or "dev", "exit_status": result.exit_status,
             "duration_s": result.duration_s, "timed_out": result.timed_out,
@@ -328,6 +341,7 @@ class Machine(ABC):
 
     def start(self) -> None:
         started = time.monotonic()
+        BOOTS["started"] += 1
         with self._verb("start", ""):
             self._start()
         self.timings["boot_s"] = round(time.monotonic() - started, 3)

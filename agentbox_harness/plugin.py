@@ -6,6 +6,7 @@ Loads cleanly in any project (nothing is probed until a fixture needs it).
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Generator
 from pathlib import Path
@@ -18,6 +19,8 @@ from agentbox_harness.artifacts import REPORTS
 from agentbox_harness.session import KEY, harness
 from runtime.config import check_location
 from runtime.doctor import krun_podman_runtime
+from runtime.images.recipe import DEFAULT_TAG
+from runtime.podman import Podman
 from runtime.errors import InputError
 
 MARKERS = {
@@ -95,10 +98,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("agentbox_backend", backends, indirect=True, ids=backends)
 
 
+def image_line(h: Any) -> str:
+    """The guest image and its id when it is already built (the build itself waits for the first VM)."""
+    ref = h.image_option or DEFAULT_TAG
+    podman = Podman(timeout_s=30)
+    proc = podman.capture(["image", "inspect", "--format", "{{.Id}}", ref]) if shutil.which("podman") else None
+    if proc is None or proc.returncode != 0:
+        return f"{ref} (not built yet: built before the first guest boots)"
+    return f"{ref} ({proc.stdout.strip()[:12]})"
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which backend VM fixtures use, and why (``auto`` probes libkrun once when it loads)."""
     h = harness(config)
-    lines = [f"agentbox: backend {h.backend} ({h.backend_reason})"]
+    lines = [f"agentbox: backend {h.backend} ({h.backend_reason})",
+             f"agentbox: accelerator {h.accelerator}, timeout scale {h.timeout_scale}, image {image_line(h)}, "
+             f"kernel {h.kernel or 'the image /boot kernel'}"]
     if krun_podman_runtime(h.checks) == "qemu":
         lines.append("agentbox: krun-podman (krun_task) runs through agentbox-krun-runtime (QEMU): "
                      "crun lacks +LIBKRUN")

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from agentbox_harness.machine import BOOTS
+
 RESULTS: list[tuple[str, str, float]] = []
 SETUP: dict[str, float] = {}
 STARTED = time.monotonic()
@@ -37,5 +39,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for nodeid, outcome, duration in smoke:
         tr.write_line(f"{nodeid:<{width}}  {outcome:<8} {SETUP.get(nodeid, 0.0):6.1f}s {duration:6.1f}s")
     counts = {o: sum(1 for _, oo, _ in smoke if oo == o) for o in ("passed", "skipped", "failed")}
+    boots = "" if hasattr(config, "workerinput") or config.getoption("numprocesses", None) else \
+        f", {BOOTS['started']} guest boots"
     tr.write_line(f"total: {counts['passed']} passed, {counts['skipped']} skipped, {counts['failed']} failed "
-                  f"in {time.monotonic() - STARTED:.0f}s")
+                  f"in {time.monotonic() - STARTED:.0f}s{boots}")

@@ -14,3 +14,6 @@ def test_task_runs_beside_a_healthy_sidecar(nix_sidecar, container_task):
     container_task.fail("touch /nix/store/not-writable", timeout=60)
     assert container_task.succeed("echo $NIX_REMOTE", timeout=60).strip() == \
         "unix:///nix/var/nix/daemon-socket/socket"
+    path = container_task.succeed("echo smoke-$RANDOM > /tmp/f && nix-store --add /tmp/f", timeout=120).strip()
+    assert path.startswith("/nix/store/")
+    container_task.succeed(f"nix-store --check-validity {path}", timeout=60)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from agentbox_harness import AgentboxError, GuestStepFailed, InputError
 
 pytestmark = pytest.mark.vm
 GIB = 1 << 30
+
+
+def _fs_uuid(image) -> str:
+    return subprocess.run(["blkid", "-o", "value", "-s", "UUID", str(image)], capture_output=True, text=True,
+                          timeout=60, check=True).stdout.strip()
 
 
 def _fs_size(m, mount: str) -> int:
@@ -69,11 +76,11 @@ def test_reset_nix_flow(guest, nix_disk):
         nix_disk.reset(force=False)
     with pytest.raises(AgentboxError, match="refusing to reset"):
         nix_disk.reset()
-    inode = nix_disk.path.stat().st_ino
+    uuid = _fs_uuid(nix_disk.path)
     m.shutdown()
     nix_disk.reset()
     assert nix_disk.validate() == 64 * GIB
-    assert nix_disk.path.stat().st_ino != inode
+    assert _fs_uuid(nix_disk.path) != uuid  # a new filesystem (inode numbers may be reused)
     m.start()
     m.wait_for_prep("nix", timeout=120)
     m.fail(f"test -e {path}", timeout=30)

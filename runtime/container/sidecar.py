@@ -135,10 +135,15 @@ def proxy_port(podman: PodmanRunner, name: str, stderr: TextIO) -> int:
 
 
 def _ensure_dirs(req: SidecarRequest) -> None:
+    """The overlay dirs, private (0700) except ``nix-upper``: it is the root of the merged ``/nix``,
+    whose mode the container's users see, so it is 0755 like any ``/nix`` (the 0700 state root
+    around it keeps other host users out). An older 0700 upper dir is opened up."""
     for path in (req.state_root, req.upper, req.work, req.merged):
         if path.is_symlink():
             raise AgentboxError(f"refusing symlink in managed state path '{path}'")
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if os.stat(req.upper).st_uid == os.geteuid():
+        os.chmod(req.upper, 0o755)
 
 
 def _lowerdir_present(podman: PodmanRunner, state: SidecarState) -> bool:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from runtime.errors import AgentboxError
 from runtime.oci import bundle as oci_bundle
-from runtime.oci.state import ContainerState, StateStore
+from runtime.oci.state import CONTAINER_ID, ContainerState, StateStore
 from runtime.retry import retry
 
 VERSION = "0.1.0"
@@ -288,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         return features()
     try:
         if command not in COMMANDS:
+            ids = [a for a in args if not a.startswith("-") and CONTAINER_ID.fullmatch(a)]
+            if ids and _ours(g, ids[-1]) is not None:
+                raise RuntimeFailure(f"'{command}' is not supported for krun guest {ids[-1]}: its processes run inside "
+                                     "the VM; supported: create, start, state, kill, delete")
             return to_runc(original)
         return COMMANDS[command](g, args, original)
     except AgentboxError as exc:

@@ -23,10 +23,11 @@ def test_container_mode_runs_out_of_the_box(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != host_conf.ENV}
     env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "runtime.cli", "container", "--image", IMAGE, "--",
-                           "sh", "-c", "echo in-container; exit 4"], cwd=ws, env=env, capture_output=True,
+                           "sh", "-c", "echo in-container; echo data > /tmp/f && nix-store --add /tmp/f; exit 4"], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "in-container" in proc.stdout
+    assert "/nix/store/" in proc.stdout, proc.stderr[-2000:]  # a store write through the sidecar's daemon
 
 
 def test_the_harness_conf_is_applied_only_when_the_host_needs_it() -> None:

@@ -118,6 +118,16 @@ def test_logs_stop_kill_and_rm_force_of_a_running_guest(runtime: str, names: lis
     assert qemu_running() == []
 
 
+def test_podman_exec_into_a_guest_is_refused_with_one_clear_line(runtime: str, names: list[str]) -> None:
+    names.append("krun-exec")
+    podman("run", "-d", "--name", "krun-exec", "--runtime", runtime, *KRUN, "--entrypoint", "sh", IMAGE, "-c",
+           "echo guest-up; exec sleep 1000", check=True)
+    wait_for("krun-exec", "guest-up")
+    proc = podman("exec", "krun-exec", "true")
+    assert proc.returncode != 0
+    assert "'exec' is not supported for krun guest" in proc.stderr, proc.stderr
+
+
 def test_a_published_port_reaches_a_server_in_the_guest(runtime: str, names: list[str]) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -453,3 +453,31 @@ def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester)
                 build("nope", ctx, "task", {})
     ''')
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_header_names_backend_accelerator_image_kernel_and_timeout_scale(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+                                "--agentbox-timeout-scale", "2.5")
+    result.assert_outcomes(passed=1)
+    result.stdout.re_match_lines([r"agentbox: backend qemu \(chosen with --agentbox-backend\)",
+                                  r"agentbox: accelerator (kvm|tcg), timeout scale 2\.5, image \S+ \(.+\), "
+                                  r"kernel .+"])
+
+
+def test_each_verb_logs_one_info_line_with_its_exit_status_and_duration(pytester: pytest.Pytester) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_logged='''
+        import logging
+
+        def test_logged(machine_factory, caplog):
+            m = machine_factory("box")
+            with caplog.at_level(logging.INFO, logger="agentbox_harness"):
+                m.succeed("echo hi")
+                m.execute("exit 3")
+            lines = [r.getMessage() for r in caplog.records if r.name == "agentbox_harness"]
+            assert len(lines) == 2, lines
+            assert lines[0].startswith("box: echo hi (as dev): exit 0 in ")
+            assert lines[1].startswith("box: exit 3 (as dev): exit 3 in ")
+    ''')
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
