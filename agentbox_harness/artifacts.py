@@ -26,6 +26,8 @@ import pytest
 
 MAX_ATTACH_BYTES = 4 << 20
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
+MACHINES = pytest.StashKey[list[Any]]()
+"""The machines a test made (for the attach hint of a failure)."""
 """A test item's phase reports so far (``setup``, ``call``, ``teardown``), stored by the plugin."""
 
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import time
 import warnings
@@ -19,7 +20,9 @@ from pathlib import Path
 from agentbox_harness.machine import Machine, Result
 from agentbox_harness.wait import WaitTimeout, retry
 from guest_init import contract as c
+from runtime import guest_registry
 from runtime.disks import MICROVM_NIX
+from runtime.microvm import reaper as vm_reaper
 from runtime.channel import AgentClient, ChannelError, PtyRelay
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 from runtime.vmm import boot_phases
@@ -85,6 +88,18 @@ def agent_shell(machine: Machine, agent: AgentClient, timeout: float) -> Any:
     child.sendline("")
     child.expect_exact(SHELL_PROMPT)
     return child
+
+
+def attach_lines(name: str, guest_id: str, task_dir: Path | None) -> list[str]:
+    """The summary lines of a guest kept running for debugging."""
+    lines = [f"{name}: guest {guest_id} kept running (--preserve-debug)",
+             f"  shell:        agentbox attach {guest_id}",
+             f"  as root:      agentbox attach {guest_id} --root",
+             "  list:         agentbox ps",
+             f"  remove:       agentbox rm {guest_id}"]
+    if task_dir is not None:
+        lines.insert(4, f"  console log:  less {task_dir / 'console.log'}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -157,12 +172,44 @@ class MicrovmMachine(Machine):
         console = tail_bytes(handle.console_log, 1 << 16).decode("utf-8", "replace")
         self.timings.update(boot_phases.durations(console, ready[0] if ready else None))
         self.timings.update({f"host_{label}_s": round(ms / 1000, 3) for label, ms in task.phases.rows})
+        attach_socket = getattr(handle, "attach_socket", None)
+        if attach_socket is not None:  # qemu: the guest's second agent channel
+            record = guest_registry.GuestRecord(guest_registry.new_id("qemu"), "qemu", self.test_id or self.name,
+                                                pid=handle.pid, attach_socket=str(attach_socket))
+            guest_registry.save(record)
+            self.guest_id = record.id
 
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:
         return agent_execute(self, self._agent(), argv, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
 
+    def preserve_live(self) -> list[str] | None:
+        """qemu guests stay up (their VMM outlives the harness under --preserve-debug) with their task
+        rootfs and state; ``agentbox rm`` removes them."""
+        task = self.task
+        if task is None or self.guest_id is None or task.handle is None or task.handle.poll() is not None:
+            return None
+        record = guest_registry.find(self.guest_id)
+        if self.agent is not None:
+            self.agent.close()  # no shutdown: the guest keeps running
+            self.agent = None
+        self._keep_console(task)
+        root = task.rootfs.root if task.rootfs else task.task_dir
+        record.state = "preserved"
+        record.cleanup = [f"fusermount3 -u {shlex.quote(str(root))} 2>/dev/null || umount -l {shlex.quote(str(root))}"] \
+            if task.rootfs is not None and task.rootfs.mode == "fuse-overlay" else []
+        record.paths = [str(task.task_dir)]
+        guest_registry.save(record)
+        vm_reaper.forget(task.layout, task.task_dir)  # the guest is the user's now: never reaped
+        self.task = None
+        self.guest_id = None
+        self.preserved.append(Preserved(attach_lines(self.name, record.id, task.task_dir), (str(task.task_dir),)))
+        return self.preserved[-1].lines
+
     def _stop(self, timeout: float) -> None:
+        if self.guest_id is not None:
+            guest_registry.forget(self.guest_id)
+            self.guest_id = None
         task, self.task = self.task, None
         if task is None:
             return
@@ -283,6 +330,7 @@ class ContainerMachine(Machine):
     _req: object | None = None
     _name: str = ""
     _conf: Any = None
+    preserved: list[Preserved] = field(default_factory=list)
 
     def _start(self) -> None:
         from runtime.container import host_conf
@@ -312,6 +360,25 @@ class ContainerMachine(Machine):
 
         self._sidecar = start_task(podman, self._req, build)  # type: ignore[arg-type]
         self._transport = ContainerTransport(self._name, podman)
+        record = guest_registry.GuestRecord(guest_registry.new_id("container"), "container",
+                                            self.test_id or self.name, container=self._name)
+        guest_registry.save(record)
+        self.guest_id = record.id
+
+    def preserve_live(self) -> list[str] | None:
+        """The task container and its nix sidecar stay up; ``agentbox attach`` execs into the task."""
+        if self._transport is None or self.guest_id is None:
+            return None
+        record = guest_registry.find(self.guest_id)
+        record.state = "preserved"
+        sidecar = getattr(self._sidecar, "name", None)
+        record.containers = [self._name, *([str(sidecar)] if sidecar else [])]
+        guest_registry.save(record)
+        self._transport = None
+        self.guest_id = None
+        lines = attach_lines(self.name, record.id, None)
+        self.preserved.append(Preserved(lines, ()))
+        return lines
 
     def _running(self) -> ContainerTransport:
         if self._transport is None:
@@ -334,6 +401,9 @@ class ContainerMachine(Machine):
         return Result(" ".join(argv), r.status, r.stdout, r.stderr, time.monotonic() - started)
 
     def _stop(self, timeout: float) -> None:
+        if self.guest_id is not None:
+            guest_registry.forget(self.guest_id)
+            self.guest_id = None
         if self._transport is None:
             return
         from runtime.container.machine_transport import stop_task

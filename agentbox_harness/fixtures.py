@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agentbox_harness.artifacts import REPORTS, attach, failed, node_name
+from agentbox_harness.artifacts import MACHINES, REPORTS, attach, failed, node_name
 from agentbox_harness.backends import MicrovmMachine
 from agentbox_harness.caps import require_backend
 from agentbox_harness.machine import Machine
@@ -177,6 +177,8 @@ class Factory:
 
     def add(self, machine: Machine) -> Machine:
         machine.default_timeout = self.session.default_timeout
+        machine.test_id = self.request.node.nodeid
+        self.request.node.stash.setdefault(MACHINES, []).append(machine)
         self.machines.append(machine)
         machine.artifacts = self.session.artifact_dir(self.request.node)
         machine.start()
@@ -192,11 +194,20 @@ class Factory:
     def close(self) -> list[str]:
         """Stop every machine (newest first) and write its artifacts; the errors, one per failure.
 
-        A failure stopping one machine never keeps the others running. With
-        --preserve-debug the VMs stop but their rootfs, disks and logs stay (see the summary)."""
+        A failure stopping one machine never keeps the others running. With --preserve-debug, a
+        failed test's guests that can be attached to (qemu, container) keep running for
+        ``agentbox attach``; the others stop with their rootfs, disks and logs kept (see the summary)."""
         errors = []
+        live = self.session.preserve_debug and failed(self.request.node.stash.get(REPORTS, {}))
         for m in reversed(self.machines):
-            for step in (m.shutdown, m.write_artifacts):
+            steps: tuple[Callable[[], None], ...] = (m.shutdown, m.write_artifacts)
+            if live:
+                try:
+                    if m.preserve_live() is not None:
+                        steps = (m.write_artifacts,)
+                except Exception as exc:  # noqa: BLE001 - then it is stopped as usual
+                    errors.append(f"{m.name}: preserve_live: {exc}")
+            for step in steps:
                 try:
                     step()
                 except Exception as exc:  # noqa: BLE001 - teardown must reach every machine

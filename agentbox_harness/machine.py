@@ -97,6 +97,10 @@ class Machine(ABC):
     _console: Console | None = field(default=None, repr=False)
     _baseline_pids: set[int] | None = field(default=None, repr=False)
     ready_checks: dict[str, Command] = field(default_factory=dict, repr=False)
+    test_id: str = ""
+    """The test that made this machine (``agentbox ps`` shows it)."""
+    guest_id: str | None = None
+    """Its ``agentbox attach`` id while it runs (backends that can be attached to)."""
     """Extra readiness checks for :meth:`wait_ready`: name -> a command that must exit 0 (run as root)."""
 
     # --- what a backend provides ------------------------------------------
@@ -366,6 +370,11 @@ class Machine(ABC):
                                 timeout=self.scaled(timeout), stdin=None)
             if not out.ok:
                 raise MachineError(self._explain("reset failed", out))
+
+    def preserve_live(self) -> list[str] | None:
+        """Keep this guest running for ``agentbox attach`` after the test (``--preserve-debug``): the
+        summary lines, or None when this backend cannot be attached to (it is then stopped as usual)."""
+        return None
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Graceful then forced stop, bounded by ``timeout``."""

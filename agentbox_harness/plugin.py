@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from agentbox_harness import artifacts, reaper
-from agentbox_harness.artifacts import REPORTS
+from agentbox_harness.artifacts import MACHINES, REPORTS
 from agentbox_harness.session import KEY, harness
+from runtime import guest_registry
 from runtime.config import check_location
 from runtime.doctor import krun_podman_runtime
 from runtime.images.recipe import DEFAULT_TAG
@@ -149,6 +150,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     rep = yield
     reports = item.stash.setdefault(REPORTS, {})
     reports[rep.when] = rep
+    if rep.failed and rep.when in ("setup", "call"):
+        live = [m for m in item.stash.get(MACHINES, []) if getattr(m, "guest_id", None)]
+        if live:  # reachable now (pytest --pdb) and, with --preserve-debug, after the run
+            lines = [f"{m.name}: agentbox attach {m.guest_id}" for m in live]
+            rep.sections.append(("agentbox guests", "\n".join(lines)))
+            reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+            if item.config.getoption("usepdb", False) and reporter is not None:
+                for line in lines:  # before the (Pdb) prompt: the guest is live while pdb waits
+                    reporter.write_line(f"agentbox: {line}")
     if rep.when == "teardown" and KEY in item.config.stash:
         session = item.config.stash[KEY]
         kept = artifacts.finalize(item.config, item.nodeid, reports, preserve=session.preserve_debug,
@@ -184,6 +194,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     keep: set[str] = set()
     if KEY in config.stash:
         keep = {path for kept in config.stash[KEY].preserved for path in kept.paths}
+        keep |= guest_registry.preserved_paths()
         _write_environment(config)
     found: list[str] = []
     for reg in _run_registries(config):

@@ -29,6 +29,7 @@ from pathlib import Path
 from agentbox_harness.wait import WaitTimeout, retry
 from guest_init.contract import LABEL_HARNESS_RUN
 from runtime.microvm import reaper as vm_reaper
+from runtime import guest_registry
 from runtime.podman import Podman
 from runtime.state import StateLayout
 
@@ -191,7 +192,9 @@ def _under(path: str, roots: list[str]) -> bool:
 def leaks(reg: RunRegistry, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """One line per resource this run created that is still there (``keep``: preserved paths)."""
     tasks = task_dirs(reg.state_bases, keep, reg.run_label, reg.roots)
-    out = [f"container {c} (label {LABEL_HARNESS_RUN}={reg.run_label})" for c in labelled_containers(reg.run_label)]
+    kept = guest_registry.preserved_containers()
+    out = [f"container {c} (label {LABEL_HARNESS_RUN}={reg.run_label})" for c in labelled_containers(reg.run_label)
+           if c.split()[-1] not in kept and c.split()[0] not in kept]
     out += live_vms(reg.state_bases, reg.run_label)
     out += [f"mount {m}" for m in mounts_under(reg.roots + reg.mounts + tasks)
             if not any(m == k or m.startswith(k + "/") for k in keep)]
@@ -214,7 +217,10 @@ def _unmount(point: str) -> bool:
 def reap(reg: RunRegistry) -> list[str]:
     """Remove everything ``reg`` recorded that is still there; one line per thing reaped."""
     done = []
+    kept, kept_paths = guest_registry.preserved_containers(), guest_registry.preserved_paths()
     for c in labelled_containers(reg.run_label):
+        if c.split()[-1] in kept or c.split()[0] in kept:
+            continue  # a preserved guest's: only `agentbox rm` removes it
         cid = c.split()[0]
         Podman(timeout_s=TOOL_TIMEOUT_S).capture(["rm", "-f", "-t", "0", cid])
         done.append(f"container {c}")
@@ -224,6 +230,8 @@ def reap(reg: RunRegistry) -> list[str]:
             done += [f"task {t}" for t in vm_reaper.reap_stale(StateLayout(app, app.name, app, app),
                                                                include_label=reg.run_label)]
     for point in mounts_under(reg.roots + reg.mounts):  # never a shared state base: other runs' mounts live there
+        if any(point == k or point.startswith(k.rstrip("/") + "/") for k in kept_paths):
+            continue
         if _unmount(point):
             done.append(f"mount {point}")
     for dev, backing in loops_under(reg.roots):

@@ -353,10 +353,23 @@ class Server:
         return 0
 
 
+def serve_attach_port() -> None:
+    """Serve :data:`contract.ATTACH_PORT_NAME` too, in a thread, when the VMM offers it: the channel
+    ``agentbox attach`` uses, free while the harness holds the main port (``pytest --pdb``) and
+    after it went away (``--preserve-debug``)."""
+    try:
+        device = find_port(c.ATTACH_PORT_NAME, timeout=0.0)
+    except SystemExit:
+        return
+    fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
+    threading.Thread(target=Server(fd, fd, reconnecting=True).serve, name="attach", daemon=True).start()
+
+
 def main(device: str | None, port: str | None) -> int:
     """Entry point of ``agentbox-guest-init agent``."""
     if port:
         device = find_port(port)
+        serve_attach_port()
     if device:
         fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
         return Server(fd, fd, reconnecting=True).serve()

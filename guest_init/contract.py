@@ -93,6 +93,8 @@ def docker_host(uid: int) -> str:
 WORKSPACE_TAG: Final = "agentbox-workspace"
 ROOTFS_TAG: Final = "agentbox-root"
 AGENT_PORT_NAME: Final = "org.agentbox.agent"
+ATTACH_PORT_NAME: Final = "org.agentbox.attach"
+"""A second agent channel for ``agentbox attach`` (qemu guests), free while the harness holds the first."""
 
 # --- host-side labels (podman containers the harness creates) --------------
 LABEL_ROLE: Final = "io.agentbox.role"

@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--initrd", default=None, metavar="PATH", help="qemu: initramfs to use")
     mv.add_argument("--preserve-debug", action="store_true")
 
+    sub.add_parser("ps", help="list the harness's running and preserved guests")
+    ga = sub.add_parser("attach", parents=[glob], help="a shell in a running or preserved harness guest "
+                        "(--root for root)")
+    ga.add_argument("guest_id", metavar="ID")
+    gr = sub.add_parser("rm", help="stop a preserved harness guest and delete its state")
+    gr.add_argument("guest_id", metavar="ID")
+
     dr = sub.add_parser("doctor", parents=[glob], help="report what this host can run")
     dr.add_argument("--json", action="store_true")
     dr.add_argument("--no-probe", action="store_true", help="skip the KVM probe boot")
@@ -206,6 +213,9 @@ _HANDLERS = {
     "microvm": "microvm",
     "doctor": "doctor",
     "image": "image",
+    "ps": "guests",
+    "attach": "guests",
+    "rm": "guests",
 }
 
 _TOP_ONLY_REJECTED = ("--mem", "--tsi", "--guest-init")

@@ -202,7 +202,8 @@ class MicrovmTask:
         self.launch = p.run("launch_config_build", "microvm launch config build failed",
                             lambda: self._write_launch(layout, root, exec_path))
         spec = VmSpec(rootfs=root, launch=self.launch, task_dir=self.task_dir, kernel=o.kernel,
-                      initrd=o.initrd, interactive=o.interactive, accel=o.accel)
+                      initrd=o.initrd, interactive=o.interactive, accel=o.accel,
+                      outlive_caller=o.preserve_debug and not o.interactive)
         started = time.perf_counter()
         try:
             self.handle = driver(self.vmm).start(spec)

@@ -29,6 +29,9 @@ class VmSpec:
     initrd: Path | None = None
     interactive: bool = False
     accel: str = "auto"
+    outlive_caller: bool = False
+    """Keep the VMM running when the process that started it dies (``--preserve-debug``: a failed
+    test's guest stays up for ``agentbox attach``); otherwise it dies with its caller."""
 
 
 class VmHandle(Protocol):

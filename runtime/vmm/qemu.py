@@ -13,7 +13,8 @@ Layout of one guest (everything under the task dir):
   setgid bit, device node or xattr reaches a host share;
 - the launch disks as virtio-blk in order (nix = /dev/vda, containers = /dev/vdb),
   with ``serial=<id>`` so /dev/disk/by-id names them;
-- virtio-serial ports ``org.agentbox.agent`` (unix socket ``agent.sock``) and
+- virtio-serial ports ``org.agentbox.agent`` (unix socket ``agent.sock``),
+  ``org.agentbox.attach`` (``attach.sock``, a second agent channel for ``agentbox attach``) and
   ``org.agentbox.status`` (file ``status``: PID 1 writes ``exit=N`` there);
 - the command console on a virtconsole (``hvc0``): the caller's terminal when
   interactive, else the unix socket ``console.sock``;
@@ -47,6 +48,7 @@ from runtime.vmm.base import GuestExitUnknown, VmSpec
 from runtime.vmm.console_log import ConsoleListener
 from runtime.vmm.shutdown import StopReport
 from runtime.vmm.host import cache_dir, qemu_binary, tail, tail_bytes
+from runtime.vmm.share_filter import install as install_filter
 from runtime.vmm.share_filter import require_filter, vmm_preexec
 from runtime.vmm.kernel_image import pvh_kernel
 
@@ -138,6 +140,7 @@ def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str,
              "-qmp", f"unix:{sock / 'qmp.sock'},server=on,wait=off",
              "-device", "virtio-serial-pci,id=vser"]
     argv += port_args(f"socket,path={sock / 'agent.sock'},server=on,wait=off", "agent", contract.AGENT_PORT_NAME)
+    argv += port_args(f"socket,path={sock / 'attach.sock'},server=on,wait=off", "attach", contract.ATTACH_PORT_NAME)
     argv += port_args(f"file,path={t / 'status'}", "status", STATUS_PORT)
     con = "stdio,signal=off" if spec.interactive else f"socket,path={sock / 'console.sock'},server=on,wait=off"
     argv += port_args(con, "con", "", console=True)
@@ -176,6 +179,7 @@ class QemuHandle:
         self.console_log = self.task_dir / "console.log"
         self.sock_dir = socket_dir(self.task_dir)
         self.agent_socket = self.sock_dir / "agent.sock"
+        self.attach_socket = self.sock_dir / "attach.sock"
         self.console_socket = self.sock_dir / "console.sock"
 
     @property
@@ -291,7 +295,7 @@ class QemuDriver:
                 log.flush()
                 proc = subprocess.Popen(argv, stdin=stdio, stdout=stdio, stderr=log,
                                         start_new_session=not spec.interactive, pass_fds=share.pass_fds,
-                                        preexec_fn=vmm_preexec)
+                                        preexec_fn=install_filter if spec.outlive_caller else vmm_preexec)
         except (OSError, subprocess.SubprocessError) as exc:
             console.close()
             raise AgentboxError(f"failed to start {qemu_binary()}: {exc}") from None

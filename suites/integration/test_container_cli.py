@@ -13,6 +13,7 @@ from runtime.container import host_conf
 
 IMAGE = "localhost/agentbox:latest"
 REPO = Path(__file__).resolve().parents[2]
+STORE_WRITE = "echo in-container; echo data > /tmp/f && nix-store --add /tmp/f; exit 4"
 
 
 def test_container_mode_runs_out_of_the_box(tmp_path: Path) -> None:
@@ -23,7 +24,7 @@ def test_container_mode_runs_out_of_the_box(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != host_conf.ENV}
     env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "runtime.cli", "container", "--image", IMAGE, "--",
-                           "sh", "-c", "echo in-container; echo data > /tmp/f && nix-store --add /tmp/f; exit 4"], cwd=ws, env=env, capture_output=True,
+                           "sh", "-c", STORE_WRITE], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "in-container" in proc.stdout

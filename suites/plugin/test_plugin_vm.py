@@ -77,12 +77,19 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, v
     assert any(n.endswith("-console.log") for n in names) and any(n.endswith("-launch.conf") for n in names)
     out = result.stdout.str()
     assert "agentbox: preserved debug state" in out
-    cleanup = re.search(r"clean up:\s+(.*)", out)
-    assert cleanup, out
     task_dir = Path(re.search(r"console log:\s+less (\S+)/console.log", out).group(1))  # type: ignore[union-attr]
     assert (task_dir / "launch.conf").is_file(), "the task state is kept"
-    assert not qemu_under(pytester.path), "the VM is stopped; its state is kept"
-    subprocess.run(["sh", "-c", cleanup.group(1)], check=True, timeout=120)
+    if vm_backend == "qemu":  # kept running for `agentbox attach`; `agentbox rm` stops it and deletes the state
+        gid = re.search(r"agentbox rm (qemu-[0-9a-f]+)", out)
+        assert gid, out
+        assert qemu_under(pytester.path), "the failed test's guest is kept running"
+        assert agentbox_cli("rm", gid[1]).returncode == 0
+    else:  # krun-direct: its agent is on the helper's pipes, so the VM stops and its state stays
+        cleanup = re.search(r"clean up:\s+(.*)", out)
+        assert cleanup, out
+        assert not qemu_under(pytester.path), "the VM is stopped; its state is kept"
+        subprocess.run(["sh", "-c", cleanup.group(1)], check=True, timeout=120)
+    assert not qemu_under(pytester.path)
     assert not task_dir.exists() and not mounts_under(pytester.path)
 
 
@@ -222,3 +229,88 @@ def test_a_harness_killed_during_a_libkrun_mode_boot_is_reaped_by_the_next_run(p
     while krun_shim_qemus() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not krun_shim_qemus()
+
+
+def agentbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2], env=env)
+
+
+def in_attached_shell(gid: str, env: dict[str, str], command: str, expected: str) -> None:
+    """``agentbox attach <gid>`` driven with pexpect: wait for dev's prompt, run ``command``, expect
+    ``expected``, exit."""
+    import pexpect
+
+    shell = pexpect.spawn(sys.executable, ["-m", "runtime.cli", "attach", gid], env=env, timeout=120,
+                          encoding="utf-8", codec_errors="replace", cwd=str(Path(__file__).resolve().parents[2]))
+    try:
+        shell.expect(r"dev@.*\$ ")  # bash's prompt: typed-ahead input could be dropped before it
+        shell.sendline(command)
+        shell.expect(expected)
+        shell.sendline("exit")
+        shell.expect(pexpect.EOF)
+    finally:
+        shell.close(force=True)
+
+
+def test_a_failed_test_under_preserve_debug_leaves_a_live_guest_to_attach_to(pytester: pytest.Pytester,
+                                                                            tmp_path: Path) -> None:
+    """--preserve-debug keeps a failed test's qemu guest running; `agentbox ps` lists it, `agentbox attach`
+    (driven with pexpect) gets a shell in it, a later run's reaper leaves it alone, `agentbox rm` removes it."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    pytester.makepyfile(test_kept='''
+        def test_kept(microvm):
+            microvm.succeed("echo left-by-the-test > /tmp/marker")
+            assert False, "fail on purpose"
+    ''')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+                                               "--preserve-debug", timeout=1800)
+        result.assert_outcomes(failed=1)
+        out = result.stdout.str()
+        guest_id = re.search(r"agentbox attach (qemu-[0-9a-f]+)", out)
+        assert guest_id, out
+        gid = guest_id[1]
+        try:
+            assert f"agentbox rm {gid}" in out
+            listed = agentbox_cli("ps", env=env)
+            assert gid in listed.stdout and "preserved" in listed.stdout, listed.stdout
+            # a later run reaps what dead runs left, but not a preserved guest
+            pytester.makepyfile(test_kept="def test_nothing():\n    pass\n")
+            pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_kept.py").assert_outcomes(passed=1)
+            assert "preserved" in agentbox_cli("ps", env=env).stdout
+            in_attached_shell(gid, env, "echo $(cat /tmp/marker) as $(id -un)", "left-by-the-test as dev")
+        except BaseException:
+            agentbox_cli("rm", gid, env=env)  # a failed check must not leave a preserved guest running
+            raise
+        removed = agentbox_cli("rm", gid, env=env)
+        assert removed.returncode == 0, removed.stderr
+        assert gid not in agentbox_cli("ps", env=env).stdout
+        assert not qemu_under(pytester.path)
+        assert not mounts_under(pytester.path)
+
+
+def test_pytest_pdb_at_a_failure_leaves_the_guest_reachable_with_agentbox_attach(pytester: pytest.Pytester,
+                                                                                  tmp_path: Path) -> None:
+    import pexpect
+
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    pytester.makepyfile(test_pdb='''
+        def test_pdb(microvm):
+            microvm.succeed("echo seen-from-pdb > /tmp/marker")
+            assert False, "stop here"
+    ''')
+    run = pexpect.spawn(sys.executable, ["-m", "pytest", "-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+                                         "--pdb", "test_pdb.py"], env=env, cwd=str(pytester.path), timeout=900,
+                        encoding="utf-8", codec_errors="replace")
+    try:
+        run.expect(r"agentbox attach (qemu-[0-9a-f]+)")
+        gid = run.match[1]
+        run.expect(r"\(Pdb\)")
+        in_attached_shell(gid, env, "cat /tmp/marker", "seen-from-pdb")
+        run.sendline("c")
+        run.expect(pexpect.EOF)
+    finally:
+        run.close(force=True)
+    assert not qemu_under(pytester.path)

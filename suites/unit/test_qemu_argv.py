@@ -34,6 +34,8 @@ def golden(task: Path, sock: Path, *, accel: str, interactive: bool) -> list[str
         "-device", "virtio-serial-pci,id=vser",
         "-chardev", f"socket,id=agent,path={sock}/agent.sock,server=on,wait=off",
         "-device", "virtserialport,bus=vser.0,chardev=agent,name=org.agentbox.agent",
+        "-chardev", f"socket,id=attach,path={sock}/attach.sock,server=on,wait=off",
+        "-device", "virtserialport,bus=vser.0,chardev=attach,name=org.agentbox.attach",
         "-chardev", f"file,id=status,path={task}/status",
         "-device", "virtserialport,bus=vser.0,chardev=status,name=org.agentbox.status",
         "-chardev", con,
