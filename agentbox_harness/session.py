@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import sys
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +141,23 @@ class HarnessSession:
                     self._image = build().tag
         return self._image
 
-    def live_output(self) -> contextlib.AbstractContextManager[object]:
-        """Output capture suspended (a long step's progress reaches the terminal as it happens)."""
+    @contextlib.contextmanager
+    def live_output(self) -> Iterator[None]:
+        """Output capture suspended and the runtime's ``agentbox`` log lines (image build progress)
+        written to the terminal as they happen, not only captured."""
         capman = self.config.pluginmanager.getplugin("capturemanager")
-        return capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("agentbox")
+        level = logger.level
+        with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            try:
+                yield
+            finally:
+                logger.removeHandler(handler)
+                logger.setLevel(level)
 
     def artifact_dir(self, node: pytest.Item) -> Path:
         """The test's artifact dir (see :mod:`agentbox_harness.artifacts`)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -261,8 +262,20 @@ def dispatch(ns: argparse.Namespace) -> int:
     return int(module.run(ns))
 
 
+def cli_logging() -> None:
+    """Runtime messages (the ``agentbox`` logger: progress, notices) on stderr, as plain lines."""
+    logger = logging.getLogger("agentbox")
+    if not any(getattr(h, "agentbox_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.agentbox_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agentbox`` console script."""
+    cli_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("__agentbox_microvm_enter", "internal"):
         from runtime.commands import internal

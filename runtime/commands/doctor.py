@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from runtime.doctor import render_json, render_text, run_checks
 
@@ -21,7 +21,7 @@ def probe_krun_direct() -> None:
     from runtime.images.recipe import DEFAULT_TAG
     from runtime.microvm.probe import probe
 
-    print("agentbox doctor: probing krun-direct with one guest boot ...", file=sys.stderr, flush=True)
+    logging.getLogger("agentbox").info("agentbox doctor: probing krun-direct with one guest boot ...")
     probe(DEFAULT_TAG)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from runtime.doctor.parse import cgroup_layout
 from runtime.private_dir import runtime_dir
 
 ENV: Final = "CONTAINERS_CONF"
@@ -55,8 +56,6 @@ def needed(mountinfo: str | None = None) -> str | None:
     """Why this host's Podman defaults cannot run containers (None: they can): a cgroup layout that
     crun refuses (anything but a pure cgroup2 mount), or a hard open-files limit below the
     1048576 that Podman asks for."""
-    from runtime.doctor.parse import cgroup_layout
-
     if mountinfo is None:
         try:
             mountinfo = Path("/proc/self/mountinfo").read_text()

@@ -23,7 +23,7 @@ from runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check
                                    check_krun_direct_boot, check_kvm_device, check_libkrun, check_libkrunfw, check_tun,
                                    check_userns)
 from runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_crun_krun,
-                                  check_fuse, check_image, check_krun_runtime, check_passt, check_podman,
+                                  check_fuse, check_image, check_krun_runtime, check_passt, check_podman, check_podman_conf,
                                   check_qemu, check_runc)
 
 __all__ = ["BACKENDS", "CHECKS", "KRUN_PODMAN_QEMU", "Check", "check_by_name", "check_kvm_device", "check_libkrun",
@@ -36,6 +36,7 @@ CHECKS: dict[str, Callable[[], Check]] = {
     "crun-krun": check_crun_krun,
     "krun-runtime": check_krun_runtime,
     "runc": check_runc,
+    "podman-conf": check_podman_conf,
     "btrfs-progs": check_btrfs,
     "blkid": check_blkid,
     "fuse-overlayfs": check_fuse,

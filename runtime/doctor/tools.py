@@ -8,6 +8,7 @@ import shutil
 
 from runtime.doctor.model import Check, run_tool, tool_check
 from runtime.doctor.parse import crun_has_krun, podman_summary, qemu_accelerators
+from runtime.container import host_conf
 from runtime.errors import AgentboxError
 from runtime.images.recipe import DEFAULT_TAG
 from runtime.oci.locate import runtime_path
@@ -52,6 +53,19 @@ def check_crun_krun() -> Check:
                  "install a crun built with libkrun (no Debian 12 package: build crun with "
                  "--with-libkrun, or Nix .#crun of the agentbox flake), or select the QEMU-backed "
                  f"runtime (see krun-runtime) with {SELECT_QEMU_RUNTIME}")
+
+
+def check_podman_conf() -> Check:
+    """Whether container mode (and the harness) run Podman with agentbox's own ``containers.conf``
+    (runc, ulimits inside the host's limits) because this host's defaults cannot run containers."""
+    why = host_conf.needed()
+    if why is None:
+        return Check("podman-conf", True, "ok", "Podman's own defaults run containers here")
+    chosen = os.environ.get(host_conf.ENV)
+    detail = (f"{why}: container mode uses $CONTAINERS_CONF={chosen} (yours)" if chosen else
+              f"{why}: container mode applies agentbox's containers.conf itself (runtime runc, ulimits "
+              f"inside the host's limits; {host_conf.default_path()})")
+    return Check("podman-conf", True, "ok", detail)
 
 
 def check_krun_runtime() -> Check:

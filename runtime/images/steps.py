@@ -9,8 +9,8 @@ Short tool calls whose output is their result go through :func:`tool`.
 
 from __future__ import annotations
 
+import logging
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,9 +22,13 @@ TOOL_TIMEOUT_S = 600.0
 SETUP_HINT = "run scripts/setup.sh (or apt-get install debootstrap buildah podman)"
 
 
+log = logging.getLogger("agentbox")
+
+
 def progress(message: str) -> None:
-    """One progress line on stderr."""
-    print(f"agentbox image: {message}", file=sys.stderr, flush=True)
+    """One progress line (INFO on the ``agentbox`` logger: the CLI prints it on stderr, pytest's
+    logging shows or captures it)."""
+    log.info("agentbox image: %s", message)
 
 
 def log_tail(log: Path, lines: int = 30) -> str:

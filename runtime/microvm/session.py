@@ -10,10 +10,10 @@ where they are.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +29,8 @@ from runtime.sizing import default_cpus, microvm_ram_mib
 from runtime.state import StateLayout, task_container_name
 from runtime.vmm.base import VmHandle, VmSpec
 from runtime.vmm.shutdown import StopReport
+
+log = logging.getLogger("agentbox")
 
 
 
@@ -337,9 +339,9 @@ def run_microvm(opts: MicrovmOptions) -> int:
     except AgentboxError as exc:
         cleanup_error = exc
     if opts.debug and opts.profile:
-        print(task.phases.report(), file=sys.stderr)
+        log.info("%s", task.phases.report())
     if task.notice:
-        print(task.notice, file=sys.stderr)
+        log.warning("%s", task.notice)
     if cleanup_error and run_error:
         raise AgentboxError(f"microvm task rootfs cleanup failed after run error: {error_chain(run_error)}") \
             from cleanup_error

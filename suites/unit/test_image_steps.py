@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -11,12 +12,13 @@ from runtime.errors import AgentboxError
 from runtime.images.steps import step, tool
 
 
-def test_step_logs_output_and_reports_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_step_logs_output_and_reports_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log = tmp_path / "build.log"
-    step("say hello", ["sh", "-c", "echo hello; echo to-stderr >&2"], log)
+    with caplog.at_level(logging.INFO, logger="agentbox"):
+        step("say hello", ["sh", "-c", "echo hello; echo to-stderr >&2"], log)
     text = log.read_text()
     assert "==> say hello: sh -c" in text and "hello\nto-stderr\n" in text
-    lines = capsys.readouterr().err.splitlines()
+    lines = [r.getMessage() for r in caplog.records if r.name == "agentbox"]
     assert lines[0] == "agentbox image: say hello ..."
     assert lines[1].startswith("agentbox image: say hello done in ") and lines[1].endswith("s")
 

@@ -3,6 +3,7 @@ cleanup and preserve notices, and failure before any VM starts."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def test_preserve_notice_and_cleanup(tmp_path: Path) -> None:
     assert [label for label, _ in cleaned.phases.rows] == ["task_rootfs_unmount", "task_state_cleanup"]
 
 
-def test_materialization_failure_before_any_vm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_materialization_failure_before_any_vm(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A cached image (pinned digest) with --storage reflink on a file system without reflinks."""
     fstype = subprocess.run(["findmnt", "-no", "FSTYPE", "--target", str(tmp_path)], capture_output=True,
                             text=True, timeout=30).stdout.strip()
@@ -92,11 +93,11 @@ def test_materialization_failure_before_any_vm(tmp_path: Path, capsys: pytest.Ca
     layout = StateLayout.under(tmp_path / "state", ws)
     opts = MicrovmOptions(workspace=ws, image=f"example.invalid/img@{DIGEST}", storage="reflink", state=layout,
                           image_cache=cache.root, debug=True, profile=True)
-    with pytest.raises(AgentboxError) as err:
+    with pytest.raises(AgentboxError) as err, caplog.at_level(logging.INFO, logger="agentbox"):
         run_microvm(opts)
     assert error_chain(err.value).startswith("microvm task rootfs materialization failed: failed to materialize "
                                              "microvm task rootfs with required reflinks")
     assert list(layout.microvm_tasks_dir.iterdir()) == []
     assert records(layout) == []
-    report = capsys.readouterr().err
+    report = caplog.text
     assert "agentbox microvm host profile" in report and "task_rootfs_materialization:" in report
