@@ -13,7 +13,7 @@ import shlex
 import shutil
 import time
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,14 +22,20 @@ from agentbox_harness.wait import WaitTimeout, retry
 from guest_init import contract as c
 from runtime import guest_registry
 from runtime.disks import MICROVM_NIX
+from runtime.container import host_conf
+from runtime.container.lifecycle import adapt_task_argv
+from runtime.container.machine_transport import (ContainerTransport, ExecTimeout, detached_argv, start_task,
+                                                 stop_task)
+from runtime.container.podman_bridge import CliPodman
+from runtime.container.sidecar import Sidecar, SidecarRequest
 from runtime.microvm import reaper as vm_reaper
+from runtime.state import StateLayout, task_container_name, task_hostname
+from runtime.tasks.container import container_argv
+from runtime.tasks.volumes import task_volumes
 from runtime.channel import AgentClient, ChannelError, PtyRelay
 from runtime.microvm.session import MicrovmOptions, MicrovmTask
 from runtime.vmm import boot_phases
 from runtime.vmm.host import tail_bytes
-
-if TYPE_CHECKING:
-    from runtime.container.machine_transport import ContainerTransport
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 """The agent on its own virtio-serial port (qemu)."""
@@ -200,7 +206,8 @@ class MicrovmMachine(Machine):
             if task.rootfs is not None and task.rootfs.mode == "fuse-overlay" else []
         record.paths = [str(task.task_dir)]
         guest_registry.save(record)
-        vm_reaper.forget(task.layout, task.task_dir)  # the guest is the user's now: never reaped
+        if task.layout is not None:
+            vm_reaper.forget(task.layout, task.task_dir)  # the guest is the user's now: never reaped
         self.task = None
         self.guest_id = None
         self.preserved.append(Preserved(attach_lines(self.name, record.id, task.task_dir), (str(task.task_dir),)))
@@ -242,7 +249,7 @@ class MicrovmMachine(Machine):
         """Ready-to-paste commands for a task whose state --preserve-debug kept."""
         d = task.task_dir
         root = task.rootfs.root if task.rootfs else d
-        state = task.layout.state_root if hasattr(task, "layout") else None
+        state = task.layout.state_root if task.layout is not None else None
         lines = [f"{self.name}: task {task.task_id} (VM stopped; rootfs, disks and logs kept)",
                  f"  {task.notice}",
                  f"  console log:  less {d / 'console.log'}",
@@ -326,22 +333,13 @@ class ContainerMachine(Machine):
     image: str = ""
     run_label: str | None = None
     _transport: ContainerTransport | None = None
-    _sidecar: object | None = None
-    _req: object | None = None
+    _sidecar: Sidecar | None = None
+    _req: SidecarRequest | None = None
     _name: str = ""
     _conf: Any = None
     preserved: list[Preserved] = field(default_factory=list)
 
     def _start(self) -> None:
-        from runtime.container import host_conf
-        from runtime.container.lifecycle import adapt_task_argv
-        from runtime.container.machine_transport import ContainerTransport, detached_argv, start_task
-        from runtime.container.podman_bridge import CliPodman
-        from runtime.container.sidecar import SidecarRequest
-        from runtime.state import StateLayout, task_container_name, task_hostname
-        from runtime.tasks.container import container_argv
-        from runtime.tasks.volumes import task_volumes
-
         self._conf = host_conf.applied()
         self._conf.__enter__()  # restored in _stop: the harness conf never outlives the machine
         layout = StateLayout(self.workspace, self.state_root.name, self.state_root.parent, self.state_root)
@@ -350,7 +348,7 @@ class ContainerMachine(Machine):
                                    state_root=self.state_root, run_label=self.run_label)
         self._name = task_container_name(layout.slug)
 
-        def build(sidecar) -> list[str]:  # type: ignore[no-untyped-def]
+        def build(sidecar: Sidecar) -> list[str]:
             ref = container_argv(name=self._name, hostname=task_hostname(layout.slug),
                                  volumes=task_volumes(layout, home=self.state_root / "home"), merged=sidecar.merged,
                                  sidecar_name=sidecar.name, image=self.image, run_label=self.run_label)
@@ -358,7 +356,7 @@ class ContainerMachine(Machine):
                                       dev_ids=(str(c.DEV_UID), str(c.DEV_GID)))
             return detached_argv(adapted, self.image)
 
-        self._sidecar = start_task(podman, self._req, build)  # type: ignore[arg-type]
+        self._sidecar = start_task(podman, self._req, build)
         self._transport = ContainerTransport(self._name, podman)
         record = guest_registry.GuestRecord(guest_registry.new_id("container"), "container",
                                             self.test_id or self.name, container=self._name)
@@ -387,8 +385,6 @@ class ContainerMachine(Machine):
 
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:
-        from runtime.container.machine_transport import ExecTimeout
-
         started = time.monotonic()
         who = None if user in (None, "dev") else ("0" if user == "root" else user)
         if who is None:  # dev's own login environment: nix (through the daemon) writes to dev's profile
@@ -406,12 +402,10 @@ class ContainerMachine(Machine):
             self.guest_id = None
         if self._transport is None:
             return
-        from runtime.container.machine_transport import stop_task
-        from runtime.container.podman_bridge import CliPodman
-
         self._transport = None
         try:
-            stop_task(CliPodman(), self._req, self._sidecar, self._name)  # type: ignore[arg-type]
+            assert self._req is not None and self._sidecar is not None
+            stop_task(CliPodman(), self._req, self._sidecar, self._name)
         finally:
             if self._conf is not None:
                 self._conf.__exit__(None, None, None)

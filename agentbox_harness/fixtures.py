@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -38,22 +39,29 @@ DEV_IDS = (c.DEV_UID, c.DEV_GID)
 
 
 @pytest.fixture(scope="session")
-def agentbox_harness(pytestconfig: pytest.Config) -> HarnessSession:
+def agentbox_session(pytestconfig: pytest.Config) -> HarnessSession:
     """Session-wide settings: timeout scale, strict mode, shared image cache, run label."""
     return harness(pytestconfig)
 
 
+@pytest.fixture(scope="session")
+def agentbox_harness(agentbox_session: HarnessSession) -> HarnessSession:
+    """Deprecated name of ``agentbox_session`` (it read like the package); kept for existing tests."""
+    warnings.warn("the agentbox_harness fixture is now agentbox_session", DeprecationWarning, stacklevel=2)
+    return agentbox_session
+
+
 @pytest.fixture
-def agentbox_backend(request: pytest.FixtureRequest, agentbox_harness: HarnessSession) -> str:
+def agentbox_backend(request: pytest.FixtureRequest, agentbox_session: HarnessSession) -> str:
     """The backend for VM fixtures: ``request.param``, else ``--agentbox-backend`` (``auto`` = best usable)."""
-    return getattr(request, "param", None) or agentbox_harness.backend
+    return getattr(request, "param", None) or agentbox_session.backend
 
 
 @pytest.fixture
-def agentbox_image(request: pytest.FixtureRequest, agentbox_harness: HarnessSession) -> str:
+def agentbox_image(request: pytest.FixtureRequest, agentbox_session: HarnessSession) -> str:
     """The guest image: ``request.param``, else ``--agentbox-image``, else ``localhost/agentbox:latest``
     (built once per run, across xdist workers)."""
-    return getattr(request, "param", None) or agentbox_harness.image()
+    return getattr(request, "param", None) or agentbox_session.image()
 
 
 @pytest.fixture
@@ -75,21 +83,21 @@ def storage_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def workspace(request: pytest.FixtureRequest, tmp_path: Path, agentbox_harness: HarnessSession) -> Iterator[Workspace]:
+def workspace(request: pytest.FixtureRequest, tmp_path: Path, agentbox_session: HarnessSession) -> Iterator[Workspace]:
     """A project directory mounted at /workspace in the guest, with an isolated state root.
 
     ``request.param`` may name the mode: ``direct`` (default), ``copy`` or
     ``overlay-review``. When the tests run as root, the directory belongs to
     uid 1000 (the guest's dev user) so guest writes land owned by it."""
     mode = getattr(request, "param", "direct")
-    state_base = agentbox_harness.state_base(tmp_path)
+    state_base = agentbox_session.state_base(tmp_path)
     owner = DEV_IDS if os.geteuid() == 0 else None
     ws = Workspace.create(tmp_path / "project", tmp_path / "ws-scratch", state_base, mode, owner)
     if ws.mounted:
-        agentbox_harness.registry.add_mount(ws.path)
+        agentbox_session.registry.add_mount(ws.path)
     yield ws
     ws.close()
-    agentbox_harness.registry.drop_mount(ws.path)
+    agentbox_session.registry.drop_mount(ws.path)
 
 
 @dataclass
@@ -244,7 +252,7 @@ def _factory(request: pytest.FixtureRequest, session: HarnessSession, backend: s
 
 
 @pytest.fixture
-def machine_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+def machine_factory(request: pytest.FixtureRequest, agentbox_session: HarnessSession, workspace: Workspace,
                     agentbox_backend: str, vm_memory: int, vm_cpus: int,
                     storage_backend: str) -> Iterator[Callable[..., Machine]]:
     """``machine_factory(name="vm", **options)``: a started machine of the ``agentbox_backend``.
@@ -252,8 +260,8 @@ def machine_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSes
     The backend comes from :data:`agentbox_harness.registry.MACHINE_BACKENDS`; options are the
     backend's (see ``microvm_factory`` and ``krun_task_factory``). Every machine is torn down
     after the test, newest first, also when it failed."""
-    ctx = _context(request, agentbox_harness, workspace, vm_memory, vm_cpus, storage_backend)
-    yield from _factory(request, agentbox_harness, agentbox_backend, ctx, "machine")
+    ctx = _context(request, agentbox_session, workspace, vm_memory, vm_cpus, storage_backend)
+    yield from _factory(request, agentbox_session, agentbox_backend, ctx, "machine")
 
 
 @pytest.fixture
@@ -265,7 +273,7 @@ def guest(machine_factory: Callable[..., Machine]) -> Machine:
 
 
 @pytest.fixture
-def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+def microvm_factory(request: pytest.FixtureRequest, agentbox_session: HarnessSession, workspace: Workspace,
                     agentbox_backend: str, vm_memory: int, vm_cpus: int,
                     storage_backend: str) -> Iterator[Callable[..., MicrovmMachine]]:
     """``microvm_factory(name="vm", **options)`` boots a microvm task whose agent serves the verbs.
@@ -279,8 +287,8 @@ def microvm_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSes
     state after shutdown)."""
     if agentbox_backend not in ("qemu", "krun-direct"):
         pytest.skip(f"microvm needs the qemu or krun-direct backend, not {agentbox_backend}")
-    ctx = _context(request, agentbox_harness, workspace, vm_memory, vm_cpus, storage_backend)
-    yield from _factory(request, agentbox_harness, agentbox_backend, ctx, "microvm")  # type: ignore[misc]
+    ctx = _context(request, agentbox_session, workspace, vm_memory, vm_cpus, storage_backend)
+    yield from _factory(request, agentbox_session, agentbox_backend, ctx, "microvm")  # type: ignore[misc]
 
 
 @pytest.fixture
@@ -291,24 +299,24 @@ def microvm(microvm_factory: Callable[..., MicrovmMachine]) -> MicrovmMachine:
 
 @pytest.fixture(scope="module")
 def shared_workspace(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                     agentbox_harness: HarnessSession) -> Iterator[Workspace]:
+                     agentbox_session: HarnessSession) -> Iterator[Workspace]:
     """The workspace of ``shared_microvm``: one per test module (direct mode, owned by dev's ids
     when the tests run as root)."""
     tmp = tmp_path_factory.mktemp("shared")
-    ws = Workspace.create(tmp / "project", tmp / "ws-scratch", agentbox_harness.state_base(tmp), "direct",
+    ws = Workspace.create(tmp / "project", tmp / "ws-scratch", agentbox_session.state_base(tmp), "direct",
                           DEV_IDS if os.geteuid() == 0 else None)
     yield ws
     ws.close()
 
 
 @pytest.fixture(scope="module")
-def _shared_microvm_machine(request: pytest.FixtureRequest, agentbox_harness: HarnessSession,
+def _shared_microvm_machine(request: pytest.FixtureRequest, agentbox_session: HarnessSession,
                             shared_workspace: Workspace) -> Iterator[MicrovmMachine]:
-    backend = agentbox_harness.backend
+    backend = agentbox_session.backend
     if backend not in ("qemu", "krun-direct"):
         pytest.skip(f"microvm needs the qemu or krun-direct backend, not {backend}")
-    ctx = BackendContext(agentbox_harness, shared_workspace, agentbox_harness.image, 2, 2, "auto")
-    for make in _factory(request, agentbox_harness, backend, ctx, "shared microvm"):
+    ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2, 2, "auto")
+    for make in _factory(request, agentbox_session, backend, ctx, "shared microvm"):
         yield make("shared")  # type: ignore[misc]
 
 
@@ -323,24 +331,24 @@ def shared_microvm(_shared_microvm_machine: MicrovmMachine) -> MicrovmMachine:
 
 
 @pytest.fixture
-def container_task(request: pytest.FixtureRequest, agentbox_harness: HarnessSession,
+def container_task(request: pytest.FixtureRequest, agentbox_session: HarnessSession,
                    workspace: Workspace) -> Iterator[Machine]:
     """A container-mode task (native Podman + nix-daemon sidecar) with the Machine verbs."""
-    ctx = _context(request, agentbox_harness, workspace, 2, 2, "auto")
-    for make in _factory(request, agentbox_harness, "container", ctx, "container task"):
+    ctx = _context(request, agentbox_session, workspace, 2, 2, "auto")
+    for make in _factory(request, agentbox_session, "container", ctx, "container task"):
         yield make("ct")
 
 
 @pytest.fixture
-def krun_task_factory(request: pytest.FixtureRequest, agentbox_harness: HarnessSession, workspace: Workspace,
+def krun_task_factory(request: pytest.FixtureRequest, agentbox_session: HarnessSession, workspace: Workspace,
                       vm_memory: int, vm_cpus: int) -> Iterator[Callable[..., Machine]]:
     """``krun_task_factory(name="task", **options)``: libkrun-mode tasks (Podman + crun + libkrun).
 
     Options: ``memory`` (MiB), ``cpus``, ``publish`` (e.g. ``("8080:80",)``), ``root``,
     ``tsi``, ``guest_init`` (a host guest-init file), ``image``. Needs crun built with
     libkrun, libkrunfw and KVM: skips (strict: fails) naming what is missing."""
-    ctx = _context(request, agentbox_harness, workspace, vm_memory, vm_cpus, "auto")
-    yield from _factory(request, agentbox_harness, "krun-podman", ctx, "krun task")
+    ctx = _context(request, agentbox_session, workspace, vm_memory, vm_cpus, "auto")
+    yield from _factory(request, agentbox_session, "krun-podman", ctx, "krun task")
 
 
 @pytest.fixture
@@ -350,13 +358,13 @@ def krun_task(krun_task_factory: Callable[..., Machine]) -> Machine:
 
 
 @pytest.fixture
-def nix_sidecar(agentbox_harness: HarnessSession, workspace: Workspace, agentbox_image: str) -> Iterator[object]:
+def nix_sidecar(agentbox_session: HarnessSession, workspace: Workspace, agentbox_image: str) -> Iterator[object]:
     """The container-mode nix-daemon sidecar of the workspace (started or reused, health-probed).
 
     Yields a ``Sidecar`` (``name``, ``merged`` /nix dir, ``proxy_port``, ``reused``);
     a ``container_task`` of the same workspace shares it. Afterwards the sidecar,
     its FUSE mount and image mount are removed (``nix-upper`` stays in the state root)."""
-    require_backend(agentbox_harness, "container")
+    require_backend(agentbox_session, "container")
     from runtime.container import host_conf
     from runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
     from runtime.podman import Podman
@@ -365,7 +373,7 @@ def nix_sidecar(agentbox_harness: HarnessSession, workspace: Workspace, agentbox
         layout = workspace.state.ensure()
         podman = Podman()
         req = SidecarRequest(image=agentbox_image, canonical_cwd=str(workspace.path), slug=layout.slug,
-                             state_root=layout.state_root, run_label=agentbox_harness.run_label)
+                             state_root=layout.state_root, run_label=agentbox_session.run_label)
         sidecar = prepare_sidecar(podman, req, probe=True)
         try:
             yield sidecar

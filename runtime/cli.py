@@ -57,7 +57,7 @@ KRUN_RUNTIME_HELP = ("OCI runtime of libkrun tasks: crun (its krun handler, the 
 
 def _positive_gib(text: str) -> int:
     """argparse type for ``--mem``: a positive whole number of GiB."""
-    from runtime.sizing import parse_mem_gib
+    from runtime.guest_resources import parse_mem_gib
 
     try:
         return parse_mem_gib(text)
@@ -74,7 +74,7 @@ def _positive_cpus(text: str) -> int:
 
 
 def _resize_size(text: str) -> int:
-    from runtime.sizes import parse_resize_size
+    from runtime.size_grammar import parse_resize_size
 
     try:
         return parse_resize_size(text)

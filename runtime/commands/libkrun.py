@@ -13,7 +13,7 @@ from runtime.microvm.session import host_ids
 from runtime.podman import Podman, explicit_image, resolve_image
 from runtime.reset import reset_nix
 from runtime.resize import ResizePlan, resize
-from runtime.sizing import default_cpus, libkrun_ram_mib
+from runtime.guest_resources import default_cpus, libkrun_ram_mib
 from runtime.state import StateLayout, resize_container_name, task_container_name, task_hostname
 from runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv, oci_runtime, resize_task_argv,
                                 select_krun_runtime, validate_publish)

@@ -25,7 +25,8 @@ from runtime import disks
 from runtime.errors import AgentboxError, InputError, error_chain
 from runtime.microvm import storage
 from runtime.microvm.image_cache import ImageCache, resolve_reference, validate_rootfs
-from runtime.sizing import default_cpus, microvm_ram_mib
+from runtime.microvm.reaper import forget, record
+from runtime.guest_resources import default_cpus, microvm_ram_mib
 from runtime.state import StateLayout, task_container_name
 from runtime.vmm.base import VmHandle, VmSpec
 from runtime.vmm.shutdown import StopReport
@@ -163,6 +164,10 @@ class MicrovmTask:
     closed: bool = False
     notice: str | None = None
     stop_report: StopReport | None = None
+    layout: StateLayout | None = None
+    """The workspace state (set by :meth:`start`)."""
+    session_started: float | None = None
+    """When the VMM started (``perf_counter``), for the helper-session phase."""
 
     def __enter__(self) -> MicrovmTask:
         try:
@@ -182,8 +187,6 @@ class MicrovmTask:
         self.task_id = task_container_name(layout.slug)
         self.task_dir = layout.microvm_tasks_dir / self.task_id
         cache = ImageCache(o.image_cache or layout.microvm_image_dir)
-        from runtime.microvm.reaper import record
-
         record(layout, self.task_dir, None, o.run_label)
         p = self.phases
         ref = p.run("image_reference_resolution", "microvm image reference resolution failed",
@@ -212,7 +215,7 @@ class MicrovmTask:
         except AgentboxError as exc:
             self.phases.rows.append(("helper_session", (time.perf_counter() - started) * 1000))
             raise AgentboxError(self._launch_failure()) from exc
-        self._session_started = started
+        self.session_started = started
         self._record_process()
 
     def _guest_init(self, root: Path) -> str:
@@ -245,9 +248,7 @@ class MicrovmTask:
         return cfg
 
     def _record_process(self) -> None:
-        from runtime.microvm.reaper import record
-
-        if self.handle is not None:
+        if self.handle is not None and self.layout is not None:
             record(self.layout, self.task_dir, self.handle.pid, self.opts.run_label)
 
     def _paths(self) -> str:
@@ -279,16 +280,15 @@ class MicrovmTask:
         if self.closed:
             return
         self.closed = True
-        from runtime.microvm.reaper import forget
-
         if self.handle is not None:
-            if hasattr(self, "_session_started"):
-                self.phases.rows.append(("helper_session", (time.perf_counter() - self._session_started) * 1000))
+            if self.session_started is not None:
+                self.phases.rows.append(("helper_session", (time.perf_counter() - self.session_started) * 1000))
             self._stop_vm()  # preserve keeps files, never a running VM
         if self.rootfs is None:
-            if hasattr(self, "layout"):
+            if self.layout is not None:
                 forget(self.layout, self.task_dir)
             return
+        assert self.layout is not None  # a rootfs exists only after start() resolved the layout
         if self.opts.preserve_debug:
             hint = self.rootfs.hint()
             self.notice = f"agentbox: preserved microvm debug state: {self._paths()}" + (f"; {hint}" if hint else "")

@@ -325,10 +325,10 @@ def test_xdist_gives_the_same_results_with_unique_state(pytester: pytest.Pyteste
         import pytest
 
         @pytest.mark.parametrize("n", range(6))
-        def test_many(n, machine_factory, workspace, agentbox_harness, tmp_path):
+        def test_many(n, machine_factory, workspace, agentbox_session, tmp_path):
             m = machine_factory(f"m{n}")
             assert m.succeed(["echo", str(n)], timeout=10) == f"{n}\\n"
-            line = f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {agentbox_harness.run_label} {workspace.state.state_root}\\n"
+            line = f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {agentbox_session.run_label} {workspace.state.state_root}\\n"
             with open(os.environ["RECORD"], "a") as f:
                 f.write(line)
             assert n != 5, "one deliberate failure"
@@ -431,14 +431,14 @@ def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester)
         from agentbox_harness.context import BackendContext
         from agentbox_harness.registry import build
 
-        def test_argv(agentbox_harness, workspace):
-            ctx = BackendContext(agentbox_harness, workspace, lambda: "localhost/agentbox:latest", 2, 3, "auto")
+        def test_argv(agentbox_session, workspace):
+            ctx = BackendContext(agentbox_session, workspace, lambda: "localhost/agentbox:latest", 2, 3, "auto")
             m = build("krun-podman", ctx, "task", {"memory": 1536, "publish": ("8080:80",), "root": True})
             argv = m.argv
             assert argv[:3] == ["run", "--rm", "-i"] and "-it" not in argv
             assert argv[-3:] == ["localhost/agentbox:latest", "agentbox-guest-init", "agent"]
             assert "krun.ram_mib=1536" in argv and "8080:80" in argv
-            assert f"io.agentbox.harness.run={agentbox_harness.run_label}" in argv
+            assert f"io.agentbox.harness.run={agentbox_session.run_label}" in argv
             assert (workspace.state.state_root / "libkrun-nix.raw").is_file()
             assert "AGENTBOX_ENTER_AS_ROOT=1" in argv  # the agent is root; verbs pick the user per command
             from runtime.disks import LIBKRUN_NIX
@@ -479,5 +479,17 @@ def test_each_verb_logs_one_info_line_with_its_exit_status_and_duration(pytester
             assert len(lines) == 2, lines
             assert lines[0].startswith("box: echo hi (as dev): exit 0 in ")
             assert lines[1].startswith("box: exit 3 (as dev): exit 3 in ")
+    ''')
+    pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_session_fixture_is_agentbox_session_and_the_old_name_still_works(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_names='''
+        import pytest
+
+        def test_names(agentbox_session, request):
+            with pytest.warns(DeprecationWarning, match="now agentbox_session"):
+                old = request.getfixturevalue("agentbox_harness")
+            assert old is agentbox_session and agentbox_session.run_label
     ''')
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)

@@ -12,7 +12,7 @@ import pytest
 
 from runtime.config import MAX_CONFIG_BYTES, load_config
 from runtime.errors import InputError
-from runtime.sizes import MAX_SIZE, parse_resize_size
+from runtime.size_grammar import MAX_SIZE, parse_resize_size
 
 REPO = Path(__file__).resolve().parents[2]
 

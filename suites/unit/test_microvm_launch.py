@@ -10,7 +10,7 @@ import pytest
 
 from guest_init.launch_config import LaunchDisk, decode
 from runtime.microvm.session import MicrovmOptions, MicrovmTask, build_launch, host_ids
-from runtime.sizing import default_cpus
+from runtime.guest_resources import default_cpus
 from runtime.state import StateLayout
 
 BASE_ENV = ["AGENTBOX_HOST_UID={uid}", "AGENTBOX_HOST_GID={gid}", "AGENTBOX_KVM_DROP_TO_DEV=1",

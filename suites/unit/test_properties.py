@@ -12,7 +12,7 @@ from guest_init.launch_config import LaunchConfig, LaunchConfigError, LaunchDisk
 from guest_init.protocol import MAGIC, FrameReader, encode_frame
 from runtime.config import parse_config
 from runtime.errors import InputError
-from runtime.sizes import GIB, MAX_SIZE, TIB, parse_resize_size
+from runtime.size_grammar import GIB, MAX_SIZE, TIB, parse_resize_size
 
 # Text as it comes through argv and files: any Unicode except surrogates (not encodable).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
