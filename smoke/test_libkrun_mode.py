@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import time
+import urllib.request
 
 import pytest
+
+from agentbox_harness.wait import retry
 
 pytestmark = pytest.mark.vm
 
@@ -29,12 +31,18 @@ def test_a_published_port_reaches_a_server_in_the_guest(krun_task_factory):
                  "cd /tmp/www && setsid -f python3 -m http.server 8000 >/dev/null 2>&1", timeout=30)
     task.wait_until_succeeds(["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 8000), 2)"],
                              timeout=60)
-    deadline, body = time.monotonic() + 60, ""
-    while time.monotonic() < deadline and not body:
-        probe = subprocess.run(["curl", "-s", "-m", "3", f"http://127.0.0.1:{port}/index.html"],
-                               capture_output=True, text=True)
-        body = probe.stdout
-        time.sleep(0.5)
+    bodies: list[str] = []
+
+    def served(_last_try: bool) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=3) as resp:
+                bodies.append(resp.read().decode())
+            return True
+        except OSError:
+            return False
+
+    retry(served, timeout=60, interval=0.5)
+    body = bodies[-1]
     assert body.strip() == "served-by-the-guest"
 
 
