@@ -146,11 +146,11 @@ class HarnessSession:
         """Output capture suspended and the runtime's ``agentbox`` log lines (image build progress)
         written to the terminal as they happen, not only captured."""
         capman = self.config.pluginmanager.getplugin("capturemanager")
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
         logger = logging.getLogger("agentbox")
         level = logger.level
         with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+            handler = logging.StreamHandler(sys.stderr)  # the real stderr: capture is off in here
+            handler.setFormatter(logging.Formatter("%(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
             try:
