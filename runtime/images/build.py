@@ -114,7 +114,11 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
 
     lock = FileLock(str(lock_path()))
     try:
-        lock.acquire(timeout=LOCK_TIMEOUT_S)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # another process (an xdist worker) builds: say so, then wait for it
+            progress(f"waiting for the image build another process runs (lock {lock.lock_file})")
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
     except Timeout:
         raise AgentboxError(f"image build: another build still holds {lock.lock_file} after "
                             f"{LOCK_TIMEOUT_S:.0f}s; wait for it or remove the lock if no build runs") from None
@@ -123,6 +127,7 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
             progress(f"{tag} is up to date")
             return result(False, False)
         built_base = False
+        progress(f"building {tag}; tool output goes to {log}")
         superseded = [image_id(tag), image_id(base)]  # final first: it is the base's child
         base_labels = image_labels(base)
         if guest_init_only:

@@ -68,3 +68,21 @@ def test_mounts_under_decodes_and_orders_deepest_first(tmp_path: Path) -> None:
     assert found[0] == f"{root}/root/dev/pts"
     assert sorted(found) == sorted([f"{root}/root/proc", f"{root}/root/dev", f"{root}/root/dev/pts",
                                     f"{root}/with space"])
+
+
+def test_a_build_another_process_holds_says_it_is_waiting_and_gives_up_with_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from filelock import FileLock
+
+    from runtime.images import build
+
+    monkeypatch.setattr(build, "lock_path", lambda: tmp_path / "build.lock")
+    monkeypatch.setattr(build, "LOCK_TIMEOUT_S", 0.3)
+    held = FileLock(str(tmp_path / "build.lock"))
+    held.acquire()
+    try:
+        with caplog.at_level(logging.INFO, logger="agentbox"), pytest.raises(AgentboxError, match="another build"):
+            build.build("localhost/never-built:latest")
+    finally:
+        held.release()
+    assert any("waiting for the image build another process runs" in r.getMessage() for r in caplog.records)
