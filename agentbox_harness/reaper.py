@@ -244,7 +244,7 @@ def reap_dead_runs() -> list[str]:
     """Reap the registries of runs whose owner process is gone; what was reaped.
 
     A registry whose owner is alive (a concurrent run) is left alone."""
-    done: list[str] = []
+    done: list[str] = [f"guest record {g}" for g in guest_registry.prune_stale()]
     root = cache_root() / "harness-runs"
     if not root.is_dir():
         return done

@@ -116,6 +116,15 @@ def find(guest_id: str) -> GuestRecord:
     raise InputError(f"'{guest_id}' {what}; known: {ids}")
 
 
+def prune_stale() -> list[str]:
+    """Forget records whose test process is gone and that were not preserved (a killed run's; the
+    reaper stops their guests); the ids forgotten."""
+    gone = [r.id for r in records() if r.state != "preserved" and not r.owner_alive()]
+    for guest_id in gone:
+        forget(guest_id)
+    return gone
+
+
 def preserved_paths() -> set[str]:
     """Paths of preserved guests (the reaper and the leak check leave them alone)."""
     return {p for r in records() if r.state == "preserved" for p in r.paths}

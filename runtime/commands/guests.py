@@ -38,6 +38,7 @@ def _age(seconds: float) -> str:
 
 
 def ps() -> int:
+    guest_registry.prune_stale()
     rows = [(r.id, r.backend, r.status(), _age(time.time() - r.created), r.test) for r in guest_registry.records()]
     if not rows:
         print("no harness guests (a test's guests appear while it runs; --preserve-debug keeps a failed test's)")
