@@ -84,8 +84,8 @@ if ! "$python" -c "import sys; sys.exit(sys.version_info < (${min_python/./, }))
   exit 2
 fi
 
-# The stamp names the interpreter (path and version) and pyproject.toml: either changing rebuilds.
-want="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1) $("$python" -c 'import sys; print(sys.version.split()[0])') $(readlink -f "$python")"
+# The stamp names the interpreter (path and version), pyproject.toml and the lock: any change reinstalls.
+want="$(cat "$repo/pyproject.toml" "$repo/requirements.lock" | sha256sum | cut -d' ' -f1) $("$python" -c 'import sys; print(sys.version.split()[0])') $(readlink -f "$python")"
 stamp="$venv/.agentbox-installed"
 if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
    && ! "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
@@ -101,9 +101,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  say "installing Python dependencies into $venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q -e "$repo[test]"
+  say "installing Python dependencies into $venv (requirements.lock, hash-checked)"
+  "$venv/bin/python" -m pip install -q --require-hashes -r "$repo/requirements.lock"
+  "$venv/bin/python" -m pip install -q --no-deps -e "$repo"
   echo "$want" > "$stamp"
 else
   say "virtualenv up to date"
