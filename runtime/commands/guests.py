@@ -24,9 +24,11 @@ from runtime import guest_registry
 from runtime.channel import AgentClient, ChannelError
 from runtime.errors import AgentboxError, InputError
 from runtime.podman import Podman
+from runtime.retry import WaitTimeout, retry
 from runtime.microvm.image_cache import remove_tree
 
 ATTACH_CONNECT_S = 10.0
+STOP_S = 10.0
 POLL_S = 0.05
 
 
@@ -112,6 +114,23 @@ def attach(guest_id: str, root: bool) -> int:
         agent.close()
 
 
+def _stop_vmm(rec: guest_registry.GuestRecord) -> None:
+    """SIGTERM (qemu quits), then SIGKILL after STOP_S; the VMM is not our child, so the ladder of
+    :mod:`runtime.vmm.shutdown` (which waits on a child) does not apply."""
+    assert rec.pid is not None
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(rec.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            retry(lambda _last: not rec.vm_alive(), timeout=STOP_S, interval=0.1)
+            return
+        except WaitTimeout:
+            continue
+    raise AgentboxError(f"guest {rec.id}: its VMM (pid {rec.pid}) survived SIGKILL")
+
+
 def rm(guest_id: str) -> int:
     rec = guest_registry.find(guest_id)
     if rec.status() == "running":
@@ -120,15 +139,7 @@ def rm(guest_id: str) -> int:
     for name in dict.fromkeys([*([rec.container] if rec.container else []), *rec.containers]):
         Podman(timeout_s=120).capture(["rm", "-f", "-t", "0", name])
     if rec.pid is not None and rec.vm_alive():
-        try:
-            os.kill(rec.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 10
-        while rec.vm_alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if rec.vm_alive():
-            os.kill(rec.pid, signal.SIGKILL)
+        _stop_vmm(rec)
     for command in rec.cleanup:
         subprocess.run(["sh", "-c", command], capture_output=True, timeout=300)
     for path in rec.paths:

@@ -80,8 +80,14 @@ def records(layout: StateLayout) -> list[dict[str, object]]:
 
 
 def same_process(pid: int, start: object) -> bool:
-    """``pid`` is alive and, when ``start`` is known, is the process that was recorded (not a reused pid)."""
-    return _alive(pid) and (start is None or start_time(pid) == start)
+    """``pid`` is alive (a zombie is not) and, when ``start`` is known, is the process that was recorded
+    (not a reused pid)."""
+    if not _alive(pid) or (start is not None and start_time(pid) != start):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def managed_task_dir(layout: StateLayout, task_dir: Path) -> bool:

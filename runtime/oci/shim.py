@@ -60,7 +60,8 @@ def guest_spec(bundle: Bundle, state_dir: Path, exports: list[host_share.ShareEx
 
 
 def wait_for_start(fifo: Path) -> None:
-    """Block until ``start`` opens the fifo for writing."""
+    """Block until ``start`` opens the fifo for writing. No timeout, by the OCI lifecycle: a created
+    container waits for ``start``, ``kill`` or ``delete`` as long as its caller wants (as runc's init does)."""
     with open(fifo, "rb") as f:
         f.read(1)
 

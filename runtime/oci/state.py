@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import AgentboxError
+from runtime.microvm.reaper import same_process, start_time
 from runtime.private_dir import ensure_private
 
 SUBDIR = "agentbox-krun"
@@ -44,15 +45,6 @@ def check_id(container_id: str) -> str:
     return container_id
 
 
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (field 22 of /proc/PID/stat), to tell pid reuse apart."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[19])
-
-
 @dataclass
 class ContainerState:
     """One container's directory and record."""
@@ -72,22 +64,10 @@ class ContainerState:
     def fifo(self) -> Path:
         return self.dir / "start.fifo"
 
-    @property
-    def console_log(self) -> Path:
-        return self.dir / "console.log"
-
     def alive(self) -> bool:
-        """Whether the container process (the shim) still runs (same pid, same start time)."""
-        if self.pid <= 0:
-            return False
-        started = _start_time(self.pid)
-        if started is None or started != self.record.get("pid_start"):
-            return False
-        try:
-            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return False
-        return state != "Z"
+        """Whether the container process (the shim) still runs (same pid, same start time, no zombie)."""
+        return self.pid > 0 and self.record.get("pid_start") is not None \
+            and same_process(self.pid, self.record["pid_start"])
 
     def status(self) -> str:
         """``created`` (waiting for start), ``running`` or ``stopped``, as the OCI spec names them."""
@@ -109,7 +89,7 @@ class ContainerState:
 
     def set_pid(self, pid: int) -> None:
         self.record["pid"] = pid
-        self.record["pid_start"] = _start_time(pid)
+        self.record["pid_start"] = start_time(pid)
         self.save()
 
     def remove(self) -> None:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guest_init import contract
+from runtime.retry import retry
 from runtime.vmm import host_share, initramfs, qemu
 from runtime.vmm.console_log import ConsoleRecorder
 from runtime.vmm.host import die_with_parent, tail_bytes
@@ -254,16 +255,23 @@ def _listener(path: Path) -> socket.socket:
 
 
 def _accept(lst: socket.socket, proc: subprocess.Popen[bytes]) -> socket.socket:
+    """qemu's connection to ``lst`` (it connects at start-up), within CONNECT_TIMEOUT_S."""
     lst.settimeout(0.2)
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    while True:
+    conns: list[socket.socket] = []
+
+    def accepted(last_try: bool) -> bool:
         try:
             conn, _ = lst.accept()
-            conn.setblocking(True)
-            return conn
         except TimeoutError:
-            if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is not None or last_try:
                 raise RuntimeError(f"qemu did not connect to {lst.getsockname()} (qemu exit {proc.poll()})") from None
+            return False
+        conn.setblocking(True)
+        conns.append(conn)
+        return True
+
+    retry(accepted, timeout=CONNECT_TIMEOUT_S, interval=0.0)
+    return conns[0]
 
 
 def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: str, tty: bool) -> list[str]:

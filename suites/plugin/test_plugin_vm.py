@@ -18,7 +18,7 @@ import pytest
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
-def qemu_under(path: Path) -> list[str]:
+def qemu_under(path: Path | str) -> list[str]:
     """qemu processes whose command line mentions ``path``."""
     out = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -180,15 +180,7 @@ def test_wait_ready_reports_what_is_missing(pytester: pytest.Pytester) -> None:
 
 def krun_shim_qemus() -> list[str]:
     """qemu processes started by agentbox-krun-runtime's shim (their sockets live in a ``krun/o*`` dir)."""
-    out = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if cmd.startswith("qemu-system") and "/krun/o" in cmd:
-            out.append(f"{proc.name} {cmd[:160]}")
-    return out
+    return qemu_under("/krun/o")
 
 
 def harness_containers() -> set[str]:
