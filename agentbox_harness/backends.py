@@ -178,10 +178,10 @@ class MicrovmMachine(Machine):
         console = tail_bytes(handle.console_log, 1 << 16).decode("utf-8", "replace")
         self.timings.update(boot_phases.durations(console, ready[0] if ready else None))
         self.timings.update({f"host_{label}_s": round(ms / 1000, 3) for label, ms in task.phases.rows})
-        attach_socket = getattr(handle, "attach_socket", None)
-        if attach_socket is not None:  # qemu: the guest's second agent channel
-            record = guest_registry.GuestRecord(guest_registry.new_id("qemu"), "qemu", self.test_id or self.name,
-                                                pid=handle.pid, attach_socket=str(attach_socket))
+        if handle.attach_socket is not None:  # the guest's second agent channel
+            backend = "krun-direct" if self.options.vmm == "libkrun" else "qemu"
+            record = guest_registry.GuestRecord(guest_registry.new_id(backend), backend, self.test_id or self.name,
+                                                pid=handle.pid, attach_socket=str(handle.attach_socket))
             guest_registry.save(record)
             self.guest_id = record.id
 
@@ -190,13 +190,19 @@ class MicrovmMachine(Machine):
         return agent_execute(self, self._agent(), argv, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
 
     def preserve_live(self) -> list[str] | None:
-        """qemu guests stay up (their VMM outlives the harness under --preserve-debug) with their task
-        rootfs and state; ``agentbox rm`` removes them."""
+        """The guest stays up (its VMM outlives the harness under --preserve-debug) with its task
+        rootfs and state; ``agentbox rm`` removes them. The agent is told to linger: its main
+        channel closing (krun-direct: the VMM's stdio) no longer ends it."""
         task = self.task
         if task is None or self.guest_id is None or task.handle is None or task.handle.poll() is not None:
             return None
         record = guest_registry.find(self.guest_id)
         if self.agent is not None:
+            try:
+                self.agent.linger(10.0)
+            except (ChannelError, OSError) as exc:
+                self.stop_notes.append(f"the agent did not take 'linger': {exc}")
+                return None
             self.agent.close()  # no shutdown: the guest keeps running
             self.agent = None
         self._keep_console(task)
@@ -204,7 +210,7 @@ class MicrovmMachine(Machine):
         record.state = "preserved"
         record.cleanup = [f"fusermount3 -u {shlex.quote(str(root))} 2>/dev/null || umount -l {shlex.quote(str(root))}"] \
             if task.rootfs is not None and task.rootfs.mode == "fuse-overlay" else []
-        record.paths = [str(task.task_dir)]
+        record.paths = [str(task.task_dir), *([str(Path(record.attach_socket).parent)] if record.attach_socket else [])]
         guest_registry.save(record)
         if task.layout is not None:
             vm_reaper.forget(task.layout, task.task_dir)  # the guest is the user's now: never reaped

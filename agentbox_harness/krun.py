@@ -12,15 +12,18 @@ naming what is missing when neither can run.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import warnings
 from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from agentbox_harness.backends import (AGENT_STDIO_COMMAND, agent_copy_from, agent_copy_to, agent_execute,
-                                       agent_shell)
+from agentbox_harness.backends import (AGENT_STDIO_COMMAND, Preserved, agent_copy_from, agent_copy_to,
+                                       agent_execute, agent_shell, attach_lines)
 from agentbox_harness.machine import Machine, Result
+from guest_init import contract as c
+from runtime import guest_registry
 from runtime.channel import AgentClient, ChannelError
 from runtime.commands.libkrun import PodmanKrunMaintenance
 from runtime.doctor import krun_podman_runtime
@@ -55,6 +58,7 @@ class KrunPodmanMachine(Machine):
     image: str = ""
     boot_timeout: float = 120.0
     stop_notes: list[str] = field(default_factory=list)
+    preserved: list[Preserved] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _agent: AgentClient | None = None
 
@@ -69,6 +73,52 @@ class KrunPodmanMachine(Machine):
         except ChannelError as exc:
             raise AssertionError(f"{self.name}: krun task agent did not answer: {exc}; "
                                  f"noise seen: {self._agent.noise()[-2000:]}") from None
+        self._open_attach_channel()
+
+    def _open_attach_channel(self) -> None:
+        """The ``agentbox attach`` channel: the agent serves ATTACH_TCP_PORT behind a fresh token, which
+        Podman publishes on the host's 127.0.0.1 (not with TSI networking, which cannot publish)."""
+        assert self._agent is not None
+        record = guest_registry.GuestRecord(guest_registry.new_id("krun-podman"), "krun-podman",
+                                            self.test_id or self.name, container=self.container,
+                                            containers=[self.container])
+        if self.krun_options is not None and not self.krun_options.tsi:
+            token = secrets.token_hex(32)
+            self._agent.attach_listen(c.ATTACH_TCP_PORT, token)
+            out = Podman(timeout_s=30).capture(["port", self.container, f"{c.ATTACH_TCP_PORT}/tcp"])
+            port = out.stdout.strip().splitlines()[0].rpartition(":")[2] if out.returncode == 0 and out.stdout.strip() \
+                else ""
+            if not port.isdigit():
+                raise AssertionError(f"{self.name}: podman port {self.container} {c.ATTACH_TCP_PORT}/tcp gave "
+                                     f"{(out.stdout + out.stderr).strip()!r}")
+            record.attach_tcp, record.attach_token = int(port), token
+        guest_registry.save(record)
+        self.guest_id = record.id
+
+    def preserve_live(self) -> list[str] | None:
+        """The task keeps running under conmon: the agent lingers (the end of ``podman run``'s stdin
+        no longer ends it), the ``podman run`` client is dropped, and ``agentbox attach`` reaches the
+        agent on its published attach port; ``agentbox rm`` removes the container."""
+        if self._agent is None or self._proc is None or self.guest_id is None:
+            return None
+        record = guest_registry.find(self.guest_id)
+        if record.attach_tcp is None:
+            return None
+        try:
+            self._agent.linger(10.0)
+        except (ChannelError, OSError) as exc:
+            self.stop_notes.append(f"the agent did not take 'linger': {exc}")
+            return None
+        self._agent = None
+        proc, self._proc = self._proc, None
+        proc.kill()  # the client only: the container stays with conmon
+        proc.wait()
+        record.state = "preserved"
+        guest_registry.save(record)
+        self.guest_id = None
+        lines = attach_lines(self.name, record.id, None)
+        self.preserved.append(Preserved(lines, ()))
+        return lines
 
     def resize_runner(self, extra_env: tuple[str, ...] = ()) -> PodmanKrunMaintenance:
         """A maintenance runner for ``nix_disk.grow``/``containers_disk.grow``: the reference's resize
@@ -107,6 +157,9 @@ class KrunPodmanMachine(Machine):
         """The shutdown ladder on the ``podman run`` process: the agent's shutdown lets the guest sync
         its disks and power off; then ``podman stop`` (SIGTERM to the VM, SIGKILL after
         STOP_TIMEOUT_S); then SIGKILL to ``podman run``. A forced stop is reported like a VM's."""
+        if self.guest_id is not None:
+            guest_registry.forget(self.guest_id)
+            self.guest_id = None
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -145,7 +198,8 @@ def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object
                        guest_init_mount=guest_init_override(str(guest_init)) if guest_init else None,
                        run_label=ctx.session.run_label, command=AGENT_STDIO_COMMAND)
     runtime = krun_podman_runtime(ctx.session.checks) or "crun"
-    opts = replace(opts, runtime=oci_runtime(runtime))
+    opts = replace(opts, runtime=oci_runtime(runtime),  # the agentbox attach channel (not with TSI)
+                   publish=opts.publish + (() if opts.tsi else (f"127.0.0.1::{c.ATTACH_TCP_PORT}",)))
     container = task_container_name(layout.slug)
     image = str(options.pop("image", None) or ctx.image())
     uid, gid = host_ids(ctx.workspace.path)

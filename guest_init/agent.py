@@ -15,17 +15,27 @@ Requests run concurrently; each response echoes the request ``id``:
 - ``prep_status`` (``nix`` | ``podman``) → the status file fields;
 - ``pty_spawn`` / ``pty_io`` / ``pty_close``: an interactive program on a real
   pty in the guest (:mod:`guest_init.pty_sessions`);
-- ``shutdown`` → answer, then exit (PID 1 of a qemu guest powers off when
-  its command, the agent, ends).
+- ``linger``: from now on the EOF of the main channel (the harness went away,
+  ``--preserve-debug``) does not end the agent; it keeps serving its attach
+  channels until a ``shutdown``;
+- ``attach_listen``: ``port``, ``token`` → serve TCP ``port`` too; every
+  connection's first request must be ``auth`` with ``token``;
+- ``shutdown`` → answer, then exit, on every channel (PID 1 of a guest powers
+  off when its command, the agent, ends).
+
+Besides the main channel, the agent serves ``agentbox attach`` on what the VMM
+offers (:func:`serve_attach_channels`).
 
 The agent runs as root (the host starts it with ``AGENTBOX_ENTER_AS_ROOT=1``).
 """
 
 from __future__ import annotations
 
+import hmac
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -35,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from guest_init import contract as c
-from guest_init import prep
+from guest_init import listeners, prep
 from guest_init.env import GuestEnv
 from guest_init.identity import Identity, dev_identity
 from guest_init.proc import ROOT
@@ -47,6 +57,14 @@ OUTPUT_CAP = 8 << 20
 DEFAULT_TIMEOUT_S = 60.0
 DRAIN_GRACE_S = 2.0  # how long to keep reading after exit when a grandchild holds the pipes
 PORT_WAIT_S = 10.0
+AUTH_S = 10.0  # a token channel must authenticate within this
+MIN_TOKEN_CHARS = 32
+SHUTDOWN = threading.Event()
+"""Set by a ``shutdown`` on any channel: every channel stops and the agent exits."""
+LINGER = threading.Event()
+"""Set by ``linger``: the main channel's EOF (the harness went away) no longer ends the agent."""
+_TCP_PORTS: dict[int, socket.socket] = {}
+_TCP_LOCK = threading.Lock()
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -278,10 +296,15 @@ def handle(req: Mapping[str, Any]) -> dict[str, Any]:
             return pty_op(op, req)
         if op == "prep_status":
             return prep_status(str(req.get("kind")))
+        if op == "linger":
+            LINGER.set()
+            return {"ok": True}
+        if op == "attach_listen":
+            return attach_listen(req)
         if op == "shutdown":
             return {"ok": True, "shutdown": True}
         return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, run, read_file, write_file, "
-                                      "prep_status, pty_spawn, pty_io, pty_close, shutdown"}
+                                      "prep_status, pty_spawn, pty_io, pty_close, linger, attach_listen, shutdown"}
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -312,30 +335,61 @@ def find_port(name: str, base: Path = Path("/sys/class/virtio-ports"), dev: Path
 
 
 class Server:
-    """Serve requests read from ``rfd``, answering on ``wfd``, until EOF or ``shutdown``."""
+    """Serve requests read from ``rfd``, answering on ``wfd``, until EOF or ``shutdown``.
 
-    def __init__(self, rfd: int, wfd: int, *, reconnecting: bool = False) -> None:
-        self.rfd, self.wfd, self.reconnecting = rfd, wfd, reconnecting
+    ``reconnecting``: EOF means "no host side right now" (a virtio-serial port): keep polling.
+    ``main``: the agent's own channel; after a ``linger`` request its EOF no longer ends the
+    agent, which keeps serving its attach channels until a ``shutdown`` on any channel.
+    ``token``: the first request must be ``auth`` with this token (a network channel), within
+    AUTH_S; anything else closes the channel.
+    """
+
+    def __init__(self, rfd: int, wfd: int, *, reconnecting: bool = False, main: bool = False,
+                 token: str | None = None) -> None:
+        self.rfd, self.wfd, self.reconnecting, self.main = rfd, wfd, reconnecting, main
+        self.token = token
         self.reader = FrameReader()
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
-    def reply(self, req: dict[str, Any]) -> None:
-        resp = handle(req)
-        if "id" in req:
-            resp["id"] = req["id"]
+    def send(self, resp: dict[str, Any]) -> None:
         frame = encode_frame(resp)
         with self.lock:
             try:
                 write_all(self.wfd, frame)
             except OSError as exc:
                 print(f"agentbox-guest-init agent: cannot answer: {exc}", file=sys.stderr)
+
+    def reply(self, req: dict[str, Any]) -> None:
+        resp = handle(req)
+        if "id" in req:
+            resp["id"] = req["id"]
+        self.send(resp)
         if resp.get("shutdown"):
             self.stop.set()
+            SHUTDOWN.set()
+
+    def authenticate(self, req: dict[str, Any]) -> bool:
+        """Check the first request of a token channel; answer it either way."""
+        assert self.token is not None
+        given = req.get("token")
+        ok = req.get("op") == "auth" and isinstance(given, str) and hmac.compare_digest(given.encode(),
+                                                                                         self.token.encode())
+        resp: dict[str, Any] = {"ok": True} if ok else {
+            "ok": False, "error": "authentication required: the first request must be 'auth' with the attach token"}
+        if "id" in req:
+            resp["id"] = req["id"]
+        self.send(resp)
+        if ok:
+            self.token = None
+        return ok
 
     def serve(self) -> int:
-        """The loop; 0 on EOF or shutdown. A device with no host side reads EOF: keep polling it."""
-        while not self.stop.is_set():
+        """The loop; 0 on EOF or shutdown, 1 when a token channel fails to authenticate."""
+        started = time.monotonic()
+        while not (self.stop.is_set() or SHUTDOWN.is_set()):
+            if self.token is not None and time.monotonic() - started > AUTH_S:
+                return 1
             ready, _, _ = select.select([self.rfd], [], [], 0.5)
             if not ready:
                 continue
@@ -343,34 +397,75 @@ class Server:
                 data = os.read(self.rfd, 1 << 16)
             except InterruptedError:
                 continue
+            except OSError:
+                data = b""
             if not data:
-                if not self.reconnecting:
-                    return 0
-                time.sleep(0.2)
-                continue
+                if self.reconnecting:
+                    time.sleep(0.2)
+                    continue
+                if self.main and LINGER.is_set():
+                    SHUTDOWN.wait()
+                return 0
             for req in self.reader.feed(data):
+                if self.token is not None:
+                    if not self.authenticate(req):
+                        return 1
+                    continue
                 threading.Thread(target=self.reply, args=(req,), daemon=True).start()
         return 0
 
 
-def serve_attach_port() -> None:
-    """Serve :data:`contract.ATTACH_PORT_NAME` too, in a thread, when the VMM offers it: the channel
-    ``agentbox attach`` uses, free while the harness holds the main port (``pytest --pdb``) and
-    after it went away (``--preserve-debug``)."""
+def serve_connection(conn: socket.socket, token: str | None = None) -> int:
+    """Serve one accepted connection until it closes (authenticating first when ``token`` is set)."""
+    return Server(conn.fileno(), conn.fileno(), token=token).serve()
+
+
+def attach_listen(req: Mapping[str, Any]) -> dict[str, Any]:
+    """``attach_listen``: serve ``port`` over TCP too, each connection authenticated with ``token``
+    (at least 32 characters). Idempotent for a port already served."""
+    port, token = req.get("port"), req.get("token")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"attach_listen port must be 1-65535, got {port!r}")
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"attach_listen token must be a string of at least {MIN_TOKEN_CHARS} characters")
+    with _TCP_LOCK:
+        if port not in _TCP_PORTS:
+            listener = listeners.tcp_listener(port)
+            listeners.accept_forever(listener, lambda conn: serve_connection(conn, token), f"attach-tcp-{port}")
+            _TCP_PORTS[port] = listener
+    return {"ok": True, "port": port}
+
+
+def serve_attach_channels() -> None:
+    """Serve ``agentbox attach`` channels too, in threads, on whatever the VMM offers: the free
+    while the harness holds the main channel (``pytest --pdb``) and after it went away
+    (``--preserve-debug``):
+
+    - the virtio-serial port :data:`contract.ATTACH_PORT_NAME` (qemu);
+    - vsock port :data:`contract.ATTACH_VSOCK_PORT` (libkrun bridges a host unix socket to it),
+      or the virtio-serial port that carries it on a VMM without virtio-vsock.
+    """
     try:
-        device = find_port(c.ATTACH_PORT_NAME, timeout=0.0)
-    except SystemExit:
-        return
-    fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
-    threading.Thread(target=Server(fd, fd, reconnecting=True).serve, name="attach", daemon=True).start()
+        listener = listeners.vsock_listener(c.ATTACH_VSOCK_PORT)
+    except (OSError, AttributeError):
+        pass
+    else:
+        listeners.accept_forever(listener, serve_connection, "attach-vsock")
+    for name in (c.ATTACH_PORT_NAME, c.vsock_port_name(c.ATTACH_VSOCK_PORT)):
+        try:
+            device = find_port(name, timeout=0.0)
+        except SystemExit:
+            continue
+        fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
+        threading.Thread(target=Server(fd, fd, reconnecting=True).serve, name=f"attach-{name}", daemon=True).start()
 
 
 def main(device: str | None, port: str | None) -> int:
     """Entry point of ``agentbox-guest-init agent``."""
     if port:
         device = find_port(port)
-        serve_attach_port()
+    serve_attach_channels()
     if device:
         fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
-        return Server(fd, fd, reconnecting=True).serve()
-    return Server(0, 1).serve()
+        return Server(fd, fd, reconnecting=True, main=True).serve()
+    return Server(0, 1, main=True).serve()

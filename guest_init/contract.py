@@ -95,6 +95,20 @@ ROOTFS_TAG: Final = "agentbox-root"
 AGENT_PORT_NAME: Final = "org.agentbox.agent"
 ATTACH_PORT_NAME: Final = "org.agentbox.attach"
 """A second agent channel for ``agentbox attach`` (qemu guests), free while the harness holds the first."""
+ATTACH_VSOCK_PORT: Final = 10_250
+"""The vsock port the agent serves ``agentbox attach`` on (krun-direct: libkrun listens on a unix
+socket in the task's socket dir and bridges each connection to it, ``krun_add_vsock_port2``)."""
+ATTACH_TCP_PORT: Final = 10_251
+"""The TCP port the agent serves ``agentbox attach`` on when the harness asks it to (krun-podman:
+published on the host's 127.0.0.1 only). Every connection must authenticate first with the token
+the harness gave the agent over its main channel."""
+
+
+def vsock_port_name(port: int) -> str:
+    """The virtio-serial port name that carries vsock port ``port`` on a VMM without virtio-vsock
+    (the QEMU-backed libkrun stand-in); the agent serves it like the vsock port itself."""
+    return f"org.agentbox.vsock.{port}"
+
 
 # --- host-side labels (podman containers the harness creates) --------------
 LABEL_ROLE: Final = "io.agentbox.role"

@@ -84,16 +84,17 @@ class AgentClient:
         self._read_lock = threading.Lock()
         self._write_lock = threading.Lock()
 
-    @classmethod
-    def connect_unix(cls, path: Path | str, timeout: float) -> AgentClient:
-        """Connect to a unix socket, retrying until ``timeout``."""
+    @staticmethod
+    def _connect(make: Any, address: Any, what: str, timeout: float) -> socket.socket:
         last: list[OSError] = []
         conn: list[socket.socket] = []
 
         def connected(_last_try: bool) -> bool:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s = make()
             try:
-                s.connect(str(path))
+                s.settimeout(max(0.5, min(timeout, 5.0)))
+                s.connect(address)
+                s.settimeout(None)
             except OSError as exc:
                 last[:] = [exc]
                 s.close()
@@ -104,9 +105,29 @@ class AgentClient:
         try:
             retry(connected, timeout=timeout, interval=0.1)
         except WaitTimeout:
-            raise ChannelError(f"cannot connect to agent socket {path} within {timeout:g}s: "
+            raise ChannelError(f"cannot connect to {what} within {timeout:g}s: "
                                f"{last[0] if last else 'no attempt'}") from None
-        return cls(conn[0], closer=conn[0])
+        return conn[0]
+
+    @classmethod
+    def connect_unix(cls, path: Path | str, timeout: float) -> AgentClient:
+        """Connect to a unix socket, retrying until ``timeout``."""
+        s = cls._connect(lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), str(path),
+                         f"agent socket {path}", timeout)
+        return cls(s, closer=s)
+
+    @classmethod
+    def connect_tcp(cls, host: str, port: int, token: str, timeout: float) -> AgentClient:
+        """Connect to an agent's TCP attach channel (``attach_listen``) and authenticate with ``token``."""
+        s = cls._connect(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), (host, port),
+                         f"agent attach port {host}:{port}", timeout)
+        client = cls(s, closer=s)
+        try:
+            client.request("auth", max(timeout, 5.0), token=token)
+        except ChannelError:
+            client.close()
+            raise
+        return client
 
     @classmethod
     def over_process(cls, proc: subprocess.Popen[bytes]) -> AgentClient:
@@ -328,6 +349,15 @@ class AgentClient:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the agent to exit (a qemu guest then powers off)."""
         self.request("shutdown", timeout)
+
+    def linger(self, timeout: float = 10.0) -> None:
+        """Keep the agent (and so the guest) running after this channel closes; its attach channels
+        stay served until a ``shutdown`` (``--preserve-debug``)."""
+        self.request("linger", timeout)
+
+    def attach_listen(self, port: int, token: str, timeout: float = 10.0) -> None:
+        """Have the agent serve TCP ``port`` too, each connection authenticated with ``token``."""
+        self.request("attach_listen", timeout, port=port, token=token)
 
 
 class PtyRelay:

@@ -1,8 +1,11 @@
 """Harness guests that ``agentbox ps``, ``agentbox attach`` and ``agentbox rm`` know.
 
-A harness machine that can be attached to (a qemu guest, whose ``org.agentbox.attach``
-port is a second agent channel, or a container-mode task) writes one record
-here when it starts and removes it when it stops. ``--preserve-debug`` marks a
+A harness machine that can be attached to writes one record here when it
+starts and removes it when it stops: a qemu guest (its ``org.agentbox.attach``
+port is a second agent channel), a krun-direct guest (libkrun bridges a unix
+socket to the agent's attach vsock port), a krun-podman task (the agent's TCP
+attach port, published on 127.0.0.1 and guarded by a token kept only in the
+record) or a container-mode task (``podman exec``). ``--preserve-debug`` marks a
 failed test's records ``preserved`` and leaves the guest running: then only
 ``agentbox rm`` stops it and deletes what the record lists, and the reaper of
 later runs leaves it alone.
@@ -35,7 +38,7 @@ class GuestRecord:
     """One guest: how to reach it and what removing it deletes."""
 
     id: str
-    backend: str  # "qemu" | "container"
+    backend: str  # "qemu" | "krun-direct" | "krun-podman" | "container"
     test: str
     state: str = "running"  # "running" (its harness process owns it) | "preserved"
     created: float = field(default_factory=time.time)
@@ -43,7 +46,9 @@ class GuestRecord:
     owner_start: str | None = None
     pid: int | None = None  # the VMM
     pid_start: str | None = None
-    attach_socket: str | None = None
+    attach_socket: str | None = None  # a unix socket that reaches the agent (qemu, krun-direct)
+    attach_tcp: int | None = None  # a 127.0.0.1 port that reaches the agent after `auth` (krun-podman)
+    attach_token: str | None = None
     container: str | None = None  # the container `attach` execs into
     containers: list[str] = field(default_factory=list)  # every container `rm` removes (the sidecar too)
     cleanup: list[str] = field(default_factory=list)  # shell commands `agentbox rm` runs, in order
@@ -57,7 +62,7 @@ class GuestRecord:
 
     def status(self) -> str:
         """``running`` (its test runs), ``preserved`` (kept for debugging), or ``stopped``."""
-        if self.backend == "qemu" and not self.vm_alive():
+        if self.pid is not None and not self.vm_alive():
             return "stopped"
         if self.state == "preserved":
             return "preserved"

@@ -1,8 +1,9 @@
 """``agentbox ps``, ``agentbox attach ID [--root]`` and ``agentbox rm ID``: the harness's guests.
 
 ``ps`` lists the running and preserved harness guests (:mod:`runtime.guest_registry`).
-``attach`` opens an interactive shell in a live guest: through the qemu guest's
-second agent channel (a pty relayed by the agent), or ``podman exec -it`` into a
+``attach`` opens an interactive shell in a live guest: a pty relayed by the
+guest agent over its attach channel (qemu and krun-direct: a unix socket;
+krun-podman: an authenticated 127.0.0.1 port), or ``podman exec -it`` into a
 container-mode task. ``rm`` stops a guest and deletes what its record lists.
 """
 
@@ -96,12 +97,15 @@ def attach(guest_id: str, root: bool) -> int:
         env = [] if root else ["--env", "HOME=/home/dev", "--env", "USER=dev", "--env", f"NIX_REMOTE={c.NIX_REMOTE_VALUE}"]
         os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", "/workspace", rec.container,
                              "bash", "-l"])
-    if rec.attach_socket is None:
-        raise AgentboxError(f"guest {rec.id} ({rec.backend}) has no attach channel")
     try:
-        agent = AgentClient.connect_unix(rec.attach_socket, ATTACH_CONNECT_S)
+        if rec.attach_socket is not None:
+            agent = AgentClient.connect_unix(rec.attach_socket, ATTACH_CONNECT_S)
+        elif rec.attach_tcp is not None and rec.attach_token:
+            agent = AgentClient.connect_tcp("127.0.0.1", rec.attach_tcp, rec.attach_token, ATTACH_CONNECT_S)
+        else:
+            raise AgentboxError(f"guest {rec.id} ({rec.backend}) has no attach channel")
     except (ChannelError, OSError) as exc:
-        raise AgentboxError(f"cannot reach guest {rec.id} on {rec.attach_socket}: {exc}") from None
+        raise AgentboxError(f"cannot reach guest {rec.id}: {exc}") from None
     rows, cols = _terminal_size()
     try:
         pty = agent.pty_spawn(["sh", "-c", "cd /workspace 2>/dev/null; exec bash -l"],

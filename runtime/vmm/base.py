@@ -41,6 +41,8 @@ class VmHandle(Protocol):
     console_log: Path
     agent_socket: Path | None
     console_socket: Path | None
+    attach_socket: Path | None
+    """The host end of the guest's ``agentbox attach`` channel (a second agent channel), if any."""
     accel: str
 
     def agent_client(self, timeout: float) -> AgentClient:

@@ -1,11 +1,14 @@
-"""Host-side helpers every VMM driver shares: the qemu binary and cache dir, log tails, and
+"""Host-side helpers every VMM driver shares: the qemu binary and cache dir, short socket dirs, log tails, and
 tying a VMM process's life to the process that started it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from pathlib import Path
+
+from runtime.private_dir import runtime_dir
 
 
 def qemu_binary() -> str:
@@ -17,6 +20,15 @@ def cache_dir() -> Path:
     """``$XDG_CACHE_HOME/agentbox/qemu`` (initramfs bases, decompressed kernels, KVM verdicts)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "agentbox" / "qemu"
+
+
+def socket_dir(task_dir: Path) -> Path:
+    """A short private dir for the task's unix sockets (paths are limited to 107 bytes).
+
+    Under the per-user runtime dir (:func:`runtime.private_dir.runtime_dir`), never a
+    shared /tmp path; a dir that is not ours and private is refused."""
+    key = hashlib.sha256(str(task_dir).encode()).hexdigest()[:12]
+    return runtime_dir("vm", key, for_sockets=True)
 
 
 def tail_bytes(path: Path, limit: int) -> bytes:

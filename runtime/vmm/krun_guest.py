@@ -69,6 +69,16 @@ class Share:
 
 
 @dataclass(frozen=True)
+class VsockListen:
+    """A guest vsock ``port`` the VMM bridges host connections to, listening on unix socket ``path``
+    (``krun_add_vsock_port2(..., listen=true)``). qemu here has no virtio-vsock: the port travels as
+    the virtio-serial port :func:`guest_init.contract.vsock_port_name`, one connection at a time."""
+
+    port: int
+    path: str
+
+
+@dataclass(frozen=True)
 class TapNetwork:
     """The guest's eth0 on tap device ``ifname`` (in the caller's network namespace)."""
 
@@ -91,6 +101,7 @@ class GuestSpec:
     workdir: str = "/"
     disks: list[Disk] = field(default_factory=list)
     shares: list[Share] = field(default_factory=list)
+    vsock_listen: list[VsockListen] = field(default_factory=list)
     tmpfs: list[tuple[str, str]] = field(default_factory=list)  # (guest path, mount options)
     files: dict[str, bytes] = field(default_factory=dict)  # guest path -> content (small)
     console: tuple[int, int, int] = (0, 1, 2)
@@ -288,6 +299,9 @@ def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: st
         argv += qemu.port_args(f"socket,path={work / 'hvc0.sock'},server=off", "con", "", console=True)
         for name in STDIO_PORTS:
             argv += qemu.port_args(f"socket,path={work / (name + '.sock')},server=off", name, name)
+    for i, vsock in enumerate(spec.vsock_listen):
+        argv += qemu.port_args(f"socket,path={vsock.path},server=on,wait=off", f"vsock{i}",
+                               contract.vsock_port_name(vsock.port))
     argv += qemu.share_args("root", spec.root, contract.ROOTFS_TAG, model=qemu.ROOTFS_MODEL)
     for i, share in enumerate(spec.shares):
         argv += qemu.share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
@@ -308,6 +322,9 @@ def boot(spec: GuestSpec, work: Path) -> int:
     tty = os.isatty(in_fd) and os.isatty(out_fd)
     if not spec.root.is_dir():
         raise RuntimeError(f"root {spec.root} is not a directory")
+    for vsock in spec.vsock_listen:
+        if os.path.lexists(vsock.path):
+            raise RuntimeError(f"vsock port {vsock.port}: {vsock.path} already exists")
     kernel = initramfs.find_kernel(spec.root)
     base = initramfs.cached_base(spec.root, initramfs.kernel_version(spec.root, kernel),
                                  qemu.cache_dir() / "initramfs")

@@ -4,8 +4,15 @@ The helper process (``agentbox __agentbox_microvm_enter <launch.conf>``) loads
 ``$AGENTBOX_LIBKRUN_LIBRARY`` or ``libkrun.so.1`` then ``libkrun.so`` and makes
 exactly these calls: create_ctx, set_log_level(0), set_vm_config, set_root,
 add_disk per disk, disable_implicit_console, add_virtio_console_default(0,1,2),
-add_virtiofs3(workspace), set_workdir, set_exec, start_enter. A setup failure
-frees the context.
+add_virtiofs3(workspace), set_workdir, set_exec, [add_vsock_port2(attach)],
+start_enter. A setup failure frees the context.
+
+``$AGENTBOX_MICROVM_ATTACH_SOCKET`` (set by :class:`LibkrunDriver` for a
+non-interactive guest) asks for the ``agentbox attach`` channel:
+``krun_add_vsock_port2(ctx, ATTACH_VSOCK_PORT, path, listen=true)``, so libkrun
+listens on that unix socket (in the task's private socket dir) and bridges each
+connection to the guest agent's vsock port. A libkrun without that call, or
+one that refuses it, starts the guest without the channel and says so on stderr.
 
 The workspace handed to ``krun_add_virtiofs3`` is the export of
 :func:`runtime.vmm.host_share.export` (id-mapped to the guest's dev user when the
@@ -19,11 +26,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from guest_init import contract
 from guest_init.launch_config import LaunchConfig, decode
 from runtime.errors import AgentboxError
 from runtime.vmm import host_share, shutdown
@@ -31,11 +40,12 @@ from runtime.vmm.base import VmSpec
 from runtime.vmm.console_log import ConsoleRecorder
 from runtime.vmm.shutdown import StopReport
 from runtime.channel import AgentClient
-from runtime.vmm.host import die_with_parent, tail
+from runtime.vmm.host import die_with_parent, socket_dir, tail
 from runtime.vmm.share_filter import install as install_filter
 from runtime.vmm.share_filter import require_filter
 
 SONAMES = ("libkrun.so.1", "libkrun.so")
+ATTACH_SOCKET_ENV = "AGENTBOX_MICROVM_ATTACH_SOCKET"
 
 
 def load_library() -> ctypes.CDLL:
@@ -105,9 +115,27 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
         if rc < 0:
             _fn(lib, "krun_free_ctx")(u32(ctx))
             raise AgentboxError(f"libkrun setup failed: {name} returned {rc}")
+    attach = os.environ.get(ATTACH_SOCKET_ENV)
+    if attach:
+        _add_attach_channel(lib, ctx, attach)
     install_filter()
     rc = _fn(lib, "krun_start_enter")(u32(ctx))
     raise AgentboxError(f"libkrun start failed: krun_start_enter returned {rc}")
+
+
+def _add_attach_channel(lib: ctypes.CDLL, ctx: int, path: str) -> None:
+    """The optional ``agentbox attach`` channel: libkrun listens on ``path`` for the guest's vsock port."""
+    try:
+        fn = getattr(lib, "krun_add_vsock_port2")
+    except AttributeError:
+        print("agentbox: this libkrun has no krun_add_vsock_port2; the guest starts without an "
+              "`agentbox attach` channel", file=sys.stderr, flush=True)
+        return
+    fn.restype = ctypes.c_int32
+    rc = fn(ctypes.c_uint32(ctx), ctypes.c_uint32(contract.ATTACH_VSOCK_PORT), path.encode(), ctypes.c_bool(True))
+    if rc < 0:
+        print(f"agentbox: krun_add_vsock_port2 returned {rc}; the guest starts without an "
+              "`agentbox attach` channel", file=sys.stderr, flush=True)
 
 
 def helper_main(path: str) -> int:
@@ -127,16 +155,19 @@ class LibkrunHandle:
     non-interactive guest whose command is ``agentbox-guest-init agent`` is
     reached through :meth:`agent_client`. The helper's stderr (guest stderr and
     console output) is recorded into ``console.log`` in the task dir, with the
-    size cap of :mod:`runtime.vmm.console_log`.
+    size cap of :mod:`runtime.vmm.console_log` (a guest that outlives its caller
+    writes it directly, uncapped). :attr:`attach_socket` is libkrun's end of the
+    guest's ``agentbox attach`` channel (None for an interactive guest).
     """
 
     def __init__(self, proc: subprocess.Popen[bytes], task_dir: Path,
-                 recorder: ConsoleRecorder | None = None) -> None:
+                 recorder: ConsoleRecorder | None = None, attach_socket: Path | None = None) -> None:
         self.proc, self.task_dir, self.recorder = proc, task_dir, recorder
         self.pid = proc.pid
         self.console_log = task_dir / "console.log"
         self.agent_socket: Path | None = None
         self.console_socket: Path | None = None
+        self.attach_socket = attach_socket
         self.accel = "kvm"
 
     def agent_client(self, timeout: float) -> AgentClient:
@@ -181,6 +212,8 @@ class LibkrunHandle:
                     stream.close()
                 except OSError:
                     pass
+        if self.attach_socket is not None:
+            shutil.rmtree(self.attach_socket.parent, ignore_errors=True)
 
 
 class LibkrunDriver:
@@ -203,18 +236,34 @@ class LibkrunDriver:
         launch = spec.task_dir / "launch.conf"
         argv = [sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(launch)]
         pipe = None if spec.interactive else subprocess.PIPE
-        recorder = None if spec.interactive else ConsoleRecorder(spec.task_dir / "console.log")
-        log_r, log_w = os.pipe() if recorder is not None else (-1, -1)
+        env = dict(os.environ)
+        attach: Path | None = None
+        if not spec.interactive:
+            attach = socket_dir(spec.task_dir) / "attach.sock"
+            attach.unlink(missing_ok=True)
+            env[ATTACH_SOCKET_ENV] = str(attach)
+        recorder, stderr, log_r, log_w = None, None, -1, -1
+        if spec.outlive_caller:  # no pipe to a recorder that dies with the caller
+            stderr = os.open(spec.task_dir / "console.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                             0o600)
+        elif not spec.interactive:
+            recorder = ConsoleRecorder(spec.task_dir / "console.log")
+            log_r, log_w = os.pipe()
+            stderr = log_w
         try:
-            proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=None if log_w < 0 else log_w,
-                                    start_new_session=not spec.interactive, preexec_fn=die_with_parent)
+            proc = subprocess.Popen(argv, stdin=pipe, stdout=pipe, stderr=stderr, env=env,
+                                    start_new_session=not spec.interactive,
+                                    preexec_fn=None if spec.outlive_caller else die_with_parent)
         except OSError as exc:
             for fd in (log_r, log_w):
                 if fd >= 0:
                     os.close(fd)
             raise AgentboxError(f"failed to start microvm helper for '{launch}': {exc.strerror}") from None
+        finally:
+            if spec.outlive_caller and stderr is not None:
+                os.close(stderr)
         if recorder is not None:
             os.close(log_w)
             recorder.start(log_r)
         (spec.task_dir / "helper.pid").write_text(str(proc.pid))
-        return LibkrunHandle(proc, spec.task_dir, recorder)
+        return LibkrunHandle(proc, spec.task_dir, recorder, attach)

@@ -27,7 +27,6 @@ kernel, TCG otherwise.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,29 +39,19 @@ from guest_init import contract
 from guest_init.launch_config import encode
 from runtime.channel import AgentClient
 from runtime.errors import AgentboxError
-from runtime.private_dir import runtime_dir
 from runtime.retry import retry
 from runtime.vmm import host_share, initramfs
 from runtime.vmm import shutdown
 from runtime.vmm.base import GuestExitUnknown, VmSpec
 from runtime.vmm.console_log import ConsoleListener
 from runtime.vmm.shutdown import StopReport
-from runtime.vmm.host import cache_dir, qemu_binary, tail, tail_bytes
+from runtime.vmm.host import cache_dir, qemu_binary, socket_dir, tail, tail_bytes
 from runtime.vmm.share_filter import install as install_filter
 from runtime.vmm.share_filter import require_filter, vmm_preexec
 from runtime.vmm.kernel_image import pvh_kernel
 
 STATUS_PORT = "org.agentbox.status"
 CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
-
-
-def socket_dir(task_dir: Path) -> Path:
-    """A short private dir for the task's unix sockets (paths are limited to 107 bytes).
-
-    Under the per-user runtime dir (:func:`runtime.private_dir.runtime_dir`), never a
-    shared /tmp path; a dir that is not ours and private is refused."""
-    key = hashlib.sha256(str(task_dir).encode()).hexdigest()[:12]
-    return runtime_dir("vm", key, for_sockets=True)
 
 
 QBOOT = Path("/usr/share/qemu/qboot.rom")
@@ -174,6 +163,7 @@ class QemuHandle:
     console_log: Path = field(init=False)
     agent_socket: Path | None = field(init=False)
     console_socket: Path | None = field(init=False)
+    attach_socket: Path | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.console_log = self.task_dir / "console.log"

@@ -79,16 +79,16 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, v
     assert "agentbox: preserved debug state" in out
     task_dir = Path(re.search(r"console log:\s+less (\S+)/console.log", out).group(1))  # type: ignore[union-attr]
     assert (task_dir / "launch.conf").is_file(), "the task state is kept"
-    if vm_backend == "qemu":  # kept running for `agentbox attach`; `agentbox rm` stops it and deletes the state
-        gid = re.search(r"agentbox rm (qemu-[0-9a-f]+)", out)
-        assert gid, out
-        assert qemu_under(pytester.path), "the failed test's guest is kept running"
+    # kept running for `agentbox attach` (krun-direct: through libkrun's vsock bridge); `agentbox rm`
+    # stops it and deletes the state
+    gid = re.search(r"agentbox rm ((?:qemu|krun-direct)-[0-9a-f]+)", out)
+    assert gid, out
+    assert gid[1].startswith("qemu" if vm_backend == "qemu" else "krun-direct")
+    assert qemu_under(pytester.path), "the failed test's guest is kept running"
+    try:
+        in_attached_shell(gid[1], dict(os.environ), "echo $(id -un) in $(pwd)", "dev in /workspace")
+    finally:
         assert agentbox_cli("rm", gid[1]).returncode == 0
-    else:  # krun-direct: its agent is on the helper's pipes, so the VM stops and its state stays
-        cleanup = re.search(r"clean up:\s+(.*)", out)
-        assert cleanup, out
-        assert not qemu_under(pytester.path), "the VM is stopped; its state is kept"
-        subprocess.run(["sh", "-c", cleanup.group(1)], check=True, timeout=120)
     assert not qemu_under(pytester.path)
     assert not task_dir.exists() and not mounts_under(pytester.path)
 
@@ -228,15 +228,16 @@ def agentbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Co
                           cwd=Path(__file__).resolve().parents[2], env=env)
 
 
-def in_attached_shell(gid: str, env: dict[str, str], command: str, expected: str) -> None:
-    """``agentbox attach <gid>`` driven with pexpect: wait for dev's prompt, run ``command``, expect
-    ``expected``, exit."""
+def in_attached_shell(gid: str, env: dict[str, str], command: str, expected: str, root: bool = False) -> None:
+    """``agentbox attach <gid> [--root]`` driven with pexpect: wait for the prompt, run ``command``,
+    expect ``expected``, exit."""
     import pexpect
 
-    shell = pexpect.spawn(sys.executable, ["-m", "runtime.cli", "attach", gid], env=env, timeout=120,
-                          encoding="utf-8", codec_errors="replace", cwd=str(Path(__file__).resolve().parents[2]))
+    shell = pexpect.spawn(sys.executable, ["-m", "runtime.cli", "attach", gid, *(["--root"] if root else [])],
+                          env=env, timeout=120, encoding="utf-8", codec_errors="replace",
+                          cwd=str(Path(__file__).resolve().parents[2]))
     try:
-        shell.expect(r"dev@.*\$ ")  # bash's prompt: typed-ahead input could be dropped before it
+        shell.expect(r"root@.*# " if root else r"dev@.*\$ ")  # typed-ahead input could be dropped before it
         shell.sendline(command)
         shell.expect(expected)
         shell.sendline("exit")
@@ -281,6 +282,43 @@ def test_a_failed_test_under_preserve_debug_leaves_a_live_guest_to_attach_to(pyt
         assert gid not in agentbox_cli("ps", env=env).stdout
         assert not qemu_under(pytester.path)
         assert not mounts_under(pytester.path)
+
+
+def test_a_failed_krun_podman_task_under_preserve_debug_can_be_attached_to(pytester: pytest.Pytester,
+                                                                            tmp_path: Path) -> None:
+    """krun-podman: the agent lingers after the harness went away, `agentbox attach` reaches it on its
+    token-guarded published port (as dev and as root), and `agentbox rm` removes the container."""
+    if os.geteuid() != 0:
+        pytest.skip("krun-podman through agentbox-krun-runtime needs root here")
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    pytester.makepyfile(test_kept='''
+        def test_kept(krun_task):
+            krun_task.succeed("echo left-in-krun > /tmp/marker")
+            assert False, "fail on purpose"
+    ''')
+    before = harness_containers()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_STATE_HOME", env["XDG_STATE_HOME"])
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--preserve-debug", timeout=1800)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    guest_id = re.search(r"agentbox attach (krun-podman-[0-9a-f]+)", out)
+    assert guest_id, out
+    gid = guest_id[1]
+    try:
+        assert harness_containers() - before, "the failed test's krun task is kept running"
+        listed = agentbox_cli("ps", env=env)
+        assert gid in listed.stdout and "preserved" in listed.stdout, listed.stdout
+        in_attached_shell(gid, env, "echo $(cat /tmp/marker) as $(id -un)", "left-in-krun as dev")
+        in_attached_shell(gid, env, "id -un", "root", root=True)
+    except BaseException:
+        agentbox_cli("rm", gid, env=env)
+        raise
+    removed = agentbox_cli("rm", gid, env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert gid not in agentbox_cli("ps", env=env).stdout
+    assert not harness_containers() - before
+    assert not krun_shim_qemus()
 
 
 def test_pytest_pdb_at_a_failure_leaves_the_guest_reachable_with_agentbox_attach(pytester: pytest.Pytester,

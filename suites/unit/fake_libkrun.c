@@ -72,6 +72,9 @@ static void probe_share(void) {
     snprintf(file, sizeof file, "%s/null", share_path);
     note("share-mknod-char", " %s", mknod(file, S_IFCHR | 0666, makedev(1, 3)) < 0 ? strerror(errno) : "created");
 }
+int32_t krun_add_vsock_port2(uint32_t ctx, uint32_t port, const char *path, bool listen) {
+    return note("krun_add_vsock_port2", " %u %u %s %d", ctx, port, path, listen);
+}
 int32_t krun_set_workdir(uint32_t ctx, const char *dir) { return note("krun_set_workdir", " %u %s", ctx, dir); }
 int32_t krun_set_exec(uint32_t ctx, const char *exec, const char *const argv[], const char *const envp[]) {
     char buf[4096] = "";

@@ -385,3 +385,57 @@ def test_pty_io_on_an_unknown_session_is_a_channel_error(piped) -> None:  # type
     client, _ = piped
     with pytest.raises(ChannelError, match="no pty session 999"):
         client.pty_io(999)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+TOKEN = "t" * 20 + "0123456789abcdef0123"
+
+
+def test_a_tcp_attach_channel_answers_only_after_auth_with_the_token(piped) -> None:  # type: ignore[no-untyped-def]
+    client, _ = piped
+    port = _free_port()
+    with pytest.raises(ChannelError, match="token must be a string of at least 32"):
+        client.attach_listen(port, "short")
+    client.attach_listen(port, TOKEN)
+    client.attach_listen(port, TOKEN)  # idempotent
+    attached = AgentClient.connect_tcp("127.0.0.1", port, TOKEN, 10.0)
+    try:
+        assert attached.run(["echo", "via tcp"], timeout=30, user="root").text == "via tcp\n"
+    finally:
+        attached.close()
+    with pytest.raises(ChannelError, match="authentication required"):
+        AgentClient.connect_tcp("127.0.0.1", port, TOKEN[:-1] + "x", 10.0)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # a request before auth
+        raw.sendall(encode_frame({"op": "run", "id": 1, "argv": ["touch", "/tmp/never"]}))
+        reader, answers = FrameReader(), []
+        while data := raw.recv(65536):  # the agent answers once, then closes the connection
+            answers += reader.feed(data)
+    assert [a.get("ok") for a in answers] == [False] and "authentication required" in answers[0]["error"]
+
+
+def test_linger_keeps_the_agent_serving_its_attach_channels_after_the_main_one_closes(piped) -> None:  # type: ignore[no-untyped-def]
+    client, proc = piped
+    port = _free_port()
+    client.attach_listen(port, TOKEN)
+    client.linger()
+    proc.stdin.close()  # the harness went away
+    attached = AgentClient.connect_tcp("127.0.0.1", port, TOKEN, 10.0)
+    try:
+        assert attached.run(["echo", "still here"], timeout=30, user="root").text == "still here\n"
+        assert proc.poll() is None
+        attached.shutdown()  # a shutdown on any channel ends the agent
+    finally:
+        attached.close()
+    assert proc.wait(timeout=30) == 0
+
+
+def test_without_linger_the_end_of_the_main_channel_ends_the_agent(piped) -> None:  # type: ignore[no-untyped-def]
+    client, proc = piped
+    client.attach_listen(_free_port(), TOKEN)
+    proc.stdin.close()
+    assert proc.wait(timeout=30) == 0

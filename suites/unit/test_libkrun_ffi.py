@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from guest_init.contract import ATTACH_VSOCK_PORT
 from guest_init.launch_config import LaunchConfig, LaunchDisk, encode
 
 HERE = Path(__file__).parent
@@ -103,6 +104,21 @@ def test_start_failure(tmp_path: Path, fake_lib: Path) -> None:
     assert proc.returncode == 1
     assert "libkrun start failed: krun_start_enter returned -22" in proc.stderr
     assert calls == EXPECTED
+
+
+def test_the_attach_channel_is_a_listening_vsock_port_on_the_socket_asked_for(tmp_path: Path, fake_lib: Path) -> None:
+    sock = str(tmp_path / "attach.sock")
+    proc, calls = run_helper(tmp_path, fake_lib, AGENTBOX_MICROVM_ATTACH_SOCKET=sock)
+    assert calls == [*EXPECTED[:-1], f"krun_add_vsock_port2 7 {ATTACH_VSOCK_PORT} {sock} 1", "krun_start_enter 7"], \
+        proc.stderr
+
+
+def test_a_libkrun_that_refuses_the_attach_channel_still_starts_the_guest(tmp_path: Path, fake_lib: Path) -> None:
+    proc, calls = run_helper(tmp_path, fake_lib, AGENTBOX_MICROVM_ATTACH_SOCKET=str(tmp_path / "a.sock"),
+                             FAKE_KRUN_FAIL="krun_add_vsock_port2", FAKE_KRUN_EXIT="0")
+    assert calls[-1] == "krun_start_enter 7" and "krun_free_ctx 7" not in calls
+    assert proc.returncode == 0
+    assert "krun_add_vsock_port2 returned -22; the guest starts without an `agentbox attach` channel" in proc.stderr
 
 
 def test_missing_library_names_it(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from runtime.private_dir import runtime_dir
 from runtime.vmm import initramfs
-from runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, Share, boot
+from runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, Share, VsockListen, boot
 
 
 def say(msg: str) -> None:
@@ -38,6 +38,7 @@ def read_spec(fd: int) -> GuestSpec:
                      env=list(raw["env"]),
                      disks=[Disk(d["id"], d["path"], bool(d["read_only"]), d["format"]) for d in raw["disks"]],
                      shares=[Share(s["tag"], s["path"], bool(s["read_only"])) for s in raw["shares"]],
+                     vsock_listen=[VsockListen(int(v["port"]), v["path"]) for v in raw.get("vsock_listen", [])],
                      console=(int(console[0]), int(console[1]), int(console[2])))
 
 

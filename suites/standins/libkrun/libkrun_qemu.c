@@ -18,6 +18,9 @@
  *                                            port, non-TTY fds give the ports krun-stdin,
  *                                            krun-stdout, krun-stderr that the guest command's
  *                                            stdio is redirected to (as libkrun's init does)
+ *   krun_add_vsock_port2(port, path, true)   the VMM listens on unix socket `path` (created at
+ *                                            start, an existing file is an error as for libkrun)
+ *                                            and each connection reaches guest port `port`
  *   krun_start_enter                         never returns on success; the process exits with
  *                                            the guest command's status (125/126/127 as libkrun
  *                                            documents for init failures)
@@ -39,9 +42,14 @@
  *     networking (libkrun uses TSI or passt).
  *   - The kernel console (ttyS0) and the console port go to the caller's
  *     stderr when it is not a terminal.
- *   - krun_add_vsock_port* return -ENOTSUP (no vsock on these hosts); every
- *     other libkrun function is absent, so a caller that needs one fails at
- *     symbol lookup instead of silently misbehaving.
+ *   - These hosts have no virtio-vsock, so a listening vsock port is carried
+ *     by a virtio-serial port named org.agentbox.vsock.<port> (guest code
+ *     serves that name when AF_VSOCK has no transport), one connection at a
+ *     time (libkrun bridges several at once; later ones wait their turn).
+ *     Guest-initiated ports (krun_add_vsock_port, krun_add_vsock_port2 with
+ *     listen=false) return -ENOTSUP.
+ *   - Every other libkrun function is absent, so a caller that needs one fails
+ *     at symbol lookup instead of silently misbehaving.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -67,6 +75,7 @@ extern char **environ;
 
 struct disk { char *id, *path; int format; bool read_only; };
 struct share { char *tag, *path; bool read_only; };
+struct vsock_port { uint32_t port; char *path; };
 
 struct ctx {
     bool used;
@@ -80,6 +89,8 @@ struct ctx {
     int ndisks;
     struct share shares[MAX_DEV];
     int nshares;
+    struct vsock_port vsock[MAX_DEV];
+    int nvsock;
     bool implicit_console;
     bool console;
     int con_in, con_out, con_err;
@@ -128,6 +139,7 @@ int32_t krun_free_ctx(uint32_t id) {
     free_vec(c->argv); free_vec(c->envp);
     for (int i = 0; i < c->ndisks; i++) { free(c->disks[i].id); free(c->disks[i].path); }
     for (int i = 0; i < c->nshares; i++) { free(c->shares[i].tag); free(c->shares[i].path); }
+    for (int i = 0; i < c->nvsock; i++) free(c->vsock[i].path);
     memset(c, 0, sizeof *c);
     return 0;
 }
@@ -239,8 +251,16 @@ int32_t krun_add_vsock_port(uint32_t id, uint32_t port, const char *path) {
 }
 
 int32_t krun_add_vsock_port2(uint32_t id, uint32_t port, const char *path, bool listen) {
-    (void)listen;
-    return krun_add_vsock_port(id, port, path);
+    struct ctx *c = get(id);
+    if (!c || !path || !*path) return -EINVAL;
+    if (!listen) return -ENOTSUP;
+    if (c->nvsock >= MAX_DEV) return -ENOMEM;
+    for (int i = 0; i < c->nvsock; i++)
+        if (c->vsock[i].port == port) return -EEXIST;
+    c->vsock[c->nvsock].port = port;
+    c->vsock[c->nvsock].path = strdup(path);
+    c->nvsock++;
+    return 0;
 }
 
 /* JSON output ---------------------------------------------------------- */
@@ -296,6 +316,12 @@ static int write_config(struct ctx *c) {
         fputs(",\"path\":", f);
         json_str(f, c->shares[i].path);
         fprintf(f, ",\"read_only\":%s}", c->shares[i].read_only ? "true" : "false");
+    }
+    fputs("],\"vsock_listen\":[", f);
+    for (int i = 0; i < c->nvsock; i++) {
+        fprintf(f, "%s{\"port\":%u,\"path\":", i ? "," : "", c->vsock[i].port);
+        json_str(f, c->vsock[i].path);
+        fputc('}', f);
     }
     fputs("],\"console\":", f);
     if (c->console) fprintf(f, "[%d,%d,%d]", c->con_in, c->con_out, c->con_err);
