@@ -15,7 +15,7 @@
           kernel = pkgs.linuxPackages.kernel;
           hostTools = with pkgs; [ podman buildah crun runc btrfs-progs util-linux fuse-overlayfs qemu_kvm ];
 
-          # The harness: runtime, guest_init and the pytest plugin, with the
+          # The harness: agentbox_runtime, agentbox_guest_init and the pytest plugin, with the
           # host tools on PATH of the agentbox command.
           harness = py.buildPythonApplication {
             pname = "agentbox-harness";
@@ -32,14 +32,14 @@
           # executable /nix/store/*/bin/agentbox-guest-init in the image.
           guestInit = pkgs.runCommand "agentbox-guest-init-${version}" { } ''
             mkdir -p $out/lib $out/bin $out/share/agentbox
-            cp -r ${./guest_init} $out/lib/guest_init
-            cp -r ${./guest_init/wrappers} $out/share/agentbox/wrappers
-            cp -r ${./runtime/images/files} $out/share/agentbox/files
+            cp -r ${./agentbox_guest_init} $out/lib/agentbox_guest_init
+            cp -r ${./agentbox_guest_init/wrappers} $out/share/agentbox/wrappers
+            cp -r ${./agentbox_runtime/images/files} $out/share/agentbox/files
             cat > $out/bin/agentbox-guest-init <<PY
             #!${pkgs.python311}/bin/python3 -I
             import sys
             sys.path.insert(0, "$out/lib")
-            from guest_init.cli import main
+            from agentbox_guest_init.cli import main
             sys.exit(main())
             PY
             chmod 0755 $out/bin/agentbox-guest-init

@@ -8,8 +8,8 @@ nothing from the runtime's internals.
 from agentbox_harness.console import ConsoleError
 from agentbox_harness.machine import Machine, MachineError, ReadyStatus, Result
 from agentbox_harness.wait import WaitTimeout
-from runtime.errors import AgentboxError, InputError
-from runtime.resize import GuestStepFailed
+from agentbox_runtime.errors import AgentboxError, InputError
+from agentbox_runtime.resize import GuestStepFailed
 
 __all__ = ["AgentboxError", "ConsoleError", "GuestStepFailed", "InputError", "Machine", "MachineError",
            "ReadyStatus", "Result", "WaitTimeout"]

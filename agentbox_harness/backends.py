@@ -19,23 +19,23 @@ from pathlib import Path
 
 from agentbox_harness.machine import Machine, Result
 from agentbox_harness.wait import WaitTimeout, retry
-from guest_init import contract as c
-from runtime import guest_registry
-from runtime.disks import MICROVM_NIX
-from runtime.container import host_conf
-from runtime.container.lifecycle import adapt_task_argv
-from runtime.container.machine_transport import (ContainerTransport, ExecTimeout, detached_argv, start_task,
+from agentbox_guest_init import contract as c
+from agentbox_runtime import guest_registry
+from agentbox_runtime.disks import MICROVM_NIX
+from agentbox_runtime.container import host_conf
+from agentbox_runtime.container.lifecycle import adapt_task_argv
+from agentbox_runtime.container.machine_transport import (ContainerTransport, ExecTimeout, detached_argv, start_task,
                                                  stop_task)
-from runtime.container.podman_bridge import CliPodman
-from runtime.container.sidecar import Sidecar, SidecarRequest
-from runtime.microvm import reaper as vm_reaper
-from runtime.state import StateLayout, task_container_name, task_hostname
-from runtime.tasks.container import container_argv
-from runtime.tasks.volumes import task_volumes
-from runtime.channel import AgentClient, ChannelError, PtyRelay
-from runtime.microvm.session import MicrovmOptions, MicrovmTask
-from runtime.vmm import boot_phases
-from runtime.vmm.host import tail_bytes
+from agentbox_runtime.container.podman_bridge import CliPodman
+from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest
+from agentbox_runtime.microvm import reaper as vm_reaper
+from agentbox_runtime.state import StateLayout, task_container_name, task_hostname
+from agentbox_runtime.tasks.container import container_argv
+from agentbox_runtime.tasks.volumes import task_volumes
+from agentbox_runtime.channel import AgentClient, ChannelError, PtyRelay
+from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
+from agentbox_runtime.vmm import boot_phases
+from agentbox_runtime.vmm.host import tail_bytes
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 """The agent on its own virtio-serial port (qemu)."""
@@ -272,7 +272,7 @@ class MicrovmMachine(Machine):
     def resize_runner(self, extra_env: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
         """A maintenance runner for ``nix_disk.grow``/``containers_disk.grow`` that boots this
         machine's image and disks once with the guest resize step (``extra_env`` adds guest env)."""
-        from runtime.microvm.maintenance import MicrovmResizeRunner
+        from agentbox_runtime.microvm.maintenance import MicrovmResizeRunner
 
         assert self.options is not None
         return MicrovmResizeRunner(self.options, extra_env=extra_env)

@@ -1,4 +1,4 @@
-"""Capability skips, computed once per session from :mod:`runtime.doctor`.
+"""Capability skips, computed once per session from :mod:`agentbox_runtime.doctor`.
 
 Markers map to capabilities:
 

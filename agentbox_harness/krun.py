@@ -1,12 +1,12 @@
 """The krun-podman backend: a libkrun-mode task (``podman run`` with the krun handler,
 reference section 6) whose guest command is the agent on stdio.
 
-The task argv is the runtime's exact builder (:func:`runtime.tasks.krun.krun_task_argv`)
+The task argv is the runtime's exact builder (:func:`agentbox_runtime.tasks.krun.krun_task_argv`)
 with two harness changes: ``-i`` instead of ``-it`` (the agent speaks frames on
 the container's stdin/stdout, so no tty) and the command
 ``agentbox-guest-init agent``. The OCI runtime is crun when it has the krun handler
 (+LIBKRUN, with libkrunfw and KVM), else the QEMU-backed ``agentbox-krun-runtime``
-(:func:`runtime.doctor.krun_podman_runtime`); the fixtures skip (strict: fail)
+(:func:`agentbox_runtime.doctor.krun_podman_runtime`); the fixtures skip (strict: fail)
 naming what is missing when neither can run.
 """
 
@@ -22,19 +22,19 @@ from typing import TYPE_CHECKING, Any
 from agentbox_harness.backends import (AGENT_STDIO_COMMAND, Preserved, agent_copy_from, agent_copy_to,
                                        agent_execute, agent_shell, attach_lines)
 from agentbox_harness.machine import Machine, Result
-from guest_init import contract as c
-from runtime import guest_registry
-from runtime.channel import AgentClient, ChannelError
-from runtime.commands.libkrun import PodmanKrunMaintenance
-from runtime.doctor import krun_podman_runtime
-from runtime.podman import Podman
-from runtime.vmm import shutdown
-from runtime.state import StateLayout
-from runtime import disks
-from runtime.microvm.session import host_ids
-from runtime.state import task_container_name, task_hostname
-from runtime.tasks.krun import KrunOptions, guest_init_override, krun_task_argv, oci_runtime
-from runtime.tasks.volumes import task_volumes
+from agentbox_guest_init import contract as c
+from agentbox_runtime import guest_registry
+from agentbox_runtime.channel import AgentClient, ChannelError
+from agentbox_runtime.commands.libkrun import PodmanKrunMaintenance
+from agentbox_runtime.doctor import krun_podman_runtime
+from agentbox_runtime.podman import Podman
+from agentbox_runtime.vmm import shutdown
+from agentbox_runtime.state import StateLayout
+from agentbox_runtime import disks
+from agentbox_runtime.microvm.session import host_ids
+from agentbox_runtime.state import task_container_name, task_hostname
+from agentbox_runtime.tasks.krun import KrunOptions, guest_init_override, krun_task_argv, oci_runtime
+from agentbox_runtime.tasks.volumes import task_volumes
 
 if TYPE_CHECKING:
     from agentbox_harness.context import BackendContext

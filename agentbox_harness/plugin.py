@@ -17,12 +17,12 @@ import pytest
 from agentbox_harness import artifacts, reaper
 from agentbox_harness.artifacts import MACHINES, REPORTS
 from agentbox_harness.session import KEY, harness
-from runtime import guest_registry
-from runtime.config import check_location
-from runtime.doctor import krun_podman_runtime
-from runtime.images.recipe import DEFAULT_TAG
-from runtime.podman import Podman
-from runtime.errors import InputError
+from agentbox_runtime import guest_registry
+from agentbox_runtime.config import check_location
+from agentbox_runtime.doctor import krun_podman_runtime
+from agentbox_runtime.images.recipe import DEFAULT_TAG
+from agentbox_runtime.podman import Podman
+from agentbox_runtime.errors import InputError
 
 MARKERS = {
     "vm": "boots a real guest (qemu, libkrun or krun-podman backend)",
@@ -129,8 +129,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config.stash[REAPED] = reaper.reap_dead_runs()
     state_dir = config.getoption("--agentbox-state-dir", default=None)
     if state_dir and Path(state_dir).is_dir():
-        from runtime.microvm.reaper import reap_stale
-        from runtime.state import StateLayout
+        from agentbox_runtime.microvm.reaper import reap_stale
+        from agentbox_runtime.state import StateLayout
 
         app = Path(state_dir) / "agentbox"
         config.stash[REAPED] += reap_stale(StateLayout(app, app.name, app, app))

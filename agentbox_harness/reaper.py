@@ -7,7 +7,7 @@ the directories it created (per-test tmp roots and state bases) and mounts.
 
 - At session start, :func:`reap_dead_runs` reaps what a run whose owner
   process is gone left behind: its labelled containers, recorded VM processes
-  and task dirs (through :mod:`runtime.microvm.reaper`), recorded mounts and
+  and task dirs (through :mod:`agentbox_runtime.microvm.reaper`), recorded mounts and
   loop devices backed by files under its roots. Nothing else is touched: a
   live run's registry is never read for reaping and nothing unrecorded is
   ever unmounted or removed.
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentbox_harness.wait import WaitTimeout, retry
-from guest_init.contract import LABEL_HARNESS_RUN
-from runtime.microvm import reaper as vm_reaper
-from runtime import guest_registry
-from runtime.podman import Podman
-from runtime.state import StateLayout
+from agentbox_guest_init.contract import LABEL_HARNESS_RUN
+from agentbox_runtime.microvm import reaper as vm_reaper
+from agentbox_runtime import guest_registry
+from agentbox_runtime.podman import Podman
+from agentbox_runtime.state import StateLayout
 
 TOOL_TIMEOUT_S = 60.0
 

@@ -23,7 +23,7 @@ from agentbox_harness.krun import build_krun_machine
 from agentbox_harness.machine import Machine
 from agentbox_harness.context import BackendContext
 from agentbox_harness.workspace import Workspace
-from runtime.microvm.session import MicrovmOptions
+from agentbox_runtime.microvm.session import MicrovmOptions
 
 
 MachineBuilder = Callable[[BackendContext, str, dict[str, object]], Machine]

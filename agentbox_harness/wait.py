@@ -1,5 +1,5 @@
-"""The harness's waits use the runtime's one retry primitive (:mod:`runtime.retry`)."""
+"""The harness's waits use the runtime's one retry primitive (:mod:`agentbox_runtime.retry`)."""
 
-from runtime.retry import WaitTimeout, retry
+from agentbox_runtime.retry import WaitTimeout, retry
 
 __all__ = ["WaitTimeout", "retry"]

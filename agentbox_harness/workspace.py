@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.state import StateLayout
+from agentbox_runtime.state import StateLayout
 
 MODES = ("direct", "copy", "overlay-review")
 

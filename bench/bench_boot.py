@@ -1,4 +1,4 @@
-"""Boot to the first guest command: runtime.vmm.qemu versus bare qemu command lines.
+"""Boot to the first guest command: agentbox_runtime.vmm.qemu versus bare qemu command lines.
 
 All boot the same initramfs (with the same launch.conf) and task rootfs (an
 overlay over ``localhost/agentbox:latest``) and are timed until the guest
@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from guest_init import contract
-from guest_init.launch_config import LaunchConfig, encode
-from runtime.vmm import initramfs
-from runtime.vmm.base import VmSpec
-from runtime.vmm.boot_phases import durations
-from runtime.vmm.qemu import CMDLINE, QemuDriver, cache_dir, fast_boot, qemu_binary, tail
+from agentbox_guest_init import contract
+from agentbox_guest_init.launch_config import LaunchConfig, encode
+from agentbox_runtime.vmm import initramfs
+from agentbox_runtime.vmm.base import VmSpec
+from agentbox_runtime.vmm.boot_phases import durations
+from agentbox_runtime.vmm.qemu import CMDLINE, QemuDriver, cache_dir, fast_boot, qemu_binary, tail
 
 IMAGE = "localhost/agentbox:latest"
 MARKER = "AGENTBOX-BENCH-FIRST-COMMAND"

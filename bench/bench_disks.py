@@ -1,4 +1,4 @@
-"""Raw disk creation through runtime.disks versus bare ``truncate`` + ``mkfs.btrfs``.
+"""Raw disk creation through agentbox_runtime.disks versus bare ``truncate`` + ``mkfs.btrfs``.
 
 Prints JSON: median seconds of each and the overhead ratio (runtime / bare).
 """
@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime import disks
+from agentbox_runtime import disks
 
 ROUNDS = 5
 

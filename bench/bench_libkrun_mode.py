@@ -30,7 +30,7 @@ COMMANDS = {
 
 def timed(argv: list[str], cwd: Path, env: dict[str, str]) -> float:
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", *argv], cwd=cwd, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
     elapsed = time.monotonic() - start
     if proc.returncode != 0:

@@ -1,7 +1,7 @@
 """Task rootfs materialization per storage backend versus a plain ``cp -a``.
 
 For synthetic rootfs trees of 100 MiB and 1 GiB (many small files plus a few
-large ones) on a loop-mounted btrfs, times ``runtime.microvm.storage`` with
+large ones) on a loop-mounted btrfs, times ``agentbox_runtime.microvm.storage`` with
 btrfs-snapshot, reflink and fuse-overlay, and ``cp -a`` as the baseline.
 Prints JSON: median seconds per backend and size, and the ratio backend / cp.
 Needs root (loop mount, fuse) and btrfs-progs, fuse-overlayfs.
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime.microvm import storage
+from agentbox_runtime.microvm import storage
 
 BACKENDS = ("btrfs-snapshot", "reflink", "fuse-overlay")
 

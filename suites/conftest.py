@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.contract import LABEL_HARNESS_RUN
+from agentbox_guest_init.contract import LABEL_HARNESS_RUN
 
 TOOL_TIMEOUT_S = 120
 
@@ -31,7 +31,7 @@ def podman_env() -> dict[str, str]:
     """Environment for real podman calls; skips when podman is not installed."""
     if shutil.which("podman") is None:
         pytest.skip("needs podman: apt-get install podman")
-    from runtime.container import host_conf
+    from agentbox_runtime.container import host_conf
 
     return dict(os.environ, **{host_conf.ENV: str(host_conf.ensure())})
 

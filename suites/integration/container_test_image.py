@@ -19,7 +19,7 @@ HOST_BINARIES = ("/usr/bin/nix", "/bin/bash", "/usr/bin/socat", "/bin/busybox")
 BUSYBOX_APPLETS = ("sh", "mktemp", "seq", "sleep", "cat", "ls", "mkdir", "tail", "kill", "id",
                    "echo", "test", "rm", "env", "grep", "awk", "touch", "stat", "true", "false")
 
-FILES = Path(__file__).resolve().parents[2] / "runtime" / "images" / "files"
+FILES = Path(__file__).resolve().parents[2] / "agentbox_runtime" / "images" / "files"
 PROXY = (FILES / "agentbox-sidecar-proxy").read_text()
 ENTRYPOINT = (FILES / "agentbox-nix-sidecar-entrypoint").read_text()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container import host_conf
+from agentbox_runtime.container import host_conf
 
 IMAGE = "localhost/agentbox:latest"
 REPO = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ def test_container_mode_runs_out_of_the_box(tmp_path: Path) -> None:
     ws.mkdir()
     env = {k: v for k, v in os.environ.items() if k != host_conf.ENV}
     env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "container", "--image", IMAGE, "--",
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "container", "--image", IMAGE, "--",
                            "sh", "-c", STORE_WRITE], cwd=ws, env=env, capture_output=True,
                           text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 4, proc.stderr[-3000:]

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.contract import LABEL_HARNESS_RUN, LABEL_ROLE, LABEL_SIDECAR, NIX_REMOTE_VALUE
-from runtime.container import host_conf
-from runtime.container.lifecycle import run_task, start_sidecar_only
-from runtime.container.machine_transport import (
+from agentbox_guest_init.contract import LABEL_HARNESS_RUN, LABEL_ROLE, LABEL_SIDECAR, NIX_REMOTE_VALUE
+from agentbox_runtime.container import host_conf
+from agentbox_runtime.container.lifecycle import run_task, start_sidecar_only
+from agentbox_runtime.container.machine_transport import (
     ContainerTransport, ExecTimeout, detached_argv, start_task, stop_task,
 )
-from runtime.container.names import SIDECAR_PREFIX
-from runtime.container.overlay import mountinfo_has
-from runtime.container.podman_bridge import CliPodman
-from runtime.container.sidecar import Sidecar, SidecarRequest, container_running, teardown_stack
+from agentbox_runtime.container.names import SIDECAR_PREFIX
+from agentbox_runtime.container.overlay import mountinfo_has
+from agentbox_runtime.container.podman_bridge import CliPodman
+from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest, container_running, teardown_stack
 from container_test_image import build_test_image
 
 pytestmark = pytest.mark.skipif(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container import host_conf
+from agentbox_runtime.container import host_conf
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("podman") is None,
@@ -27,9 +27,9 @@ pytestmark = pytest.mark.skipif(
 SCRIPT = """
 import os, subprocess
 from pathlib import Path
-from runtime.container.overlay import is_mounted, mount_image, mount_overlay, unmount_image, unmount_overlay
-from runtime.container.podman_bridge import CliPodman
-from runtime.container.state_file import MountMode
+from agentbox_runtime.container.overlay import is_mounted, mount_image, mount_overlay, unmount_image, unmount_overlay
+from agentbox_runtime.container.podman_bridge import CliPodman
+from agentbox_runtime.container.state_file import MountMode
 p = CliPodman()
 root = Path({root!r})
 up, wk, mg = (root / n for n in ("nix-upper", "nix-work", "nix-merged"))

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from runtime.cli import main
-from runtime.doctor import KRUN_PODMAN_QEMU, BACKENDS, CHECKS
-from runtime.doctor.model import STATUSES
-from runtime.doctor.tools import qemu_binary_name
-from runtime.errors import AgentboxError
-from runtime.vmm.libkrun import load_library
+from agentbox_runtime.cli import main
+from agentbox_runtime.doctor import KRUN_PODMAN_QEMU, BACKENDS, CHECKS
+from agentbox_runtime.doctor.model import STATUSES
+from agentbox_runtime.doctor.tools import qemu_binary_name
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.vmm.libkrun import load_library
 
 
 def _doctor_json(capsys: pytest.CaptureFixture[str], *flags: str) -> dict[str, object]:

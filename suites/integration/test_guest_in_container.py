@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import contract
+from agentbox_guest_init import contract
 
 ULIMITS = ("--ulimit", "nofile=16384:16384", "--ulimit", "nproc=8192:8192")
 RUN_TIMEOUT_S = 600
@@ -50,7 +50,7 @@ def _host_has_cap_sys_resource() -> bool:
 
 def _guest_init_ready() -> bool:
     try:
-        from guest_init import enter, nix_prep, podman_prep, resize  # noqa: F401
+        from agentbox_guest_init import enter, nix_prep, podman_prep, resize  # noqa: F401
     except ImportError:
         return False
     return hasattr(enter, "enter") and hasattr(resize, "resize")
@@ -78,7 +78,7 @@ class Disk:
 @pytest.fixture(scope="module")
 def image() -> str:
     """``AGENTBOX_TEST_IMAGE``, else the guest image with the current guest_init (built or up to date)."""
-    from runtime.images.build import build
+    from agentbox_runtime.images.build import build
 
     return os.environ.get("AGENTBOX_TEST_IMAGE") or build().tag
 
@@ -92,7 +92,7 @@ def _losetup(*args: str) -> str:
 @pytest.fixture()
 def disks(tmp_path: Path) -> Iterator[dict[str, Disk]]:
     """The nix and containers disks (64 GiB sparse btrfs) attached as loop devices; detached after."""
-    from runtime.disks import LIBKRUN_DISKS, RawDisk, SubprocessRunner, create
+    from agentbox_runtime.disks import LIBKRUN_DISKS, RawDisk, SubprocessRunner, create
 
     made: dict[str, Disk] = {}
     tag = uuid.uuid4().hex[:8].upper()

@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from guest_init.contract import GUEST_INIT_PATH
-from runtime.errors import InputError, error_chain
-from runtime.tasks.krun import guest_init_target
+from agentbox_guest_init.contract import GUEST_INIT_PATH
+from agentbox_runtime.errors import InputError, error_chain
+from agentbox_runtime.tasks.krun import guest_init_target
 
 
 def _run(env: dict[str, str], *argv: str) -> str:

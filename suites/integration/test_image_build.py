@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import AgentboxError
-from runtime.images import recipe
-from runtime.images.build import BuildResult, build
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.images import recipe
+from agentbox_runtime.images.build import BuildResult, build
 
 REPO = Path(__file__).resolve().parents[2]
 ULIMITS = ("--ulimit", "nofile=16384:16384", "--ulimit", "nproc=8192:8192")
@@ -127,7 +127,7 @@ def test_second_build_is_a_no_op(built: BuildResult) -> None:
 
 
 def test_cli_reports_up_to_date(built: BuildResult) -> None:
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "image", "build"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "image", "build"], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{built.tag} is up to date (base {built.base_tag})"
@@ -165,7 +165,7 @@ def test_guest_init_only_without_a_base_fails_clearly(built: BuildResult, scratc
 
 
 def test_concurrent_builds_build_once(built: BuildResult, scratch_tag: str) -> None:
-    argv = [sys.executable, "-m", "runtime.cli", "image", "build", "--guest-init-only", "--tag", scratch_tag]
+    argv = [sys.executable, "-m", "agentbox_runtime.cli", "image", "build", "--guest-init-only", "--tag", scratch_tag]
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from microvm_helpers import buildah_containers, loop_btrfs, synthetic_image
 
-from runtime.errors import AgentboxError, error_chain
-from runtime.microvm.image_cache import MARKER, ImageCache
+from agentbox_runtime.errors import AgentboxError, error_chain
+from agentbox_runtime.microvm.image_cache import MARKER, ImageCache
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,7 +85,7 @@ def test_missing_image_is_an_error_without_ref(cache_root: Path) -> None:
 
 
 def test_concurrent_ensure_ingests_once(image: str, cache_root: Path) -> None:
-    code = ("import sys; from pathlib import Path; from runtime.microvm.image_cache import ImageCache; "
+    code = ("import sys; from pathlib import Path; from agentbox_runtime.microvm.image_cache import ImageCache; "
             "print(ImageCache(Path(sys.argv[1])).ensure(sys.argv[2])[1])")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(cache_root), image], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
@@ -99,7 +99,7 @@ def test_concurrent_ensure_ingests_once(image: str, cache_root: Path) -> None:
 
 def test_internal_ingest_command(image: str, cache_root: Path) -> None:
     def internal(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "runtime.cli", "internal", *args], cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "internal", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=600)
 
     proc = internal("microvm-ingest-cache", image, str(cache_root), "")

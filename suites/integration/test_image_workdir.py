@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.images import workdir
+from agentbox_runtime.images import workdir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind-mount like the apt step")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container import host_conf
-from runtime.oci.locate import runtime_path
+from agentbox_runtime.container import host_conf
+from agentbox_runtime.oci.locate import runtime_path
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -231,6 +231,6 @@ def test_the_runtime_answers_version_and_features(runtime: str) -> None:
 
 def test_the_runtime_runs_from_its_console_script() -> None:
     assert Path(runtime_path()).name == "agentbox-krun-runtime"
-    proc = subprocess.run([sys.executable, "-m", "runtime.oci.cli", "--version"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.oci.cli", "--version"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0

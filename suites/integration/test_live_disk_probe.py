@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import AgentboxError
-from runtime.live_disks import ApiContainers, CliContainers, api_socket, default_containers, users_of
-from runtime.podman import Podman
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.live_disks import ApiContainers, CliContainers, api_socket, default_containers, users_of
+from agentbox_runtime.podman import Podman
 
 SOCKET_WAIT_S = 30.0
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime import disks
-from runtime.errors import AgentboxError, InputError
+from agentbox_runtime import disks
+from agentbox_runtime.errors import AgentboxError, InputError
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mkfs.btrfs") is None or shutil.which("blkid") is None,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime import disks
-from runtime.errors import AgentboxError
-from runtime.live_disks import CliContainers
-from runtime.reset import reset_nix
-from runtime.resize import ResizePlan, resize
+from agentbox_runtime import disks
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.live_disks import CliContainers
+from agentbox_runtime.reset import reset_nix
+from agentbox_runtime.resize import ResizePlan, resize
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mkfs.btrfs") is None or shutil.which("blkid") is None,
@@ -109,7 +109,7 @@ def cli_env(tmp_path: Path, podman_env: dict[str, str]) -> dict[str, str]:
 
 
 def agentbox(env: dict[str, str], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], env=env, cwd=tmp_path / "ws",
+    return subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", *args], env=env, cwd=tmp_path / "ws",
                           capture_output=True, text=True, timeout=120)
 
 
@@ -158,7 +158,7 @@ def test_cli_reset_nix_recreates_and_leaves_containers_alone(tmp_path: Path, cli
 
 
 def test_cli_resize_without_krun_refuses_before_growing(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    from runtime.doctor.tools import check_crun_krun
+    from agentbox_runtime.doctor.tools import check_crun_krun
 
     if check_crun_krun().ok:
         pytest.skip("this host's crun has the krun handler; the refusal cannot be observed")

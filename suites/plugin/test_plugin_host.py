@@ -407,7 +407,7 @@ def test_dimension_fixtures_take_params_and_overrides(pytester: pytest.Pytester)
 def test_disk_fixtures_create_validate_inspect_reset(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_disks='''
         import os
-        from runtime.disks import Outcome
+        from agentbox_runtime.disks import Outcome
 
         def test_nix_disk(nix_disk, containers_disk):
             assert nix_disk.create() is Outcome.CREATED
@@ -441,8 +441,8 @@ def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester)
             assert f"io.agentbox.harness.run={agentbox_session.run_label}" in argv
             assert (workspace.state.state_root / "libkrun-nix.raw").is_file()
             assert "AGENTBOX_ENTER_AS_ROOT=1" in argv  # the agent is root; verbs pick the user per command
-            from runtime.disks import LIBKRUN_NIX
-            from runtime.resize import ResizePlan
+            from agentbox_runtime.disks import LIBKRUN_NIX
+            from agentbox_runtime.resize import ResizePlan
             runner = m.resize_runner()
             resize_argv = runner.argv(ResizePlan(LIBKRUN_NIX, workspace.state.state_root / "libkrun-nix.raw", 1, 2))
             assert "localhost/agentbox:latest" in resize_argv

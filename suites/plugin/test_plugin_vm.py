@@ -1,5 +1,5 @@
 """The plugin's VM-backed fixtures in fresh pytester projects: real qemu boots
-through runtime.microvm.session (TCG here), artifacts of a failing test,
+through agentbox_runtime.microvm.session (TCG here), artifacts of a failing test,
 --preserve-debug with its ready-to-paste commands, and an interrupted run that
 leaves nothing behind."""
 
@@ -224,7 +224,7 @@ def test_a_harness_killed_during_a_libkrun_mode_boot_is_reaped_by_the_next_run(p
 
 
 def agentbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", *args], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2], env=env)
 
 
@@ -233,7 +233,7 @@ def in_attached_shell(gid: str, env: dict[str, str], command: str, expected: str
     expect ``expected``, exit."""
     import pexpect
 
-    shell = pexpect.spawn(sys.executable, ["-m", "runtime.cli", "attach", gid, *(["--root"] if root else [])],
+    shell = pexpect.spawn(sys.executable, ["-m", "agentbox_runtime.cli", "attach", gid, *(["--root"] if root else [])],
                           env=env, timeout=120, encoding="utf-8", codec_errors="replace",
                           cwd=str(Path(__file__).resolve().parents[2]))
     try:

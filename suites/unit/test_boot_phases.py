@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.vmm.boot_phases import durations, stamps
+from agentbox_runtime.vmm.boot_phases import durations, stamps
 
 CONSOLE = """SeaBIOS noise
 agentbox-phase kernel 1.50

@@ -1,5 +1,5 @@
 """The harness control channel: the real agent (``agentbox-guest-init agent``) in a subprocess,
-driven by :class:`runtime.channel.AgentClient` over pipes and over a socketpair, with noise,
+driven by :class:`agentbox_runtime.channel.AgentClient` over pipes and over a socketpair, with noise,
 partial writes and damaged frames on the stream."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.protocol import MAGIC, FrameReader, encode_frame
-from runtime.channel import AgentClient, ChannelError, ChannelTimeout, RunResult
+from agentbox_guest_init.protocol import MAGIC, FrameReader, encode_frame
+from agentbox_runtime.channel import AgentClient, ChannelError, ChannelTimeout, RunResult
 
 REPO = Path(__file__).resolve().parents[2]
-AGENT = [sys.executable, "-m", "guest_init.cli", "agent"]
+AGENT = [sys.executable, "-m", "agentbox_guest_init.cli", "agent"]
 
 
 def agent_env() -> dict[str, str]:
@@ -236,7 +236,7 @@ def test_reader_drops_bad_checksums_and_truncated_frames() -> None:
 
 
 def test_agent_port_lookup_by_sysfs_name(tmp_path: Path) -> None:
-    from guest_init.agent import find_port
+    from agentbox_guest_init.agent import find_port
 
     sys_ports, dev = tmp_path / "sys", tmp_path / "dev"
     (sys_ports / "vport1p1").mkdir(parents=True)
@@ -367,7 +367,7 @@ def test_a_program_on_a_guest_pty_through_the_relay(piped) -> None:  # type: ign
     import pexpect
     from pexpect import fdpexpect
 
-    from runtime.channel import PtyRelay
+    from agentbox_runtime.channel import PtyRelay
 
     client, _ = piped
     pty = client.pty_spawn(["sh", "-c", "stty size; tty; read x; echo got $x; exit 5"], user="root", rows=33, cols=101)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import parse
+from agentbox_runtime.cli import parse
 
 
 @pytest.fixture()
@@ -25,7 +25,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 
 def agentbox(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", *args], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -149,7 +149,7 @@ def test_bad_input_one_line_nothing_written(env: dict[str, str], tmp_path: Path,
 
 
 def test_libkrun_task_without_krun_handler_stops_before_anything(env: dict[str, str], tmp_path: Path) -> None:
-    from runtime.doctor.tools import check_crun_krun
+    from agentbox_runtime.doctor.tools import check_crun_krun
 
     if check_crun_krun().ok:
         pytest.skip("this host's crun has the krun handler; the refusal cannot be observed")
@@ -163,6 +163,6 @@ def test_libkrun_task_without_krun_handler_stops_before_anything(env: dict[str, 
 
 @pytest.mark.parametrize("code,expected", [(0, 0), (3, 3), (255, 255), (256, 1), (-9, 1), (None, 1)])
 def test_child_status_is_clamped(code: int | None, expected: int) -> None:
-    from runtime.commands.libkrun import exit_status
+    from agentbox_runtime.commands.libkrun import exit_status
 
     assert exit_status(code) == expected

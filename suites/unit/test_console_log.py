@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import InputError
-from runtime.vmm import console_log
-from runtime.vmm.console_log import ConsoleListener, ConsoleRecorder, log_cap, rotated
-from runtime.vmm.host import tail
+from agentbox_runtime.errors import InputError
+from agentbox_runtime.vmm import console_log
+from agentbox_runtime.vmm.console_log import ConsoleListener, ConsoleRecorder, log_cap, rotated
+from agentbox_runtime.vmm.host import tail
 
 CAP = 128 << 10
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container import host_conf
-from runtime.container.lifecycle import (
+from agentbox_runtime.container import host_conf
+from agentbox_runtime.container.lifecycle import (
     adapt_task_argv, clamp_status, rootful_dev_ids, sidecar_only_message,
 )
-from runtime.errors import AgentboxError
-from runtime.container.sidecar import Sidecar
-from runtime.container.state_file import MountMode
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.container.sidecar import Sidecar
+from agentbox_runtime.container.state_file import MountMode
 
 REFERENCE = ["run", "--rm", "-it", "--name", "p-0123456789abcdef", "--userns", "keep-id",
              "--workdir", "/workspace", "localhost/agentbox:latest", "fish", "-l"]
@@ -73,7 +73,7 @@ def test_sidecar_only_message_is_the_reference_line() -> None:
 
 def test_host_containers_conf_text() -> None:
     assert host_conf.render("runc", 1024, 512) == (
-        "# written by agentbox-harness (runtime.container.host_conf)\n[containers]\n"
+        "# written by agentbox-harness (agentbox_runtime.container.host_conf)\n[containers]\n"
         'default_ulimits = ["nofile=1024:1024", "nproc=512:512"]\n\n[engine]\nruntime = "runc"\n')
 
 

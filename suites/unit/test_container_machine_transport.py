@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from runtime.container.machine_transport import ContainerTransport, detached_argv
-from runtime.container.podman_bridge import CliPodman
+from agentbox_runtime.container.machine_transport import ContainerTransport, detached_argv
+from agentbox_runtime.container.podman_bridge import CliPodman
 
 
 def test_exec_argv_string_runs_through_sh_with_defaults() -> None:

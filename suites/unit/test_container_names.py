@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from runtime.container.names import sidecar_hash, sidecar_name
+from agentbox_runtime.container.names import sidecar_hash, sidecar_name
 
 
 def test_name_shape() -> None:

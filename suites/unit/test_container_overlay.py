@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container.overlay import (
+from agentbox_runtime.container.overlay import (
     escape_mountinfo, fuse_overlayfs_argv, mountinfo_has, unescape_mountinfo,
 )
 

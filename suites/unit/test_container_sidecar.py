@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container.health import ProbeAttempt, probe_argv, probe_script, render_failure
-from runtime.container.sidecar import parse_port, sidecar_run_argv
-from runtime.errors import AgentboxError
+from agentbox_runtime.container.health import ProbeAttempt, probe_argv, probe_script, render_failure
+from agentbox_runtime.container.sidecar import parse_port, sidecar_run_argv
+from agentbox_runtime.errors import AgentboxError
 
 NAME = "agentbox-nix-sidecar-proj-0123456789abcdef"
 

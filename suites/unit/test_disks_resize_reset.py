@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime import disks
-from runtime.errors import AgentboxError, InputError
-from runtime.live_disks import parse_annotation_lines, refuse_if_live, users_of
-from runtime.reset import reset_nix
-from runtime.resize import GuestStepFailed, ResizePlan, resize
+from agentbox_runtime import disks
+from agentbox_runtime.errors import AgentboxError, InputError
+from agentbox_runtime.live_disks import parse_annotation_lines, refuse_if_live, users_of
+from agentbox_runtime.reset import reset_nix
+from agentbox_runtime.resize import GuestStepFailed, ResizePlan, resize
 
 
 class Tools:

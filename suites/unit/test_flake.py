@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.images import recipe
+from agentbox_runtime.images import recipe
 
 FLAKE = Path(__file__).resolve().parents[2] / "flake.nix"
 
@@ -25,8 +25,8 @@ def test_flake_keeps_the_guest_contract() -> None:
     cmd = " ".join(f'"{part}"' for part in recipe.CMD)
     for needle in (f"Entrypoint = [ {entrypoint} ];", f"Cmd = [ {cmd} ];", 'WorkingDir = "/workspace";',
                    "$out/bin/agentbox-guest-init", "bin/agentbox-guest-init", "python3 -I",
-                   "from guest_init.cli import main", "AGENTBOX_REAL_PODMAN=", "SHELL=",
-                   recipe.LABEL_GUEST_INIT, "usr/local/bin", "runtime/images/files", "guest_init/wrappers",
+                   "from agentbox_guest_init.cli import main", "AGENTBOX_REAL_PODMAN=", "SHELL=",
+                   recipe.LABEL_GUEST_INIT, "usr/local/bin", "agentbox_runtime/images/files", "agentbox_guest_init/wrappers",
                    "dev:x:1000:1000::/home/dev:", "nixbld:x:30000:", "boot/vmlinuz-", "lib/modules",
                    "devShells", "harness = py.buildPythonApplication", "image = pkgs.dockerTools"):
         assert needle in text, needle

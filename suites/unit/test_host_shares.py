@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import contract
-from runtime.vmm import host_share, share_filter
+from agentbox_guest_init import contract
+from agentbox_runtime.vmm import host_share, share_filter
 
 ATTEMPTS = r"""
 import errno, os, stat, sys
-from runtime.vmm import share_filter
+from agentbox_runtime.vmm import share_filter
 share_filter.install()
 d = sys.argv[1]
 def attempt(name, fn):
@@ -69,14 +69,14 @@ def test_the_share_filter_refuses_setuid_setgid_devices_and_xattrs_and_allows_th
 def test_the_filter_is_inherited_and_cannot_be_lifted(tmp_path: Path) -> None:
     """Loaded with no_new_privs: a program it executes (here chmod(1)) is filtered too."""
     (tmp_path / "f").write_text("x")
-    code = ("import os, sys\nfrom runtime.vmm import share_filter\nshare_filter.install()\n"
+    code = ("import os, sys\nfrom agentbox_runtime.vmm import share_filter\nshare_filter.install()\n"
             "os.execvp('chmod', ['chmod', 'u+s', sys.argv[1]])")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode != 0 and "not permitted" in proc.stderr
     assert not (tmp_path / "f").stat().st_mode & stat.S_ISUID
     assert "NoNewPrivs:\t1" in subprocess.run(
-        [sys.executable, "-c", "from runtime.vmm import share_filter; share_filter.install(); "
+        [sys.executable, "-c", "from agentbox_runtime.vmm import share_filter; share_filter.install(); "
          "print(open('/proc/self/status').read())"], cwd=REPO, capture_output=True, text=True, timeout=60).stdout
 
 

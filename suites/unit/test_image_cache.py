@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import AgentboxError
-from runtime.microvm.image_cache import (MARKER, ImageCache, encode_ref, parse_digest, pinned_digest,
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.microvm.image_cache import (MARKER, ImageCache, encode_ref, parse_digest, pinned_digest,
                                          validate_rootfs)
 
 DIGEST = "sha256:" + "ab" * 32

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import contract
-from runtime.errors import InputError
-from runtime.images import recipe
-from runtime.images.commit import config_argv
-from runtime.images.install import in_root, install_guest_init
-from runtime.images.rootfs import apt_mirror, users_script
+from agentbox_guest_init import contract
+from agentbox_runtime.errors import InputError
+from agentbox_runtime.images import recipe
+from agentbox_runtime.images.commit import config_argv
+from agentbox_runtime.images.install import in_root, install_guest_init
+from agentbox_runtime.images.rootfs import apt_mirror, users_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture()
 def pkg_copy(tmp_path: Path) -> Path:
     """A copy of the guest_init package that a test may edit."""
-    dest = tmp_path / "src" / "guest_init"
+    dest = tmp_path / "src" / "agentbox_guest_init"
     shutil.copytree(recipe.guest_init_dir(), dest, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
@@ -75,7 +75,7 @@ def test_guest_init_hash_follows_the_in_image_scripts(pkg_copy: Path, tmp_path: 
 
 def test_recipe_hash_follows_the_root_builder_source(tmp_path: Path) -> None:
     edited = tmp_path / "rootfs.py"
-    edited.write_bytes((REPO / "runtime/images/rootfs.py").read_bytes())
+    edited.write_bytes((REPO / "agentbox_runtime/images/rootfs.py").read_bytes())
     assert recipe.recipe_hash(edited) == recipe.recipe_hash()
     edited.write_bytes(edited.read_bytes() + b"\n# another step\n")
     assert recipe.recipe_hash(edited) != recipe.recipe_hash()
@@ -94,15 +94,15 @@ def test_launcher_text_golden() -> None:
         "#!/usr/bin/python3 -I\n"
         "import sys\n"
         "sys.path.insert(0, '/nix/store/x-agentbox-guest-init-0.1.0/lib')\n"
-        "from guest_init.cli import main\n"
+        "from agentbox_guest_init.cli import main\n"
         "sys.exit(main())\n")
 
 
 def test_launcher_imports_guest_init_from_its_lib_dir_first(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
-    (lib / "guest_init").mkdir(parents=True)
-    (lib / "guest_init" / "__init__.py").write_text("")
-    (lib / "guest_init" / "cli.py").write_text(
+    (lib / "agentbox_guest_init").mkdir(parents=True)
+    (lib / "agentbox_guest_init" / "__init__.py").write_text("")
+    (lib / "agentbox_guest_init" / "cli.py").write_text(
         "import sys\n"
         "def main():\n"
         "    print(__file__, sys.argv[1:])\n"
@@ -113,7 +113,7 @@ def test_launcher_imports_guest_init_from_its_lib_dir_first(tmp_path: Path) -> N
     proc = subprocess.run([sys.executable, "-I", str(launcher), "libkrun", "enter"], capture_output=True,
                           text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 7, proc.stderr
-    assert proc.stdout.strip() == f"{lib / 'guest_init' / 'cli.py'} ['libkrun', 'enter']"
+    assert proc.stdout.strip() == f"{lib / 'agentbox_guest_init' / 'cli.py'} ['libkrun', 'enter']"
 
 
 def _debian_like_root(root: Path, absolute_bin: bool) -> None:
@@ -132,7 +132,7 @@ def test_install_layout_matches_the_microvm_contract(tmp_path: Path, absolute_bi
                  if p.is_file() and os.access(p, os.X_OK)]
     assert launchers == [root / store.relative_to("/") / "bin/agentbox-guest-init"]
     assert launchers[0].read_text() == recipe.launcher_text(store / "lib")
-    assert (root / store.relative_to("/") / "lib/guest_init/cli.py").is_file()
+    assert (root / store.relative_to("/") / "lib/agentbox_guest_init/cli.py").is_file()
     link = root / "usr/bin" / Path(contract.GUEST_INIT_PATH).name
     assert os.readlink(link) == str(store / "bin/agentbox-guest-init")
     for script in ("agentbox-nix-sidecar-entrypoint", "agentbox-sidecar-proxy"):
@@ -220,7 +220,7 @@ def test_check_tag_refuses(bad: str) -> None:
 
 def test_cli_bad_tag_is_one_line_exit_2(tmp_path: Path) -> None:
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "image", "build", "--tag", "Not Valid"],
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "image", "build", "--tag", "Not Valid"],
                           env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import AgentboxError
-from runtime.images.steps import step, tool
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.images.steps import step, tool
 
 
 def test_step_logs_output_and_reports_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -53,7 +53,7 @@ def test_tool_returns_stdout_and_reports_stderr_on_failure() -> None:
 
 
 def test_mounts_under_decodes_and_orders_deepest_first(tmp_path: Path) -> None:
-    from runtime.images.workdir import mounts_under
+    from agentbox_runtime.images.workdir import mounts_under
 
     root = tmp_path / "agentbox-root-x"
     root.mkdir()
@@ -74,7 +74,7 @@ def test_a_build_another_process_holds_says_it_is_waiting_and_gives_up_with_one_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from filelock import FileLock
 
-    from runtime.images import build
+    from agentbox_runtime.images import build
 
     monkeypatch.setattr(build, "lock_path", lambda: tmp_path / "build.lock")
     monkeypatch.setattr(build, "LOCK_TIMEOUT_S", 0.3)

@@ -12,8 +12,8 @@ from pathlib import Path
 import libarchive
 import pytest
 
-from guest_init import contract
-from runtime.vmm import initramfs
+from agentbox_guest_init import contract
+from agentbox_runtime.vmm import initramfs
 
 VERSION = "6.1.0-99-amd64"
 # A synthetic modules.dep shaped like Debian's: btrfs needs libcrc32c (which needs a crc32c

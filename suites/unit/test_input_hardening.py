@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import MAX_CONFIG_BYTES, load_config
-from runtime.errors import InputError
-from runtime.size_grammar import MAX_SIZE, parse_resize_size
+from agentbox_runtime.config import MAX_CONFIG_BYTES, load_config
+from agentbox_runtime.errors import InputError
+from agentbox_runtime.size_grammar import MAX_SIZE, parse_resize_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -41,7 +41,7 @@ def test_a_newline_in_a_config_value_gives_one_line(tmp_path: Path) -> None:
     conf.write_text('[state]\nlocation = "/no/such\\nplace"\n')
     work = tmp_path / "project"
     work.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "libkrun", "resize", "--target", "nix", "--size", "1G"],
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "libkrun", "resize", "--target", "nix", "--size", "1G"],
                           cwd=work, env={**os.environ, "AGENTBOX_CONFIG": str(conf), "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -61,7 +61,7 @@ def test_the_largest_size_below_off_t_parses() -> None:
 @pytest.mark.parametrize("spec", ["8080:80", "80", "127.0.0.1:8080:80", "127.0.0.1::80", "8000-8010:80-90",
                                   "[::1]:8080:80/udp", "8080:80/tcp"])
 def test_publish_specs_podman_accepts_pass(spec: str) -> None:
-    from runtime.tasks.krun import validate_publish
+    from agentbox_runtime.tasks.krun import validate_publish
 
     assert validate_publish([spec], False) == (spec,)
 
@@ -69,7 +69,7 @@ def test_publish_specs_podman_accepts_pass(spec: str) -> None:
 @pytest.mark.parametrize("spec", ["not-a-port", "0:80", "8080:70000", "999.0.0.1:80:80", "80/icmp", "--privileged",
                                   "90-80:80", "8080:80:80:80"])
 def test_bad_publish_specs_are_one_clear_error(spec: str) -> None:
-    from runtime.tasks.krun import validate_publish
+    from agentbox_runtime.tasks.krun import validate_publish
 
     with pytest.raises(InputError, match="invalid publish spec .*; accepted: \\[\\[ip:\\]\\[hostPort\\]:\\]containerPort"):
         validate_publish([spec], False)
@@ -78,7 +78,7 @@ def test_bad_publish_specs_are_one_clear_error(spec: str) -> None:
 @pytest.mark.parametrize("ref", ["--privileged", "-it", "UPPER/case", "a b", "x\ny", "", "a" * 300,
                                  "localhost/agentbox:latest@sha256:short"])
 def test_bad_image_refs_are_refused(ref: str) -> None:
-    from runtime.podman import validate_image_ref
+    from agentbox_runtime.podman import validate_image_ref
 
     with pytest.raises(InputError, match="invalid image reference"):
         validate_image_ref(ref)
@@ -87,7 +87,7 @@ def test_bad_image_refs_are_refused(ref: str) -> None:
 @pytest.mark.parametrize("ref", ["localhost/agentbox:latest", "ghcr.io/zeroqn/agentbox:latest", "debian",
                                  "localhost:5000/a/b:v1.2", "docker.io/library/alpine@sha256:" + "a" * 64])
 def test_image_refs_pass(ref: str) -> None:
-    from runtime.podman import validate_image_ref
+    from agentbox_runtime.podman import validate_image_ref
 
     assert validate_image_ref(ref) == ref
 
@@ -99,7 +99,7 @@ def _agentbox(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
                 "HOME": str(tmp_path / "home"), **(env or {})}
     full_env.pop("AGENTBOX_CONFIG", None)
     full_env.pop("AGENTBOX_KRUN_RUNTIME", None)
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=work, env=full_env,
+    return subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", *args], cwd=work, env=full_env,
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
@@ -123,7 +123,7 @@ def test_a_non_utf8_workspace_path_is_refused_before_anything_is_written(tmp_pat
     work.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_STATE_HOME": str(tmp_path / "state"),
            "HOME": str(tmp_path / "home")}
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "libkrun", "resize", "--target", "nix", "--size", "1G"],
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "libkrun", "resize", "--target", "nix", "--size", "1G"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2 and "is not valid UTF-8" in proc.stderr, proc.stderr
     assert not (tmp_path / "state").exists()

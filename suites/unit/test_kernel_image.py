@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.vmm import qemu
-from runtime.vmm.kernel_image import XEN_ELFNOTE_PHYS32_ENTRY, extract_elf, has_pvh_note, pvh_kernel
+from agentbox_runtime.vmm import qemu
+from agentbox_runtime.vmm.kernel_image import XEN_ELFNOTE_PHYS32_ENTRY, extract_elf, has_pvh_note, pvh_kernel
 
 NOTE = struct.pack("<III", 4, 4, XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0" + struct.pack("<I", 0x1000000)
 ELF_PVH = b"\x7fELF" + b"\0" * 60 + NOTE + b"kernel text" * 100

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from runtime.cli import parse
-from runtime.config import Config, load_config
-from runtime.errors import AgentboxError, InputError
-from runtime.doctor import tools as doctor_tools
-from runtime.tasks import krun as krun_tasks
-from runtime.tasks.krun import ENV_KRUN_RUNTIME, KrunOptions, oci_runtime, select_krun_runtime
+from agentbox_runtime.cli import parse
+from agentbox_runtime.config import Config, load_config
+from agentbox_runtime.errors import AgentboxError, InputError
+from agentbox_runtime.doctor import tools as doctor_tools
+from agentbox_runtime.tasks import krun as krun_tasks
+from agentbox_runtime.tasks.krun import ENV_KRUN_RUNTIME, KrunOptions, oci_runtime, select_krun_runtime
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU_RUNTIME = "/venv/bin/agentbox-krun-runtime"
@@ -157,7 +157,7 @@ def _agentbox(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> 
     for name in ("AGENTBOX_CONFIG", "AGENTBOX_IMAGE", ENV_KRUN_RUNTIME):
         if name not in (env or {}):
             full_env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=work, env=full_env,
+    return subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", *args], cwd=work, env=full_env,
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
@@ -213,9 +213,9 @@ class FakePodman:
 
 @pytest.fixture()
 def libkrun_cmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """``runtime.commands.libkrun`` with Podman, image resolution, disk preparation, crun's krun
+    """``agentbox_runtime.commands.libkrun`` with Podman, image resolution, disk preparation, crun's krun
     check and the runtime lookup faked; HOME, state and config under ``tmp_path``."""
-    import runtime.commands.libkrun as lk
+    import agentbox_runtime.commands.libkrun as lk
 
     work = tmp_path / "project"
     work.mkdir()
@@ -241,7 +241,7 @@ def libkrun_cmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
 
 
 def _run(argv: list[str]) -> int:
-    from runtime.commands.libkrun import run
+    from agentbox_runtime.commands.libkrun import run
 
     return run(parse(argv))
 
@@ -319,8 +319,8 @@ def test_rootless_keeps_keep_id_and_the_users_ids(libkrun_cmd: dict[str, Any],
 
 def test_resize_maintenance_skips_require_krun_for_qemu(libkrun_cmd: dict[str, Any],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.commands.libkrun import PodmanKrunMaintenance
-    from runtime.state import StateLayout
+    from agentbox_runtime.commands.libkrun import PodmanKrunMaintenance
+    from agentbox_runtime.state import StateLayout
 
     layout = StateLayout.resolve()
     for runtime, calls in (("crun", 1), (QEMU_RUNTIME, 1)):
@@ -333,9 +333,9 @@ def test_resize_maintenance_skips_require_krun_for_qemu(libkrun_cmd: dict[str, A
 
 
 def test_require_krun_says_how_to_select_the_qemu_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.commands import libkrun
-    from runtime.commands.libkrun import require_krun
-    from runtime.doctor.model import Check
+    from agentbox_runtime.commands import libkrun
+    from agentbox_runtime.commands.libkrun import require_krun
+    from agentbox_runtime.doctor.model import Check
 
     monkeypatch.setattr(libkrun, "check_crun_krun",
                         lambda: Check("crun-krun", False, "unusable", "crun 1.8 was built without libkrun", "x"))
@@ -348,7 +348,7 @@ def test_require_krun_says_how_to_select_the_qemu_runtime(monkeypatch: pytest.Mo
 
 
 def test_crun_krun_fix_mentions_the_qemu_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.doctor import tools
+    from agentbox_runtime.doctor import tools
 
     monkeypatch.setattr(tools.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(tools, "run_tool", lambda argv, **_: (0, "crun version 1.8.1\n+SYSTEMD +SELINUX"))
@@ -360,7 +360,7 @@ def test_crun_krun_fix_mentions_the_qemu_runtime(monkeypatch: pytest.MonkeyPatch
 
 
 def test_doctor_krun_runtime_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from runtime.doctor import BACKENDS, CHECKS, check_by_name
+    from agentbox_runtime.doctor import BACKENDS, CHECKS, check_by_name
 
     assert "krun-runtime" in CHECKS and all("krun-runtime" not in needs for needs in BACKENDS.values())
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
@@ -386,7 +386,7 @@ def test_doctor_krun_runtime_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_namespace_without_the_flag_still_selects(libkrun_cmd: dict[str, Any]) -> None:
     """A namespace built elsewhere (no ``krun_runtime`` attribute) selects from env/config/default."""
-    from runtime.commands.libkrun import _options
+    from agentbox_runtime.commands.libkrun import _options
 
     ns = argparse.Namespace(guest_init=None, mem=1, tsi=False, publish=[], root=False, profile=False,
                             debug=False)

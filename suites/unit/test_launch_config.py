@@ -2,7 +2,7 @@
 
 import pytest
 
-from guest_init.launch_config import LaunchConfig, LaunchConfigError, LaunchDisk, decode, encode
+from agentbox_guest_init.launch_config import LaunchConfig, LaunchConfigError, LaunchDisk, decode, encode
 
 CFG = LaunchConfig(
     task_rootfs="/s/microvm-tasks/t/rootfs-fuse-overlay", workspace_source="/w/proj",

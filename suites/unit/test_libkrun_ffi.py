@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.contract import ATTACH_VSOCK_PORT
-from guest_init.launch_config import LaunchConfig, LaunchDisk, encode
+from agentbox_guest_init.contract import ATTACH_VSOCK_PORT
+from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk, encode
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -68,7 +68,7 @@ def run_helper(tmp_path: Path, lib: Path, workspace: Path | None = None,
     conf.write_text(encode(dataclasses.replace(CFG, workspace_source=str(workspace))))
     log = tmp_path / "calls.log"
     full = {**os.environ, "AGENTBOX_LIBKRUN_LIBRARY": str(lib), "FAKE_KRUN_LOG": str(log), **env}
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(conf)],
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "__agentbox_microvm_enter", str(conf)],
                           cwd=REPO, env=full, capture_output=True, text=True, timeout=60)
     calls = log.read_text().splitlines() if log.exists() else []
     exported = r"/proc/self/fd/\d+" if os.geteuid() == 0 else re.escape(str(workspace))
@@ -129,7 +129,7 @@ def test_missing_library_names_it(tmp_path: Path) -> None:
 
 def test_unreadable_launch_config(tmp_path: Path, fake_lib: Path) -> None:
     env = {**os.environ, "AGENTBOX_LIBKRUN_LIBRARY": str(fake_lib)}
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "__agentbox_microvm_enter", str(tmp_path / "x")],
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "__agentbox_microvm_enter", str(tmp_path / "x")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert f"failed to read microvm launch config '{tmp_path / 'x'}'" in proc.stderr

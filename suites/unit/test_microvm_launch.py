@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.launch_config import LaunchDisk, decode
-from runtime.microvm.session import MicrovmOptions, MicrovmTask, build_launch, host_ids
-from runtime.guest_resources import default_cpus
-from runtime.state import StateLayout
+from agentbox_guest_init.launch_config import LaunchDisk, decode
+from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask, build_launch, host_ids
+from agentbox_runtime.guest_resources import default_cpus
+from agentbox_runtime.state import StateLayout
 
 BASE_ENV = ["AGENTBOX_HOST_UID={uid}", "AGENTBOX_HOST_GID={gid}", "AGENTBOX_KVM_DROP_TO_DEV=1",
             "AGENTBOX_MICROVM_WORKSPACE_TAG=agentbox-workspace", "AGENTBOX_MICROVM_WORKSPACE_TARGET=/workspace"]

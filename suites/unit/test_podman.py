@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import AgentboxError
-from runtime.podman import DEFAULT_IMAGE, MISSING, PUBLISHED_IMAGE, Podman, resolve_image
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.podman import DEFAULT_IMAGE, MISSING, PUBLISHED_IMAGE, Podman, resolve_image
 
 
 @pytest.fixture()

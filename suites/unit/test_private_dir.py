@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.private_dir import SOCKET_DIR_MAX, UnsafeDirectory, check_private, ensure_private, runtime_dir
+from agentbox_runtime.private_dir import SOCKET_DIR_MAX, UnsafeDirectory, check_private, ensure_private, runtime_dir
 
 
 def test_created_private_and_reused(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_socket_dirs_stay_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_harness_containers_conf_refuses_a_dir_planted_by_another_user(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from runtime.container import host_conf
+    from agentbox_runtime.container import host_conf
 
     if os.geteuid() != 0:
         pytest.skip("needs root to create a dir owned by another user")
@@ -91,7 +91,7 @@ def test_harness_containers_conf_refuses_a_dir_planted_by_another_user(tmp_path:
 
 
 def test_harness_containers_conf_replaces_a_planted_symlink_instead_of_following_it(tmp_path: Path) -> None:
-    from runtime.container import host_conf
+    from agentbox_runtime.container import host_conf
 
     victim = tmp_path / "victim"
     victim.write_text("keep")

@@ -8,11 +8,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guest_init.launch_config import LaunchConfig, LaunchConfigError, LaunchDisk, decode, encode
-from guest_init.protocol import MAGIC, FrameReader, encode_frame
-from runtime.config import parse_config
-from runtime.errors import InputError
-from runtime.size_grammar import GIB, MAX_SIZE, TIB, parse_resize_size
+from agentbox_guest_init.launch_config import LaunchConfig, LaunchConfigError, LaunchDisk, decode, encode
+from agentbox_guest_init.protocol import MAGIC, FrameReader, encode_frame
+from agentbox_runtime.config import parse_config
+from agentbox_runtime.errors import InputError
+from agentbox_runtime.size_grammar import GIB, MAX_SIZE, TIB, parse_resize_size
 
 # Text as it comes through argv and files: any Unicode except surrogates (not encodable).
 TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)

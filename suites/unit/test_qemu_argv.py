@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.launch_config import LaunchConfig, LaunchDisk
-from runtime.vmm.base import VmSpec
-from runtime.vmm.qemu import build_argv, parse_status, socket_dir, tail
+from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk
+from agentbox_runtime.vmm.base import VmSpec
+from agentbox_runtime.vmm.qemu import build_argv, parse_status, socket_dir, tail
 
 LAUNCH = LaunchConfig(
     task_rootfs="/r", workspace_source="/w/proj", workspace_tag="agentbox-workspace",

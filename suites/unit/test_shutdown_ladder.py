@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from runtime.vmm.shutdown import stop
+from agentbox_runtime.vmm.shutdown import stop
 
 
 def spawn(script: str) -> subprocess.Popen[bytes]:

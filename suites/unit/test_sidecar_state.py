@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from runtime.container.state_file import (
+from agentbox_runtime.container.state_file import (
     MountMode, SidecarState, StateParseError, load_state, parse_state, write_state,
 )
-from runtime.errors import AgentboxError
+from agentbox_runtime.errors import AgentboxError
 
 FULL = """\
 image=localhost/agentbox:latest

@@ -2,9 +2,9 @@
 
 import pytest
 
-from runtime.errors import AgentboxError, InputError
-from runtime.size_grammar import parse_resize_size
-from runtime.guest_resources import (default_cpus, default_libkrun_mem_gib, meminfo_total_bytes,
+from agentbox_runtime.errors import AgentboxError, InputError
+from agentbox_runtime.size_grammar import parse_resize_size
+from agentbox_runtime.guest_resources import (default_cpus, default_libkrun_mem_gib, meminfo_total_bytes,
                             microvm_ram_mib, parse_mem_gib)
 
 GIB, TIB = 1 << 30, 1 << 40

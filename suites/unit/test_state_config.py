@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import default_config_path, load_config
-from runtime.errors import InputError
-from runtime.state import (StateLayout, state_base, task_container_name, task_hostname,
+from agentbox_runtime.config import default_config_path, load_config
+from agentbox_runtime.errors import InputError
+from agentbox_runtime.state import (StateLayout, state_base, task_container_name, task_hostname,
                            workspace_slug)
 
 

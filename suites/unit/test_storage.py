@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import AgentboxError, error_chain
-from runtime.microvm import storage
+from agentbox_runtime.errors import AgentboxError, error_chain
+from agentbox_runtime.microvm import storage
 
 
 @pytest.fixture()

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from runtime.errors import AgentboxError, InputError, error_chain
-from runtime.microvm import storage
-from runtime.microvm.image_cache import MARKER, ImageCache
-from runtime.microvm.reaper import records
-from runtime.microvm.session import MicrovmOptions, MicrovmTask, Phases, run_microvm
-from runtime.state import StateLayout
-from runtime.vmm.libkrun import LibkrunHandle
+from agentbox_runtime.errors import AgentboxError, InputError, error_chain
+from agentbox_runtime.microvm import storage
+from agentbox_runtime.microvm.image_cache import MARKER, ImageCache
+from agentbox_runtime.microvm.reaper import records
+from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask, Phases, run_microvm
+from agentbox_runtime.state import StateLayout
+from agentbox_runtime.vmm.libkrun import LibkrunHandle
 
 DIGEST = "sha256:" + "cd" * 32
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from runtime.disks import LIBKRUN_CONTAINERS, LIBKRUN_NIX
-from runtime.errors import InputError
-from runtime.tasks.container import container_argv
-from runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv, resize_task_argv,
+from agentbox_runtime.disks import LIBKRUN_CONTAINERS, LIBKRUN_NIX
+from agentbox_runtime.errors import InputError
+from agentbox_runtime.tasks.container import container_argv
+from agentbox_runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv, resize_task_argv,
                                 validate_guest_init_target)
-from runtime.tasks.volumes import Volumes
+from agentbox_runtime.tasks.volumes import Volumes
 
 ST = Path("/s/agentbox/proj")
 QEMU_RUNTIME = "/venv/bin/agentbox-krun-runtime"

@@ -34,7 +34,7 @@ def fresh_env(tmp_path: Path) -> dict[str, str]:
 
 
 def doctor(env: dict[str, str]) -> tuple[dict[str, dict[str, object]], dict[str, dict[str, object]]]:
-    proc = subprocess.run([sys.executable, "-m", "runtime.cli", "doctor", "--json"], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "doctor", "--json"], env=env, capture_output=True,
                           text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)

@@ -57,7 +57,7 @@ def workspace(tmp_path: Path) -> Path:
 
 
 def agentbox(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+    return subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=BOOT_TIMEOUT_S)
 
 
@@ -106,7 +106,7 @@ def test_preserve_debug_keeps_rootfs_and_prints_hint(env: dict[str, str], worksp
         elif root.name == "rootfs-btrfs-snapshot":
             assert "buildah unshare btrfs subvolume delete" in notice[0]
     finally:
-        from runtime.microvm.storage import reset_task_dir
+        from agentbox_runtime.microvm.storage import reset_task_dir
 
         reset_task_dir(task_dir)
 
@@ -115,7 +115,7 @@ def start_and_wait_for_vm(env: dict[str, str], workspace: Path, vmm: str) -> tup
     """An ``agentbox microvm -- sleep 600`` parent (stderr in ``<workspace>/../parent.err``) and its
     recorded VM pid once the VM is up."""
     with open(workspace.parent / "parent.err", "wb") as err:
-        parent = subprocess.Popen([sys.executable, "-m", "runtime.cli", "microvm", "--vmm", vmm, "--", "sleep",
+        parent = subprocess.Popen([sys.executable, "-m", "agentbox_runtime.cli", "microvm", "--vmm", vmm, "--", "sleep",
                                    "600"], cwd=workspace, env=env, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     running = app_dir(env) / "microvm" / "running"

@@ -1,4 +1,4 @@
-"""Real qemu boots (TCG here) of the guest image through runtime.vmm.qemu.
+"""Real qemu boots (TCG here) of the guest image through agentbox_runtime.vmm.qemu.
 
 One boot serves the module: the guest command prints ``ok`` on the command
 console, mounts the workspace as ``agentbox-guest-init`` does, writes into it as
@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import contract
-from guest_init.enter import NINEP_OPTIONS
-from guest_init.launch_config import LaunchConfig, LaunchDisk
-from runtime.vmm.base import VmSpec
-from runtime.vmm import console_log
-from runtime.vmm.qemu import QemuDriver, tail
+from agentbox_guest_init import contract
+from agentbox_guest_init.enter import NINEP_OPTIONS
+from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk
+from agentbox_runtime.vmm.base import VmSpec
+from agentbox_runtime.vmm import console_log
+from agentbox_runtime.vmm.qemu import QemuDriver, tail
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

@@ -2,7 +2,7 @@
 
 ``python launcher.py --config-fd N`` reads the context the library recorded
 (JSON on fd N: vm config, root, disks, shares, workdir, exec, env, console
-fds) and boots it with :func:`runtime.vmm.krun_guest.boot` (the root's own
+fds) and boots it with :func:`agentbox_runtime.vmm.krun_guest.boot` (the root's own
 kernel through qemu, the console relayed to the recorded fds the way libkrun's
 default virtio console does), then exits with the guest command's status. See
 the header of ``libkrun_qemu.c`` for what differs from libkrun.
@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runtime.private_dir import runtime_dir
-from runtime.vmm import initramfs
-from runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, Share, VsockListen, boot
+from agentbox_runtime.private_dir import runtime_dir
+from agentbox_runtime.vmm import initramfs
+from agentbox_runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, Share, VsockListen, boot
 
 
 def say(msg: str) -> None:

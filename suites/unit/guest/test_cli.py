@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import cli
+from agentbox_guest_init import cli
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -46,12 +46,12 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "guest_init.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "agentbox_guest_init.cli", *args], capture_output=True, text=True,
                           timeout=60, cwd=cwd or REPO, env={**os.environ, **(env or {})})
 
 
 def test_runs_as_a_module_from_any_dir_holding_the_package(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "guest_init.cli", "status", "--json"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "agentbox_guest_init.cli", "status", "--json"], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
@@ -78,14 +78,14 @@ def test_prep_workers_are_no_ops_without_their_flags() -> None:
 
 
 def test_vm_init_lazily_imports_guest_init_vminit(tmp_path: Path) -> None:
-    """vm-init hands its argv to guest_init.vminit.main (a stand-in package shadows the real module)."""
-    pkg = tmp_path / "guest_init"
+    """vm-init hands its argv to agentbox_guest_init.vminit.main (a stand-in package shadows the real module)."""
+    pkg = tmp_path / "agentbox_guest_init"
     pkg.mkdir()
-    for f in (REPO / "guest_init").glob("*.py"):
+    for f in (REPO / "agentbox_guest_init").glob("*.py"):
         if f.name != "vminit.py":
             (pkg / f.name).write_bytes(f.read_bytes())
     (pkg / "vminit.py").write_text("def main(argv):\n    print('vminit', argv)\n    return 7\n")
-    p = subprocess.run([sys.executable, "-m", "guest_init.cli", "vm-init", "/run/x.conf"], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "agentbox_guest_init.cli", "vm-init", "/run/x.conf"], capture_output=True,
                        text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert (p.returncode, p.stdout) == (7, "vminit ['/run/x.conf']\n"), p.stderr
     assert "vm-init" not in run_cli("--help").stdout
@@ -117,7 +117,7 @@ def _report(nix: str = "ready", podman: str = "ready", error: str | None = None)
 
 
 def test_the_readiness_gate_lists_what_the_contract_enables_and_is_missing() -> None:
-    from guest_init.env import GuestEnv
+    from agentbox_guest_init.env import GuestEnv
 
     genv = GuestEnv(nix_overlay=True, containers_storage=True, workspace_tag="ws", workspace_target="/workspace")
     mounted = "ws /workspace 9p rw 0 0\n"

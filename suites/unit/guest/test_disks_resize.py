@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.disks import find_contract_disk, find_disk
-from guest_init.env import GuestEnv
-from guest_init.errors import GuestError
-from guest_init.resize import resize
+from agentbox_guest_init.disks import find_contract_disk, find_disk
+from agentbox_guest_init.env import GuestEnv
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.resize import resize
 
 from .conftest import Recorder
 

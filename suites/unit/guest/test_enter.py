@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from guest_init import contract as c
-from guest_init.container import container_enter
-from guest_init.enter import Host, default_enter, enter, mount_workspace
-from guest_init.env import GuestEnv
-from guest_init.errors import GuestError
-from guest_init.identity import Identity
+from agentbox_guest_init import contract as c
+from agentbox_guest_init.container import container_enter
+from agentbox_guest_init.enter import Host, default_enter, enter, mount_workspace
+from agentbox_guest_init.env import GuestEnv
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.identity import Identity
 
 from .conftest import Recorder
 
@@ -276,7 +276,7 @@ def test_workspace_transport_is_virtiofs_when_no_9p_device_offers_the_tag(tmp_pa
 
 
 def test_our_own_agent_is_served_in_process_instead_of_exec(tmp_path: Path) -> None:
-    from guest_init.enter import own_agent
+    from agentbox_guest_init.enter import own_agent
 
     assert own_agent(["agentbox-guest-init", "agent"]) == (None, None)
     assert own_agent(["/usr/local/bin/agentbox-guest-init", "agent", "--port", "org.agentbox.agent"]) == \

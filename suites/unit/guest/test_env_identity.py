@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import contract as c
-from guest_init.env import GuestEnv
-from guest_init.errors import GuestError
-from guest_init.identity import Identity, dev_identity, resolve_identity
-from guest_init.shell_env import nix_remote_env, shell_env
+from agentbox_guest_init import contract as c
+from agentbox_guest_init.env import GuestEnv
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.identity import Identity, dev_identity, resolve_identity
+from agentbox_guest_init.shell_env import nix_remote_env, shell_env
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("", False), ("0", False), ("true", False),

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.dns import fix_passt_dns, normalize_resolv_conf
-from guest_init.env import GuestEnv
-from guest_init.errors import GuestError
-from guest_init.hardening import INF, materialize_allocator_preload, nofile_floor, open_kvm, restrict_dmesg
-from guest_init.home import materialize_home
-from guest_init.identity import Identity
+from agentbox_guest_init.dns import fix_passt_dns, normalize_resolv_conf
+from agentbox_guest_init.env import GuestEnv
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.hardening import INF, materialize_allocator_preload, nofile_floor, open_kvm, restrict_dmesg
+from agentbox_guest_init.home import materialize_home
+from agentbox_guest_init.identity import Identity
 
 
 @pytest.mark.parametrize("before,after", [

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from guest_init.errors import GuestError
-from guest_init.nix_prep import ATTEMPTED, PRESEEDED, Preseed, classify, overlay_mounted, preseed
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.nix_prep import ATTEMPTED, PRESEEDED, Preseed, classify, overlay_mounted, preseed
 
 from .conftest import Recorder
 

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import contract as c
-from guest_init.env import GuestEnv
-from guest_init.errors import GuestError
-from guest_init.identity import Identity
-from guest_init.podman_prep import (POLICY_JSON, REGISTRIES_CONF, check_subids, containers_conf, discover_engine,
+from agentbox_guest_init import contract as c
+from agentbox_guest_init.env import GuestEnv
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.identity import Identity
+from agentbox_guest_init.podman_prep import (POLICY_JSON, REGISTRIES_CONF, check_subids, containers_conf, discover_engine,
                                     kernel, rewrite_subids, storage, storage_conf)
-from guest_init.podman_service import is_wrapper, real_podman, service_env
+from agentbox_guest_init.podman_service import is_wrapper, real_podman, service_env
 
 from .conftest import Recorder
 
-WRAPPERS = Path(__file__).resolve().parents[3] / "guest_init/wrappers"
+WRAPPERS = Path(__file__).resolve().parents[3] / "agentbox_guest_init/wrappers"
 
 
 def exe(path: Path) -> str:
@@ -156,7 +156,7 @@ def test_storage_mounts_once_and_writes_owned_configs(tmp_path: Path) -> None:
 
 
 def test_storage_tolerates_a_lost_mount_race(tmp_path: Path) -> None:
-    from guest_init.podman_prep import mount_storage
+    from agentbox_guest_init.podman_prep import mount_storage
 
     findmnt = iter([1, 0])  # not mounted before, mounted (by the other racer) after our mount failed
     r = Recorder({("blkid",): (0, "AGENTBOX_CONTAINERS\n", ""), ("mount",): (32, "", "busy")},

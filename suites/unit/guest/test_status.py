@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from guest_init import prep
-from guest_init.errors import GuestError
-from guest_init.status import Status, StatusFile, escape, pid_alive, unescape
+from agentbox_guest_init import prep
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.status import Status, StatusFile, escape, pid_alive, unescape
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -86,7 +86,7 @@ def test_illegal_transition_wording(tmp_path: Path) -> None:
 
 
 def test_lock_timeout_names_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from guest_init import status
+    from agentbox_guest_init import status
 
     s = sf(tmp_path)
     s.lock_path.write_text("")
@@ -112,7 +112,7 @@ def test_lock_contention_between_two_real_processes(tmp_path: Path) -> None:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         writer = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
             from pathlib import Path
-            from guest_init.status import StatusFile
+            from agentbox_guest_init.status import StatusFile
             s = StatusFile(Path({str(s.path)!r}), "nix prep")
             s.mark_ready_for_pid(4242)
             print(s.read().state)
@@ -206,7 +206,7 @@ def test_worker_and_parent_handshake_with_real_processes(tmp_path: Path) -> None
     """start_background spawns a worker that waits for the parent's running(pid), then marks ready."""
     worker = textwrap.dedent(f"""
         from pathlib import Path
-        from guest_init import prep
+        from agentbox_guest_init import prep
         raise SystemExit(prep.run_worker(prep.NIX, lambda: print("steps ran", flush=True), root=Path({str(tmp_path)!r})))
     """)
     k, s = kind(tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-WRAPPERS = Path(__file__).resolve().parents[3] / "guest_init/wrappers"
+WRAPPERS = Path(__file__).resolve().parents[3] / "agentbox_guest_init/wrappers"
 FAKE = """#!/bin/sh
 echo "{name} $* | LD_PRELOAD=${{LD_PRELOAD-unset}} NIX_REMOTE=${{NIX_REMOTE-unset}}" >> "$WRAPPER_LOG"
 exit ${{FAKE_{var}_STATUS:-0}}

@@ -1,0 +1,471 @@
+"""``agentbox-guest-init agent``: the guest side of the harness control channel.
+
+Serves framed requests (:mod:`agentbox_guest_init.protocol`) over stdin/stdout, a
+device (``--device PATH``) or a named virtio-serial port (``--port NAME``).
+Requests run concurrently; each response echoes the request ``id``:
+
+- ``ping`` → ``pong``, the agent's pid and uid;
+- ``run``: ``argv``, ``env``, ``cwd``, ``user`` (default ``dev``, the identity
+  of the env contract; ``root`` allowed), ``timeout``, ``stdin`` → ``exit_status``
+  (128+N for signal N), ``signal``, ``stdout``, ``stderr``, ``duration_s``,
+  ``timed_out``. The command runs in its own process group, killed whole on
+  timeout. As dev it gets the dev shell environment (7.9, plus ``NIX_REMOTE``
+  with the nix overlay);
+- ``read_file`` / ``write_file`` (``mode``, ``owner`` ``dev``|``root``);
+- ``prep_status`` (``nix`` | ``podman``) → the status file fields;
+- ``pty_spawn`` / ``pty_io`` / ``pty_close``: an interactive program on a real
+  pty in the guest (:mod:`agentbox_guest_init.pty_sessions`);
+- ``linger``: from now on the EOF of the main channel (the harness went away,
+  ``--preserve-debug``) does not end the agent; it keeps serving its attach
+  channels until a ``shutdown``;
+- ``attach_listen``: ``port``, ``token`` → serve TCP ``port`` too; every
+  connection's first request must be ``auth`` with ``token``;
+- ``shutdown`` → answer, then exit, on every channel (PID 1 of a guest powers
+  off when its command, the agent, ends).
+
+Besides the main channel, the agent serves ``agentbox attach`` on what the VMM
+offers (:func:`serve_attach_channels`).
+
+The agent runs as root (the host starts it with ``AGENTBOX_ENTER_AS_ROOT=1``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agentbox_guest_init import contract as c
+from agentbox_guest_init import listeners, prep
+from agentbox_guest_init.env import GuestEnv
+from agentbox_guest_init.identity import Identity, dev_identity
+from agentbox_guest_init.proc import ROOT
+from agentbox_guest_init.pty_sessions import PtySessions
+from agentbox_guest_init.protocol import FrameReader, b64, encode_frame, unb64, write_all
+from agentbox_guest_init.shell_env import nix_remote_env, shell_env
+
+OUTPUT_CAP = 8 << 20
+DEFAULT_TIMEOUT_S = 60.0
+DRAIN_GRACE_S = 2.0  # how long to keep reading after exit when a grandchild holds the pipes
+PORT_WAIT_S = 10.0
+AUTH_S = 10.0  # a token channel must authenticate within this
+MIN_TOKEN_CHARS = 32
+SHUTDOWN = threading.Event()
+"""Set by a ``shutdown`` on any channel: every channel stops and the agent exits."""
+LINGER = threading.Event()
+"""Set by ``linger``: the main channel's EOF (the harness went away) no longer ends the agent."""
+_TCP_PORTS: dict[int, socket.socket] = {}
+_TCP_LOCK = threading.Lock()
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def command_env(user: str, extra: Mapping[str, str], base: Mapping[str, str],
+                root: Path = ROOT) -> tuple[dict[str, str], Identity | None]:
+    """The environment of a ``run`` request and the identity to drop to (None: stay root)."""
+    env = {k: v for k, v in base.items() if k not in (c.ENV_GUEST_PROFILE, c.ENV_GUEST_DEBUG)}
+    env["PATH"] = env.get("PATH") or DEFAULT_PATH
+    genv = GuestEnv.parse(base)
+    ident: Identity | None = None
+    if user == "root":
+        env.update(HOME="/root", USER="root", LOGNAME="root")
+    else:
+        ident = dev_identity(genv, root)
+        env.update(shell_env(ident, genv, env["PATH"]))
+    env.update(nix_remote_env(genv))
+    env.update(extra)
+    return env, ident
+
+
+def _reader(stream: Any, sink: bytearray) -> None:
+    try:
+        while chunk := os.read(stream.fileno(), 65536):
+            sink += chunk
+            if len(sink) > 2 * OUTPUT_CAP:
+                del sink[:-OUTPUT_CAP]
+    except (OSError, ValueError):
+        pass
+
+
+def _writer(stream: Any, data: bytes) -> None:
+    try:
+        if data:
+            write_all(stream.fileno(), data)
+    except (OSError, ValueError):
+        pass
+    finally:
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
+def _uptime() -> float | None:
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
+             ) -> tuple[dict[str, str], Callable[[], None], str]:
+    """The environment, the privilege drop (for ``preexec_fn``) and the cwd of a request's ``user``;
+    ValueError when the user is not dev or root, or the agent cannot become it."""
+    user = req.get("user") or c.DEV_USER
+    if user not in (c.DEV_USER, "root"):
+        raise ValueError(f"run user must be '{c.DEV_USER}' or 'root', got {user!r}")
+    env, ident = command_env(user, req.get("env") or {}, os.environ if base_env is None else base_env)
+    euid = os.geteuid()
+    if euid != 0 and (user == "root" or (ident is not None and ident.uid != euid)):
+        raise ValueError(f"run as {user!r} asked, but the agent runs as uid {euid} and cannot switch users "
+                         "(start the agent as root)")
+    cwd = req.get("cwd") or (c.WORKSPACE if os.path.isdir(c.WORKSPACE) else "/")
+
+    def demote() -> None:
+        if ident is not None and os.geteuid() == 0:
+            os.setgroups([])
+            os.setgid(ident.gid)
+            os.setuid(ident.uid)
+
+    return env, demote, str(cwd)
+
+
+PTYS = PtySessions()
+
+
+def pty_op(op: str, req: Mapping[str, Any]) -> dict[str, Any]:
+    """``pty_spawn`` (argv, user, env, cwd, rows, cols), ``pty_io`` (pty, data, wait_s, rows, cols),
+    ``pty_close`` (pty): see :mod:`agentbox_guest_init.pty_sessions`."""
+    if op == "pty_spawn":
+        env, demote, cwd = _as_user(req)
+        env.setdefault("TERM", "xterm")
+        return PTYS.spawn([str(a) for a in req.get("argv") or []], env, cwd, int(req.get("rows") or 24),
+                          int(req.get("cols") or 80), demote)
+    if op == "pty_io":
+        return PTYS.io(req.get("pty"), unb64(req.get("data")), float(req.get("wait_s") or 0.0),
+                       req.get("rows"), req.get("cols"))
+    return PTYS.close(req.get("pty"))
+
+
+def run_command(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Run one ``run`` request to completion or timeout."""
+    argv = [str(a) for a in req.get("argv") or []]
+    if not argv:
+        return {"ok": False, "error": "run needs a non-empty argv"}
+    try:
+        env, demote, cwd = _as_user(req, base_env)
+    except ValueError as exc:
+        return {"ok": False, "error": str(exc)}
+    timeout = float(req.get("timeout") or DEFAULT_TIMEOUT_S)
+
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=env, cwd=cwd, start_new_session=True, preexec_fn=demote)
+    except (OSError, subprocess.SubprocessError) as exc:
+        message = getattr(exc, "strerror", None) or str(exc)
+        return {"ok": True, "exit_status": 127, "signal": None, "stdout": "",
+                "stderr": b64(f"{argv[0]}: {message}\n".encode()), "duration_s": 0.0, "timed_out": False}
+    out, err = bytearray(), bytearray()
+    threads = [threading.Thread(target=_reader, args=(proc.stdout, out), daemon=True),
+               threading.Thread(target=_reader, args=(proc.stderr, err), daemon=True),
+               threading.Thread(target=_writer, args=(proc.stdin, unb64(req.get("stdin"))), daemon=True)]
+    for t in threads:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+    grace = time.monotonic() + DRAIN_GRACE_S
+    for t in threads[:2]:
+        t.join(max(0.0, grace - time.monotonic()))
+    duration = time.monotonic() - started
+    for stream in (proc.stdout, proc.stderr):
+        try:
+            stream.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+    rc = proc.returncode
+    return {"ok": True, "exit_status": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else None,
+            "stdout": b64(bytes(out[-OUTPUT_CAP:])), "stderr": b64(bytes(err[-OUTPUT_CAP:])),
+            "duration_s": round(duration, 4), "timed_out": timed_out}
+
+
+def _owner_ids(owner: str | None) -> tuple[int, int] | None:
+    if owner in (None, ""):
+        return None
+    if owner == "root":
+        return 0, 0
+    if owner == c.DEV_USER:
+        ident = dev_identity(GuestEnv.parse())
+        return ident.uid, ident.gid
+    raise ValueError(f"owner must be '{c.DEV_USER}' or 'root', got {owner!r}")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib  # only file transfers need it; loading OpenSSL costs 0.1 s at every agent start under TCG
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_file(req: Mapping[str, Any]) -> dict[str, Any]:
+    """``length`` bytes (default all) of ``path`` from ``offset``, the file's ``size``, and its
+    ``sha256`` when ``digest`` is set (chunked transfers ask for it once, at the end)."""
+    path = Path(req["path"])
+    offset, length = int(req.get("offset") or 0), req.get("length")
+    if offset < 0 or (length is not None and int(length) < 0):
+        raise ValueError("offset and length must be non-negative")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(offset)
+        data = f.read() if length is None else f.read(int(length))
+    resp: dict[str, Any] = {"ok": True, "data": b64(data), "size": size}
+    if req.get("digest"):
+        resp["sha256"] = _sha256(path)
+    return resp
+
+
+def write_file(req: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``data`` to ``path`` (atomically), then set ``mode`` and ``owner``.
+
+    A chunked transfer names itself with ``transfer`` (letters and digits): ``first`` starts
+    its temporary file, each request appends, and ``final`` checks ``sha256`` (when given),
+    then sets mode and owner and renames it over ``path``."""
+    path = Path(req["path"])
+    ids = _owner_ids(req.get("owner"))
+    transfer = str(req.get("transfer") or "")
+    if transfer and not (transfer.isalnum() and len(transfer) <= 32):
+        raise ValueError("transfer must be 1-32 letters or digits")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = transfer or f"{os.getpid()}-{threading.get_ident()}"
+    tmp = path.with_name(f".{path.name}.agentbox-{tag}")
+    with open(tmp, "wb" if (not transfer or req.get("first")) else "ab") as f:
+        f.write(unb64(req.get("data")))
+    if transfer and not req.get("final"):
+        return {"ok": True}
+    want = req.get("sha256")
+    if want and _sha256(tmp) != want:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"sha256 mismatch for {path}: the transfer was damaged")
+    os.chmod(tmp, int(req.get("mode", 0o644)))
+    if ids is not None:
+        os.chown(tmp, *ids)
+    os.replace(tmp, path)
+    return {"ok": True}
+
+
+def prep_status(kind: str) -> dict[str, Any]:
+    """The fields of the ``nix`` or ``podman`` prep status file."""
+    if kind not in prep.KINDS:
+        raise ValueError(f"prep kind must be one of {', '.join(prep.KINDS)}, got {kind!r}")
+    pk = prep.KINDS[kind]
+    st = pk.status().read()
+    return {"ok": True, "state": st.state, "pid": st.pid, "started_at": st.started_at,
+            "finished_at": st.finished_at, "error": st.error, "log_path": st.log_path or pk.log_path,
+            "status_path": pk.status_path}
+
+
+def handle(req: Mapping[str, Any]) -> dict[str, Any]:
+    """The response to one request (never raises)."""
+    op = req.get("op")
+    try:
+        if op == "ping":
+            return {"ok": True, "pong": True, "pid": os.getpid(), "uid": os.geteuid(), "uptime": _uptime()}
+        if op == "run":
+            return run_command(req)
+        if op == "read_file":
+            return read_file(req)
+        if op == "write_file":
+            return write_file(req)
+        if op in ("pty_spawn", "pty_io", "pty_close"):
+            return pty_op(op, req)
+        if op == "prep_status":
+            return prep_status(str(req.get("kind")))
+        if op == "linger":
+            LINGER.set()
+            return {"ok": True}
+        if op == "attach_listen":
+            return attach_listen(req)
+        if op == "shutdown":
+            return {"ok": True, "shutdown": True}
+        return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, run, read_file, write_file, "
+                                      "prep_status, pty_spawn, pty_io, pty_close, linger, attach_listen, shutdown"}
+    except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def find_port(name: str, base: Path = Path("/sys/class/virtio-ports"), dev: Path = Path("/dev"),
+              timeout: float = PORT_WAIT_S) -> str:
+    """The device of virtio-serial port ``name``: ``/dev/virtio-ports/NAME``, else a scan of ``base``."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        link = dev / "virtio-ports" / name
+        if link.exists():
+            return str(link)
+        seen = []
+        if base.is_dir():
+            for port in sorted(base.iterdir()):
+                try:
+                    port_name = (port / "name").read_text().strip()
+                except OSError:
+                    continue
+                seen.append(port_name)
+                if port_name == name and (dev / port.name).exists():
+                    return str(dev / port.name)
+        if time.monotonic() > deadline:
+            raise SystemExit(f"agentbox-guest-init agent: no virtio-serial port named {name} within "
+                             f"{timeout:g}s (ports seen: {', '.join(seen) or 'none'})")
+        time.sleep(0.1)
+
+
+class Server:
+    """Serve requests read from ``rfd``, answering on ``wfd``, until EOF or ``shutdown``.
+
+    ``reconnecting``: EOF means "no host side right now" (a virtio-serial port): keep polling.
+    ``main``: the agent's own channel; after a ``linger`` request its EOF no longer ends the
+    agent, which keeps serving its attach channels until a ``shutdown`` on any channel.
+    ``token``: the first request must be ``auth`` with this token (a network channel), within
+    AUTH_S; anything else closes the channel.
+    """
+
+    def __init__(self, rfd: int, wfd: int, *, reconnecting: bool = False, main: bool = False,
+                 token: str | None = None) -> None:
+        self.rfd, self.wfd, self.reconnecting, self.main = rfd, wfd, reconnecting, main
+        self.token = token
+        self.reader = FrameReader()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def send(self, resp: dict[str, Any]) -> None:
+        frame = encode_frame(resp)
+        with self.lock:
+            try:
+                write_all(self.wfd, frame)
+            except OSError as exc:
+                print(f"agentbox-guest-init agent: cannot answer: {exc}", file=sys.stderr)
+
+    def reply(self, req: dict[str, Any]) -> None:
+        resp = handle(req)
+        if "id" in req:
+            resp["id"] = req["id"]
+        self.send(resp)
+        if resp.get("shutdown"):
+            self.stop.set()
+            SHUTDOWN.set()
+
+    def authenticate(self, req: dict[str, Any]) -> bool:
+        """Check the first request of a token channel; answer it either way."""
+        assert self.token is not None
+        given = req.get("token")
+        ok = req.get("op") == "auth" and isinstance(given, str) and hmac.compare_digest(given.encode(),
+                                                                                         self.token.encode())
+        resp: dict[str, Any] = {"ok": True} if ok else {
+            "ok": False, "error": "authentication required: the first request must be 'auth' with the attach token"}
+        if "id" in req:
+            resp["id"] = req["id"]
+        self.send(resp)
+        if ok:
+            self.token = None
+        return ok
+
+    def serve(self) -> int:
+        """The loop; 0 on EOF or shutdown, 1 when a token channel fails to authenticate."""
+        started = time.monotonic()
+        while not (self.stop.is_set() or SHUTDOWN.is_set()):
+            if self.token is not None and time.monotonic() - started > AUTH_S:
+                return 1
+            ready, _, _ = select.select([self.rfd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = os.read(self.rfd, 1 << 16)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                if self.reconnecting:
+                    time.sleep(0.2)
+                    continue
+                if self.main and LINGER.is_set():
+                    SHUTDOWN.wait()
+                return 0
+            for req in self.reader.feed(data):
+                if self.token is not None:
+                    if not self.authenticate(req):
+                        return 1
+                    continue
+                threading.Thread(target=self.reply, args=(req,), daemon=True).start()
+        return 0
+
+
+def serve_connection(conn: socket.socket, token: str | None = None) -> int:
+    """Serve one accepted connection until it closes (authenticating first when ``token`` is set)."""
+    return Server(conn.fileno(), conn.fileno(), token=token).serve()
+
+
+def attach_listen(req: Mapping[str, Any]) -> dict[str, Any]:
+    """``attach_listen``: serve ``port`` over TCP too, each connection authenticated with ``token``
+    (at least 32 characters). Idempotent for a port already served."""
+    port, token = req.get("port"), req.get("token")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"attach_listen port must be 1-65535, got {port!r}")
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"attach_listen token must be a string of at least {MIN_TOKEN_CHARS} characters")
+    with _TCP_LOCK:
+        if port not in _TCP_PORTS:
+            listener = listeners.tcp_listener(port)
+            listeners.accept_forever(listener, lambda conn: serve_connection(conn, token), f"attach-tcp-{port}")
+            _TCP_PORTS[port] = listener
+    return {"ok": True, "port": port}
+
+
+def serve_attach_channels() -> None:
+    """Serve ``agentbox attach`` channels too, in threads, on whatever the VMM offers: the free
+    while the harness holds the main channel (``pytest --pdb``) and after it went away
+    (``--preserve-debug``):
+
+    - the virtio-serial port :data:`contract.ATTACH_PORT_NAME` (qemu);
+    - vsock port :data:`contract.ATTACH_VSOCK_PORT` (libkrun bridges a host unix socket to it),
+      or the virtio-serial port that carries it on a VMM without virtio-vsock.
+    """
+    try:
+        listener = listeners.vsock_listener(c.ATTACH_VSOCK_PORT)
+    except (OSError, AttributeError):
+        pass
+    else:
+        listeners.accept_forever(listener, serve_connection, "attach-vsock")
+    for name in (c.ATTACH_PORT_NAME, c.vsock_port_name(c.ATTACH_VSOCK_PORT)):
+        try:
+            device = find_port(name, timeout=0.0)
+        except SystemExit:
+            continue
+        fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
+        threading.Thread(target=Server(fd, fd, reconnecting=True).serve, name=f"attach-{name}", daemon=True).start()
+
+
+def main(device: str | None, port: str | None) -> int:
+    """Entry point of ``agentbox-guest-init agent``."""
+    if port:
+        device = find_port(port)
+    serve_attach_channels()
+    if device:
+        fd = os.open(device, os.O_RDWR | os.O_NOCTTY)
+        return Server(fd, fd, reconnecting=True, main=True).serve()
+    return Server(0, 1, main=True).serve()

@@ -1,0 +1,97 @@
+"""Turn roots into images in local Podman/Buildah storage, and read them back.
+
+- :func:`import_root`: a finished Debian root directory -> the base image
+  (``tar | podman import``, labelled with the recipe hash);
+- :func:`commit_layer`: ``buildah from <base>``, let a callback write into the
+  mounted root, apply the :class:`~agentbox_runtime.images.recipe.ImageConfig`,
+  ``buildah commit``; the working container is removed on every path;
+- :func:`image_labels` / :func:`image_id`: what is in local storage;
+- :func:`remove_if_untagged` / :func:`prune_other_tags`: drop superseded images.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.images.recipe import LABEL_RECIPE, ImageConfig
+from agentbox_runtime.images.steps import step, tool
+from agentbox_runtime.podman import Podman
+
+INSPECT_TIMEOUT_S = 120.0
+
+
+def _inspect(ref: str, fmt: str) -> str | None:
+    try:
+        proc = Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["image", "inspect", "--format", fmt, ref])
+    except AgentboxError:  # podman is not installed
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def image_labels(ref: str) -> dict[str, str] | None:
+    """The labels of a local image (empty dict if it has none), or None when it does not exist."""
+    out = _inspect(ref, "{{json .Labels}}")
+    if out is None:
+        return None
+    return json.loads(out or "null") or {}
+
+
+def image_id(ref: str) -> str | None:
+    """The full id of a local image, or None when it does not exist."""
+    return _inspect(ref, "{{.Id}}") or None
+
+
+def import_root(root: Path, tag: str, recipe_hash: str, log: Path) -> None:
+    """Import the directory ``root`` as image ``tag`` labelled with ``recipe_hash``."""
+    script = (f"set -o pipefail; tar -C {shlex.quote(str(root))} --numeric-owner -cf - . | "
+              f"podman import --change {shlex.quote(f'LABEL {LABEL_RECIPE}={recipe_hash}')} "
+              f"- {shlex.quote(tag)}")
+    step(f"import base image {tag}", ["bash", "-c", script], log)
+
+
+def config_argv(config: ImageConfig) -> list[str]:
+    """The ``buildah config`` options that apply ``config``."""
+    argv = ["--entrypoint", json.dumps(list(config.entrypoint)), "--cmd", json.dumps(list(config.cmd)),
+            "--workingdir", config.workdir]
+    for key, value in config.env:
+        argv += ["--env", f"{key}={value}"]
+    for key, value in config.labels:
+        argv += ["--label", f"{key}={value}"]
+    return argv
+
+
+def commit_layer(base: str, tag: str, config: ImageConfig, populate: Callable[[Path], object]) -> None:
+    """``FROM base``: run ``populate(mounted root)``, apply ``config``, commit as ``tag``."""
+    ctr = tool(["buildah", "from", "--pull-never", base], "buildah from")
+    try:
+        mount = Path(tool(["buildah", "mount", ctr], "buildah mount"))
+        populate(mount)
+        tool(["buildah", "umount", ctr], "buildah umount")
+        tool(["buildah", "config", *config_argv(config), ctr], "buildah config")
+        tool(["buildah", "commit", "--quiet", "--rm", ctr, tag], "buildah commit")
+        ctr = ""
+    finally:
+        if ctr:
+            subprocess.run(["buildah", "rm", ctr], capture_output=True, timeout=INSPECT_TIMEOUT_S,
+                           check=False)
+
+
+def prune_other_tags(repo: str, keep: str) -> None:
+    """Best effort: untag and delete ``repo``'s other images (older recipes); images
+    still used by a container or by a child image stay."""
+    out = Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["images", "--noheading", "--format", "{{.Repository}}:{{.Tag}}",
+                                                       repo]).stdout
+    for ref in sorted(set(out.split()) - {keep}):
+        Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["rmi", ref])
+
+
+def remove_if_untagged(image: str | None) -> None:
+    """Best effort: delete a superseded image that lost its last tag (never one in use)."""
+    if not image or _inspect(image, "{{len .RepoTags}}") != "0":
+        return
+    Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["rmi", image])

@@ -1,0 +1,144 @@
+"""Process safety for microvm tasks: every VM process is recorded with its task dir,
+and what a dead run left behind (processes, fuse mounts, snapshots, task dirs) is
+reaped by the next run. Only recorded things are touched.
+
+Records live in ``<app>/microvm/running/<task id>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+from agentbox_runtime.retry import WaitTimeout, retry
+from agentbox_runtime.state import StateLayout
+
+
+def _dir(layout: StateLayout) -> Path:
+    d = layout.app_dir / "microvm" / "running"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def record(layout: StateLayout, task_dir: Path, pid: int | None, run_label: str | None) -> Path:
+    """Record a task dir (``pid`` None: before the VM starts) or its started VM process, and who owns it."""
+    path = _dir(layout) / f"{task_dir.name}.json"
+    path.write_text(json.dumps({"pid": pid, "pgid": None if pid is None else _pgid(pid),
+                                "start": None if pid is None else start_time(pid), "owner": os.getpid(),
+                                "owner_start": start_time(os.getpid()), "task_dir": str(task_dir),
+                                "run_label": run_label, "recorded_at": time.time()}))
+    return path
+
+
+def forget(layout: StateLayout, task_dir: Path) -> None:
+    (_dir(layout) / f"{task_dir.name}.json").unlink(missing_ok=True)
+
+
+def records(layout: StateLayout) -> list[dict[str, object]]:
+    """The task records under ``layout`` that are regular files owned by us (anything else is ignored)."""
+    out = []
+    for p in sorted(_dir(layout).glob("*.json")):
+        try:
+            st = os.lstat(p)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size > 65536:
+                continue
+            data = json.loads(p.read_text())
+            data["_file"] = str(p)
+            out.append(data)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def same_process(pid: int, start: object) -> bool:
+    """``pid`` is alive (a zombie is not) and, when ``start`` is known, is the process that was recorded
+    (not a reused pid)."""
+    if not _alive(pid) or (start is not None and start_time(pid) != start):
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def managed_task_dir(layout: StateLayout, task_dir: Path) -> bool:
+    """Whether ``task_dir`` really is one of ours: ``<app>/<slug>/microvm-tasks/<id>`` with no symlink
+    below the app dir (checked component by component, and by real path), a directory owned by us. A
+    planted record naming anything else is never acted on."""
+    try:
+        rel = Path(os.path.abspath(task_dir)).relative_to(os.path.abspath(layout.app_dir))
+    except ValueError:
+        return False
+    if len(rel.parts) != 3 or rel.parts[1] != "microvm-tasks" or ".." in rel.parts:
+        return False
+    current = Path(os.path.abspath(layout.app_dir))
+    for part in rel.parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+    return Path(os.path.realpath(task_dir)).is_relative_to(os.path.realpath(layout.app_dir))
+
+
+def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list[str]:
+    """Reap tasks whose owner process is gone (or whose run label is ``include_label``).
+
+    Returns the task dirs reaped."""
+    from agentbox_runtime.microvm.storage import reset_task_dir
+
+    reaped = []
+    for rec in records(layout):
+        owner_gone = not same_process(int(str(rec["owner"])), rec.get("owner_start"))
+        if not owner_gone and not (include_label and rec.get("run_label") == include_label):
+            continue
+        pid = rec.get("pid")
+        if isinstance(pid, int) and same_process(pid, rec.get("start")):
+            own_group = rec.get("pgid") == pid  # a VM in its own process group: signal the whole group
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(pid, sig) if own_group else os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    break
+                try:
+                    retry(lambda _last: not _alive(pid), timeout=3, interval=0.05)
+                    break
+                except WaitTimeout:
+                    continue  # still alive: the next signal
+        task_dir = Path(str(rec["task_dir"]))
+        if managed_task_dir(layout, task_dir):
+            reset_task_dir(task_dir)
+        Path(str(rec["_file"])).unlink(missing_ok=True)
+        reaped.append(str(task_dir))
+    return reaped

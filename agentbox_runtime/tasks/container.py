@@ -1,0 +1,44 @@
+"""Container-mode task ``podman run`` argv (reference 8.2)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from agentbox_guest_init import contract as c
+from agentbox_runtime.state import StateLayout, task_hostname
+from agentbox_runtime.tasks.krun import TMPFS
+from agentbox_runtime.tasks.volumes import Volumes, mount_arg, task_volumes
+
+
+def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
+                   sidecar_name: str, image: str, root: bool = False, profile: bool = False,
+                   debug: bool = False, run_label: str | None = None) -> list[str]:
+    """The exact ordered argv of a container-mode task (without ``podman``)."""
+    argv = ["run", "--rm", "-it", "--name", name, "--userns", "keep-id"]
+    if root:
+        argv += ["--user", "0:0", "--env", f"{c.ENV_ENTER_AS_ROOT}=1"]
+    argv += ["--workdir", "/workspace", "--hostname", hostname]
+    argv += volumes.argv()
+    argv += ["--tmpfs", TMPFS, "--volume", mount_arg(merged, "/nix", "ro"),
+             "--env", f"NIX_REMOTE={c.NIX_REMOTE_VALUE}",
+             "--label", f"{c.LABEL_ROLE}=task", "--label", f"{c.LABEL_SIDECAR}={sidecar_name}"]
+    if profile:
+        argv += ["--env", f"{c.ENV_GUEST_PROFILE}=1"]
+    if debug:
+        argv += ["--env", f"{c.ENV_GUEST_DEBUG}=1"]
+    if run_label:
+        argv += ["--label", f"{c.LABEL_HARNESS_RUN}={run_label}"]
+    argv += [image, "fish", "-l"]
+    return argv
+
+
+def container_task_argv(*, args: argparse.Namespace, cwd: Path, slug: str, name: str, image: str,
+                        sidecar_name: str, merged: Path) -> list[str]:
+    """Build the container task argv from parsed CLI ``args`` (used by ``agentbox container``)."""
+    layout = StateLayout.resolve(cwd)
+    return container_argv(
+        name=name, hostname=task_hostname(slug), volumes=task_volumes(layout), merged=merged,
+        sidecar_name=sidecar_name, image=image, root=bool(args.root),
+        profile=bool(args.profile), debug=bool(args.debug),
+        run_label=getattr(args, "run_label", None))

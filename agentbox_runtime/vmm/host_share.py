@@ -1,0 +1,166 @@
+"""Host directories exported to a guest: the workspace as the guest's dev user sees it.
+
+When the runtime runs as root, :func:`export` hands the VMM an *id-mapped*,
+detached clone of the directory (``open_tree`` + ``mount_setattr``; nothing
+appears in any mount table and it vanishes with its last descriptor):
+
+- files of the directory's owner appear owned by the guest's dev user (uid and
+  gid 1000), so the dev user can write a project that root or anyone else owns;
+- what the guest's dev user creates lands owned by that owner on the host (the
+  VMM creates as root and hands the file to dev, which maps back to the owner);
+- root stays root: what the guest's root creates lands owned by root, the
+  invoking user. When the owner is root itself, root's id is the owner's, so
+  files of the guest's root land as ``nobody`` (the overflow id) instead;
+- files of any other host user appear as the overflow id (``nobody``), and
+  the mount is ``nosuid,nodev`` (read-only when the share is).
+
+The VMM opens the share as ``/proc/self/fd/N`` with descriptor ``N`` passed to
+it (:attr:`ShareExport.pass_fds`). Without root (or where the filesystem cannot
+be id-mapped) the directory is shared as it is, and :attr:`ShareExport.mapped`
+says why not. Setuid bits and device nodes are refused separately, by
+:mod:`agentbox_runtime.vmm.share_filter`, whichever way the share is exported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from agentbox_guest_init import contract
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.retry import retry
+
+SYS_OPEN_TREE: Final = 428  # the generic syscall table: the same number on x86_64 and aarch64
+SYS_MOUNT_SETATTR: Final = 442
+OPEN_TREE_CLONE: Final = 1
+AT_EMPTY_PATH: Final = 0x1000
+MOUNT_ATTR_RDONLY: Final = 0x1
+MOUNT_ATTR_NOSUID: Final = 0x2
+MOUNT_ATTR_NODEV: Final = 0x4
+MOUNT_ATTR_IDMAP: Final = 0x100000
+OVERFLOW_ID: Final = 65534
+FD_PATH_PREFIX: Final = "/proc/self/fd/"
+
+
+@dataclass
+class ShareExport:
+    """What to give the VMM for one host directory.
+
+    ``path`` is what the VMM opens; ``pass_fds`` the descriptors it must inherit;
+    ``mapped`` whether the owner↔dev id map applies, and ``why`` in words."""
+
+    source: Path
+    path: str
+    pass_fds: tuple[int, ...]
+    mapped: bool
+    why: str
+
+    def close(self) -> None:
+        """Drop this process's descriptors (the VMM keeps its own copies)."""
+        for fd in self.pass_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.pass_fds = ()
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _id_map(owner: int, guest: int) -> str:
+    """``on-disk seen count`` lines: the owner is seen as ``guest``, and root stays root unless the
+    owner is root; then what root creates lands as nobody (the VMM creates every file as root and
+    hands it to the guest user that asked, so only the guest's own root writes stay there)."""
+    spare = 0 if owner != 0 else OVERFLOW_ID
+    return f"{owner} {guest} 1\n{spare} 0 1\n"
+
+
+def _user_namespace(uid_map: str, gid_map: str) -> int:
+    """A descriptor of a new user namespace with these maps (a short-lived ``unshare`` child holds it
+    while the maps are written)."""
+    child = subprocess.Popen(["unshare", "--user", "--", "cat"], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        ours = os.readlink("/proc/self/ns/user")
+
+        def unshared(last_try: bool) -> bool:
+            if child.poll() is not None:
+                err = child.stderr.read().decode(errors="replace").strip() if child.stderr else ""
+                raise OSError(errno.EPERM, f"unshare --user failed: {err or child.returncode}")
+            try:
+                return os.readlink(f"/proc/{child.pid}/ns/user") != ours
+            except OSError:
+                return False
+
+        retry(unshared, timeout=5.0, interval=0.005)
+        for name, text in (("uid_map", uid_map), ("setgroups", "deny"), ("gid_map", gid_map)):
+            with open(f"/proc/{child.pid}/{name}", "w") as f:
+                f.write(text)
+        return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        if child.stdin:
+            child.stdin.close()
+        child.wait()
+        if child.stderr:
+            child.stderr.close()
+
+
+def _idmapped_clone(source: Path, userns_fd: int, read_only: bool) -> int:
+    libc = _libc()
+    tree = libc.syscall(SYS_OPEN_TREE, -100, os.fsencode(source), OPEN_TREE_CLONE | os.O_CLOEXEC)
+    if tree < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"open_tree: {os.strerror(err)}")
+    flags = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if read_only else 0)
+    attr = ctypes.create_string_buffer(struct.pack("QQQQ", flags, 0, 0, userns_fd))
+    if libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, 32) != 0:
+        err = ctypes.get_errno()
+        os.close(tree)
+        raise OSError(err, f"mount_setattr(MOUNT_ATTR_IDMAP): {os.strerror(err)}")
+    return int(tree)
+
+
+def export(source: Path, *, read_only: bool = False, guest_uid: int = contract.DEV_UID,
+           guest_gid: int = contract.DEV_GID) -> ShareExport:
+    """Prepare ``source`` for a VMM (see the module text). Never raises for an unsupported host:
+    the plain directory is returned with the reason in ``why``; raises :class:`AgentboxError`
+    only when ``source`` is not a directory."""
+    try:
+        st = os.stat(source)
+    except OSError as exc:
+        raise AgentboxError(f"cannot share '{source}': {exc.strerror}") from None
+    if not os.path.isdir(source):
+        raise AgentboxError(f"cannot share '{source}': not a directory")
+    plain = ShareExport(source, str(source), (), False, "")
+    if os.geteuid() != 0:
+        plain.why = "not root: files keep their host owners in the guest"
+        return plain
+    try:
+        userns = _user_namespace(_id_map(st.st_uid, guest_uid), _id_map(st.st_gid, guest_gid))
+        try:
+            tree = _idmapped_clone(source, userns, read_only)
+        finally:
+            os.close(userns)
+    except OSError as exc:
+        plain.why = f"cannot id-map '{source}' ({exc.strerror or exc}): files keep their host owners in the guest"
+        return plain
+    os.set_inheritable(tree, True)
+    return ShareExport(source, f"{FD_PATH_PREFIX}{tree}", (tree,), True,
+                       f"uid {st.st_uid}/gid {st.st_gid} seen as {guest_uid}/{guest_gid}")
+
+
+def fds_in(paths: list[str]) -> tuple[int, ...]:
+    """The descriptors named by ``/proc/self/fd/N`` paths among ``paths`` (to pass on to a child)."""
+    fds = []
+    for path in paths:
+        if path.startswith(FD_PATH_PREFIX) and path[len(FD_PATH_PREFIX):].isdigit():
+            fds.append(int(path[len(FD_PATH_PREFIX):]))
+    return tuple(fds)

@@ -1,0 +1,384 @@
+"""Boot a directory as a libkrun-style guest with qemu: what ``krun_start_enter`` does, in Python.
+
+Used by the QEMU-backed libkrun stand-in (``suites/standins/libkrun``) and by the
+QEMU-backed OCI runtime (:mod:`agentbox_runtime.oci`). A :class:`GuestSpec` says what
+libkrun's context would hold (root directory, disks, shares, command, console
+fds); :func:`boot` boots the root's own kernel (``/boot/vmlinuz-*``, entered
+through PVH) with a generated initramfs and a busybox PID 1 in init.krun's role:
+
+- mounts the kernel filesystems, loads the late modules from the root;
+- mounts each share that names a guest path (9p), each tmpfs, and writes the
+  small files it carries (a container's ``/etc/resolv.conf``, ``/etc/hosts``);
+- configures the network: qemu user-mode networking (10.0.2.15 via 10.0.2.2)
+  or, on a tap device, the address, MAC and gateway it is given;
+- runs the command (as the given uid/gid) with its stdio on the console
+  ports ``krun-stdin``/``krun-stdout``/``krun-stderr`` (one ``hvc0`` when the
+  caller's stdio is a terminal), and writes its status to the status port.
+
+The exit status is the command's; 125 when init cannot set up the guest, 126 or
+127 when the command cannot be executed or found (libkrun's codes). qemu runs
+under the share filter it inherits from its caller when the caller loaded one.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agentbox_guest_init import contract
+from agentbox_runtime.retry import retry
+from agentbox_runtime.vmm import host_share, initramfs, qemu
+from agentbox_runtime.vmm.console_log import ConsoleRecorder
+from agentbox_runtime.vmm.host import die_with_parent, tail_bytes
+
+INIT_FAILED = 125
+CONNECT_TIMEOUT_S = 30.0
+DRAIN_S = 2.0
+STDIO_PORTS = ("krun-stdin", "krun-stdout", "krun-stderr")
+DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/", "TERM=linux")
+NINEP = "trans=virtio,version=9p2000.L,msize=262144,access=client"
+MAX_FILE_BYTES = 64 << 10
+
+
+@dataclass(frozen=True)
+class Disk:
+    """A virtio-blk disk: ``id`` is its serial (``/dev/disk/by-id``), in the order given."""
+
+    id: str
+    path: str
+    read_only: bool = False
+    format: str = "raw"
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host directory under 9p tag ``tag``; mounted at ``mount_at`` by PID 1 when given."""
+
+    tag: str
+    path: str
+    read_only: bool = False
+    mount_at: str | None = None
+
+
+@dataclass(frozen=True)
+class VsockListen:
+    """A guest vsock ``port`` the VMM bridges host connections to, listening on unix socket ``path``
+    (``krun_add_vsock_port2(..., listen=true)``). qemu here has no virtio-vsock: the port travels as
+    the virtio-serial port :func:`agentbox_guest_init.contract.vsock_port_name`, one connection at a time."""
+
+    port: int
+    path: str
+
+
+@dataclass(frozen=True)
+class TapNetwork:
+    """The guest's eth0 on tap device ``ifname`` (in the caller's network namespace)."""
+
+    ifname: str
+    mac: str
+    address: str  # "10.88.0.5/16"
+    gateway: str | None
+
+
+@dataclass
+class GuestSpec:
+    """What a libkrun context holds, plus what a container brings along."""
+
+    vcpus: int
+    ram_mib: int
+    root: Path
+    exec_path: str
+    argv: list[str]
+    env: list[str]
+    workdir: str = "/"
+    disks: list[Disk] = field(default_factory=list)
+    shares: list[Share] = field(default_factory=list)
+    vsock_listen: list[VsockListen] = field(default_factory=list)
+    tmpfs: list[tuple[str, str]] = field(default_factory=list)  # (guest path, mount options)
+    files: dict[str, bytes] = field(default_factory=dict)  # guest path -> content (small)
+    console: tuple[int, int, int] = (0, 1, 2)
+    user: tuple[int, int] = (0, 0)
+    hostname: str | None = None
+    network: TapNetwork | None = None
+    kernel_log: Path | None = None  # where ttyS0 goes (capped); None: the stderr fd
+    accel: str = "auto"
+
+
+def _q(text: str) -> str:
+    return shlex.quote(text)
+
+
+def _mounts(spec: GuestSpec) -> str:
+    lines = []
+    for share in spec.shares:
+        if share.mount_at:
+            ro = ",ro" if share.read_only else ""
+            lines.append(f"$bb mkdir -p {_q(share.mount_at)} && $bb mount -t 9p -o {NINEP}{ro} {_q(share.tag)} "
+                         f"{_q(share.mount_at)} || {{ log 'cannot mount share {share.tag} at {share.mount_at}'; "
+                         f"finish {INIT_FAILED}; }}")
+    for path, options in spec.tmpfs:
+        lines.append(f"$bb mkdir -p {_q(path)} && $bb mount -t tmpfs -o {_q(options or 'mode=1777')} tmpfs {_q(path)} "
+                     f"|| {{ log 'cannot mount tmpfs at {path}'; finish {INIT_FAILED}; }}")
+    for path, data in spec.files.items():
+        encoded = base64.b64encode(data).decode()
+        lines.append(f"$bb mkdir -p {_q(os.path.dirname(path) or '/')} && $bb rm -f {_q(path)} && "
+                     f"echo {encoded} | $bb base64 -d > {_q(path)} || log 'cannot write {path}'")
+    return "\n".join(lines)
+
+
+def _network(spec: GuestSpec) -> str:
+    net = spec.network
+    if net is None:
+        return ("$bb ip link set eth0 up && $bb ip addr add 10.0.2.15/24 dev eth0 && "
+                "$bb ip route add default via 10.0.2.2\n"
+                "$bb rm -f /etc/resolv.conf 2>/dev/null; echo nameserver 10.0.2.3 >/etc/resolv.conf 2>/dev/null")
+    route = f" && $bb ip route add default via {_q(net.gateway)}" if net.gateway else ""
+    return (f"$bb ip link set eth0 address {_q(net.mac)} && $bb ip link set eth0 up && "
+            f"$bb ip addr add {_q(net.address)} dev eth0{route} || log 'cannot configure eth0'")
+
+
+def _search_path(spec: GuestSpec) -> str:
+    """The command's PATH (its env's, else the default) for finding a bare command name."""
+    paths = [e[5:] for e in spec.env if e.startswith("PATH=")]
+    return paths[-1] if paths else DEFAULT_ENV[0][5:]
+
+
+def pid1_script(spec: GuestSpec, tty: bool) -> str:
+    """The guest's PID 1 (busybox sh), in init.krun's role: mounts, network, the command, its status."""
+    env = " ".join(_q(e) for e in (*DEFAULT_ENV, *spec.env))
+    command = " ".join(_q(a) for a in (spec.exec_path, *spec.argv))
+    uid, gid = spec.user
+    need_setpriv = ""
+    if uid or gid:
+        # util-linux's setpriv by path: busybox would run its own applet, which cannot change ids
+        command = f"$sp --reuid {uid} --regid {gid} --clear-groups {command}"
+        need_setpriv = (f"sp=/usr/bin/setpriv; [ -x $sp ] || sp=/bin/setpriv; [ -x $sp ] || "
+                        f"{{ log 'setpriv (util-linux) is needed to run the command as {uid}:{gid}'; "
+                        f"finish {INIT_FAILED}; }}")
+    if tty:
+        stdio = "<>/dev/hvc0 >&0 2>&0"
+        setsid = "$bb setsid -c"
+    else:
+        stdio = '<"${in:-/dev/null}" >"${out:-/dev/hvc0}" 2>"${err:-/dev/hvc0}"'
+        setsid = "$bb setsid"
+    hostname = f"$bb hostname {_q(spec.hostname)}" if spec.hostname else ""
+    return f"""bb=/run/agentbox/busybox
+log() {{ echo "krun init: $*" >/dev/ttyS0; }}
+$bb mount -t proc -o nosuid,nodev,noexec proc /proc
+$bb mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+$bb mkdir -p /dev/pts /dev/shm /tmp /run/user /run/lock
+$bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+$bb mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+$bb mount -t tmpfs -o mode=1777 tmpfs /tmp
+$bb mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+# libkrunfw's kernel has its drivers built in; this root's kernel loads the rest from the root
+[ -x /sbin/modprobe ] && /sbin/modprobe -a {" ".join(contract.LATE_MODULES)} </dev/null >/dev/null 2>&1 &
+echo "{contract.PHASE_MARK} init $($bb cut -d' ' -f1 /proc/uptime)" >/dev/ttyS0
+for l in fd:/proc/self/fd stdin:/proc/self/fd/0 stdout:/proc/self/fd/1 stderr:/proc/self/fd/2 ptmx:pts/ptmx; do
+  [ -e /dev/${{l%%:*}} ] || $bb ln -s ${{l#*:}} /dev/${{l%%:*}}
+done
+port() {{
+  for p in /sys/class/virtio-ports/*; do
+    [ "$($bb cat $p/name 2>/dev/null)" = "$1" ] && {{ echo /dev/${{p##*/}}; return; }}
+  done
+}}
+status=$(port {qemu.STATUS_PORT})
+in=$(port krun-stdin); out=$(port krun-stdout); err=$(port krun-stderr)
+finish() {{
+  [ -n "$status" ] && echo "exit=$1" >"$status"
+  $bb kill -TERM -1 2>/dev/null; $bb sleep 0.3; $bb kill -KILL -1 2>/dev/null
+  $bb sync; $bb umount -a -r 2>/dev/null; $bb sync
+  $bb poweroff -f
+}}
+{hostname}
+$bb ip link set lo up
+{_network(spec)}
+{_mounts(spec)}
+exe={_q(spec.exec_path)}
+case "$exe" in */*) ;; *) for d in $(echo {_q(_search_path(spec))} | $bb tr : ' '); do
+  [ -f "$d/$exe" ] && {{ exe="$d/$exe"; break; }}; done ;; esac
+[ -e "$exe" ] || {{ log "cannot find $exe"; finish 127; }}
+[ -x "$exe" ] || {{ log "cannot execute $exe"; finish 126; }}
+cd {_q(spec.workdir)} 2>/dev/null || {{ log "cannot enter workdir {spec.workdir}"; finish {INIT_FAILED}; }}
+{need_setpriv}
+{setsid} $bb env -i {env} {command} {stdio}
+finish $?
+"""
+
+
+class Relay:
+    """Copies bytes from each source to its sink on a thread per route (any fd kind: tty, pipe,
+    socket, regular file, /dev/null); EOF on a source half-closes a socket sink."""
+
+    def __init__(self) -> None:
+        self.threads: list[threading.Thread] = []
+
+    def route(self, src: socket.socket | int, dst: socket.socket | int) -> None:
+        t = threading.Thread(target=self._copy, args=(src, dst), daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    @staticmethod
+    def _copy(src: socket.socket | int, dst: socket.socket | int) -> None:
+        fd = src if isinstance(src, int) else src.fileno()
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                if isinstance(dst, socket.socket):
+                    dst.sendall(data)
+                else:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(dst, view):]
+            except OSError:
+                pass  # the reader went away: drop output, as a closed console would
+        if isinstance(dst, socket.socket):
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the guest-side routes to reach EOF."""
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _listener(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.listen(1)
+    return s
+
+
+def _accept(lst: socket.socket, proc: subprocess.Popen[bytes]) -> socket.socket:
+    """qemu's connection to ``lst`` (it connects at start-up), within CONNECT_TIMEOUT_S."""
+    lst.settimeout(0.2)
+    conns: list[socket.socket] = []
+
+    def accepted(last_try: bool) -> bool:
+        try:
+            conn, _ = lst.accept()
+        except TimeoutError:
+            if proc.poll() is not None or last_try:
+                raise RuntimeError(f"qemu did not connect to {lst.getsockname()} (qemu exit {proc.poll()})") from None
+            return False
+        conn.setblocking(True)
+        conns.append(conn)
+        return True
+
+    retry(accepted, timeout=CONNECT_TIMEOUT_S, interval=0.0)
+    return conns[0]
+
+
+def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: str, tty: bool) -> list[str]:
+    """The qemu command line for ``spec`` (sockets under ``work``)."""
+    boot_kernel, firmware = qemu.fast_boot(kernel)
+    argv = qemu.machine_args(ram_mib=spec.ram_mib, vcpus=spec.vcpus, kernel=boot_kernel, initrd=initrd,
+                             accel=accel, firmware=firmware)
+    argv += ["-chardev", f"socket,id=kcon,path={work / 'ttyS0.sock'},server=off", "-serial", "chardev:kcon",
+             "-device", "virtio-serial-pci,id=vser"]
+    argv += qemu.port_args(f"file,path={work / 'status'}", "status", qemu.STATUS_PORT)
+    if tty:
+        argv += qemu.port_args("stdio,signal=off", "con", "", console=True)
+    else:
+        argv += qemu.port_args(f"socket,path={work / 'hvc0.sock'},server=off", "con", "", console=True)
+        for name in STDIO_PORTS:
+            argv += qemu.port_args(f"socket,path={work / (name + '.sock')},server=off", name, name)
+    for i, vsock in enumerate(spec.vsock_listen):
+        argv += qemu.port_args(f"socket,path={vsock.path},server=on,wait=off", f"vsock{i}",
+                               contract.vsock_port_name(vsock.port))
+    argv += qemu.share_args("root", spec.root, contract.ROOTFS_TAG, model=qemu.ROOTFS_MODEL)
+    for i, share in enumerate(spec.shares):
+        argv += qemu.share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
+    for i, disk in enumerate(spec.disks):
+        argv += qemu.disk_args(i, disk.id, disk.path, read_only=disk.read_only, fmt=disk.format)
+    if spec.network is None:
+        return argv + qemu.net_args()
+    return argv + ["-netdev", f"tap,id=n0,ifname={spec.network.ifname},script=no,downscript=no",
+                   "-device", f"virtio-net-pci,netdev=n0,mac={spec.network.mac},romfile=",
+                   "-device", "virtio-rng-pci"]
+
+
+def boot(spec: GuestSpec, work: Path) -> int:
+    """Boot ``spec`` (sockets and files under ``work``) and return the guest command's status.
+
+    SIGTERM, SIGINT and SIGHUP stop the guest (qemu is killed); the status is then 128+signal."""
+    in_fd, out_fd, err_fd = spec.console
+    tty = os.isatty(in_fd) and os.isatty(out_fd)
+    if not spec.root.is_dir():
+        raise RuntimeError(f"root {spec.root} is not a directory")
+    for vsock in spec.vsock_listen:
+        if os.path.lexists(vsock.path):
+            raise RuntimeError(f"vsock port {vsock.port}: {vsock.path} already exists")
+    kernel = initramfs.find_kernel(spec.root)
+    base = initramfs.cached_base(spec.root, initramfs.kernel_version(spec.root, kernel),
+                                 qemu.cache_dir() / "initramfs")
+    initrd = initramfs.task_initrd(base, "", work / "initrd.img",
+                                   files={initramfs.PID1_PATH: pid1_script(spec, tty)})
+    accel = qemu.QemuDriver().choose_accel(os.environ.get("AGENTBOX_QEMU_ACCEL", spec.accel), kernel, base)
+    names = ["ttyS0"] + ([] if tty else ["hvc0", *STDIO_PORTS])
+    listeners = {n: _listener(work / f"{n}.sock") for n in names}
+    argv = qemu_argv(spec, work, kernel, initrd, accel, tty)
+    proc = subprocess.Popen(argv, stdin=None if tty else subprocess.DEVNULL,
+                            stdout=None if tty else subprocess.DEVNULL, stderr=err_fd,
+                            preexec_fn=die_with_parent,
+                            pass_fds=host_share.fds_in([share.path for share in spec.shares]))
+    stopped_by: list[int] = []
+
+    def terminate(signum: int, _frame: object) -> None:
+        stopped_by.append(signum)
+        proc.kill()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, terminate)
+    try:
+        status = _run(proc, listeners, spec, work, tty)
+    except RuntimeError:
+        if not stopped_by:
+            raise
+        status = 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return 128 + stopped_by[0] if stopped_by else status
+
+
+def _run(proc: subprocess.Popen[bytes], listeners: dict[str, socket.socket], spec: GuestSpec, work: Path,
+         tty: bool) -> int:
+    in_fd, out_fd, err_fd = spec.console
+    conns = {n: _accept(lst, proc) for n, lst in listeners.items()}
+    relay, stdin_relay = Relay(), Relay()
+    if spec.kernel_log is not None:
+        ConsoleRecorder(spec.kernel_log).start(conns["ttyS0"])
+    else:
+        relay.route(conns["ttyS0"], err_fd)
+    if not tty:
+        stdin_relay.route(in_fd, conns["krun-stdin"])
+        relay.route(conns["krun-stdout"], out_fd)
+        relay.route(conns["krun-stderr"], err_fd)
+        relay.route(conns["hvc0"], err_fd)
+    proc.wait()
+    relay.drain(DRAIN_S)
+    try:
+        status = qemu.parse_status(tail_bytes(work / "status", 4096).decode(errors="replace"))
+    except OSError:
+        status = None
+    if status is None:
+        raise RuntimeError(f"the guest stopped without reporting an exit status (qemu exit {proc.returncode})")
+    return status
