@@ -36,6 +36,7 @@ from agentbox_runtime.channel import AgentClient, ChannelError, PtyRelay
 from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
 from agentbox_runtime.vmm import boot_phases
 from agentbox_runtime.vmm.host import tail_bytes
+from agentbox_runtime.microvm.maintenance import MicrovmResizeRunner
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 """The agent on its own virtio-serial port (qemu)."""
@@ -272,7 +273,6 @@ class MicrovmMachine(Machine):
     def resize_runner(self, extra_env: tuple[str, ...] = ()):  # type: ignore[no-untyped-def]
         """A maintenance runner for ``nix_disk.grow``/``containers_disk.grow`` that boots this
         machine's image and disks once with the guest resize step (``extra_env`` adds guest env)."""
-        from agentbox_runtime.microvm.maintenance import MicrovmResizeRunner
 
         assert self.options is not None
         return MicrovmResizeRunner(self.options, extra_env=extra_env)

@@ -34,6 +34,10 @@ from agentbox_runtime import disks
 from agentbox_runtime.reset import reset_nix
 from agentbox_runtime.state import StateLayout
 from agentbox_runtime.resize import MaintenanceRunner, ResizePlan, resize
+from agentbox_runtime.container import host_conf
+from agentbox_runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
+from agentbox_runtime.microvm.maintenance import live_users
+from agentbox_runtime.podman import Podman
 
 DEV_IDS = (c.DEV_UID, c.DEV_GID)
 
@@ -122,7 +126,6 @@ class DiskHandle:
 
     def live_users(self) -> tuple[str, ...]:
         """Running guests of this harness that attach the image."""
-        from agentbox_runtime.microvm.maintenance import live_users
 
         return tuple(live_users(StateLayout(self.state_root, self.state_root.name, self.state_root.parent,
                                             self.state_root), self.path))
@@ -365,9 +368,6 @@ def nix_sidecar(agentbox_session: HarnessSession, workspace: Workspace, agentbox
     a ``container_task`` of the same workspace shares it. Afterwards the sidecar,
     its FUSE mount and image mount are removed (``nix-upper`` stays in the state root)."""
     require_backend(agentbox_session, "container")
-    from agentbox_runtime.container import host_conf
-    from agentbox_runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
-    from agentbox_runtime.podman import Podman
 
     with host_conf.applied():  # restored afterwards: no fixture changes os.environ for good
         layout = workspace.state.ensure()

@@ -23,6 +23,9 @@ from agentbox_runtime.doctor import krun_podman_runtime
 from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.errors import InputError
+from agentbox_harness.caps import CAP_MARKERS, check_markers
+from agentbox_runtime.microvm.reaper import reap_stale
+from agentbox_runtime.state import StateLayout
 
 MARKERS = {
     "vm": "boots a real guest (qemu, libkrun or krun-podman backend)",
@@ -129,8 +132,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config.stash[REAPED] = reaper.reap_dead_runs()
     state_dir = config.getoption("--agentbox-state-dir", default=None)
     if state_dir and Path(state_dir).is_dir():
-        from agentbox_runtime.microvm.reaper import reap_stale
-        from agentbox_runtime.state import StateLayout
 
         app = Path(state_dir) / "agentbox"
         config.stash[REAPED] += reap_stale(StateLayout(app, app.name, app, app))
@@ -138,7 +139,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    from agentbox_harness.caps import CAP_MARKERS, check_markers
 
     if any(item.get_closest_marker(m) for m in CAP_MARKERS):
         check_markers(harness(item.config), item)

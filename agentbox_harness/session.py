@@ -17,6 +17,10 @@ import pytest
 from agentbox_harness.artifacts import node_dir
 from agentbox_harness.reaper import RunRegistry, cache_root
 from agentbox_runtime.doctor import Check, run_checks, usable_backends
+from agentbox_runtime.images.build import build
+from agentbox_runtime.microvm.probe import probe
+from agentbox_runtime.vmm import boot_verdicts
+from agentbox_runtime.vmm import kvm_probe
 
 KEY = pytest.StashKey["HarnessSession"]()
 AUTO_ORDER = ("krun-direct", "qemu", "container")
@@ -83,12 +87,10 @@ class HarnessSession:
 
     def _probe_krun_direct(self) -> None:
         """When libkrun loads but has never booted a guest here, boot once (cached per library)."""
-        from agentbox_runtime.vmm import boot_verdicts
 
         key = boot_verdicts.krun_direct_key()
         if key is None or boot_verdicts.read(boot_verdicts.KRUN_DIRECT, key) is not None:
             return
-        from agentbox_runtime.microvm.probe import probe
 
         probe(self.image(), image_cache=self.image_cache)
         self._checks = None
@@ -101,7 +103,6 @@ class HarnessSession:
             if os.environ.get("AGENTBOX_QEMU_ACCEL") in ("kvm", "tcg"):
                 self._accel = os.environ["AGENTBOX_QEMU_ACCEL"]
             else:
-                from agentbox_runtime.vmm import kvm_probe
 
                 self._accel = "kvm" if kvm_probe.probe_summary().ok else "tcg"
         return self._accel
@@ -135,7 +136,6 @@ class HarnessSession:
             if self.image_option:
                 self._image = self.image_option
             else:
-                from agentbox_runtime.images.build import build
 
                 with self.live_output():  # the build's progress lines show while it runs, not after
                     self._image = build().tag

@@ -15,6 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain, one_line
+from agentbox_runtime.config import KRUN_RUNTIMES
+from agentbox_runtime.guest_resources import parse_mem_gib
+from agentbox_runtime.size_grammar import parse_resize_size
 
 ABOUT = "Launch a Podman shell with the current directory mounted at /workspace"
 
@@ -57,7 +60,6 @@ KRUN_RUNTIME_HELP = ("OCI runtime of libkrun tasks: crun (its krun handler, the 
 
 def _positive_gib(text: str) -> int:
     """argparse type for ``--mem``: a positive whole number of GiB."""
-    from agentbox_runtime.guest_resources import parse_mem_gib
 
     try:
         return parse_mem_gib(text)
@@ -74,7 +76,6 @@ def _positive_cpus(text: str) -> int:
 
 
 def _resize_size(text: str) -> int:
-    from agentbox_runtime.size_grammar import parse_resize_size
 
     try:
         return parse_resize_size(text)
@@ -113,7 +114,6 @@ def _global_flags() -> _Parser:
 def _krun_runtime_option(parser: argparse.ArgumentParser, help_text: str = KRUN_RUNTIME_HELP) -> None:
     """``--krun-runtime``: on the top level (no subcommand means libkrun), ``libkrun`` and its
     actions (``reset-nix`` accepts and ignores it); ``parse`` refuses it with any other subcommand."""
-    from agentbox_runtime.config import KRUN_RUNTIMES
 
     parser.add_argument("--krun-runtime", choices=KRUN_RUNTIMES, default=argparse.SUPPRESS,
                         help=help_text)

@@ -6,20 +6,20 @@ import argparse
 import logging
 
 from agentbox_runtime.doctor import render_json, render_text, run_checks
+from agentbox_runtime.doctor import check_by_name
+from agentbox_runtime.images.recipe import DEFAULT_TAG
+from agentbox_runtime.microvm.probe import probe
+from agentbox_runtime.vmm import boot_verdicts
 
 
 def probe_krun_direct() -> None:
     """Boot once through libkrun when it loads, the guest image exists, and no verdict is cached."""
-    from agentbox_runtime.doctor import check_by_name
-    from agentbox_runtime.vmm import boot_verdicts
 
     key = boot_verdicts.krun_direct_key()
     if key is None or boot_verdicts.read(boot_verdicts.KRUN_DIRECT, key) is not None:
         return
     if not check_by_name("guest-image").ok:
         return
-    from agentbox_runtime.images.recipe import DEFAULT_TAG
-    from agentbox_runtime.microvm.probe import probe
 
     logging.getLogger("agentbox").info("agentbox doctor: probing krun-direct with one guest boot ...")
     probe(DEFAULT_TAG)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.microvm.image_cache import ImageCache
 
 
 def run_hidden(argv: list[str]) -> int:
@@ -24,7 +25,6 @@ def run_hidden(argv: list[str]) -> int:
     names = ("an image reference", "a cache root", "an expected digest argument")
     if len(rest) < 4:
         raise AgentboxError(f"internal microvm-ingest-cache requires {names[len(rest) - 1]}")
-    from agentbox_runtime.microvm.image_cache import ImageCache
 
     print(ImageCache(Path(rest[2])).ingest(rest[1], rest[3]))
     sys.stdout.flush()

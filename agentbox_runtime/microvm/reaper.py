@@ -16,6 +16,7 @@ from pathlib import Path
 
 from agentbox_runtime.retry import WaitTimeout, retry
 from agentbox_runtime.state import StateLayout
+from agentbox_runtime.microvm.storage import reset_task_dir
 
 
 def _dir(layout: StateLayout) -> Path:
@@ -116,7 +117,6 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
     """Reap tasks whose owner process is gone (or whose run label is ``include_label``).
 
     Returns the task dirs reaped."""
-    from agentbox_runtime.microvm.storage import reset_task_dir
 
     reaped = []
     for rec in records(layout):

@@ -30,6 +30,9 @@ from agentbox_runtime.guest_resources import default_cpus, microvm_ram_mib
 from agentbox_runtime.state import StateLayout, task_container_name
 from agentbox_runtime.vmm.base import VmHandle, VmSpec
 from agentbox_runtime.vmm.shutdown import StopReport
+from agentbox_runtime.doctor import check_kvm_device, check_libkrun
+from agentbox_runtime.vmm.libkrun import LibkrunDriver
+from agentbox_runtime.vmm.qemu import QemuDriver
 
 log = logging.getLogger("agentbox")
 
@@ -106,17 +109,14 @@ def build_launch(opts: MicrovmOptions, rootfs: Path, exec_path: str, layout: Sta
 def choose_vmm(requested: str) -> str:
     if requested in ("qemu", "libkrun"):
         return requested
-    from agentbox_runtime.doctor import check_kvm_device, check_libkrun
 
     return "libkrun" if check_libkrun().ok and check_kvm_device().ok else "qemu"
 
 
 def driver(name: str):  # type: ignore[no-untyped-def]
     if name == "qemu":
-        from agentbox_runtime.vmm.qemu import QemuDriver
 
         return QemuDriver()
-    from agentbox_runtime.vmm.libkrun import LibkrunDriver
 
     return LibkrunDriver()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.microvm.image_cache import remove_tree
+from agentbox_runtime.errors import error_chain
 
 TIMEOUT_S = 1800.0
 
@@ -196,7 +197,6 @@ def materialize(policy: str, src: Path, task_dir: Path, preserve: bool = False) 
             reset_task_dir(task_dir)
         except (AgentboxError, OSError) as exc:
             raise AgentboxError(f"failed to clean partial btrfs-snapshot microvm task rootfs after: {first}") from exc
-        from agentbox_runtime.errors import error_chain
 
         if not available("fuse-overlay"):
             raise AgentboxError(f"auto microvm storage failed: btrfs-snapshot materialization failed "

@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from agentbox_runtime.errors import AgentboxError
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,6 @@ KRUN_DIRECT = "krun-direct"
 
 def krun_direct_key() -> str | None:
     """The verdict key of the libkrun library that loads now (None when none loads)."""
-    from agentbox_runtime.errors import AgentboxError
     from agentbox_runtime.vmm.libkrun import library_path
 
     try:

@@ -17,18 +17,17 @@ import time
 from pathlib import Path
 
 from agentbox_runtime.vmm.initramfs import PROBE_MARKER
+from agentbox_runtime.vmm.host import cache_dir, die_with_parent, qemu_binary, tail_bytes
 
 PROBE_TIMEOUT_S = 20.0
 
 
 def _cache() -> Path:
-    from agentbox_runtime.vmm.host import cache_dir
 
     return cache_dir() / "kvm-probe"
 
 
 def _qemu_version() -> str:
-    from agentbox_runtime.vmm.host import qemu_binary
 
     try:
         return subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True,
@@ -44,7 +43,6 @@ def _key(kernel: Path) -> str:
 
 def probe(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
     """Boot once under KVM; (booted, detail)."""
-    from agentbox_runtime.vmm.host import die_with_parent, qemu_binary, tail_bytes
 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not accessible"
