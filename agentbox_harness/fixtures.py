@@ -192,6 +192,7 @@ class Factory:
         self.request.node.stash.setdefault(MACHINES, []).append(machine)
         self.machines.append(machine)
         machine.artifacts = self.session.artifact_dir(self.request.node)
+        machine.redactor = self.session.redactor
         machine.start()
         return machine
 

@@ -25,6 +25,7 @@ from typing import Any
 from agentbox_harness.console import Console, read_tail
 from agentbox_harness.profile import Profile
 from agentbox_harness.wait import WaitTimeout, retry
+from agentbox_runtime.evidence import REDACTED, SECRET_NAME, Redactor
 
 log = logging.getLogger("agentbox_harness")
 BOOTS = {"started": 0}
@@ -97,6 +98,8 @@ class Machine(ABC):
     _console: Console | None = field(default=None, repr=False)
     _baseline_pids: set[int] | None = field(default=None, repr=False)
     ready_checks: dict[str, Command] = field(default_factory=dict, repr=False)
+    redactor: Redactor | None = field(default=None, repr=False)
+    """The run's secrets: values of secret-looking env vars given to a command join it."""
     test_id: str = ""
     """The test that made this machine (``agentbox ps`` shows it)."""
     guest_id: str | None = None
@@ -194,13 +197,17 @@ class Machine(ABC):
     def execute(self, cmd: Command, *, timeout: float | None = None, user: str | None = None, env: dict[str, str] | None = None,
                 cwd: str | None = None, stdin: bytes | None = None, check: bool = False) -> Result:
         """Run ``cmd`` (a string runs under ``sh -c``) as ``user`` (default dev); return its Result."""
+        if self.redactor is not None and env:
+            self.redactor.register_env(env)
         with self._verb("execute", render(cmd)):
             result = self._execute(as_argv(cmd), user=user, env=env, cwd=cwd, timeout=self.scaled(timeout),
                                    stdin=stdin)
         log.info("%s: %s (as %s): exit %s%s in %.2fs", self.name, render(cmd), user or "dev", result.exit_status,
                  " (timed out)" if result.timed_out else "", result.duration_s)
         self.transcript.append({
-            "command": render(cmd), "user": user or "dev", "exit_status": result.exit_status,
+            "command": render(cmd), "argv": as_argv(cmd), "user": user or "dev",
+            "env": {k: REDACTED if SECRET_NAME.search(k) else v for k, v in (env or {}).items()},
+            "exit_status": result.exit_status,
             "duration_s": result.duration_s, "timed_out": result.timed_out,
             "stdout_sha256": hashlib.sha256(result.stdout.encode()).hexdigest(),
             "stderr_sha256": hashlib.sha256(result.stderr.encode()).hexdigest(),

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agentbox_harness import artifacts, reaper
+from agentbox_harness import artifacts, evidence_bundle, reaper
 from agentbox_harness.artifacts import MACHINES, REPORTS
 from agentbox_harness.session import KEY, harness
 from agentbox_runtime import guest_registry
@@ -62,6 +62,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--agentbox-timeout", type=float, default=None,
                     help="seconds a verb waits when the test passes no timeout (default: ini agentbox_timeout, "
                          "else 60; scaled like every timeout)")
+    group.addoption("--agentbox-evidence", nargs="?", const="", default=None, metavar="DIR",
+                    help="keep an evidence bundle per test (redacted transcript, console log, launch config, "
+                         "SHA-256 index) under DIR (default results/evidence); `agentbox evidence verify` checks one")
     parser.addini("agentbox_timeout", "seconds a verb waits when the test passes no timeout (default 60)",
                   default="60")
 
@@ -161,6 +164,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                     reporter.write_line(f"agentbox: {line}")
     if rep.when == "teardown" and KEY in item.config.stash:
         session = item.config.stash[KEY]
+        if session.evidence_dir is not None:
+            root = evidence_bundle.write(item.config, item.nodeid, reports, session.evidence_dir, session.redactor)
+            if root is not None:
+                rep.sections.append(("agentbox evidence", f"{root[0]} (root sha256 {root[1]})"))
         kept = artifacts.finalize(item.config, item.nodeid, reports, preserve=session.preserve_debug,
                                   doctor=[c.as_dict() for c in session.checks])
         if kept is not None:

@@ -17,6 +17,7 @@ import pytest
 from agentbox_harness.artifacts import node_dir
 from agentbox_harness.reaper import RunRegistry, cache_root
 from agentbox_runtime.doctor import Check, run_checks, usable_backends
+from agentbox_runtime.evidence import Redactor
 from agentbox_runtime.images.build import build
 from agentbox_runtime.microvm.probe import probe
 from agentbox_runtime.vmm import boot_verdicts
@@ -45,12 +46,21 @@ class HarnessSession:
     default_timeout: float = 60.0
     image_cache: Path = field(default_factory=lambda: cache_root() / "microvm-images")
     preserved: list[Any] = field(default_factory=list)
+    evidence_dir: Path | None = None
+    """Where ``--agentbox-evidence`` writes each test's bundle (None: off)."""
+    redactor: Redactor = field(default_factory=Redactor)
+    """What no evidence file may contain: :meth:`register_secret` values and the values of
+    secret-looking environment variables of this process."""
     _registry: RunRegistry | None = None
     _checks: list[Check] | None = None
     _image: str | None = None
     _accel: str | None = None
     _backend: str | None = None
     backend_reason: str = ""
+
+    def register_secret(self, value: str) -> None:
+        """Keep ``value`` out of every evidence bundle of this run (it becomes ``[REDACTED]``)."""
+        self.redactor.register(value)
 
     @property
     def checks(self) -> list[Check]:
@@ -171,6 +181,14 @@ def run_label() -> str:
     return f"pytest-{uid}-{worker}" if worker else f"pytest-{uid}"
 
 
+def evidence_dir(config: pytest.Config) -> Path | None:
+    """``--agentbox-evidence [DIR]``: DIR, or ``<rootdir>/results/evidence`` when given bare."""
+    value = config.getoption("--agentbox-evidence", default=None)
+    if value is None:
+        return None
+    return Path(value) if value else Path(str(config.rootpath)) / "results" / "evidence"
+
+
 def harness(config: pytest.Config) -> HarnessSession:
     """The run's :class:`HarnessSession` (created on first use)."""
     if KEY not in config.stash:
@@ -181,7 +199,9 @@ def harness(config: pytest.Config) -> HarnessSession:
             image_option=opt("--agentbox-image"),
             kernel=Path(opt("--agentbox-kernel")) if opt("--agentbox-kernel") else None,
             state_dir=Path(opt("--agentbox-state-dir")) if opt("--agentbox-state-dir") else None,
-            scale_option=opt("--agentbox-timeout-scale"), default_timeout=_default_timeout(config))
+            scale_option=opt("--agentbox-timeout-scale"), default_timeout=_default_timeout(config),
+            evidence_dir=evidence_dir(config))
+        config.stash[KEY].redactor.register_env(os.environ)
     return config.stash[KEY]
 
 

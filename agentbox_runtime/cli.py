@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     gr = sub.add_parser("rm", help="stop a preserved harness guest and delete its state")
     gr.add_argument("guest_id", metavar="ID")
 
+    ev = sub.add_parser("evidence", help="check an evidence bundle (pytest --agentbox-evidence)")
+    ev_sub = ev.add_subparsers(dest="evidence_action", metavar="ACTION", required=True)
+    ev_verify = ev_sub.add_parser("verify", help="recheck every file against the bundle's index")
+    ev_verify.add_argument("bundle", metavar="DIR")
+
     dr = sub.add_parser("doctor", parents=[glob], help="report what this host can run")
     dr.add_argument("--json", action="store_true")
     dr.add_argument("--no-probe", action="store_true", help="skip the KVM probe boot")
@@ -217,6 +222,7 @@ _HANDLERS = {
     "ps": "guests",
     "attach": "guests",
     "rm": "guests",
+    "evidence": "evidence",
 }
 
 _TOP_ONLY_REJECTED = ("--mem", "--tsi", "--guest-init")

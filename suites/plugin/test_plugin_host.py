@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -493,3 +494,42 @@ def test_the_session_fixture_is_agentbox_session_and_the_old_name_still_works(py
             assert old is agentbox_session and agentbox_session.run_label
     ''')
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_evidence_bundles_are_kept_for_every_test_redacted_and_verifiable(pytester: pytest.Pytester,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    install(pytester.path)
+    monkeypatch.setenv("DEPLOY_TOKEN", "host-env-token-6789")
+    pytester.makepyfile(test_ev='''
+        def test_ok(machine_factory, agentbox_session):
+            agentbox_session.register_secret("registered-secret-12345")
+            m = machine_factory("a")
+            m.succeed("echo $API_TOKEN registered-secret-12345 host-env-token-6789", env={"API_TOKEN": "tok-in-env-42"})
+
+        def test_bad(machine_factory):
+            machine_factory("b").succeed("echo plain", timeout=10)
+            assert False, "deliberate"
+    ''')
+    result = pytester.runpytest("-p", "no:cacheprovider", "--agentbox-evidence")
+    result.assert_outcomes(passed=1, failed=1)
+    base = pytester.path / "results" / "evidence"
+    bundles = {p.name: p for p in base.iterdir()}
+    assert set(bundles) == {"test_ev.py_test_ok", "test_ev.py_test_bad"}
+    ok = bundles["test_ev.py_test_ok"]
+    everything = b"".join(p.read_bytes() for p in ok.rglob("*") if p.is_file())
+    for secret in (b"tok-in-env-42", b"registered-secret-12345", b"host-env-token-6789"):
+        assert secret not in everything
+    (entry,) = json.loads((ok / "a-transcript.json").read_text())
+    assert entry["argv"] == ["sh", "-c", "echo $API_TOKEN [REDACTED] [REDACTED]"]  # secrets in argv go too
+    assert entry["user"] == "dev" and entry["exit_status"] == 0 and entry["duration_s"] >= 0
+    assert entry["env"] == {"API_TOKEN": "[REDACTED]"} and len(entry["stderr_sha256"]) == 64
+    assert "[REDACTED] [REDACTED] [REDACTED]" in entry["stdout_tail"]
+    assert json.loads((ok / "test.json").read_text())["phases"]["call"] == "passed"
+    assert "a-host-console.log" in json.loads((ok / "index.json").read_text())["files"]
+    verify = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "evidence", "verify", str(ok)],
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and ": ok, " in verify.stdout, verify.stdout + verify.stderr
+    (ok / "a-host-console.log").write_text("rewritten\n")
+    tampered = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "evidence", "verify", str(ok)],
+                              capture_output=True, text=True, timeout=60)
+    assert tampered.returncode == 1 and tampered.stdout.strip().endswith("changed: a-host-console.log")
