@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from agentbox_guest_init import contract as c
-from agentbox_guest_init import listeners, prep
+from agentbox_guest_init import hardened_profile, listeners, prep
 from agentbox_guest_init.env import GuestEnv
 from agentbox_guest_init.identity import Identity, dev_identity
-from agentbox_guest_init.proc import ROOT
+from agentbox_guest_init.proc import ROOT, run_tool
 from agentbox_guest_init.pty_sessions import PtySessions
 from agentbox_guest_init.protocol import FrameReader, b64, encode_frame, unb64, write_all
 from agentbox_guest_init.shell_env import nix_remote_env, shell_env
@@ -129,11 +129,17 @@ def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
                          "(start the agent as root)")
     cwd = req.get("cwd") or (c.WORKSPACE if os.path.isdir(c.WORKSPACE) else "/")
 
+    hardened = ident is not None and hardened_profile.enabled(base_env if base_env is not None else os.environ)
+
     def demote() -> None:
         if ident is not None and os.geteuid() == 0:
+            if hardened:
+                hardened_profile.drop_bounding_set()
             os.setgroups([])
             os.setgid(ident.gid)
             os.setuid(ident.uid)
+        if hardened:
+            hardened_profile.confine()
 
     return env, demote, str(cwd)
 
@@ -462,6 +468,8 @@ def serve_attach_channels() -> None:
 
 def main(device: str | None, port: str | None) -> int:
     """Entry point of ``agentbox-guest-init agent``."""
+    if hardened_profile.enabled() and os.geteuid() == 0:
+        hardened_profile.read_only_root(run_tool)
     if port:
         device = find_port(port)
     serve_attach_channels()

@@ -25,6 +25,8 @@ ENV_KVM_DROP_TO_DEV: Final = "AGENTBOX_KVM_DROP_TO_DEV"
 ENV_ENTER_AS_ROOT: Final = "AGENTBOX_ENTER_AS_ROOT"
 ENV_GUEST_PROFILE: Final = "AGENTBOX_GUEST_PROFILE"
 ENV_GUEST_DEBUG: Final = "AGENTBOX_GUEST_DEBUG"
+ENV_HARDENED: Final = "AGENTBOX_HARDENED"
+"""``1``: the guest shell's hardened profile (:mod:`agentbox_guest_init.hardened_profile`)."""
 ENV_NO_PROXY: Final = "no_proxy"
 ENV_SCCACHE_DIR: Final = "SCCACHE_DIR"
 ENV_MICROVM_WORKSPACE_TAG: Final = "AGENTBOX_MICROVM_WORKSPACE_TAG"
@@ -82,6 +84,18 @@ DEFAULT_SHELL: Final = ("fish", "-l")
 def podman_socket_path(uid: int) -> str:
     """Path of the rootless Podman API socket for ``uid`` inside the guest."""
     return f"/run/user/{uid}/podman/podman.sock"
+
+
+def dev_dirs(home: str = DEV_HOME) -> dict[str, str]:
+    """dev's XDG base directories (reference 7.9)."""
+    return {"XDG_CONFIG_HOME": f"{home}/.config", "XDG_DATA_HOME": f"{home}/.local/share",
+            "XDG_STATE_HOME": f"{home}/.local/state", "XDG_CACHE_HOME": f"{home}/.cache"}
+
+
+def dev_exec_env() -> dict[str, str]:
+    """What a command run as dev from outside the login shell (``podman exec`` into a container-mode
+    task, whose environment is root's) needs: dev's identity, XDG dirs and the nix daemon."""
+    return {"HOME": DEV_HOME, "USER": DEV_USER, "LOGNAME": DEV_USER, "NIX_REMOTE": NIX_REMOTE_VALUE, **dev_dirs()}
 
 
 def docker_host(uid: int) -> str:

@@ -15,9 +15,7 @@ def shell_env(ident: Identity, genv: GuestEnv, path: str) -> dict[str, str]:
     ``NIX_REMOTE`` is not here: ``export-nix-remote`` is its own step.
     """
     home = c.DEV_HOME
-    env = {"USER": c.DEV_USER, "LOGNAME": c.DEV_USER, "HOME": home, "SHELL": ident.shell,
-           "XDG_CONFIG_HOME": f"{home}/.config", "XDG_DATA_HOME": f"{home}/.local/share",
-           "XDG_STATE_HOME": f"{home}/.local/state", "XDG_CACHE_HOME": f"{home}/.cache",
+    env = {"USER": c.DEV_USER, "LOGNAME": c.DEV_USER, "HOME": home, "SHELL": ident.shell, **c.dev_dirs(home),
            "TMPDIR": f"{home}/.cache/tmp"}
     if genv.containers_storage:
         env["XDG_RUNTIME_DIR"] = f"/run/user/{ident.uid}"

@@ -325,9 +325,6 @@ class MicrovmMachine(Machine):
                     f.write(data)
 
 
-DEV_EXEC_ENV = {"HOME": "/home/dev", "USER": "dev", "LOGNAME": "dev",
-                "NIX_REMOTE": c.NIX_REMOTE_VALUE}
-"""What ``podman exec`` as dev adds to the container's environment (which is root's)."""
 
 
 @dataclass
@@ -338,6 +335,8 @@ class ContainerMachine(Machine):
     state_root: Path = Path()
     image: str = ""
     run_label: str | None = None
+    hardened: bool = False
+    """The hardened profile: read-only root, no capabilities, no new privileges (see container_argv)."""
     _transport: ContainerTransport | None = None
     _sidecar: Sidecar | None = None
     _req: SidecarRequest | None = None
@@ -357,7 +356,8 @@ class ContainerMachine(Machine):
         def build(sidecar: Sidecar) -> list[str]:
             ref = container_argv(name=self._name, hostname=task_hostname(layout.slug),
                                  volumes=task_volumes(layout, home=self.state_root / "home"), merged=sidecar.merged,
-                                 sidecar_name=sidecar.name, image=self.image, run_label=self.run_label)
+                                 sidecar_name=sidecar.name, image=self.image, run_label=self.run_label,
+                                 hardened=self.hardened)
             adapted = adapt_task_argv(ref, self.image, interactive=False, rootless=os.geteuid() != 0,
                                       dev_ids=(str(c.DEV_UID), str(c.DEV_GID)))
             return detached_argv(adapted, self.image)
@@ -394,7 +394,7 @@ class ContainerMachine(Machine):
         started = time.monotonic()
         who = None if user in (None, "dev") else ("0" if user == "root" else user)
         if who is None:  # dev's own login environment: nix (through the daemon) writes to dev's profile
-            env = {**DEV_EXEC_ENV, **(env or {})}
+            env = {**c.dev_exec_env(), **(env or {})}
         try:
             r = self._running().execute(argv, user=who if who else f"{c.DEV_UID}:{c.DEV_GID}", env=env, cwd=cwd,
                                         timeout=timeout, stdin=stdin)

@@ -324,6 +324,31 @@ def _shared_microvm_machine(request: pytest.FixtureRequest, agentbox_session: Ha
         yield make("shared")  # type: ignore[misc]
 
 
+@pytest.fixture(scope="module")
+def shared_machine_factory(request: pytest.FixtureRequest, agentbox_session: HarnessSession,
+                           shared_workspace: Workspace) -> Iterator[Callable[..., Machine]]:
+    """``shared_machine_factory(backend, name="shared", **options)``: machines that live for the test
+    module, on ``shared_workspace`` (options as for ``machine_factory``, e.g. ``hardened=True``).
+    A backend this host cannot run skips (strict: fails) naming what is missing."""
+    made: list[Iterator[Callable[..., Machine]]] = []
+
+    def make(backend: str, name: str = "shared", **options: object) -> Machine:
+        ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2, 2, "auto")
+        factory = _factory(request, agentbox_session, backend, ctx, f"shared {backend} machine")
+        made.append(factory)
+        return next(factory)(name, **options)
+
+    yield make
+    errors = []
+    for factory in reversed(made):  # each one's teardown stops its machine; every one runs
+        try:
+            next(factory, None)
+        except AssertionError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise AssertionError("; ".join(errors))
+
+
 @pytest.fixture
 def shared_microvm(_shared_microvm_machine: MicrovmMachine) -> MicrovmMachine:
     """A microvm booted once per test module and :meth:`~agentbox_harness.machine.Machine.reset`

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from agentbox_guest_init import contract as c
 from agentbox_harness.backends import ContainerMachine, MicrovmMachine
 from agentbox_harness.krun import build_krun_machine
 from agentbox_harness.machine import Machine
@@ -43,7 +44,8 @@ def _microvm(vmm: str) -> MachineBuilder:
             state=ws.state, image_cache=Path(str(options.pop("image_cache", s.image_cache))),
             run_label=s.run_label, preserve_debug=bool(options.pop("preserve_debug", s.preserve_debug)),
             kernel=s.kernel, interactive=False,
-            extra_env=tuple(str(e) for e in options.pop("extra_env", ())))  # type: ignore[attr-defined]
+            extra_env=(*(str(e) for e in options.pop("extra_env", ())),  # type: ignore[attr-defined]
+                       *((f"{c.ENV_HARDENED}=1",) if options.pop("hardened", False) else ())))
         return MicrovmMachine(name=name, timeout_scale=s.timeout_scale, options=opts)
     return build
 
@@ -52,7 +54,7 @@ def _container(ctx: BackendContext, name: str, options: dict[str, object]) -> Ma
     ws = ctx.workspace
     return ContainerMachine(name=name, timeout_scale=1.0, workspace=ws.path,
                             state_root=ws.state.ensure().state_root, image=str(options.pop("image", None) or ctx.image()),
-                            run_label=ctx.session.run_label)
+                            run_label=ctx.session.run_label, hardened=bool(options.pop("hardened", False)))
 
 
 MACHINE_BACKENDS: dict[str, MachineBuilder] = {

@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentbox_harness import overlay_review
+from agentbox_harness.overlay_review import Review
 from agentbox_runtime.state import StateLayout
 
 MODES = ("direct", "copy", "overlay-review")
@@ -18,9 +20,10 @@ class Workspace:
     """A host directory the guest sees at /workspace, with its slug and state root.
 
     Modes: ``direct`` (the directory itself), ``copy`` (a private copy),
-    ``overlay-review`` (the guest writes into an upper layer: :meth:`changes`
-    lists them, :meth:`apply` copies them onto the source, :meth:`discard`
-    drops them).
+    ``overlay-review`` (the guest writes into an upper layer over the source:
+    :meth:`review` says what it added, modified, deleted and renamed,
+    :meth:`patch` renders that as a unified diff, :meth:`apply` carries it out
+    on the source, :meth:`discard` drops it).
     """
 
     source: Path
@@ -66,23 +69,38 @@ class Workspace:
         ws._mounted = True
         return ws
 
-    def changes(self) -> list[str]:
-        """Paths (relative) the guest wrote, in overlay-review mode."""
+    def _layers(self, verb: str) -> tuple[Path, Path]:
         if self._upper is None:
-            raise ValueError("changes() needs an overlay-review workspace")
-        return sorted(str(p.relative_to(self._upper)) for p in self._upper.rglob("*") if p.is_file())
+            raise ValueError(f"{verb}() needs an overlay-review workspace; this one is '{self.mode}'")
+        return self.source, self._upper
 
-    def apply(self) -> None:
-        """Copy the guest's writes onto the source directory."""
-        for rel in self.changes():
-            dest = self.source / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(self._upper / rel, dest)  # type: ignore[operator]
+    def review(self) -> Review:
+        """What the guest changed: added, modified, deleted and renamed files (see
+        :mod:`agentbox_harness.overlay_review`)."""
+        return overlay_review.scan(*self._layers("review"))
+
+    def changes(self) -> list[str]:
+        """Every path the guest changed (both names of a rename), sorted."""
+        return self.review().paths
+
+    def patch(self) -> str:
+        """The guest's changes as a git-style unified diff against the source."""
+        lower, upper = self._layers("patch")
+        return overlay_review.patch(overlay_review.scan(lower, upper), lower, upper)
+
+    def apply(self) -> Review:
+        """Carry the guest's changes out on the source (deletions and renames too), then start a
+        fresh upper layer, so the workspace shows the updated source; returns what was applied."""
+        lower, upper = self._layers("apply")
+        review = overlay_review.scan(lower, upper)
+        overlay_review.apply(review, lower, upper)
+        self.discard()
+        return review
 
     def discard(self) -> None:
         """Drop the guest's writes (remount an empty upper layer)."""
-        if self._upper is None:
-            raise ValueError("discard() needs an overlay-review workspace")
+        self._layers("discard")
+        assert self._upper is not None
         self.close()
         shutil.rmtree(self._upper)
         self._upper.mkdir()

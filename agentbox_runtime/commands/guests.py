@@ -94,7 +94,7 @@ def attach(guest_id: str, root: bool) -> int:
     if rec.backend == "container":
         assert rec.container is not None
         user = "0" if root else f"{c.DEV_UID}:{c.DEV_GID}"
-        env = [] if root else ["--env", "HOME=/home/dev", "--env", "USER=dev", "--env", f"NIX_REMOTE={c.NIX_REMOTE_VALUE}"]
+        env = [] if root else [a for k, v in c.dev_exec_env().items() for a in ("--env", f"{k}={v}")]
         os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", "/workspace", rec.container,
                              "bash", "-l"])
     try:

@@ -37,6 +37,7 @@ PACKAGES = (
     "busybox-static", "nix-bin", "fish", "bash", "iproute2", "socat", "ca-certificates",
     "procps", "linux-image-amd64", "e2fsprogs", "coreutils", "docker-compose", "file",
     "catatonit", "iptables",  # podman run --init; netavark's firewall for user-defined networks
+    "git", "ripgrep", "jq", "curl", "less", "gawk", "diffutils", "debianutils",  # the image contract's base tools
 )
 
 LABEL_RECIPE = "io.agentbox.recipe"

@@ -11,10 +11,17 @@ from agentbox_runtime.tasks.krun import TMPFS
 from agentbox_runtime.tasks.volumes import Volumes, mount_arg, task_volumes
 
 
+HARDENED_OPTIONS = ("--read-only", "--read-only-tmpfs=true", "--cap-drop=all", "--security-opt=no-new-privileges")
+
+
 def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
                    sidecar_name: str, image: str, root: bool = False, profile: bool = False,
-                   debug: bool = False, run_label: str | None = None) -> list[str]:
-    """The exact ordered argv of a container-mode task (without ``podman``)."""
+                   debug: bool = False, run_label: str | None = None, hardened: bool = False) -> list[str]:
+    """The exact ordered argv of a container-mode task (without ``podman``).
+
+    ``hardened`` adds the hardened profile before the image: a read-only root with tmpfs on
+    /tmp, /var/tmp and /run (:data:`HARDENED_OPTIONS`), no capabilities, no new privileges, and
+    Podman's default seccomp profile (nothing here turns it off)."""
     argv = ["run", "--rm", "-it", "--name", name, "--userns", "keep-id"]
     if root:
         argv += ["--user", "0:0", "--env", f"{c.ENV_ENTER_AS_ROOT}=1"]
@@ -29,6 +36,8 @@ def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
         argv += ["--env", f"{c.ENV_GUEST_DEBUG}=1"]
     if run_label:
         argv += ["--label", f"{c.LABEL_HARNESS_RUN}={run_label}"]
+    if hardened:
+        argv += [*HARDENED_OPTIONS, "--env", f"{c.ENV_HARDENED}=1"]
     argv += [image, "fish", "-l"]
     return argv
 
