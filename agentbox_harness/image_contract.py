@@ -55,10 +55,10 @@ def _probe_script(contract: ImageContract) -> str:
     tools = " ".join(shlex.quote(t) for t in contract.tools)
     inits = " ".join(INIT_PATHS)
     return f"""
-echo "uid=$(id -u)"; echo "gid=$(id -g)"; echo "name=$(id -un 2>/dev/null)"
+echo "uid=$(id -u)"; echo "gid=$(id -g)"; echo "name=$(getent passwd "$(id -u)" | cut -d: -f1)"
 echo "passwd=$(getent passwd {shlex.quote(contract.user)})"
 echo "home=$HOME"; echo "pwd=$(pwd)"
-for v in {xdg}; do eval "p=\\${{$v:-}}"; o=; [ -n "$p" ] && o=$(stat -c %U "$p" 2>/dev/null); echo "xdg=$v|$p|$o"; done
+for v in {xdg}; do eval "p=\\${{$v:-}}"; o=; [ -n "$p" ] && o=$(stat -c %U:%u "$p" 2>/dev/null); echo "xdg=$v|$p|$o"; done
 for t in {tools}; do command -v "$t" >/dev/null 2>&1 || echo "missing=$t"; done
 for p in {inits}; do [ -x "$p" ] && echo "init=$p"; done
 command -v nix-store >/dev/null 2>&1 && echo "nix=present"
@@ -113,8 +113,10 @@ class ImageContract:
             got.append(f"workdir: a shell starts in {f['pwd'][0]}; expected {self.workdir}")
         for item in f.get("xdg", []):
             var, path, owner = item.split("|")
-            if not path or not path.startswith(self.home.rstrip("/") + "/") or owner != self.user:
-                got.append(f"xdg: {var} is {path or '(unset)'} owned by {owner or '(nothing there)'}; expected a "
+            name, _, owner_uid = owner.partition(":")
+            if not path or not path.startswith(self.home.rstrip("/") + "/") or name != self.user:
+                held = f"uid {owner_uid}" if name == "UNKNOWN" else (f"{name} (uid {owner_uid})" if owner else "")
+                got.append(f"xdg: {var} is {path or '(unset)'} owned by {held or '(nothing there)'}; expected a "
                            f"directory under {self.home} owned by {self.user}")
         if f.get("missing"):
             got.append(f"tools: missing from PATH: {', '.join(f['missing'])}")
@@ -174,8 +176,8 @@ class ImageContractTests:
 
     contract = ImageContract()
 
-    def test_image_contract_in_the_guest(self, microvm: Any, workspace: Any) -> None:
+    def test_image_contract_in_the_guest(self, agentbox_image: str, microvm: Any, workspace: Any) -> None:
         self.contract.check(microvm, workspace)
 
-    def test_image_contract_in_container_mode(self, container_task: Any, workspace: Any) -> None:
+    def test_image_contract_in_container_mode(self, agentbox_image: str, container_task: Any, workspace: Any) -> None:
         self.contract.check(container_task, workspace)

@@ -23,7 +23,9 @@ class Workspace:
     ``overlay-review`` (the guest writes into an upper layer over the source:
     :meth:`review` says what it added, modified, deleted and renamed,
     :meth:`patch` renders that as a unified diff, :meth:`apply` carries it out
-    on the source, :meth:`discard` drops it).
+    on the source, :meth:`discard` drops it). fuse-overlayfs keeps the source's listing
+    once read, so what a test adds to :attr:`source` later shows in :attr:`path` only after
+    :meth:`discard` (which remounts).
     """
 
     source: Path
@@ -102,8 +104,11 @@ class Workspace:
         self._layers("discard")
         assert self._upper is not None
         self.close()
+        owner = self._upper.stat()
         shutil.rmtree(self._upper)
         self._upper.mkdir()
+        if os.geteuid() == 0:  # the merged root keeps the owner the guest's dev writes as
+            os.chown(self._upper, owner.st_uid, owner.st_gid)
         work = self._upper.parent / "work"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()

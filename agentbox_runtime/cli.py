@@ -268,13 +268,21 @@ def dispatch(ns: argparse.Namespace) -> int:
     return int(module.run(ns))
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever ``sys.stderr`` is at each record (pytest swaps and closes its
+    capture streams; a handler bound to one of them would write to a closed file later)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def cli_logging() -> None:
     """Runtime messages (the ``agentbox`` logger: progress, notices) on stderr, as plain lines."""
     logger = logging.getLogger("agentbox")
-    if not any(getattr(h, "agentbox_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler.agentbox_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
 

@@ -31,9 +31,3 @@ def test_working_directory_is_workspace(shared_microvm):
                           timeout=30, user="root").strip()
     assert cwd == "/workspace"
     assert microvm.succeed("pwd", timeout=30).strip() == "/workspace"
-
-
-def test_base_tools_present(shared_microvm):
-    microvm = shared_microvm
-    missing = [t for t in BASE_TOOLS if not microvm.execute(["sh", "-c", f"command -v {t}"], timeout=30).ok]
-    assert missing == []

@@ -7,7 +7,9 @@ Layout written under ``root`` (reference 9.4 step 7 and 9.6):
   executable ``/nix/store/*/bin/agentbox-guest-init`` (older copies are removed);
 - ``/bin/agentbox-guest-init`` -> that launcher (the stable path);
 - ``/usr/local/bin/<wrapper>`` for every file in ``agentbox_guest_init/wrappers`` (7.15);
-- ``/bin/<script>`` for every in-image script in ``agentbox_runtime/images/files`` (8.3).
+- ``/bin/<script>`` for every in-image script in ``agentbox_runtime/images/files`` (8.3);
+- dev's XDG base directories (``~/.config``, ``~/.local/share``, ``~/.local/state``,
+  ``~/.cache``), owned by dev, as the image contract wants them whatever runs the image.
 
 The content of this file is part of the guest_init hash.
 """
@@ -77,6 +79,14 @@ def install_guest_init(root: Path, gi_hash: str, pkg: Path | None = None,
     for script in sorted(files_dir.glob("*")):
         if script.is_file():
             _copy_exec(script, in_root(root, "/bin") / script.name)
+    for xdg in contract.dev_dirs().values():  # the image contract: dev's XDG dirs exist and are dev's
+        path = in_root(root, xdg)
+        path.mkdir(parents=True, exist_ok=True)
+        for part in [path, *path.parents]:
+            if part == in_root(root, contract.DEV_HOME):
+                break
+            if os.geteuid() == 0:  # image builds run as root; a unit test as another user keeps its own ids
+                os.lchown(part, contract.DEV_UID, contract.DEV_GID)
     precompile(root, in_image / "lib")
     return in_image
 

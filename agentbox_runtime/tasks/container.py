@@ -7,11 +7,17 @@ from pathlib import Path
 
 from agentbox_guest_init import contract as c
 from agentbox_runtime.state import StateLayout, task_hostname
+from agentbox_runtime.errors import InputError
 from agentbox_runtime.tasks.krun import TMPFS
 from agentbox_runtime.tasks.volumes import Volumes, mount_arg, task_volumes
 
 
-HARDENED_OPTIONS = ("--read-only", "--read-only-tmpfs=true", "--cap-drop=all", "--security-opt=no-new-privileges")
+HARDENED_OPTIONS = ("--user", f"{c.DEV_UID}:{c.DEV_GID}", "--read-only", "--read-only-tmpfs=true",
+                    "--tmpfs", f"{c.DEV_HOME}:rw,nosuid,nodev,exec,mode=0755,U",
+                    "--cap-drop=all", "--security-opt=no-new-privileges")
+"""The hardened profile's Podman options: the task runs as dev, whose home is a tmpfs holding a copy
+of the image's (Podman copies a directory's content up into a tmpfs mounted over it; ``U`` gives
+it to the task's user)."""
 
 
 def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
@@ -20,8 +26,10 @@ def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
     """The exact ordered argv of a container-mode task (without ``podman``).
 
     ``hardened`` adds the hardened profile before the image: a read-only root with tmpfs on
-    /tmp, /var/tmp and /run (:data:`HARDENED_OPTIONS`), no capabilities, no new privileges, and
-    Podman's default seccomp profile (nothing here turns it off)."""
+    /tmp, /var/tmp, /run and dev's home (:data:`HARDENED_OPTIONS`), no capabilities, no new
+    privileges, and Podman's default seccomp profile (nothing here turns it off)."""
+    if hardened and root:
+        raise InputError("the hardened profile runs the task as dev; it cannot be combined with --root")
     argv = ["run", "--rm", "-it", "--name", name, "--userns", "keep-id"]
     if root:
         argv += ["--user", "0:0", "--env", f"{c.ENV_ENTER_AS_ROOT}=1"]

@@ -166,3 +166,19 @@ def test_child_status_is_clamped(code: int | None, expected: int) -> None:
     from agentbox_runtime.commands.libkrun import exit_status
 
     assert exit_status(code) == expected
+
+
+def test_cli_logging_follows_sys_stderr_even_after_a_captured_stream_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import logging
+
+    from agentbox_runtime.cli import cli_logging
+
+    first, later = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    cli_logging()
+    logging.getLogger("agentbox").info("while captured")
+    first.close()  # what pytest does to a test's capture stream
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("agentbox").info("after")
+    assert later.getvalue() == "after\n"

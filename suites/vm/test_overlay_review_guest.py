@@ -4,19 +4,26 @@ and applies it onto the untouched source."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("workspace", ["overlay-review"], indirect=True)
-def test_the_guest_s_writes_changes_renames_and_deletions_are_reviewed_then_applied(workspace, microvm) -> None:  # type: ignore[no-untyped-def]
+def test_the_guest_s_writes_changes_renames_and_deletions_are_reviewed_then_applied(workspace, microvm_factory) -> None:  # type: ignore[no-untyped-def]
     src = workspace.source
     (src / "keep.txt").write_text("one\ntwo\n")
     (src / "old.txt").write_text("moves along\n")
     (src / "drop.txt").write_text("bye\n")
     (src / "tree").mkdir(exist_ok=True)
     (src / "tree" / "leaf").write_text("leaf\n")
+    owner = src.stat()
+    for path in (src / "keep.txt", src / "old.txt", src / "drop.txt", src / "tree", src / "tree" / "leaf"):
+        os.chown(path, owner.st_uid, owner.st_gid)  # the project's files are its owner's (dev in the guest)
+    workspace.discard()  # a fresh overlay: fuse-overlayfs keeps the lower listing it read first
+    microvm = microvm_factory()
     microvm.succeed("cd /workspace && echo two-changed > keep.txt && echo fresh > new.txt && mv old.txt moved.txt"
                     " && rm drop.txt && rm -r tree && sync")
     microvm.shutdown()
