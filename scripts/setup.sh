@@ -59,8 +59,14 @@ as_root() {
   fi
 }
 
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-available() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [^(]'; }
+# (no "| grep -q" here: grep quitting early kills a long writer with SIGPIPE, which pipefail
+# turns into "not available")
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+available() {
+  local policy
+  policy=$(apt-cache policy "$1" 2>/dev/null) || return 1
+  [[ $policy == *"Candidate: "* && $policy != *"Candidate: (none)"* ]]
+}
 # a <= b for dotted versions
 version_le() { [ "$(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n1)" = "$1" ]; }
 

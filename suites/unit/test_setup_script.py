@@ -74,7 +74,8 @@ shift
 for name; do
   line=$(grep "^$name " "$FAKE_HOST/offers") || continue
   [ -e "$FAKE_HOST/updated" ] || continue
-  printf '%s:\n  Installed: (none)\n  Candidate: %s\n' "$name" "${line#* }"
+  printf '%s:\n  Installed: (none)\n  Candidate: %s\n  Version table:\n' "$name" "${line#* }"
+  cat "$FAKE_HOST/version-table"  # long, like a real one with many sources: more than a pipe holds
 done
 """
 
@@ -130,6 +131,7 @@ class FakeHost:
             "".join(f"{name} {distro.versions.get(name, '1.0-1')}\n" for name in offers))
         self.set_installed(["util-linux"])  # what a minbase root already has
         (self.state / "calls").write_text("")
+        (self.state / "version-table").write_text("     1.0-1 500\n        500 http://deb.example/debian main\n" * 4000)
         self.python = self.fake_python(distro.python)
 
     @staticmethod
