@@ -79,9 +79,11 @@ def debian_mirror(sources: Path = Path("/etc/apt")) -> str:
         except OSError:
             continue
         if file.suffix == ".sources":
-            uris = [u for stanza in re.split(r"\n\s*\n", text)
-                    if re.search(r"^Types:.*\bdeb\b", stanza, re.M) and not re.search(r"^Enabled:\s*no", stanza, re.M | re.I)
-                    for line in re.findall(r"^URIs:(.*)$", stanza, re.M) for u in line.split()]
+            uris = []
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = {k.lower(): v.strip() for k, v in re.findall(r"^([\w-]+):(.*)$", stanza, re.M)}
+                if "deb" in fields.get("types", "").split() and fields.get("enabled", "yes").lower() != "no":
+                    uris += fields.get("uris", "").split()
         else:
             uris = [m[1] for m in re.finditer(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)", text, re.M)]
         for uri in uris:
