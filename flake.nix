@@ -13,6 +13,18 @@
         let
           py = pkgs.python311Packages;
           kernel = pkgs.linuxPackages.kernel;
+          # the initramfs the qemu backend builds runs this busybox before any library is there
+          staticBusybox = pkgs.pkgsStatic.busybox;
+          # crun with its libkrun handler (+LIBKRUN), what libkrun mode (krun-podman) runs on
+          crunKrun = pkgs.crun.overrideAttrs (old: {
+            buildInputs = (old.buildInputs or [ ]) ++ [ pkgs.libkrun ];
+            configureFlags = (old.configureFlags or [ ]) ++ [ "--with-libkrun" ];
+          });
+          guestTools = with pkgs; [
+            python311 podman crun runc conmon netavark aardvark-dns passt slirp4netns catatonit iptables
+            shadow fuse-overlayfs btrfs-progs util-linux kmod nix fish bash iproute2 socat cacert procps
+            e2fsprogs coreutils docker-compose git ripgrep jq curl less which gawk diffutils
+          ];
           hostTools = with pkgs; [ podman buildah crun runc btrfs-progs util-linux fuse-overlayfs qemu_kvm ];
 
           # The harness: agentbox_runtime, agentbox_guest_init and the pytest plugin, with the
@@ -50,11 +62,10 @@
             name = "localhost/agentbox";
             tag = "latest";
             maxLayers = 10;
-            contents = with pkgs; [
-              guestInit python311 podman crun runc conmon netavark aardvark-dns passt slirp4netns
-              shadow fuse-overlayfs btrfs-progs util-linux kmod busybox nix fish bash iproute2 socat
-              cacert procps e2fsprogs coreutils docker-compose
-            ];
+            contents = [ guestInit ] ++ guestTools;
+            # /nix/var/nix/db registers every store path of the image: nix in the guest
+            # (and the nix-daemon sidecar of container mode) can use and add to the store
+            includeNixDB = true;
             # Same layout as `agentbox image build`: the stable /bin path, the
             # in-image wrappers (7.15) and sidecar scripts (8.3), the dev user
             # (uid/gid 1000, fish), the nixbld group (gid 30000) and a kernel
@@ -74,8 +85,14 @@
               for f in ${guestInit}/share/agentbox/files/*; do
                 install -m 0755 "$f" bin/
               done
-              ln -s ${kernel}/bzImage boot/vmlinuz-${kernel.modDirVersion}
-              ln -s ${kernel}/lib/modules lib/modules
+              # Real files, not /nix/store symlinks: the host reads the kernel, its modules and
+              # busybox out of the unpacked image to build the initramfs, and would resolve an
+              # absolute symlink against its own store.
+              cp ${kernel}/bzImage boot/vmlinuz-${kernel.modDirVersion}
+              cp -rL ${kernel}/lib/modules lib/modules
+              rm -f bin/busybox
+              cp ${staticBusybox}/bin/busybox bin/busybox
+              chmod 0755 bin/busybox
               {
                 echo "root:x:0:0:root:/root:${pkgs.bash}/bin/bash"
                 echo "dev:x:1000:1000::/home/dev:${pkgs.fish}/bin/fish"
@@ -89,17 +106,31 @@
                 echo "nixbld:x:30000:nixbld1,nixbld2,nixbld3,nixbld4,nixbld5,nixbld6,nixbld7,nixbld8"
               } > etc/group
             '';
+            # dev's home and XDG base dirs, owned by dev (the image contract)
+            fakeRootCommands = ''
+              mkdir -p home/dev/.config home/dev/.local/share home/dev/.local/state home/dev/.cache
+              chown -R 1000:1000 home/dev
+            '';
             config = {
               Entrypoint = [ "/bin/agentbox-guest-init" "default" "enter" "--" ];
               Cmd = [ "fish" "-l" ];
               WorkingDir = "/workspace";
-              Env = [ "SHELL=${pkgs.fish}/bin/fish" "AGENTBOX_REAL_PODMAN=${pkgs.podman}/bin/podman" ];
+              Env = [
+                "PATH=/usr/local/bin:/bin:${pkgs.lib.makeBinPath guestTools}"
+                "SHELL=${pkgs.fish}/bin/fish"
+                "AGENTBOX_REAL_PODMAN=${pkgs.podman}/bin/podman"
+                "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt"
+              ];
               Labels = { "io.agentbox.guest-init" = builtins.baseNameOf guestInit; };
             };
           };
         in {
           default = harness;
           inherit harness guestInit image;
+          # what `agentbox doctor` points at when libkrun or crun's krun handler is missing
+          libkrun = pkgs.libkrun;
+          libkrunfw = pkgs.libkrunfw;
+          crun = crunKrun;
         });
 
       devShells = forAll (pkgs: {
