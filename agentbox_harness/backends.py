@@ -17,7 +17,7 @@ from typing import Any
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agentbox_harness.machine import Machine, Result
+from agentbox_harness.machine import Machine, Preserved, Result
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
@@ -109,14 +109,6 @@ def attach_lines(name: str, guest_id: str, task_dir: Path | None) -> list[str]:
     return lines
 
 
-@dataclass(frozen=True)
-class Preserved:
-    """What --preserve-debug kept of one task: summary lines and the kept paths (not leaks)."""
-
-    lines: list[str]
-    paths: tuple[str, ...]
-
-
 @dataclass
 class MicrovmMachine(Machine):
     """A microvm guest driven through its agent."""
@@ -125,7 +117,6 @@ class MicrovmMachine(Machine):
     task: MicrovmTask | None = None
     agent: AgentClient | None = None
     boot_timeout: float = BOOT_TIMEOUT_S
-    preserved: list[Preserved] = field(default_factory=list)
     stop_notes: list[str] = field(default_factory=list)
     """How each stop went (the shutdown ladder's reports, failed graceful requests)."""
 
@@ -342,7 +333,6 @@ class ContainerMachine(Machine):
     _req: SidecarRequest | None = None
     _name: str = ""
     _conf: Any = None
-    preserved: list[Preserved] = field(default_factory=list)
 
     def _start(self) -> None:
         self._conf = host_conf.applied()
@@ -375,7 +365,7 @@ class ContainerMachine(Machine):
             return None
         record = guest_registry.find(self.guest_id)
         record.state = "preserved"
-        sidecar = getattr(self._sidecar, "name", None)
+        sidecar = self._sidecar.name if self._sidecar is not None else None
         record.containers = [self._name, *([str(sidecar)] if sidecar else [])]
         guest_registry.save(record)
         self._transport = None

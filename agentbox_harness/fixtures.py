@@ -224,7 +224,7 @@ class Factory:
                     step()
                 except Exception as exc:  # noqa: BLE001 - teardown must reach every machine
                     errors.append(f"{m.name}: {step.__name__}: {exc}")
-            self.session.preserved.extend(getattr(m, "preserved", []))
+            self.session.preserved.extend(m.preserved)
         try:
             self.keep_timings()
         except OSError as exc:

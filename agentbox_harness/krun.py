@@ -19,9 +19,9 @@ from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from agentbox_harness.backends import (AGENT_STDIO_COMMAND, Preserved, agent_copy_from, agent_copy_to,
+from agentbox_harness.backends import (AGENT_STDIO_COMMAND, agent_copy_from, agent_copy_to,
                                        agent_execute, agent_shell, attach_lines)
-from agentbox_harness.machine import Machine, Result
+from agentbox_harness.machine import Machine, Preserved, Result
 from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError
@@ -58,7 +58,6 @@ class KrunPodmanMachine(Machine):
     image: str = ""
     boot_timeout: float = 120.0
     stop_notes: list[str] = field(default_factory=list)
-    preserved: list[Preserved] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _agent: AgentClient | None = None
 

@@ -83,6 +83,14 @@ def render(cmd: Command) -> str:
     return cmd if isinstance(cmd, str) else shlex.join(cmd)
 
 
+@dataclass(frozen=True)
+class Preserved:
+    """What --preserve-debug kept of one task: summary lines and the kept paths (not leaks)."""
+
+    lines: list[str]
+    paths: tuple[str, ...]
+
+
 @dataclass
 class Machine(ABC):
     """A running guest. Subclasses implement ``_execute``, ``_start``, ``_stop``."""
@@ -98,13 +106,15 @@ class Machine(ABC):
     _console: Console | None = field(default=None, repr=False)
     _baseline_pids: set[int] | None = field(default=None, repr=False)
     ready_checks: dict[str, Command] = field(default_factory=dict, repr=False)
+    """Extra readiness checks for :meth:`wait_ready`: name -> a command that must exit 0 (run as root)."""
     redactor: Redactor | None = field(default=None, repr=False)
     """The run's secrets: values of secret-looking env vars given to a command join it."""
     test_id: str = ""
     """The test that made this machine (``agentbox ps`` shows it)."""
     guest_id: str | None = None
     """Its ``agentbox attach`` id while it runs (backends that can be attached to)."""
-    """Extra readiness checks for :meth:`wait_ready`: name -> a command that must exit 0 (run as root)."""
+    preserved: list[Preserved] = field(default_factory=list, repr=False)
+    """What --preserve-debug kept of it (summary lines, kept paths)."""
 
     # --- what a backend provides ------------------------------------------
     @abstractmethod

@@ -154,7 +154,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     reports = item.stash.setdefault(REPORTS, {})
     reports[rep.when] = rep
     if rep.failed and rep.when in ("setup", "call"):
-        live = [m for m in item.stash.get(MACHINES, []) if getattr(m, "guest_id", None)]
+        live = [m for m in item.stash.get(MACHINES, []) if m.guest_id]
         if live:  # reachable now (pytest --pdb) and, with --preserve-debug, after the run
             lines = [f"{m.name}: agentbox attach {m.guest_id}" for m in live]
             rep.sections.append(("agentbox guests", "\n".join(lines)))
