@@ -64,6 +64,8 @@ MACHINE_BACKENDS: dict[str, MachineBuilder] = {
     "container": _container,
 }
 """Backend name -> machine builder (see the module docstring)."""
+BUILTIN_BACKENDS: tuple[str, ...] = tuple(MACHINE_BACKENDS)
+"""The backends this package provides (``MACHINE_BACKENDS`` may gain more at run time)."""
 
 
 def build(backend: str, ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
