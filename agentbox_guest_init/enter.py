@@ -21,6 +21,7 @@ from agentbox_guest_init import prep
 from agentbox_guest_init.dns import fix_passt_dns
 from agentbox_guest_init.env import GuestEnv
 from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init import hardened_profile
 from agentbox_guest_init.hardening import Limits, materialize_allocator_preload, nofile_floor, open_kvm, restrict_dmesg
 from agentbox_guest_init.home import materialize_home
 from agentbox_guest_init.identity import Identity, dev_identity, resolve_identity, resolve_shell
@@ -71,6 +72,8 @@ class Host:
     serve_agent: Callable[[tuple[str | None, str | None], dict[str, str]], None] | None = None
     cwd: Callable[[], str] = os.getcwd
     chdir: Callable[[str], None] = os.chdir
+    harden_before_drop: Callable[[], None] = hardened_profile.drop_bounding_set
+    confine: Callable[[], None] = hardened_profile.confine
 
     def start_background(self, kind: prep.PrepKind, env: Mapping[str, str]) -> object:
         """Start a background prep with ``env`` (the exported shell env plus the contract)."""
@@ -141,8 +144,14 @@ def finish(prof: Profile, argv: list[str], ident: Identity, drop: bool, env: dic
     prof.emit()
     if not argv:
         raise GuestError("cannot exec an empty command")
+    hardened = drop and hardened_profile.enabled(env)
+    if hardened:  # the shell's hardened profile: read-only root, no capabilities, confined
+        hardened_profile.read_only_root(host.runner, host.root)
+        host.harden_before_drop()
     if drop:
         host.drop(ident)
+    if hardened:
+        host.confine()
     agent = own_agent(argv)
     if agent is not None and host.serve_agent is not None:
         host.serve_agent(agent, env)

@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     _krun_runtime_option(rn, "ignored: reset-nix runs no Podman")
 
     ct = sub.add_parser("container", parents=[glob], help="native Podman task with nix-daemon sidecar")
+    ct.add_argument("--hardened", action="store_true", help=HARDENED_HELP)
     ct_sub = ct.add_subparsers(dest="container_action", metavar="ACTION")
     ct_sub.add_parser("sidecar", parents=[glob], help="start or reuse only the sidecar")
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--kernel", default=None, metavar="PATH", help="qemu: kernel to boot")
     mv.add_argument("--initrd", default=None, metavar="PATH", help="qemu: initramfs to use")
     mv.add_argument("--preserve-debug", action="store_true")
+    mv.add_argument("--hardened", action="store_true", help=HARDENED_HELP)
 
     sub.add_parser("ps", help="list the harness's running and preserved guests")
     ga = sub.add_parser("attach", parents=[glob], help="a shell in a running or preserved harness guest "
@@ -213,6 +215,9 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 # subcommand -> module in agentbox_runtime.commands exposing run(args) -> int
+HARDENED_HELP = ("the hardened profile: read-only root, no capabilities, no new privileges, seccomp "
+                 "(the shell runs as dev; not with --root)")
+
 _HANDLERS = {
     "libkrun": "libkrun",
     "container": "container",

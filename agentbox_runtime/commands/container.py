@@ -54,6 +54,9 @@ def _workspace(args: argparse.Namespace, podman: CliPodman) -> tuple[Path, str, 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``agentbox container`` or ``agentbox container sidecar``."""
+    if getattr(args, "hardened", False) and args.root:
+        raise InputError("--hardened runs the task as dev with the hardened profile; it cannot be combined "
+                         "with --root")
     host_conf.apply_if_needed()  # stock Debian 12: runc and ulimits the host allows, unless CONTAINERS_CONF is set
     podman = CliPodman(debug=bool(args.debug))
     command = list(getattr(args, "command", []) or [])

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from agentbox_guest_init import contract as c
 from agentbox_runtime.errors import InputError
 from agentbox_runtime.microvm.reaper import reap_stale
 from agentbox_runtime.microvm.session import MicrovmOptions, run_microvm
@@ -27,6 +28,9 @@ def _file(value: str | None, what: str) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     """Run one microvm task; the exit status is the guest command's."""
+    if args.hardened and args.root:
+        raise InputError("--hardened runs the shell as dev with the hardened profile; it cannot be combined "
+                         "with --root")
     if args.pull_latest:
         raise InputError(PULL_LATEST)
     image = explicit_image(args.image)  # --image, else AGENTBOX_IMAGE; validated before anything is written
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         cpus=args.cpus, guest_init=_file(args.guest_init, "--guest-init"), preserve_debug=args.preserve_debug,
         command=tuple(args.command), root=bool(args.root), profile=bool(args.profile), debug=bool(args.debug),
         kernel=_file(args.kernel, "--kernel"), initrd=_file(args.initrd, "--initrd"),
-        interactive=True)
+        interactive=True, extra_env=(f"{c.ENV_HARDENED}=1",) if args.hardened else ())
     reap_stale(StateLayout.resolve().ensure())
     sys.stdout.flush()
     return run_microvm(opts)

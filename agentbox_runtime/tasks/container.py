@@ -58,4 +58,4 @@ def container_task_argv(*, args: argparse.Namespace, cwd: Path, slug: str, name:
         name=name, hostname=task_hostname(slug), volumes=task_volumes(layout), merged=merged,
         sidecar_name=sidecar_name, image=image, root=bool(args.root),
         profile=bool(args.profile), debug=bool(args.debug),
-        run_label=getattr(args, "run_label", None))
+        run_label=getattr(args, "run_label", None), hardened=bool(getattr(args, "hardened", False)))

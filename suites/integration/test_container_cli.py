@@ -38,3 +38,23 @@ def test_the_harness_conf_is_applied_only_when_the_host_needs_it() -> None:
     assert "hybrid" in (host_conf.needed(hybrid) or "")
     reason = host_conf.needed(unified)
     assert reason is None or "open-files limit" in reason
+
+
+def test_the_hardened_container_task(tmp_path: Path) -> None:
+    """``agentbox container --hardened``: the task runs as dev with no capabilities and no new
+    privileges, on a read-only root, with its home and the workspace writable."""
+    if subprocess.run(["podman", "image", "exists", IMAGE], timeout=60).returncode != 0:
+        pytest.skip(f"needs the guest image {IMAGE} (agentbox image build)")
+    ws = tmp_path / "project"
+    ws.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != host_conf.ENV}
+    env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONPATH=str(REPO))
+    probe = ("id -un; grep NoNewPrivs /proc/self/status; grep CapEff /proc/self/status; "
+             "touch /etc/probe 2>&1 | sed 's/.*: //'; touch $HOME/ok /workspace/ok && echo writable")
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "container", "--hardened", "--image", IMAGE,
+                           "--", "sh", "-c", probe], cwd=ws, env=env, capture_output=True, text=True, timeout=900,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.replace("\t", " ") for line in proc.stdout.splitlines()]
+    assert lines == ["dev", "NoNewPrivs: 1", "CapEff: 0000000000000000", "Read-only file system", "writable"], \
+        proc.stderr[-2000:]

@@ -182,3 +182,14 @@ def test_cli_logging_follows_sys_stderr_even_after_a_captured_stream_closed(monk
     monkeypatch.setattr(sys, "stderr", later)
     logging.getLogger("agentbox").info("after")
     assert later.getvalue() == "after\n"
+
+
+@pytest.mark.parametrize("mode", ["microvm", "container"])
+def test_hardened_with_root_is_one_line_and_nothing_is_written(env: dict[str, str], tmp_path: Path, mode: str) -> None:
+    before = tree(tmp_path)
+    out = agentbox(env, tmp_path / "ws", mode, "--hardened", "--root", "--", "true")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"agentbox: --hardened runs the {'shell' if mode == 'microvm' else 'task'} as dev with the hardened "
+        "profile; it cannot be combined with --root"]
+    assert tree(tmp_path) == before

@@ -205,3 +205,16 @@ def test_container_task_baseline_and_root() -> None:
                             sidecar_name="s", image="img", root=True, profile=True, debug=True)
     assert rooted[7:11] == ["--user", "0:0", "--env", "AGENTBOX_ENTER_AS_ROOT=1"]
     assert "AGENTBOX_GUEST_PROFILE=1" in rooted and "AGENTBOX_GUEST_DEBUG=1" in rooted
+
+
+def test_the_hardened_container_task_and_its_refusal_of_root() -> None:
+    argv = container_argv(name="proj-1", hostname="h", volumes=VOL, merged=ST / "m", sidecar_name="s", image="img",
+                          hardened=True)
+    at = argv.index("--read-only")
+    assert argv[at - 2:at + 8] == ["--user", "1000:1000", "--read-only", "--read-only-tmpfs=true", "--tmpfs",
+                                   "/home/dev:rw,nosuid,nodev,exec,mode=0755,U", "--cap-drop=all",
+                                   "--security-opt=no-new-privileges", "--env", "AGENTBOX_HARDENED=1"]
+    assert argv[-3:] == ["img", "fish", "-l"] and "seccomp=unconfined" not in " ".join(argv)
+    with pytest.raises(InputError, match="cannot be combined with --root"):
+        container_argv(name="p", hostname="h", volumes=VOL, merged=ST / "m", sidecar_name="s", image="img",
+                       hardened=True, root=True)

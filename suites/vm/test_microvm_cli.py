@@ -202,3 +202,19 @@ def test_a_root_owned_project_is_writable_by_dev_and_no_setuid_file_reaches_the_
     assert written.read_text() == "x\n"
     st = written.stat()
     assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o6000 == 0
+
+
+HARDENED_PROBE = ("grep NoNewPrivs /proc/self/status; grep CapBnd /proc/self/status; "
+                  "touch /etc/probe 2>&1 | sed 's/.*: //'; "
+                  "unshare -rm true 2>/dev/null && echo unshare-allowed || echo unshare-refused; "
+                  "echo in-workspace > /workspace/hardened && cat /workspace/hardened")
+
+
+def test_the_hardened_shell(env: dict[str, str], workspace: Path, vmm: str) -> None:
+    """``agentbox microvm --hardened``: the shell gets no_new_privs, an empty bounding set and the
+    seccomp filter, the root is read-only, and the workspace stays writable."""
+    proc = agentbox(env, workspace, "microvm", "--vmm", vmm, "--hardened", "--", "sh", "-c", HARDENED_PROBE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.replace("\t", " ") for line in proc.stdout.splitlines()]
+    assert lines == ["NoNewPrivs: 1", "CapBnd: 0000000000000000", "Read-only file system", "unshare-refused",
+                     "in-workspace"], proc.stderr[-2000:]

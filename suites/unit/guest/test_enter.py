@@ -291,3 +291,24 @@ def test_our_own_agent_is_served_in_process_instead_of_exec(tmp_path: Path) -> N
           g.host)
     assert served == [((None, None), "/home/dev")]
     assert "exec" not in [e[0] for e in g.events]
+
+
+def test_the_hardened_profile_confines_the_dev_shell_around_the_drop(tmp_path: Path) -> None:
+    g = Guest(tmp_path)
+    (tmp_path / "home/dev").mkdir(parents=True)
+    g.host.harden_before_drop = lambda: g.events.append(("harden",))
+    g.host.confine = lambda: g.events.append(("confine",))
+    with pytest.raises(Exec):
+        enter("libkrun", ["sh"], {**BASE, c.ENV_HARDENED: "1"}, g.host)
+    assert [e[0] for e in g.events] == ["setrlimit", "harden", "drop", "confine", "exec"]
+    assert g.runner.tools()[-1] == f"mount -o remount,bind,ro {tmp_path}"
+
+
+def test_without_the_flag_or_as_root_nothing_is_confined(tmp_path: Path) -> None:
+    for env in (BASE, {**BASE, c.ENV_HARDENED: "1", c.ENV_ENTER_AS_ROOT: "1"}):
+        g = Guest(tmp_path)
+        g.host.harden_before_drop = lambda: g.events.append(("harden",))
+        g.host.confine = lambda: g.events.append(("confine",))
+        with pytest.raises(Exec):
+            enter("libkrun", ["sh"], env, g.host)
+        assert not any(e[0] in ("harden", "confine") for e in g.events)
