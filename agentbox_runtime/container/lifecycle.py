@@ -21,7 +21,7 @@ from typing import Protocol, TextIO
 
 from filelock import FileLock, Timeout
 
-from agentbox_guest_init.contract import ENV_HOST_GID, ENV_HOST_UID
+from agentbox_guest_init.contract import ENV_HARDENED, ENV_HOST_GID, ENV_HOST_UID
 from agentbox_guest_init.contract import DEV_GID, DEV_UID
 from agentbox_runtime.container.names import LOCK_FILE
 from agentbox_runtime.container.podman_api import PodmanRunner
@@ -82,7 +82,8 @@ def adapt_task_argv(argv: Sequence[str], image: str, *, interactive: bool, rootl
     - with rootful Podman, ``--userns keep-id`` is dropped (rootful Podman
       refuses it: "keep-id is only supported in rootless mode") and
       ``AGENTBOX_HOST_UID``/``GID`` (``dev_ids``) are passed instead, so the
-      image's ``container enter`` can drop the ``fish -l`` shell to ``dev``;
+      image's ``container enter`` can drop the ``fish -l`` shell to ``dev``; a
+      hardened task (``AGENTBOX_HARDENED=1``) runs as those ids itself;
     - a non-empty ``command`` replaces what follows ``image`` (``fish -l``).
     """
     argv = list(argv)
@@ -103,6 +104,8 @@ def adapt_task_argv(argv: Sequence[str], image: str, *, interactive: bool, rootl
             out.append(arg)
     if not rootless:
         out += ["--env", f"{ENV_HOST_UID}={dev_ids[0]}", "--env", f"{ENV_HOST_GID}={dev_ids[1]}"]
+        if f"{ENV_HARDENED}=1" in options:  # the hardened profile: the task itself runs as dev
+            out += ["--user", f"{dev_ids[0]}:{dev_ids[1]}"]
     return out + tail
 
 

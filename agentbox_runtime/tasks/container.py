@@ -12,12 +12,11 @@ from agentbox_runtime.tasks.krun import TMPFS
 from agentbox_runtime.tasks.volumes import Volumes, mount_arg, task_volumes
 
 
-HARDENED_OPTIONS = ("--user", f"{c.DEV_UID}:{c.DEV_GID}", "--read-only", "--read-only-tmpfs=true",
-                    "--tmpfs", f"{c.DEV_HOME}:rw,nosuid,nodev,exec,mode=0755,U",
+HARDENED_OPTIONS = ("--read-only", "--read-only-tmpfs=true", "--tmpfs", f"{c.DEV_HOME}:rw,nosuid,nodev,exec,mode=0755,U",
                     "--cap-drop=all", "--security-opt=no-new-privileges")
-"""The hardened profile's Podman options: the task runs as dev, whose home is a tmpfs holding a copy
-of the image's (Podman copies a directory's content up into a tmpfs mounted over it; ``U`` gives
-it to the task's user)."""
+"""The hardened profile's Podman options: dev's home is a tmpfs holding a copy of the image's (Podman
+copies a directory's content up into a tmpfs mounted over it; ``U`` gives it to the task's user,
+which is dev: keep-id's user rootless, the dev ids rootful (:func:`adapt_task_argv`))."""
 
 
 def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,

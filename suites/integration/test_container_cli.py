@@ -47,7 +47,9 @@ def test_the_hardened_container_task(tmp_path: Path) -> None:
         pytest.skip(f"needs the guest image {IMAGE} (agentbox image build)")
     ws = tmp_path / "project"
     ws.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != host_conf.ENV}
+    if os.geteuid() == 0:
+        os.chown(ws, 1000, 1000)  # a project dev can write: rootful tasks run as 1000:1000 (or SUDO_UID)
+    env = {k: v for k, v in os.environ.items() if k not in (host_conf.ENV, "SUDO_UID", "SUDO_GID")}
     env.update(XDG_STATE_HOME=str(tmp_path / "state"), PYTHONPATH=str(REPO))
     probe = ("id -un; grep NoNewPrivs /proc/self/status; grep CapEff /proc/self/status; "
              "touch /etc/probe 2>&1 | sed 's/.*: //'; touch $HOME/ok /workspace/ok && echo writable")

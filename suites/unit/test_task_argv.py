@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_runtime.disks import LIBKRUN_CONTAINERS, LIBKRUN_NIX
+from agentbox_runtime.container.lifecycle import adapt_task_argv
 from agentbox_runtime.errors import InputError
 from agentbox_runtime.tasks.container import container_argv
 from agentbox_runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv, resize_task_argv,
@@ -211,9 +212,13 @@ def test_the_hardened_container_task_and_its_refusal_of_root() -> None:
     argv = container_argv(name="proj-1", hostname="h", volumes=VOL, merged=ST / "m", sidecar_name="s", image="img",
                           hardened=True)
     at = argv.index("--read-only")
-    assert argv[at - 2:at + 8] == ["--user", "1000:1000", "--read-only", "--read-only-tmpfs=true", "--tmpfs",
-                                   "/home/dev:rw,nosuid,nodev,exec,mode=0755,U", "--cap-drop=all",
-                                   "--security-opt=no-new-privileges", "--env", "AGENTBOX_HARDENED=1"]
+    assert argv[at:at + 8] == ["--read-only", "--read-only-tmpfs=true", "--tmpfs",
+                               "/home/dev:rw,nosuid,nodev,exec,mode=0755,U", "--cap-drop=all",
+                               "--security-opt=no-new-privileges", "--env", "AGENTBOX_HARDENED=1"]
+    rootful = adapt_task_argv(argv, "img", interactive=False, rootless=True)
+    assert "--user" not in rootful and "keep-id" in rootful  # rootless: keep-id's user is the host user
+    rootful = adapt_task_argv(argv, "img", interactive=False, rootless=False, dev_ids=("4242", "4343"))
+    assert rootful[rootful.index("img") - 2:rootful.index("img")] == ["--user", "4242:4343"]
     assert argv[-3:] == ["img", "fish", "-l"] and "seccomp=unconfined" not in " ".join(argv)
     with pytest.raises(InputError, match="cannot be combined with --root"):
         container_argv(name="p", hostname="h", volumes=VOL, merged=ST / "m", sidecar_name="s", image="img",
