@@ -186,6 +186,8 @@ def enter(mode: str, cmd: Sequence[str], env: Mapping[str, str] | None = None, h
     in this process)."""
     host = host or Host(serve_agent=_serve_agent)
     env_out = dict(os.environ if env is None else env)
+    if hardened_profile.enabled(env_out) and c.flag_is_set(env_out.get(c.ENV_CONTAINERS_STORAGE)):
+        env_out[c.ENV_CONTAINERS_STORAGE] = "0"  # the hardened profile refuses user namespaces: no nested Podman
     prof = Profile.from_env(f"{mode} enter", env_out)
     genv = prof.step("read-env", lambda: GuestEnv.parse(env_out))
     argv = resolve_command(cmd)

@@ -312,3 +312,17 @@ def test_without_the_flag_or_as_root_nothing_is_confined(tmp_path: Path) -> None
         with pytest.raises(Exec):
             enter("libkrun", ["sh"], env, g.host)
         assert not any(e[0] in ("harden", "confine") for e in g.events)
+
+
+def test_the_hardened_profile_starts_no_podman_prep(tmp_path: Path) -> None:
+    """Nested Podman needs user namespaces, which the profile refuses: its prep is not started, and the
+    readiness gate (which reads the same env) does not wait for it."""
+    g = Guest(tmp_path)
+    (tmp_path / "home/dev").mkdir(parents=True)
+    g.host.harden_before_drop = lambda: None
+    g.host.confine = lambda: None
+    with pytest.raises(Exec):
+        enter("libkrun", ["sh"], {**BASE, c.ENV_HARDENED: "1", c.ENV_NIX_OVERLAY: "1", c.ENV_CONTAINERS_STORAGE: "1"},
+              g.host)
+    assert ("prep", "podman") not in g.events and ("prep", "nix") in g.events
+    assert g.exec_env[c.ENV_CONTAINERS_STORAGE] == "0"
