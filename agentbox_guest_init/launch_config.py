@@ -69,6 +69,49 @@ def _index(key: str, text: str) -> int:
     return int(text)
 
 
+def _value(n: int, value: str) -> str:
+    """Line ``n``'s hex value decoded (UTF-8)."""
+    try:
+        if len(value) % 2 or not re.fullmatch(r"[0-9a-fA-F]*", value):
+            raise ValueError
+        return bytes.fromhex(value).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise LaunchConfigError(f"{PREFIX} line {n} has invalid hex") from None
+
+
+def _disk_field(disks: dict[int, dict[str, str]], key: str, decoded: str) -> None:
+    """Record ``disk.<i>.<field>``."""
+    parts = key.split(".")
+    if len(parts) < 3:
+        raise LaunchConfigError(f"{PREFIX} disk entry {key} is missing field")
+    if len(parts) > 3 or parts[2] not in DISK_FIELDS:
+        raise LaunchConfigError(f"{PREFIX} contains unknown key {key}")
+    entry = disks.setdefault(_index(key, parts[1]), {})
+    if parts[2] in entry:
+        raise LaunchConfigError(f"{PREFIX} repeats key {key}")
+    if parts[2] == "read_only" and decoded not in ("true", "false"):
+        raise LaunchConfigError(f"{PREFIX} disk entry {key} has invalid read_only")
+    entry[parts[2]] = decoded
+
+
+def _number(scalars: dict[str, str], key: str, bound: int) -> int:
+    """Scalar ``key`` as an unsigned integer below ``bound``."""
+    text = scalars[key]
+    if not text.isdigit() or not 0 <= int(text) < bound:
+        raise LaunchConfigError(f"{PREFIX} {key} is invalid")
+    return int(text)
+
+
+def _disks(disks: dict[int, dict[str, str]]) -> tuple[LaunchDisk, ...]:
+    out = []
+    for i in sorted(disks):
+        for f in DISK_FIELDS:
+            if f not in disks[i]:
+                raise LaunchConfigError(f"{PREFIX} disk.{i} missing {f}")
+        out.append(LaunchDisk(disks[i]["id"], disks[i]["path"], disks[i]["read_only"] == "true"))
+    return tuple(out)
+
+
 def decode(text: str) -> LaunchConfig:
     """Parse launch.conf text; :class:`LaunchConfigError` says what is wrong."""
     scalars: dict[str, str] = {}
@@ -81,28 +124,13 @@ def decode(text: str) -> LaunchConfig:
         key, sep, value = raw.partition("=")
         if not sep:
             raise LaunchConfigError(f"{PREFIX} line {n} is missing '='")
-        try:
-            if len(value) % 2 or not re.fullmatch(r"[0-9a-fA-F]*", value):
-                raise ValueError
-            decoded = bytes.fromhex(value).decode("utf-8")
-        except (ValueError, UnicodeDecodeError):
-            raise LaunchConfigError(f"{PREFIX} line {n} has invalid hex") from None
+        decoded = _value(n, value)
         if key in SCALARS:
             if key in scalars:
                 raise LaunchConfigError(f"{PREFIX} repeats key {key}")
             scalars[key] = decoded
         elif key.startswith("disk."):
-            parts = key.split(".")
-            if len(parts) < 3:
-                raise LaunchConfigError(f"{PREFIX} disk entry {key} is missing field")
-            if len(parts) > 3 or parts[2] not in DISK_FIELDS:
-                raise LaunchConfigError(f"{PREFIX} contains unknown key {key}")
-            entry = disks.setdefault(_index(key, parts[1]), {})
-            if parts[2] in entry:
-                raise LaunchConfigError(f"{PREFIX} repeats key {key}")
-            if parts[2] == "read_only" and decoded not in ("true", "false"):
-                raise LaunchConfigError(f"{PREFIX} disk entry {key} has invalid read_only")
-            entry[parts[2]] = decoded
+            _disk_field(disks, key, decoded)
         elif key.startswith("argv.") or key.startswith("env."):
             kind, _, idx = key.partition(".")
             i = _index(key, idx)
@@ -117,27 +145,10 @@ def decode(text: str) -> LaunchConfig:
     for k in SCALARS:
         if k not in scalars:
             raise LaunchConfigError(f"{PREFIX} missing required key {k}")
-    try:
-        ram = int(scalars["ram_mib"])
-        if not 0 <= ram < 1 << 32 or not scalars["ram_mib"].isdigit():
-            raise ValueError
-    except ValueError:
-        raise LaunchConfigError(f"{PREFIX} ram_mib is invalid") from None
-    try:
-        vcpus = int(scalars["vcpus"])
-        if not 0 <= vcpus < 256 or not scalars["vcpus"].isdigit():
-            raise ValueError
-    except ValueError:
-        raise LaunchConfigError(f"{PREFIX} vcpus is invalid") from None
-    disk_list = []
-    for i in sorted(disks):
-        for f in DISK_FIELDS:
-            if f not in disks[i]:
-                raise LaunchConfigError(f"{PREFIX} disk.{i} missing {f}")
-        disk_list.append(LaunchDisk(disks[i]["id"], disks[i]["path"], disks[i]["read_only"] == "true"))
+    ram, vcpus = _number(scalars, "ram_mib", 1 << 32), _number(scalars, "vcpus", 256)
     return LaunchConfig(
         task_rootfs=scalars["task_rootfs"], workspace_source=scalars["workspace_source"],
         workspace_tag=scalars["workspace_tag"], workspace_target=scalars["workspace_target"],
         ram_mib=ram, vcpus=vcpus, workdir=scalars["workdir"], exec_path=scalars["exec_path"],
-        disks=tuple(disk_list), argv=tuple(argv[i] for i in sorted(argv)),
+        disks=_disks(disks), argv=tuple(argv[i] for i in sorted(argv)),
         env=tuple(env[i] for i in sorted(env)))

@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain, one_line
 from agentbox_runtime.config import KRUN_RUNTIMES
@@ -131,18 +132,7 @@ def _libkrun_run_options(parser: argparse.ArgumentParser) -> None:
                         help="publish a port (podman --publish); requires passt, not --tsi")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``agentbox`` argument parser."""
-    glob = _global_flags()
-    top = _Parser(
-        prog="agentbox", description=ABOUT, parents=[glob], epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    top.add_argument("--version", action="version", version="agentbox 0.1.0")
-    _krun_runtime_option(top)
-    top.epilog = EXAMPLES + "\nA guest command follows '--', e.g. agentbox microvm -- sh -c 'echo ok'.\n"
-    sub = top.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
-
+def _add_libkrun(sub: Any, glob: argparse.ArgumentParser) -> None:
     lk = sub.add_parser("libkrun", parents=[glob], help="Podman + crun + libkrun task (default)")
     _libkrun_run_options(lk)
     _krun_runtime_option(lk)
@@ -157,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--force", action="store_true")
     _krun_runtime_option(rn, "ignored: reset-nix runs no Podman")
 
+
+def _add_container(sub: Any, glob: argparse.ArgumentParser) -> None:
     ct = sub.add_parser("container", parents=[glob], help="native Podman task with nix-daemon sidecar")
     ct.add_argument("--hardened", action="store_true", help=HARDENED_HELP)
     ct_sub = ct.add_subparsers(dest="container_action", metavar="ACTION")
     ct_sub.add_parser("sidecar", parents=[glob], help="start or reuse only the sidecar")
 
+
+def _add_microvm(sub: Any, glob: argparse.ArgumentParser) -> None:
     mv = sub.add_parser(
         "microvm", parents=[glob], epilog=MICROVM_NOTES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -180,22 +174,26 @@ def build_parser() -> argparse.ArgumentParser:
     mv.add_argument("--preserve-debug", action="store_true")
     mv.add_argument("--hardened", action="store_true", help=HARDENED_HELP)
 
+
+def _add_harness_tools(sub: Any, glob: argparse.ArgumentParser) -> None:
+    """``ps``, ``attach``, ``rm`` (the harness's guests) and ``evidence verify``."""
     sub.add_parser("ps", help="list the harness's running and preserved guests")
     ga = sub.add_parser("attach", parents=[glob], help="a shell in a running or preserved harness guest "
                         "(--root for root)")
     ga.add_argument("guest_id", metavar="ID")
     gr = sub.add_parser("rm", help="stop a preserved harness guest and delete its state")
     gr.add_argument("guest_id", metavar="ID")
-
     ev = sub.add_parser("evidence", help="check an evidence bundle (pytest --agentbox-evidence)")
     ev_sub = ev.add_subparsers(dest="evidence_action", metavar="ACTION", required=True)
     ev_verify = ev_sub.add_parser("verify", help="recheck every file against the bundle's index")
     ev_verify.add_argument("bundle", metavar="DIR")
 
+
+def _add_host_tools(sub: Any, glob: argparse.ArgumentParser) -> None:
+    """``doctor`` and ``image build``."""
     dr = sub.add_parser("doctor", parents=[glob], help="report what this host can run")
     dr.add_argument("--json", action="store_true")
     dr.add_argument("--no-probe", action="store_true", help="skip the KVM probe boot")
-
     im = sub.add_parser("image", parents=[glob], help="build the guest image")
     im_sub = im.add_subparsers(dest="image_action", metavar="ACTION", required=True)
     ib = im_sub.add_parser("build", parents=[glob], help="build localhost/agentbox:latest")
@@ -203,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--guest-init-only", action="store_true",
                     help="refresh only guest_init in the existing image")
     ib.add_argument("--force", action="store_true", help="rebuild even when cached")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``agentbox`` argument parser."""
+    glob = _global_flags()
+    top = _Parser(
+        prog="agentbox", description=ABOUT, parents=[glob], epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="version", version="agentbox 0.1.0")
+    _krun_runtime_option(top)
+    top.epilog = EXAMPLES + "\nA guest command follows '--', e.g. agentbox microvm -- sh -c 'echo ok'.\n"
+    sub = top.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=_Parser)
+    for add in (_add_libkrun, _add_container, _add_microvm, _add_harness_tools, _add_host_tools):
+        add(sub, glob)
     return top
 
 
