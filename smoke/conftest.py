@@ -6,11 +6,70 @@ the backend, the accelerator and the outcome of every checklist item.
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from agentbox_harness.machine import BOOTS
+
+HOST_REPLY = "reached-the-host\n"
+
+
+class _Reply(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # the http.server API names it
+        body = HOST_REPLY.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class HostHttp:
+    """HTTP servers on this host for outbound checks, each answering every GET with :attr:`reply`."""
+
+    reply = HOST_REPLY
+
+    def __init__(self) -> None:
+        self.servers: list[http.server.ThreadingHTTPServer] = []
+
+    def serve(self, address: str) -> int:
+        """Start a server bound to ``address`` on a free port; the port."""
+        server = http.server.ThreadingHTTPServer((address, 0), _Reply)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.servers.append(server)
+        return int(server.server_address[1])
+
+    @staticmethod
+    def outward_ip() -> str:
+        """This host's address on its default route (only the route lookup happens; no packet is sent)."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.connect(("192.0.2.1", 9))  # TEST-NET-1
+                return str(s.getsockname()[0])
+            except OSError:
+                pytest.skip("this host has no default route: no outward address for a guest to reach")
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.fixture
+def host_http() -> Iterator[HostHttp]:
+    """:class:`HostHttp`: ``host_http.serve(address)`` starts a server and returns its port; all stop
+    afterwards."""
+    servers = HostHttp()
+    yield servers
+    servers.close()
+
 
 RESULTS: list[tuple[str, str, float]] = []
 SETUP: dict[str, float] = {}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 
 import pytest
 
@@ -44,39 +42,18 @@ def test_workspace_and_persistent_disks_are_mounted(guest, workspace):
     assert "/dev/vdb /home/dev/.local/share/containers btrfs" in mounts
 
 
-@pytest.fixture
-def host_server(agentbox_backend):
-    """An HTTP server on the host for outbound checks, as ``(guest-side host name, port)``; stopped
-    afterwards. A microvm reaches the host's loopback through qemu's user network (10.0.2.2); a
-    krun-podman guest lives in the container's network, which reaches the host by the name Podman
-    gives it (``host.containers.internal``), so there the server listens on every address."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = b"reached-the-host\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    krun = agentbox_backend == "krun-podman"
-    server = http.server.ThreadingHTTPServer(("0.0.0.0" if krun else "127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield ("host.containers.internal" if krun else "10.0.2.2"), server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
 @pytest.mark.krun_podman_too
-def test_outbound_networking_reaches_a_host_server(guest, host_server):
-    host, port = host_server
+def test_outbound_networking_reaches_a_host_server(guest, host_http, agentbox_backend):
+    """A microvm reaches the host's loopback through qemu's user network (10.0.2.2); a krun-podman
+    guest lives in the container's network, which reaches the host by the name Podman gives it
+    (``host.containers.internal``), so there the server listens on every address."""
+    krun = agentbox_backend == "krun-podman"
+    host = "host.containers.internal" if krun else "10.0.2.2"
+    port = host_http.serve("0.0.0.0" if krun else "127.0.0.1")
     fetch = f"urllib.request.urlopen('http://{host}:{port}/', timeout=20).read().decode()"
     out = guest.succeed(["python3", "-c", f"import urllib.request,sys; sys.stdout.write({fetch})"],
                           timeout=60)
-    assert out == "reached-the-host\n"
+    assert out == host_http.reply
 
 
 def test_no_inbound_publishing(microvm):

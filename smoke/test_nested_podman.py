@@ -1,10 +1,6 @@
 """Nested rootless Podman in the guest (reference 12.2, all eight items), and the way its users
 use it beyond them."""
 
-import http.server
-import socket
-import threading
-
 import pytest
 
 pytestmark = pytest.mark.vm
@@ -56,43 +52,8 @@ WEB_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; mkdir $d/www; 
              "tar -C $d -cf - busybox www | podman import --change 'CMD [\"/busybox\",\"sh\"]' - localhost/smoke-web:latest")
 
 
-def _outward_ip() -> str:
-    """This host's address on its default route (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1: only the route lookup happens
-            return str(s.getsockname()[0])
-        except OSError:
-            pytest.skip("this host has no default route: no outward address for a nested container to reach")
-
-
-@pytest.fixture
-def host_web():
-    """An HTTP server on this host (every address, a free port) answering ``hello-from-host``;
-    yields the URL a guest reaches it at through the host's outward address."""
-
-    class Hello(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = b"hello-from-host\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Hello)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://{_outward_ip()}:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.krun_podman_too
-def test_nested_podman_as_its_users_use_it(guest, host_web):
+def test_nested_podman_as_its_users_use_it(guest, host_http):
     """Beyond the reference's eight items: --init, detached containers through podman and docker,
     a user-defined network where containers reach each other by name, a published port, and a
     nested container reaching a server outside the guest."""
@@ -114,5 +75,7 @@ def test_nested_podman_as_its_users_use_it(guest, host_web):
     m.succeed("podman run -d --name pub -p 18081:8080 localhost/smoke-web /busybox httpd -f -p 8080 -h /www",
               timeout=120)
     assert m.wait_until_succeeds("busybox wget -qO- http://127.0.0.1:18081/", timeout=60).strip() == "hello-web"
-    assert m.wait_until_succeeds(f"podman run --rm localhost/smoke-web /busybox wget -qO- {host_web}",
-                                 timeout=60).strip() == "hello-from-host"
+    ip = host_http.outward_ip()  # a nested container's 10.0.2.2 is the guest itself (slirp4netns)
+    url = f"http://{ip}:{host_http.serve(ip)}/"
+    assert m.wait_until_succeeds(f"podman run --rm localhost/smoke-web /busybox wget -qO- {url}",
+                                 timeout=60) == host_http.reply
