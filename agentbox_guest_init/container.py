@@ -11,6 +11,7 @@ Debian image resolves dev from ``/etc/passwd``).
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,9 +48,18 @@ def derive_identity(genv: GuestEnv, argv: Sequence[str], host: Host) -> tuple[Id
 
 
 def materialize_nss_wrapper(ident: Identity, drop: bool, root: Path, pid: int) -> dict[str, str]:
-    """``/tmp/agentbox-nss.<pid>/{passwd,group}`` with the dev entries; the files' paths."""
+    """``/tmp/agentbox-nss.<pid>/{passwd,group}`` with the dev entries; the files' paths.
+
+    The container's /tmp is its own tmpfs, but the name is predictable: a directory already there
+    is used only when it is a real directory of ours, never through a symlink."""
     d = under(root, f"/tmp/agentbox-nss.{pid}")
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise GuestError(f"refusing {d} for the nss wrapper files: not a directory of uid {os.geteuid()}") \
+                from None
     os.chmod(d, 0o755 if drop else 0o700)
     out: dict[str, str] = {}
     entries = {"passwd": f"{c.DEV_USER}:x:{ident.uid}:{ident.gid}:dev user:{c.DEV_HOME}:{ident.shell}",

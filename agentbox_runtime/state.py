@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import os
 import stat
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +38,7 @@ def workspace_slug(cwd: Path) -> str:
 
 def random_suffix() -> str:
     """16 lowercase hex digits from the kernel's random source."""
-    try:
-        return os.urandom(8).hex()
-    except NotImplementedError:  # pragma: no cover - urandom always exists on Linux
-        return f"{os.getpid():x}-{time.time_ns():x}"
+    return os.urandom(8).hex()
 
 
 def task_container_name(slug: str) -> str:

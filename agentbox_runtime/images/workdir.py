@@ -4,7 +4,10 @@ The apt step bind-mounts the host's /dev into the root. Deleting a root that
 still has such a mount would delete host device nodes, so removal first
 unmounts whatever is left (lazily, deepest first) and refuses to delete if a
 mount survives. Directories left by a build that was killed are cleaned the
-same way by the next build (which holds the build lock).
+same way by the next build (which holds the build lock), if they are ours.
+
+The work dirs live in a private per-user directory, ``$XDG_CACHE_HOME/agentbox/image-build/work``
+(0700, checked), not in the shared temp dir; ``$AGENTBOX_BUILD_DIR`` picks another parent.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.images.steps import progress
+from agentbox_runtime.private_dir import ensure_private
 
 PREFIX = "agentbox-root-"
 UMOUNT_TIMEOUT_S = 60.0
@@ -55,9 +60,11 @@ def remove(path: Path) -> None:
 
 
 def remove_stale(parent: Path) -> None:
-    """Remove work dirs of earlier builds that were killed (call with the build lock held)."""
+    """Remove work dirs of earlier builds that were killed (call with the build lock held): only real
+    directories of ours, so another user's directory of the same name is left alone."""
     for stale in sorted(parent.glob(f"{PREFIX}*")):
-        if stale.is_dir() and not stale.is_symlink():
+        st = os.lstat(stale)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
             try:
                 remove(stale)
                 progress(f"removed {stale} left by an interrupted build")
@@ -65,10 +72,17 @@ def remove_stale(parent: Path) -> None:
                 progress(str(exc))
 
 
+def default_parent() -> Path:
+    """``$XDG_CACHE_HOME/agentbox/image-build/work``: private to the user (created 0700, checked)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return ensure_private(Path(base) / "agentbox" / "image-build" / "work")
+
+
 @contextmanager
 def work_dir() -> Iterator[Path]:
-    """A fresh directory under ``$AGENTBOX_BUILD_DIR`` (default the temp dir), removed safely after."""
-    parent = Path(os.environ.get("AGENTBOX_BUILD_DIR") or tempfile.gettempdir())
+    """A fresh directory under ``$AGENTBOX_BUILD_DIR`` (default :func:`default_parent`), removed safely after."""
+    override = os.environ.get("AGENTBOX_BUILD_DIR")
+    parent = Path(override) if override else default_parent()
     remove_stale(parent)
     path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=parent))
     try:

@@ -50,3 +50,18 @@ def test_stale_work_dirs_of_killed_builds_are_removed_safely(tmp_path: Path) -> 
     finally:
         for target in workdir.mounts_under(tmp_path):
             subprocess.run(["umount", "-l", target], timeout=60, check=False)
+
+
+def test_work_dirs_default_to_a_private_dir_and_another_users_stale_dir_is_left_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AGENTBOX_BUILD_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with workdir.work_dir() as work:
+        parent = work.parent
+        assert parent == tmp_path / "cache/agentbox/image-build/work"
+        assert os.stat(parent).st_mode & 0o777 == 0o700 and os.stat(work).st_mode & 0o077 == 0
+    theirs = tmp_path / f"{workdir.PREFIX}theirs"
+    theirs.mkdir()
+    os.chown(theirs, 4242, 4242)
+    workdir.remove_stale(tmp_path)
+    assert theirs.is_dir(), "a directory of another user is never removed"

@@ -326,3 +326,22 @@ def test_the_hardened_profile_starts_no_podman_prep(tmp_path: Path) -> None:
               g.host)
     assert ("prep", "podman") not in g.events and ("prep", "nix") in g.events
     assert g.exec_env[c.ENV_CONTAINERS_STORAGE] == "0"
+
+
+def test_the_nss_wrapper_files_are_written_only_into_a_directory_of_ours(tmp_path: Path) -> None:
+    from agentbox_guest_init.container import materialize_nss_wrapper
+    from agentbox_guest_init.errors import GuestError
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    ident = Identity(1234, 1234, "/bin/sh")
+    paths = materialize_nss_wrapper(ident, True, tmp_path, 77)
+    assert paths == {"passwd": "/tmp/agentbox-nss.77/passwd", "group": "/tmp/agentbox-nss.77/group"}
+    assert "dev:x:1234:1234:" in (tmp_path / "tmp/agentbox-nss.77/passwd").read_text()
+    assert materialize_nss_wrapper(ident, True, tmp_path, 77) == paths  # our own directory is reused
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "tmp/agentbox-nss.78").symlink_to(elsewhere)
+    with pytest.raises(GuestError, match="refusing .*agentbox-nss.78 for the nss wrapper files"):
+        materialize_nss_wrapper(ident, True, tmp_path, 78)
+    assert list(elsewhere.iterdir()) == []
