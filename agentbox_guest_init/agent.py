@@ -443,9 +443,9 @@ def attach_listen(req: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def serve_attach_channels() -> None:
-    """Serve ``agentbox attach`` channels too, in threads, on whatever the VMM offers: the free
-    while the harness holds the main channel (``pytest --pdb``) and after it went away
-    (``--preserve-debug``):
+    """Serve ``agentbox attach`` channels too, in threads, on whatever the VMM offers. They are free
+    while the harness holds the main channel (``pytest --pdb``) and stay served after it went away
+    (``--preserve-debug``, after ``linger``):
 
     - the virtio-serial port :data:`contract.ATTACH_PORT_NAME` (qemu);
     - vsock port :data:`contract.ATTACH_VSOCK_PORT` (libkrun bridges a host unix socket to it),
