@@ -5,13 +5,14 @@ device (``--device PATH``) or a named virtio-serial port (``--port NAME``).
 Requests run concurrently; each response echoes the request ``id``:
 
 - ``ping`` → ``pong``, the agent's pid and uid;
-- ``run``: ``argv``, ``env``, ``cwd``, ``user`` (default ``dev``, the identity
-  of the env contract; ``root`` allowed), ``timeout``, ``stdin`` → ``exit_status``
+- ``run``: ``argv``, ``env``, ``cwd`` (default the image user's workdir), ``user``
+  (default the image's user, ``dev`` in the stock image, with the ids of the env
+  contract; ``root`` allowed), ``timeout``, ``stdin`` → ``exit_status``
   (128+N for signal N), ``signal``, ``stdout``, ``stderr``, ``duration_s``,
   ``timed_out``. The command runs in its own process group, killed whole on
   timeout. As dev it gets the dev shell environment (7.9, plus ``NIX_REMOTE``
   with the nix overlay);
-- ``read_file`` / ``write_file`` (``mode``, ``owner`` ``dev``|``root``);
+- ``read_file`` / ``write_file`` (``mode``, ``owner``: the image's user or ``root``);
 - ``prep_status`` (``nix`` | ``podman``) → the status file fields;
 - ``pty_spawn`` / ``pty_io`` / ``pty_close``: an interactive program on a real
   pty in the guest (:mod:`agentbox_guest_init.pty_sessions`);
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from agentbox_guest_init import contract as c
-from agentbox_guest_init import hardened_profile, listeners, prep
+from agentbox_guest_init import hardened_profile, image_user, listeners, prep
 from agentbox_guest_init.env import GuestEnv
 from agentbox_guest_init.identity import Identity, dev_identity
 from agentbox_guest_init.proc import ROOT, run_tool
@@ -118,16 +119,17 @@ def _uptime() -> float | None:
 def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
              ) -> tuple[dict[str, str], Callable[[], None], str]:
     """The environment, the privilege drop (for ``preexec_fn``) and the cwd of a request's ``user``;
-    ValueError when the user is not dev or root, or the agent cannot become it."""
-    user = req.get("user") or c.DEV_USER
-    if user not in (c.DEV_USER, "root"):
-        raise ValueError(f"run user must be '{c.DEV_USER}' or 'root', got {user!r}")
+    ValueError when the user is not the image's user or root, or the agent cannot become it."""
+    image = image_user.load()
+    user = req.get("user") or image.user
+    if user not in (image.user, "root"):
+        raise ValueError(f"run user must be '{image.user}' (the image's user) or 'root', got {user!r}")
     env, ident = command_env(user, req.get("env") or {}, os.environ if base_env is None else base_env)
     euid = os.geteuid()
     if euid != 0 and (user == "root" or (ident is not None and ident.uid != euid)):
         raise ValueError(f"run as {user!r} asked, but the agent runs as uid {euid} and cannot switch users "
                          "(start the agent as root)")
-    cwd = req.get("cwd") or (c.WORKSPACE if os.path.isdir(c.WORKSPACE) else "/")
+    cwd = req.get("cwd") or (image.workdir if os.path.isdir(image.workdir) else "/")
 
     hardened = ident is not None and hardened_profile.enabled(base_env if base_env is not None else os.environ)
 
@@ -216,10 +218,11 @@ def _owner_ids(owner: str | None) -> tuple[int, int] | None:
         return None
     if owner == "root":
         return 0, 0
-    if owner == c.DEV_USER:
+    image = image_user.load()
+    if owner == image.user:
         ident = dev_identity(GuestEnv.parse())
         return ident.uid, ident.gid
-    raise ValueError(f"owner must be '{c.DEV_USER}' or 'root', got {owner!r}")
+    raise ValueError(f"owner must be '{image.user}' (the image's user) or 'root', got {owner!r}")
 
 
 def _sha256(path: Path) -> str:

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from agentbox_guest_init import contract as c
-from agentbox_guest_init import prep
+from agentbox_guest_init import image_user, prep
 from agentbox_guest_init.env import GuestEnv
 from agentbox_guest_init.errors import GuestError
 from agentbox_guest_init.identity import Identity, dev_identity, passwd_dev, resolve_identity
@@ -109,7 +109,7 @@ def _service_identity(genv: GuestEnv) -> Identity:
     if os.geteuid() == 0:
         return dev_identity(genv)
     entry = passwd_dev()
-    return Identity(os.geteuid(), os.getegid(), entry.shell if entry else "/bin/sh")
+    return Identity(os.geteuid(), os.getegid(), entry.shell if entry else "/bin/sh", image_user.load())
 
 
 def _libkrun(args: argparse.Namespace) -> int:

@@ -21,7 +21,8 @@ from agentbox_guest_init.enter import DEFAULT_PATH, Host, finish, resolve_comman
 from agentbox_guest_init.env import GuestEnv
 from agentbox_guest_init.errors import GuestError
 from agentbox_guest_init.home import HOME_DIRS, materialize_home, replace_dev_line
-from agentbox_guest_init.identity import CONTAINER_DEFAULT_IDS, Identity, resolve_shell
+from agentbox_guest_init.identity import Identity, resolve_shell
+from agentbox_guest_init.image_user import load
 from agentbox_guest_init.profile import Profile
 from agentbox_guest_init.proc import under
 from agentbox_guest_init.shell_env import shell_env
@@ -37,14 +38,15 @@ def derive_identity(genv: GuestEnv, argv: Sequence[str], host: Host) -> tuple[Id
     """The dev identity and whether to drop to it."""
     shell = resolve_shell(argv[0])
     drop = wants_drop(genv, argv, host.euid)
+    image = load(host.root)
     if host.euid != 0:
-        return Identity(host.euid, host.egid, shell), False
+        return Identity(host.euid, host.egid, shell, image), False
     if drop and (genv.host_uid is None or genv.host_gid is None):
         raise GuestError("agentbox-guest-init container enter: AGENTBOX_HOST_UID and AGENTBOX_HOST_GID are "
                          "required for KVM task mode")
     if genv.host_uid is not None and genv.host_gid is not None:
-        return Identity(genv.host_uid, genv.host_gid, shell), drop
-    return Identity(*CONTAINER_DEFAULT_IDS, shell), drop
+        return Identity(genv.host_uid, genv.host_gid, shell, image), drop
+    return Identity(image.uid, image.gid, shell, image), drop
 
 
 def materialize_nss_wrapper(ident: Identity, drop: bool, root: Path, pid: int) -> dict[str, str]:
@@ -62,8 +64,7 @@ def materialize_nss_wrapper(ident: Identity, drop: bool, root: Path, pid: int) -
                 from None
     os.chmod(d, 0o755 if drop else 0o700)
     out: dict[str, str] = {}
-    entries = {"passwd": f"{c.DEV_USER}:x:{ident.uid}:{ident.gid}:dev user:{c.DEV_HOME}:{ident.shell}",
-               "group": f"{c.DEV_USER}:x:{ident.gid}:"}
+    entries = dict(zip(("passwd", "group"), ident.entries()))
     for name, entry in entries.items():
         try:
             text = under(root, f"/etc/{name}").read_text()
@@ -76,13 +77,13 @@ def materialize_nss_wrapper(ident: Identity, drop: bool, root: Path, pid: int) -
     return out
 
 
-def make_home_dirs(root: Path) -> None:
-    """Create dev's home dirs where possible; failures are warnings."""
+def make_home_dirs(ident: Identity, root: Path) -> None:
+    """Create the user's home dirs where possible; failures are warnings."""
     for rel in HOME_DIRS:
         try:
-            under(root, c.DEV_HOME).joinpath(rel).mkdir(parents=True, exist_ok=True)
+            under(root, ident.home).joinpath(rel).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(f"agentbox-guest-init: warning: cannot create {c.DEV_HOME}/{rel}: {exc.strerror}",
+            print(f"agentbox-guest-init: warning: cannot create {ident.home}/{rel}: {exc.strerror}",
                   file=sys.stderr)
 
 
@@ -103,7 +104,7 @@ def container_enter(cmd: Sequence[str], env: Mapping[str, str] | None = None, ho
         preload = ":".join(p for p in (lib, env_out.get("LD_PRELOAD", "")) if p)
         prof.step("export-nss-wrapper-env", lambda: env_out.update(
             NSS_WRAPPER_PASSWD=files["passwd"], NSS_WRAPPER_GROUP=files["group"], LD_PRELOAD=preload))
-    prof.step("materialize-home-config", lambda: make_home_dirs(host.root))
+    prof.step("materialize-home-config", lambda: make_home_dirs(ident, host.root))
     if drop:
         prof.step("materialize-dev-identity", lambda: materialize_home(ident, host.root))
     finish(prof, argv, ident, drop, env_out, host)

@@ -68,13 +68,13 @@ NIX_DISK_MOUNT: Final = "/run/agentbox/nix-disk"
 IDMAP_BIN_DIR: Final = "/run/agentbox/idmap-bin"
 NIX_DAEMON_SOCKET: Final = "/nix/var/nix/daemon-socket/socket"
 NIX_REMOTE_VALUE: Final = "unix:///nix/var/nix/daemon-socket/socket"
+# The stock image's user and workdir; an image may name others (agentbox_guest_init.image_user).
 WORKSPACE: Final = "/workspace"
 DEV_USER: Final = "dev"
 DEV_UID: Final = 1000
-"""The dev user's uid in the image (and the fallback host ids when none fit)."""
+"""The dev user's uid in the stock image (and the fallback host ids when none fit)."""
 DEV_GID: Final = 1000
 DEV_HOME: Final = "/home/dev"
-CONTAINERS_STORAGE_MOUNT: Final = "/home/dev/.local/share/containers"
 PREP_WAIT_TIMEOUT_S: Final = 120
 NOFILE_FLOOR: Final = 524288
 PASST_DNS: Final = "169.254.1.1"
@@ -87,15 +87,9 @@ def podman_socket_path(uid: int) -> str:
 
 
 def dev_dirs(home: str = DEV_HOME) -> dict[str, str]:
-    """dev's XDG base directories (reference 7.9)."""
+    """The user's XDG base directories under ``home`` (reference 7.9)."""
     return {"XDG_CONFIG_HOME": f"{home}/.config", "XDG_DATA_HOME": f"{home}/.local/share",
             "XDG_STATE_HOME": f"{home}/.local/state", "XDG_CACHE_HOME": f"{home}/.cache"}
-
-
-def dev_exec_env() -> dict[str, str]:
-    """What a command run as dev from outside the login shell (``podman exec`` into a container-mode
-    task, whose environment is root's) needs: dev's identity, XDG dirs and the nix daemon."""
-    return {"HOME": DEV_HOME, "USER": DEV_USER, "LOGNAME": DEV_USER, "NIX_REMOTE": NIX_REMOTE_VALUE, **dev_dirs()}
 
 
 def docker_host(uid: int) -> str:

@@ -200,8 +200,8 @@ def enter(mode: str, cmd: Sequence[str], env: Mapping[str, str] | None = None, h
         shell = resolve_shell(argv[0])
         if microvm and root_user and genv.enter_as_root:
             dev = dev_identity(genv, host.root)  # stays root: dev only names the shell env and home
-            return Identity(dev.uid, dev.gid, shell)
-        return resolve_identity(genv, shell, euid=host.euid, egid=host.egid, mode=mode)
+            return Identity(dev.uid, dev.gid, shell, dev.image)
+        return resolve_identity(genv, shell, euid=host.euid, egid=host.egid, mode=mode, root=host.root)
 
     ident = prof.step("resolve-identity", identity)
     shell = prof.step("derive-shell-env", lambda: shell_env(ident, genv, env_out.get("PATH") or DEFAULT_PATH))

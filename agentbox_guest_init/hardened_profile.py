@@ -28,7 +28,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from agentbox_guest_init import contract as c
+from agentbox_guest_init import contract as c, image_user
 from agentbox_guest_init.errors import GuestError
 from agentbox_guest_init.hardening import restrict_dmesg
 from agentbox_guest_init.proc import ROOT, Runner, check, under
@@ -68,7 +68,7 @@ def read_only_root(runner: Runner, root: Path = ROOT) -> None:
             target.mkdir(parents=True, exist_ok=True)
             check(runner, ["mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", str(target)],
                   f"hardened profile: tmpfs on {path}")
-    home = under(root, c.DEV_HOME)
+    home = under(root, image_user.load(root).home)
     if home.is_dir() and not _is_mountpoint(home):
         check(runner, ["mount", "--bind", str(home), str(home)], "hardened profile: keep the home writable")
     check(runner, ["mount", "-o", "remount,bind,ro", str(root)], "hardened profile: read-only root")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agentbox_guest_init import contract as c
 from agentbox_guest_init.identity import Identity
 from agentbox_guest_init.proc import ROOT, under
 
@@ -14,16 +13,15 @@ PRIVATE_DIRS = (".local/state", ".cache/tmp")
 
 
 def replace_dev_line(text: str, entry: str) -> str:
-    """``text`` without its ``dev:`` lines, with ``entry`` appended."""
-    lines = [line for line in text.splitlines() if not line.startswith(f"{c.DEV_USER}:")]
+    """``text`` without the lines of ``entry``'s name (its first ``:`` field), with ``entry`` appended."""
+    name = entry.split(":", 1)[0] + ":"
+    lines = [line for line in text.splitlines() if not line.startswith(name)]
     return "\n".join([*lines, entry]) + "\n"
 
 
 def write_identity(ident: Identity, root: Path = ROOT) -> None:
-    """Rewrite the dev entries of ``/etc/passwd`` and ``/etc/group`` (both 0644)."""
-    entries = (("/etc/passwd", f"{c.DEV_USER}:x:{ident.uid}:{ident.gid}:dev user:{c.DEV_HOME}:{ident.shell}"),
-               ("/etc/group", f"{c.DEV_USER}:x:{ident.gid}:"))
-    for name, entry in entries:
+    """Rewrite the user's entries of ``/etc/passwd`` and ``/etc/group`` (both 0644)."""
+    for name, entry in zip(("/etc/passwd", "/etc/group"), ident.entries()):
         path = under(root, name)
         try:
             text = path.read_text()
@@ -35,8 +33,8 @@ def write_identity(ident: Identity, root: Path = ROOT) -> None:
 
 
 def make_home(ident: Identity, root: Path = ROOT) -> None:
-    """Create dev's home dirs owned by dev; ``~/.cache/nix`` is chowned recursively (no symlinks followed)."""
-    home = under(root, c.DEV_HOME)
+    """Create the user's home dirs owned by it; ``~/.cache/nix`` is chowned recursively (no symlinks followed)."""
+    home = under(root, ident.home)
     for rel in HOME_DIRS:
         d = home / rel
         d.mkdir(parents=True, exist_ok=True)

@@ -92,11 +92,11 @@ def containers_conf(engine: Engine) -> str:
     return text
 
 
-def storage_conf(uid: int) -> str:
-    """dev's ``storage.conf``: the btrfs driver on the containers disk."""
+def storage_conf(ident: Identity) -> str:
+    """The user's ``storage.conf``: the btrfs driver on the containers disk."""
     return ("[storage]\ndriver = \"btrfs\"\n"
-            f"graphroot = \"{c.CONTAINERS_STORAGE_MOUNT}/storage\"\n"
-            f"runroot = \"/run/user/{uid}/containers\"\n")
+            f"graphroot = \"{ident.image.containers_storage}/storage\"\n"
+            f"runroot = \"/run/user/{ident.uid}/containers\"\n")
 
 
 REGISTRIES_CONF = ("[registries.search]\nregistries = [\"docker.io\"]\n\n"
@@ -113,15 +113,15 @@ def check_subids(uid: int, gid: int) -> None:
             raise GuestError(f"subordinate ID range {SUBID_START}:{SUBID_COUNT} overlaps {name} id {value}")
 
 
-def rewrite_subids(path: Path) -> None:
-    """Drop ``dev:`` lines and append ``dev:100000:65536`` (0644)."""
+def rewrite_subids(path: Path, name: str = c.DEV_USER) -> None:
+    """Drop the user's lines and append ``<name>:100000:65536`` (0644)."""
     from agentbox_guest_init.home import replace_dev_line
 
     try:
         text = path.read_text()
     except FileNotFoundError:
         text = ""
-    path.write_text(replace_dev_line(text, f"{c.DEV_USER}:{SUBID_START}:{SUBID_COUNT}"))
+    path.write_text(replace_dev_line(text, f"{name}:{SUBID_START}:{SUBID_COUNT}"))
     os.chmod(path, 0o644)
 
 
@@ -152,8 +152,8 @@ def kernel(root: Path = ROOT) -> None:
 def idmap(ident: Identity, *, root: Path = ROOT, runner: Runner = run_tool, path: str | None = None) -> None:
     """subuid/subgid for dev and setuid copies of newuidmap/newgidmap in the helper dir."""
     check_subids(ident.uid, ident.gid)
-    rewrite_subids(under(root, "/etc/subuid"))
-    rewrite_subids(under(root, "/etc/subgid"))
+    rewrite_subids(under(root, "/etc/subuid"), ident.name)
+    rewrite_subids(under(root, "/etc/subgid"), ident.name)
     helper = under(root, c.IDMAP_BIN_DIR)
     helper.mkdir(parents=True, exist_ok=True)
     search = os.pathsep.join(p for p in (os.environ.get("PATH", "") if path is None else path).split(os.pathsep)
@@ -192,7 +192,7 @@ def mount_storage(genv: GuestEnv, mnt: Path, *, runner: Runner, expand: Expand) 
 def storage(genv: GuestEnv, ident: Identity, engine: Engine, *, root: Path = ROOT, runner: Runner = run_tool,
             expand: Expand = glob.glob) -> None:
     """Dirs, the storage mount and dev's four config files."""
-    home = under(root, c.DEV_HOME)
+    home = under(root, ident.home)
     cfg = home / ".config/containers"
     cfg.mkdir(parents=True, exist_ok=True)
     runtime_dir = under(root, f"/run/user/{ident.uid}")
@@ -200,14 +200,14 @@ def storage(genv: GuestEnv, ident: Identity, engine: Engine, *, root: Path = ROO
     _own(runtime_dir, ident)
     os.chmod(runtime_dir, 0o700)
     (runtime_dir / "containers").mkdir(exist_ok=True)
-    mnt = under(root, c.CONTAINERS_STORAGE_MOUNT)
+    mnt = under(root, ident.image.containers_storage)
     mnt.mkdir(parents=True, exist_ok=True)
     mount_storage(genv, mnt, runner=runner, expand=expand)
     (mnt / "storage").mkdir(exist_ok=True)
     for p in (home / ".local", home / ".local/share", mnt, mnt / "storage", home / ".config", cfg,
               runtime_dir / "containers"):
         _own(p, ident)
-    _write_owned(cfg / "storage.conf", storage_conf(ident.uid), ident)
+    _write_owned(cfg / "storage.conf", storage_conf(ident), ident)
     _write_owned(cfg / "containers.conf", containers_conf(engine), ident)
     _write_owned(cfg / "registries.conf", REGISTRIES_CONF, ident)
     _write_owned(cfg / "policy.json", POLICY_JSON, ident)

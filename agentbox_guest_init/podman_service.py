@@ -67,11 +67,9 @@ def accepts(sock: Path) -> bool:
 
 def service_env(ident: Identity, env: Mapping[str, str]) -> dict[str, str]:
     """The cleared environment of the API service (dev's, with the helper dir first on PATH)."""
-    home = c.DEV_HOME
-    out = {"USER": c.DEV_USER, "LOGNAME": c.DEV_USER, "HOME": home, "SHELL": ident.shell,
-           "XDG_RUNTIME_DIR": f"/run/user/{ident.uid}", "XDG_CONFIG_HOME": f"{home}/.config",
-           "XDG_DATA_HOME": f"{home}/.local/share", "XDG_STATE_HOME": f"{home}/.local/state",
-           "XDG_CACHE_HOME": f"{home}/.cache", "TMPDIR": f"{home}/.cache/tmp",
+    home = ident.home
+    out = {"USER": ident.name, "LOGNAME": ident.name, "HOME": home, "SHELL": ident.shell,
+           "XDG_RUNTIME_DIR": f"/run/user/{ident.uid}", **c.dev_dirs(home), "TMPDIR": f"{home}/.cache/tmp",
            "PATH": f"{c.IDMAP_BIN_DIR}:{env.get('PATH') or '/usr/local/bin:/usr/bin:/bin'}"}
     out.update({k: env[k] for k in KEPT_VARS if k in env})
     return out

@@ -14,8 +14,8 @@ def shell_env(ident: Identity, genv: GuestEnv, path: str) -> dict[str, str]:
     front of ``path`` and ``DOCKER_HOST`` (the rootless Podman API socket).
     ``NIX_REMOTE`` is not here: ``export-nix-remote`` is its own step.
     """
-    home = c.DEV_HOME
-    env = {"USER": c.DEV_USER, "LOGNAME": c.DEV_USER, "HOME": home, "SHELL": ident.shell, **c.dev_dirs(home),
+    home = ident.home
+    env = {"USER": ident.name, "LOGNAME": ident.name, "HOME": home, "SHELL": ident.shell, **c.dev_dirs(home),
            "TMPDIR": f"{home}/.cache/tmp"}
     if genv.containers_storage:
         env["XDG_RUNTIME_DIR"] = f"/run/user/{ident.uid}"

@@ -28,6 +28,7 @@ from agentbox_runtime.container.machine_transport import (ContainerTransport, Ex
                                                  stop_task)
 from agentbox_runtime.container.podman_bridge import CliPodman
 from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest
+from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.microvm import reaper as vm_reaper
 from agentbox_runtime.state import StateLayout, task_container_name, task_hostname
 from agentbox_runtime.tasks.container import container_argv
@@ -71,7 +72,7 @@ def agent_copy_from(machine: Machine, agent: AgentClient, guest_path: str, host_
 def agent_copy_to(machine: Machine, agent: AgentClient, host_path: Path, guest_path: str, timeout: float) -> None:
     """``_copy_to`` over a guest agent: chunked, checked by the guest before it replaces the file."""
     try:
-        agent.upload(host_path, guest_path, owner=c.DEV_USER, timeout=timeout)
+        agent.upload(host_path, guest_path, owner=machine.image_user.user, timeout=timeout)
     except ChannelError as exc:
         raise AssertionError(f"{machine.name}: cannot copy {host_path} to {guest_path}: {exc}") from None
 
@@ -80,12 +81,12 @@ SHELL_PROMPT = "AGENTBOX$ "
 
 
 def agent_shell(machine: Machine, agent: AgentClient, timeout: float) -> Any:
-    """dev's bash on a fresh pty in the guest (a real tty), relayed through the agent, as a pexpect
-    child whose prompt (``AGENTBOX$ ``) was already consumed once."""
+    """The image user's bash on a fresh pty in the guest (a real tty), relayed through the agent, as a
+    pexpect child whose prompt (``AGENTBOX$ ``) was already consumed once."""
     from pexpect import fdpexpect
 
     try:
-        pty = agent.pty_spawn(["bash", "--norc", "-i"], user=c.DEV_USER, env={"PS1": SHELL_PROMPT},
+        pty = agent.pty_spawn(["bash", "--norc", "-i"], user=None, env={"PS1": SHELL_PROMPT},
                               timeout=machine.scaled(30))
     except ChannelError as exc:
         raise AssertionError(f"{machine.name}: cannot start a shell on a guest pty: {exc}") from None
@@ -138,6 +139,7 @@ class MicrovmMachine(Machine):
         self.task = task
         task.start()
         assert task.handle is not None
+        self.image_user = task.user
         handle, limit = task.handle, self.scaled(self.boot_timeout)
         errors: list[str] = []
         ready: list[float] = []
@@ -283,8 +285,9 @@ class MicrovmMachine(Machine):
         else a guest pty relayed through the agent (libkrun, whose console carries the agent)."""
         if self.task is None or self.task.handle is None or self.task.handle.console_socket is None:
             return agent_shell(self, self._agent(), timeout)
-        self.execute("setsid -f sh -c 'exec runuser -u dev -- env PS1=\"AGENTBOX$ \" bash --norc -i "
-                     "<>/dev/hvc0 >&0 2>&0'", timeout=30, user="root", check=True)
+        self.execute(["setsid", "-f", "sh", "-c", "cd \"$2\" 2>/dev/null; exec runuser -u \"$1\" -- "
+                      "env PS1='AGENTBOX$ ' bash --norc -i <>/dev/hvc0 >&0 2>&0", "sh", self.image_user.user,
+                      self.image_user.workdir], timeout=30, user="root", check=True)
         child = self._console_connect()
         child.timeout = timeout
         child.sendline("")
@@ -341,15 +344,16 @@ class ContainerMachine(Machine):
         podman = CliPodman()
         self._req = SidecarRequest(image=self.image, canonical_cwd=str(self.workspace), slug=layout.slug,
                                    state_root=self.state_root, run_label=self.run_label)
+        user = self.image_user = image_user(self.image)
         self._name = task_container_name(layout.slug)
 
         def build(sidecar: Sidecar) -> list[str]:
             ref = container_argv(name=self._name, hostname=task_hostname(layout.slug),
-                                 volumes=task_volumes(layout, home=self.state_root / "home"), merged=sidecar.merged,
-                                 sidecar_name=sidecar.name, image=self.image, run_label=self.run_label,
-                                 hardened=self.hardened)
+                                 volumes=task_volumes(layout, home=self.state_root / "home", user=user),
+                                 merged=sidecar.merged, sidecar_name=sidecar.name, image=self.image,
+                                 run_label=self.run_label, hardened=self.hardened, user=user)
             adapted = adapt_task_argv(ref, self.image, interactive=False, rootless=os.geteuid() != 0,
-                                      dev_ids=(str(c.DEV_UID), str(c.DEV_GID)))
+                                      dev_ids=(str(user.uid), str(user.gid)))
             return detached_argv(adapted, self.image)
 
         self._sidecar = start_task(podman, self._req, build)
@@ -382,11 +386,12 @@ class ContainerMachine(Machine):
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:
         started = time.monotonic()
-        who = None if user in (None, "dev") else ("0" if user == "root" else user)
-        if who is None:  # dev's own login environment: nix (through the daemon) writes to dev's profile
-            env = {**c.dev_exec_env(), **(env or {})}
+        image = self.image_user
+        who = None if user in (None, image.user) else ("0" if user == "root" else user)
+        if who is None:  # the user's own login environment: nix (through the daemon) writes to its profile
+            env = {**image.exec_env(), **(env or {})}
         try:
-            r = self._running().execute(argv, user=who if who else f"{c.DEV_UID}:{c.DEV_GID}", env=env, cwd=cwd,
+            r = self._running().execute(argv, user=who if who else f"{image.uid}:{image.gid}", env=env, cwd=cwd,
                                         timeout=timeout, stdin=stdin)
         except ExecTimeout as exc:
             return Result(" ".join(argv), 124, exc.stdout, exc.stderr, time.monotonic() - started, True)

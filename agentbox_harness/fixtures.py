@@ -29,7 +29,8 @@ from agentbox_harness.context import BackendContext
 from agentbox_harness.registry import build
 from agentbox_harness.session import HarnessSession, harness
 from agentbox_harness.workspace import Workspace
-from agentbox_guest_init import contract as c
+from agentbox_guest_init.image_user import ImageUser
+from agentbox_runtime.images.commit import image_user
 from agentbox_runtime import disks
 from agentbox_runtime.reset import reset_nix
 from agentbox_runtime.state import StateLayout
@@ -39,7 +40,6 @@ from agentbox_runtime.container.sidecar import SidecarRequest, prepare_sidecar, 
 from agentbox_runtime.microvm.maintenance import live_users
 from agentbox_runtime.podman import Podman
 
-DEV_IDS = (c.DEV_UID, c.DEV_GID)
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +68,19 @@ def agentbox_image(request: pytest.FixtureRequest, agentbox_session: HarnessSess
     return getattr(request, "param", None) or agentbox_session.image()
 
 
+def workspace_owner(request: pytest.FixtureRequest, session: HarnessSession) -> tuple[int, int] | None:
+    """As root, the ids a workspace gets: the image user's of the test's image, known without
+    building one (its ``agentbox_image`` parameter, else ``--agentbox-image``; the stock image's
+    dev otherwise). None when not root: the workspace stays the invoking user's."""
+    if os.geteuid() != 0:
+        return None
+    callspec = getattr(request.node, "callspec", None)
+    image = callspec.params.get("agentbox_image") if callspec is not None else None
+    image = image or session.image_option
+    user = image_user(str(image)) if image else ImageUser()
+    return user.uid, user.gid
+
+
 @pytest.fixture
 def vm_memory(request: pytest.FixtureRequest) -> int:
     """Guest memory in GiB (default 2)."""
@@ -92,10 +105,12 @@ def workspace(request: pytest.FixtureRequest, tmp_path: Path, agentbox_session: 
 
     ``request.param`` may name the mode: ``direct`` (default), ``copy`` or
     ``overlay-review``. When the tests run as root, the directory belongs to
-    uid 1000 (the guest's dev user) so guest writes land owned by it."""
+    the image user's ids (1000:1000, dev, in the stock image; the test's
+    ``agentbox_image`` parameter or ``--agentbox-image`` may name another), so
+    the guest's user is that user and its writes land owned by it."""
     mode = getattr(request, "param", "direct")
     state_base = agentbox_session.state_base(tmp_path)
-    owner = DEV_IDS if os.geteuid() == 0 else None
+    owner = workspace_owner(request, agentbox_session)
     ws = Workspace.create(tmp_path / "project", tmp_path / "ws-scratch", state_base, mode, owner)
     if ws.mounted:
         agentbox_session.registry.add_mount(ws.path)
@@ -308,7 +323,7 @@ def shared_workspace(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
     when the tests run as root)."""
     tmp = tmp_path_factory.mktemp("shared")
     ws = Workspace.create(tmp / "project", tmp / "ws-scratch", agentbox_session.state_base(tmp), "direct",
-                          DEV_IDS if os.geteuid() == 0 else None)
+                          workspace_owner(request, agentbox_session))
     yield ws
     ws.close()
 

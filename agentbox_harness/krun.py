@@ -33,6 +33,7 @@ from agentbox_runtime.state import StateLayout
 from agentbox_runtime import disks
 from agentbox_runtime.microvm.session import host_ids
 from agentbox_runtime.state import task_container_name, task_hostname
+from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.tasks.krun import KrunOptions, guest_init_override, krun_task_argv, oci_runtime
 from agentbox_runtime.tasks.volumes import task_volumes
 
@@ -204,10 +205,11 @@ def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object
                    publish=opts.publish + (() if opts.tsi else (f"127.0.0.1::{c.ATTACH_TCP_PORT}",)))
     container = task_container_name(layout.slug)
     image = str(options.pop("image", None) or ctx.image())
-    uid, gid = host_ids(ctx.workspace.path)
+    user = image_user(image)
+    uid, gid = host_ids(ctx.workspace.path, user)
     argv = krun_task_argv(name=container, hostname=task_hostname(layout.slug), state_root=layout.state_root,
-                          volumes=task_volumes(layout, home=layout.state_root / "home"), uid=uid, gid=gid,
-                          image=image, opts=opts)
+                          volumes=task_volumes(layout, home=layout.state_root / "home", user=user), uid=uid, gid=gid,
+                          image=image, opts=opts, workdir=user.workdir)
     return KrunPodmanMachine(name=name, timeout_scale=ctx.session.timeout_scale, argv=harness_argv(argv),
-                             container=container, layout=layout, krun_options=opts, image=image)
+                             container=container, layout=layout, krun_options=opts, image=image, image_user=user)
 

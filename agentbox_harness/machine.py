@@ -26,6 +26,7 @@ from agentbox_harness.console import Console, read_tail
 from agentbox_harness.profile import Profile
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_runtime.evidence import REDACTED, SECRET_NAME, Redactor
+from agentbox_guest_init.image_user import ImageUser
 
 log = logging.getLogger("agentbox_harness")
 BOOTS = {"started": 0}
@@ -115,6 +116,9 @@ class Machine(ABC):
     """Its ``agentbox attach`` id while it runs (backends that can be attached to)."""
     preserved: list[Preserved] = field(default_factory=list, repr=False)
     """What --preserve-debug kept of it (summary lines, kept paths)."""
+    image_user: ImageUser = field(default_factory=ImageUser)
+    """The image's non-root user and workdir (dev and /workspace in the stock image): who a verb
+    runs as when it names no ``user``, and where it starts. Set when the machine starts."""
 
     # --- what a backend provides ------------------------------------------
     @abstractmethod
@@ -146,9 +150,10 @@ class Machine(ABC):
         host_path.write_bytes(base64.b64decode(out.stdout))
 
     def _copy_to(self, host_path: Path, guest_path: str, timeout: float) -> None:
-        """Host file -> guest file owned by dev (parents created)."""
-        script = 'mkdir -p "$(dirname "$1")" && cat > "$1" && chown dev:dev "$1"'
-        out = self._execute(["sh", "-c", script, "sh", guest_path], user="root", env=None, cwd=None,
+        """Host file -> guest file owned by the image's user (parents created)."""
+        script = 'mkdir -p "$(dirname "$1")" && cat > "$1" && chown "$2:$2" "$1"'
+        out = self._execute(["sh", "-c", script, "sh", guest_path, self.image_user.user], user="root", env=None,
+                            cwd=None,
                             timeout=timeout, stdin=host_path.read_bytes())
         if not out.ok:
             raise MachineError(self._explain(f"cannot write {guest_path}", out))
@@ -206,16 +211,18 @@ class Machine(ABC):
 
     def execute(self, cmd: Command, *, timeout: float | None = None, user: str | None = None, env: dict[str, str] | None = None,
                 cwd: str | None = None, stdin: bytes | None = None, check: bool = False) -> Result:
-        """Run ``cmd`` (a string runs under ``sh -c``) as ``user`` (default dev); return its Result."""
+        """Run ``cmd`` (a string runs under ``sh -c``) as ``user`` (default the image's user, see
+        :attr:`image_user`; or ``root``) in its workdir unless ``cwd`` says otherwise; return its Result."""
         if self.redactor is not None and env:
             self.redactor.register_env(env)
         with self._verb("execute", render(cmd)):
             result = self._execute(as_argv(cmd), user=user, env=env, cwd=cwd, timeout=self.scaled(timeout),
                                    stdin=stdin)
-        log.info("%s: %s (as %s): exit %s%s in %.2fs", self.name, render(cmd), user or "dev", result.exit_status,
+        log.info("%s: %s (as %s): exit %s%s in %.2fs", self.name, render(cmd), user or self.image_user.user,
+                 result.exit_status,
                  " (timed out)" if result.timed_out else "", result.duration_s)
         self.transcript.append({
-            "command": render(cmd), "argv": as_argv(cmd), "user": user or "dev",
+            "command": render(cmd), "argv": as_argv(cmd), "user": user or self.image_user.user,
             "env": {k: REDACTED if SECRET_NAME.search(k) else v for k, v in (env or {}).items()},
             "exit_status": result.exit_status,
             "duration_s": result.duration_s, "timed_out": result.timed_out,
@@ -342,7 +349,7 @@ class Machine(ABC):
         return ReadyStatus(not missing, "ready" if not missing else "; ".join(missing), tuple(missing), parts)
 
     def copy_to(self, host_path: Path, guest_path: str, *, timeout: float | None = None) -> None:
-        """Copy a host file into the guest (parents created, owned by dev). Agent backends send it
+        """Copy a host file into the guest (parents created, owned by the image's user). Agent backends send it
         in chunks that the guest checks (size and sha256) before it replaces ``guest_path``."""
         with self._verb("copy_to", guest_path):
             self._copy_to(Path(host_path), guest_path, self.scaled(timeout))
@@ -369,20 +376,20 @@ class Machine(ABC):
         self._baseline_pids = None
 
     def reset(self, *, timeout: float | None = None) -> None:
-        """Back to a just-booted state between tests that share this machine: every dev process
-        started since the first reset is killed (the guest's own services, such as the nix and
-        Podman preps, were already running then and stay), and ``/tmp`` and ``/workspace`` are
-        emptied. What it does not undo (installed packages, files elsewhere, the persistent
+        """Back to a just-booted state between tests that share this machine: every process of the
+        image's user started since the first reset is killed (the guest's own services, such as the
+        nix and Podman preps, were already running then and stay), and ``/tmp`` and the workdir
+        (``/workspace``) are emptied. What it does not undo (installed packages, files elsewhere, the persistent
         disks) is why tests that change the guest take a fresh ``microvm`` instead."""
         with self._verb("reset", ""):
-            listing = self._execute(["pgrep", "-u", "dev"], user="root", env=None, cwd="/",
+            listing = self._execute(["pgrep", "-u", self.image_user.user], user="root", env=None, cwd="/",
                                     timeout=self.scaled(timeout), stdin=None)
             pids = {int(p) for p in listing.stdout.split() if p.isdigit()}
             if self._baseline_pids is None:
                 self._baseline_pids = pids
             stray = sorted(pids - self._baseline_pids)
             script = (("kill -KILL " + " ".join(map(str, stray)) + " 2>/dev/null; " if stray else "")
-                      + "find /tmp /workspace -mindepth 1 -delete")
+                      + f"find /tmp {shlex.quote(self.image_user.workdir)} -mindepth 1 -delete")
             out = self._execute(["sh", "-c", script], user="root", env=None, cwd="/",
                                 timeout=self.scaled(timeout), stdin=None)
             if not out.ok:

@@ -37,6 +37,7 @@ examples:
   agentbox --profile --debug
   agentbox --root container
   agentbox image build
+  agentbox image build --tag localhost/my-agent:latest --user agent --uid 2000 --gid 2000 --workdir /work
   agentbox doctor --json
   AGENTBOX_IMAGE=ghcr.io/example/agentbox:dev agentbox
 """
@@ -201,6 +202,11 @@ def _add_host_tools(sub: Any, glob: argparse.ArgumentParser) -> None:
     ib.add_argument("--guest-init-only", action="store_true",
                     help="refresh only guest_init in the existing image")
     ib.add_argument("--force", action="store_true", help="rebuild even when cached")
+    ib.add_argument("--user", default=None, metavar="NAME", help="the image's non-root user (default dev)")
+    ib.add_argument("--uid", default=None, metavar="N", help="its uid, 1000-59999 (default 1000)")
+    ib.add_argument("--gid", default=None, metavar="N", help="its gid, 1000-59999 (default 1000)")
+    ib.add_argument("--workdir", default=None, metavar="DIR",
+                    help="where its shell starts and the workspace is mounted (default /workspace)")
 
 
 def build_parser() -> argparse.ArgumentParser:

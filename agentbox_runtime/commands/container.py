@@ -72,11 +72,13 @@ def run(args: argparse.Namespace) -> int:
     build = _core("agentbox_runtime.tasks.container", "container_task_argv")
     rootless = os.geteuid() != 0
 
+    user = _core("agentbox_runtime.images.commit", "image_user")(image)
+
     def task_argv(sidecar: Sidecar) -> list[str]:
         reference = build(args=args, cwd=cwd, slug=slug, name=name, image=image,
-                          sidecar_name=sidecar.name, merged=sidecar.merged)
+                          sidecar_name=sidecar.name, merged=sidecar.merged, user=user)
         return adapt_task_argv(reference, image, interactive=sys.stdin.isatty(),
                                rootless=rootless, command=command,
-                               dev_ids=rootful_dev_ids(os.environ))
+                               dev_ids=rootful_dev_ids(os.environ, user))
 
     return run_task(podman, req, name, task_argv)

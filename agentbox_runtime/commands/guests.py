@@ -10,6 +10,7 @@ container-mode task. ``rm`` stops a guest and deletes what its record lists.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import select
 import signal
@@ -20,7 +21,7 @@ import time
 import tty
 from pathlib import Path
 
-from agentbox_guest_init import contract as c
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError
 from agentbox_runtime.errors import AgentboxError, InputError
@@ -87,16 +88,29 @@ def _relay(agent: AgentClient, pty: int) -> int:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
 
+def container_image_user(container: str) -> ImageUser:
+    """The image user of a running container (its image's labels, which the container carries);
+    the defaults when it has none."""
+    proc = Podman(timeout_s=ATTACH_CONNECT_S).capture(["container", "inspect", "--format", "{{json .Config.Labels}}",
+                                                       container])
+    try:
+        labels = json.loads(proc.stdout or "null") if proc.returncode == 0 else None
+        return ImageUser.from_labels(labels if isinstance(labels, dict) else {})
+    except ValueError as exc:
+        raise AgentboxError(f"container {container} has bad image user labels: {exc}") from None
+
+
 def attach(guest_id: str, root: bool) -> int:
     rec = guest_registry.find(guest_id)
     if rec.status() == "stopped":
         raise AgentboxError(f"guest {rec.id} is not running any more; `agentbox rm {rec.id}` removes its record")
     if rec.backend == "container":
         assert rec.container is not None
-        user = "0" if root else f"{c.DEV_UID}:{c.DEV_GID}"
-        env = [] if root else [a for k, v in c.dev_exec_env().items() for a in ("--env", f"{k}={v}")]
-        os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", "/workspace", rec.container,
-                             "bash", "-l"])
+        image = container_image_user(rec.container)
+        user = "0" if root else f"{image.uid}:{image.gid}"
+        env = [] if root else [a for k, v in image.exec_env().items() for a in ("--env", f"{k}={v}")]
+        os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", image.workdir,
+                             rec.container, "bash", "-l"])
     try:
         if rec.attach_socket is not None:
             agent = AgentClient.connect_unix(rec.attach_socket, ATTACH_CONNECT_S)
@@ -108,8 +122,7 @@ def attach(guest_id: str, root: bool) -> int:
         raise AgentboxError(f"cannot reach guest {rec.id}: {exc}") from None
     rows, cols = _terminal_size()
     try:
-        pty = agent.pty_spawn(["sh", "-c", "cd /workspace 2>/dev/null; exec bash -l"],
-                              user="root" if root else c.DEV_USER,
+        pty = agent.pty_spawn(["bash", "-l"], user="root" if root else None,  # the agent's default: the image user
                               env={"TERM": os.environ.get("TERM", "xterm")}, rows=rows, cols=cols)
         return _relay(agent, pty)
     except ChannelError as exc:

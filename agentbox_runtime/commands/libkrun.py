@@ -9,6 +9,7 @@ from agentbox_guest_init.contract import GUEST_INIT_PATH
 from agentbox_runtime import disks
 from agentbox_runtime.doctor.tools import SELECT_QEMU_RUNTIME, check_crun_krun
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.microvm.session import host_ids
 from agentbox_runtime.podman import Podman, explicit_image, resolve_image
 from agentbox_runtime.reset import reset_nix
@@ -99,8 +100,9 @@ def run(args: argparse.Namespace) -> int:
     runtime selection.
 
     ``AGENTBOX_HOST_UID``/``GID`` are :func:`agentbox_runtime.microvm.session.host_ids`:
-    the user's ids, or as root the workspace owner (else 1000), because the
-    guest refuses a root dev user."""
+    the user's ids, or as root the workspace owner (else the image user's), because the
+    guest refuses a root dev user. The workspace is mounted at the image user's workdir
+    (the image's labels, :func:`agentbox_runtime.images.commit.image_user`)."""
     if args.libkrun_action == "reset-nix":
         reset_nix(StateLayout.resolve().state_root, bool(args.force))
         return 0
@@ -114,13 +116,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _require_runtime(opts)
     image = resolve_image(podman, args.image, args.pull_latest)
-    uid, gid = host_ids(layout.workspace)
+    user = image_user(image)
+    uid, gid = host_ids(layout.workspace, user)
     layout.ensure()
     disks.prepare_all(disks.LIBKRUN_DISKS, layout.state_root)
     argv = krun_task_argv(name=task_container_name(layout.slug),
                           hostname=task_hostname(layout.slug), state_root=layout.state_root,
-                          volumes=task_volumes(layout), uid=uid, gid=gid,
-                          image=image, opts=opts)
+                          volumes=task_volumes(layout, user=user), uid=uid, gid=gid,
+                          image=image, opts=opts, workdir=user.workdir)
     try:
         return exit_status(podman.spawn(argv).wait())
     except OSError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.images import recipe
 from agentbox_runtime.images.commit import (commit_layer, image_id, image_labels, import_root, prune_other_tags,
@@ -77,13 +78,14 @@ def build_base(tag: str, recipe_hash: str, log: Path) -> None:
         import_root(root, tag, recipe_hash, log)
 
 
-def build_final(tag: str, base: str, recipe_hash: str, gi_hash: str, guest_init_src: Path | None = None) -> None:
+def build_final(tag: str, base: str, recipe_hash: str, gi_hash: str, guest_init_src: Path | None = None,
+                user: ImageUser = ImageUser()) -> None:
     """``FROM base``: add guest_init (from ``guest_init_src``, default the installed
-    package) and the config, commit as ``tag``."""
+    package), the image user and the config, commit as ``tag``."""
     started = time.monotonic()
     progress(f"guest_init layer on {base} ...")
-    commit_layer(base, tag, recipe.image_config(recipe_hash, gi_hash),
-                 lambda root: install_guest_init(root, gi_hash, guest_init_src))
+    commit_layer(base, tag, recipe.image_config(recipe_hash, gi_hash, user),
+                 lambda root: install_guest_init(root, gi_hash, guest_init_src, user=user))
     progress(f"guest_init layer done in {time.monotonic() - started:.1f}s")
 
 
@@ -94,18 +96,20 @@ def _is_current(tag: str, recipe_hash: str, gi_hash: str) -> bool:
 
 
 def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only: bool = False,
-          guest_init_src: Path | None = None) -> BuildResult:
+          guest_init_src: Path | None = None, user: ImageUser = ImageUser()) -> BuildResult:
     """Build the guest image ``tag``, or confirm it is up to date.
 
     ``force`` rebuilds even when the labels match (the base too, unless
     ``guest_init_only``). ``guest_init_src`` is a ``guest_init`` package
-    directory to install instead of the one this runtime imports. Progress goes
-    to stderr; tool output to the build log.
+    directory to install instead of the one this runtime imports. ``user`` is
+    the image's non-root user and workdir (default dev, 1000:1000, /workspace);
+    images of every user share one base. Progress goes to stderr; tool output
+    to the build log.
     """
     started = time.monotonic()
     cache = cache_dir()
     log = cache / "build.log"
-    recipe_hash, gi_hash = recipe.recipe_hash(), recipe.guest_init_hash(guest_init_src)
+    recipe_hash, gi_hash = recipe.recipe_hash(), recipe.guest_init_hash(guest_init_src, user=user)
     base = recipe.base_tag(recipe_hash)
 
     def result(built_base: bool, built_final: bool) -> BuildResult:
@@ -141,7 +145,7 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
             log.write_text("")
             build_base(base, recipe_hash, log)
             built_base = True
-        build_final(tag, base, recipe_hash, gi_hash, guest_init_src)
+        build_final(tag, base, recipe_hash, gi_hash, guest_init_src, user)
         for image in superseded:
             remove_if_untagged(image)
         if built_base:

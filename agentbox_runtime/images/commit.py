@@ -5,7 +5,7 @@
 - :func:`commit_layer`: ``buildah from <base>``, let a callback write into the
   mounted root, apply the :class:`~agentbox_runtime.images.recipe.ImageConfig`,
   ``buildah commit``; the working container is removed on every path;
-- :func:`image_labels` / :func:`image_id`: what is in local storage;
+- :func:`image_labels` / :func:`image_id` / :func:`image_user`: what is in local storage;
 - :func:`remove_if_untagged` / :func:`prune_other_tags`: drop superseded images.
 """
 
@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.images.recipe import LABEL_RECIPE, ImageConfig
 from agentbox_runtime.images.steps import step, tool
@@ -39,6 +40,15 @@ def image_labels(ref: str) -> dict[str, str] | None:
     if out is None:
         return None
     return json.loads(out or "null") or {}
+
+
+def image_user(ref: str) -> ImageUser:
+    """The image user (:mod:`agentbox_guest_init.image_user`) a local image's labels name; the
+    defaults (dev, 1000:1000, /workspace) when it has none or is not in local storage (yet)."""
+    try:
+        return ImageUser.from_labels(image_labels(ref) or {})
+    except ValueError as exc:
+        raise AgentboxError(f"image {ref} has bad image user labels: {exc}") from None
 
 
 def image_id(ref: str) -> str | None:

@@ -8,8 +8,11 @@ Layout written under ``root`` (reference 9.4 step 7 and 9.6):
 - ``/bin/agentbox-guest-init`` -> that launcher (the stable path);
 - ``/usr/local/bin/<wrapper>`` for every file in ``agentbox_guest_init/wrappers`` (7.15);
 - ``/bin/<script>`` for every in-image script in ``agentbox_runtime/images/files`` (8.3);
-- dev's XDG base directories (``~/.config``, ``~/.local/share``, ``~/.local/state``,
-  ``~/.cache``), owned by dev, as the image contract wants them whatever runs the image.
+- the image user (:mod:`agentbox_guest_init.image_user`): the base's ``dev`` account renamed and
+  renumbered to it (passwd, group, shadow, gshadow, subuid, subgid, ``/home/dev`` moved to its home
+  and re-owned), its workdir created, and ``/etc/agentbox/image-user`` naming it;
+- the user's XDG base directories (``~/.config``, ``~/.local/share``, ``~/.local/state``,
+  ``~/.cache``), owned by it, as the image contract wants them whatever runs the image.
 
 The content of this file is part of the guest_init hash.
 """
@@ -22,6 +25,9 @@ import subprocess
 from pathlib import Path
 
 from agentbox_guest_init import contract
+from agentbox_guest_init.image_user import FILE as IMAGE_USER_FILE
+from agentbox_guest_init.image_user import ImageUser
+from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.images import recipe
 
 
@@ -47,8 +53,88 @@ def _copy_exec(src: Path, dest: Path) -> None:
     dest.chmod(0o755)
 
 
+def _entries(path: Path) -> list[list[str]]:
+    try:
+        return [line.split(":") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    except FileNotFoundError:
+        return []
+
+
+def _rename_entry(path: Path, old: str, fields: list[str] | None = None, name: str = "") -> None:
+    """Replace the ``old`` line of a colon file by ``fields`` (or rename it to ``name``), keeping
+    the file's mode and owner."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    out = [":".join(fields or [name, *line.split(":")[1:]]) if line.split(":", 1)[0] == old else line
+           for line in lines]
+    path.write_text("\n".join(out) + "\n")
+
+
+def _check_free(etc: Path, user: ImageUser) -> None:
+    """The name, uid and gid must not belong to another account of the base image."""
+    for fields in _entries(etc / "passwd"):
+        if fields[0] == contract.DEV_USER or len(fields) < 4:
+            continue
+        if fields[0] == user.user or fields[2] == str(user.uid):
+            raise InputError(f"image user {user.user} (uid {user.uid}): the base image's account {fields[0]} "
+                             f"(uid {fields[2]}) already has that name or uid; choose another")
+    for fields in _entries(etc / "group"):
+        if fields[0] == contract.DEV_USER or len(fields) < 3:
+            continue
+        if fields[0] == user.user or fields[2] == str(user.gid):
+            raise InputError(f"image user {user.user} (gid {user.gid}): the base image's group {fields[0]} "
+                             f"(gid {fields[2]}) already has that name or gid; choose another")
+
+
+def _chown_tree(top: Path, old: tuple[int, int], new: tuple[int, int]) -> None:
+    """Give ``new`` ids to every entry under ``top`` that had ``old`` ones (no symlink followed)."""
+    if os.geteuid() != 0 or old == new:
+        return
+    for path in [top, *top.rglob("*")]:
+        st = os.lstat(path)
+        uid = new[0] if st.st_uid == old[0] else st.st_uid
+        gid = new[1] if st.st_gid == old[1] else st.st_gid
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            os.lchown(path, uid, gid)
+
+
+def apply_image_user(root: Path, user: ImageUser) -> None:
+    """Make the base's ``dev`` account ``user`` and write the image user file (see the module text)."""
+    etc = in_root(root, "/etc")
+    dev = next((f for f in _entries(etc / "passwd") if f[0] == contract.DEV_USER and len(f) >= 7), None)
+    if dev is None and not user.is_default:
+        raise AgentboxError(f"image build: the base image has no {contract.DEV_USER} account to make {user.user}")
+    old_ids = (int(dev[2]), int(dev[3])) if dev is not None else (user.uid, user.gid)
+    _check_free(etc, user)
+    if dev is not None:
+        _rename_entry(etc / "passwd", contract.DEV_USER,
+                      [user.user, dev[1], str(user.uid), str(user.gid), dev[4], user.home, *dev[6:]])
+    group = next((f for f in _entries(etc / "group") if f[0] == contract.DEV_USER), None)
+    if group is not None:
+        _rename_entry(etc / "group", contract.DEV_USER, [user.user, group[1], str(user.gid), *group[3:]])
+    for name in ("shadow", "gshadow", "subuid", "subgid"):
+        _rename_entry(etc / name, contract.DEV_USER, name=user.user)
+    old_home, home = in_root(root, contract.DEV_HOME), in_root(root, user.home)
+    if old_home != home and old_home.is_dir() and not old_home.is_symlink() and not home.exists():
+        old_home.rename(home)
+    home.mkdir(parents=True, exist_ok=True)
+    _chown_tree(home, old_ids, (user.uid, user.gid))
+    workdir = in_root(root, user.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if user.workdir.startswith(user.home + "/") and os.geteuid() == 0:
+        for part in [workdir, *workdir.parents]:
+            if part == home:
+                break
+            os.lchown(part, user.uid, user.gid)
+    path = in_root(root, IMAGE_USER_FILE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(user.file_text())
+    path.chmod(0o644)
+
+
 def install_guest_init(root: Path, gi_hash: str, pkg: Path | None = None,
-                       files_dir: Path = recipe.FILES_DIR) -> Path:
+                       files_dir: Path = recipe.FILES_DIR, user: ImageUser = ImageUser()) -> Path:
     """Write the layout above into ``root``; return the store dir as a path inside the image."""
     pkg = pkg or recipe.guest_init_dir()
     store_root = root / "nix/store"
@@ -79,14 +165,15 @@ def install_guest_init(root: Path, gi_hash: str, pkg: Path | None = None,
     for script in sorted(files_dir.glob("*")):
         if script.is_file():
             _copy_exec(script, in_root(root, "/bin") / script.name)
-    for xdg in contract.dev_dirs().values():  # the image contract: dev's XDG dirs exist and are dev's
+    apply_image_user(root, user)
+    for xdg in user.xdg_dirs().values():  # the image contract: the user's XDG dirs exist and are the user's
         path = in_root(root, xdg)
         path.mkdir(parents=True, exist_ok=True)
         for part in [path, *path.parents]:
-            if part == in_root(root, contract.DEV_HOME):
+            if part == in_root(root, user.home):
                 break
             if os.geteuid() == 0:  # image builds run as root; a unit test as another user keeps its own ids
-                os.lchown(part, contract.DEV_UID, contract.DEV_GID)
+                os.lchown(part, user.uid, user.gid)
     precompile(root, in_image / "lib")
     return in_image
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import agentbox_guest_init
 from agentbox_guest_init import contract
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.errors import InputError
 
 BUILD_VERSION = "2"  # bump when the build steps change meaning
@@ -102,16 +103,16 @@ def guest_init_files(pkg: Path | None = None) -> list[Path]:
 
 
 def guest_init_hash(pkg: Path | None = None, files_dir: Path = FILES_DIR,
-                    install_source: Path = HERE / "install.py") -> str:
+                    install_source: Path = HERE / "install.py", user: ImageUser = ImageUser()) -> str:
     """Hash of everything in the final layer: guest_init files, in-image scripts,
-    the install code, the launcher format and the image config (minus labels)."""
+    the install code, the launcher format, the image config (minus labels) and the image user."""
     pkg = pkg or guest_init_dir()
     h = hashlib.sha256()
     h.update(_hash_tree(guest_init_files(pkg), pkg).encode())
     h.update(_hash_tree(_files(files_dir), files_dir).encode())
     h.update(install_source.read_bytes())
     h.update(launcher_text(Path("/lib")).encode())
-    h.update(json.dumps([ENTRYPOINT, CMD, env_pairs(), contract.WORKSPACE]).encode())
+    h.update(json.dumps([ENTRYPOINT, CMD, env_pairs(), user.fields()]).encode())
     return h.hexdigest()
 
 
@@ -137,10 +138,10 @@ def env_pairs() -> tuple[tuple[str, str], ...]:
     return (("SHELL", SHELL), (contract.ENV_REAL_PODMAN, REAL_PODMAN))
 
 
-def image_config(recipe: str, gi_hash: str) -> ImageConfig:
-    """The final image's config, labelled with both stage hashes."""
-    return ImageConfig(entrypoint=ENTRYPOINT, cmd=CMD, env=env_pairs(), workdir=contract.WORKSPACE,
-                       labels=((LABEL_RECIPE, recipe), (LABEL_GUEST_INIT, gi_hash)))
+def image_config(recipe: str, gi_hash: str, user: ImageUser = ImageUser()) -> ImageConfig:
+    """The final image's config: the user's workdir, labelled with both stage hashes and the image user."""
+    return ImageConfig(entrypoint=ENTRYPOINT, cmd=CMD, env=env_pairs(), workdir=user.workdir,
+                       labels=((LABEL_RECIPE, recipe), (LABEL_GUEST_INIT, gi_hash), *user.labels().items()))
 
 
 def check_tag(value: str) -> str:

@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentbox_guest_init import contract as c
+from agentbox_guest_init.errors import GuestError
+from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import load as load_image_user
 from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk, encode
 from agentbox_runtime import disks
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain
@@ -64,26 +67,37 @@ class MicrovmOptions:
     image_cache: Path | None = None  # default: the per-user cache of the state layout
 
 
-def host_ids(workspace: Path) -> tuple[int, int]:
-    """The dev user's uid/gid so that /workspace files map to a host user.
+def host_ids(workspace: Path, image: ImageUser = ImageUser()) -> tuple[int, int]:
+    """The dev user's uid/gid so that workspace files map to a host user.
 
     The host user's ids; when the host user is root (the guest shell is never
-    root), the workspace directory's owner if that is not root, else 1000:1000."""
+    root), the workspace directory's owner if that is not root, else the image
+    user's ids (1000:1000 in the stock image)."""
     uid, gid = os.getuid(), os.getgid()
     if uid != 0:
         return uid, gid
     st = workspace.stat()
     if st.st_uid != 0:
         return st.st_uid, st.st_gid or st.st_uid
-    return c.DEV_UID, c.DEV_GID
+    return image.uid, image.gid
+
+
+def rootfs_image_user(rootfs: Path) -> ImageUser:
+    """The image user of a task rootfs (its ``/etc/agentbox/image-user``, read without following
+    a symlink out of it; the defaults when it has none)."""
+    try:
+        return load_image_user(rootfs)
+    except GuestError as exc:
+        raise AgentboxError(f"microvm image: {exc}") from None
 
 
 def build_launch(opts: MicrovmOptions, rootfs: Path, exec_path: str, layout: StateLayout,
-                 vmm: str) -> LaunchConfig:
-    """The launch config of 9.7 (env order exact; qemu adds the 9p workspace fstype)."""
-    uid, gid = host_ids(layout.workspace)
+                 vmm: str, user: ImageUser = ImageUser()) -> LaunchConfig:
+    """The launch config of 9.7 (env order exact; qemu adds the 9p workspace fstype). The
+    workspace is mounted at, and the shell starts in, the image user's workdir."""
+    uid, gid = host_ids(layout.workspace, user)
     env = [f"{c.ENV_HOST_UID}={uid}", f"{c.ENV_HOST_GID}={gid}", f"{c.ENV_KVM_DROP_TO_DEV}=1",
-           f"{c.ENV_MICROVM_WORKSPACE_TAG}={c.WORKSPACE_TAG}", f"{c.ENV_MICROVM_WORKSPACE_TARGET}={c.WORKSPACE}"]
+           f"{c.ENV_MICROVM_WORKSPACE_TAG}={c.WORKSPACE_TAG}", f"{c.ENV_MICROVM_WORKSPACE_TARGET}={user.workdir}"]
     if opts.root:
         env.append(f"{c.ENV_ENTER_AS_ROOT}=1")
     if opts.profile:
@@ -100,8 +114,8 @@ def build_launch(opts: MicrovmOptions, rootfs: Path, exec_path: str, layout: Sta
     command = list(opts.command) or list(c.DEFAULT_SHELL)
     return LaunchConfig(
         task_rootfs=str(rootfs), workspace_source=str(layout.workspace), workspace_tag=c.WORKSPACE_TAG,
-        workspace_target=c.WORKSPACE, ram_mib=microvm_ram_mib(opts.mem_gib),
-        vcpus=opts.cpus or default_cpus(), workdir=c.WORKSPACE, exec_path=exec_path,
+        workspace_target=user.workdir, ram_mib=microvm_ram_mib(opts.mem_gib),
+        vcpus=opts.cpus or default_cpus(), workdir=user.workdir, exec_path=exec_path,
         disks=tuple(LaunchDisk(d.spec.block_id, str(d.path(layout.state_root))) for d in disks.MICROVM_DISKS),
         argv=("agentbox-guest-init", "microvm", "enter", "--", *command), env=tuple(env))
 
@@ -168,6 +182,8 @@ class MicrovmTask:
     """The workspace state (set by :meth:`start`)."""
     session_started: float | None = None
     """When the VMM started (``perf_counter``), for the helper-session phase."""
+    user: ImageUser = field(default_factory=ImageUser)
+    """The image's user and workdir (set by :meth:`start` from the task rootfs)."""
 
     def __enter__(self) -> MicrovmTask:
         try:
@@ -201,6 +217,7 @@ class MicrovmTask:
         root = self.rootfs.root
         exec_path = p.run("guest_init_resolution", "microvm guest-init resolution failed",
                           lambda: self._guest_init(root))
+        self.user = rootfs_image_user(root)
         p.run("persistent_disk_preparation", "microvm persistent disk preparation failed",
               lambda: self._disks(layout))
         self.vmm = choose_vmm(o.vmm)
@@ -239,7 +256,7 @@ class MicrovmTask:
             raise AgentboxError("failed to prepare microvm persistent dev cache disk") from exc
 
     def _write_launch(self, layout: StateLayout, root: Path, exec_path: str) -> LaunchConfig:
-        cfg = build_launch(self.opts, root, exec_path, layout, self.vmm)
+        cfg = build_launch(self.opts, root, exec_path, layout, self.vmm, self.user)
         self.task_dir.mkdir(parents=True, exist_ok=True)
         path = self.task_dir / "launch.conf"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -20,7 +20,6 @@ import tempfile
 import termios
 from pathlib import Path
 
-from agentbox_guest_init import contract
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.oci.bundle import Bundle, load
 from agentbox_runtime.oci.network import attach_guest, enter_netns
@@ -34,19 +33,9 @@ def say(message: str) -> None:
     print(f"agentbox-krun-runtime: {message}", file=sys.stderr, flush=True)
 
 
-def guest_dev_ids(bundle: Bundle) -> tuple[int, int]:
-    """The guest user that owns the shared directories: AGENTBOX_HOST_UID/GID when the container
-    carries them (libkrun mode), else the image's dev user."""
-    env = dict(e.split("=", 1) for e in bundle.env if "=" in e)
-    uid, gid = env.get(contract.ENV_HOST_UID, ""), env.get(contract.ENV_HOST_GID, "")
-    if uid.isdigit() and gid.isdigit() and int(uid) and int(gid):
-        return int(uid), int(gid)
-    return contract.DEV_UID, contract.DEV_GID
-
-
 def guest_spec(bundle: Bundle, state_dir: Path, exports: list[host_share.ShareExport]) -> GuestSpec:
     """The libkrun context crun would build for ``bundle``; ``exports`` receives the share exports."""
-    uid, gid = guest_dev_ids(bundle)
+    uid, gid = host_share.guest_ids(dict(e.split("=", 1) for e in bundle.env if "=" in e))
     shares = []
     for i, mount in enumerate(bundle.dirs):
         export = host_share.export(Path(mount.source), read_only=mount.read_only, guest_uid=uid, guest_gid=gid)

@@ -6,33 +6,37 @@ import argparse
 from pathlib import Path
 
 from agentbox_guest_init import contract as c
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.state import StateLayout, task_hostname
 from agentbox_runtime.errors import InputError
 from agentbox_runtime.tasks.krun import TMPFS
 from agentbox_runtime.tasks.volumes import Volumes, mount_arg, task_volumes
 
 
-HARDENED_OPTIONS = ("--read-only", "--read-only-tmpfs=true", "--tmpfs", f"{c.DEV_HOME}:rw,nosuid,nodev,exec,mode=0755,U",
-                    "--cap-drop=all", "--security-opt=no-new-privileges")
-"""The hardened profile's Podman options: dev's home is a tmpfs holding a copy of the image's (Podman
-copies a directory's content up into a tmpfs mounted over it; ``U`` gives it to the task's user,
-which is dev: keep-id's user rootless, the dev ids rootful (:func:`adapt_task_argv`))."""
+def hardened_options(user: ImageUser = ImageUser()) -> tuple[str, ...]:
+    """The hardened profile's Podman options: the user's home is a tmpfs holding a copy of the image's
+    (Podman copies a directory's content up into a tmpfs mounted over it; ``U`` gives it to the task's
+    user, which is dev: keep-id's user rootless, the dev ids rootful (:func:`adapt_task_argv`))."""
+    return ("--read-only", "--read-only-tmpfs=true", "--tmpfs", f"{user.home}:rw,nosuid,nodev,exec,mode=0755,U",
+            "--cap-drop=all", "--security-opt=no-new-privileges")
 
 
 def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
                    sidecar_name: str, image: str, root: bool = False, profile: bool = False,
-                   debug: bool = False, run_label: str | None = None, hardened: bool = False) -> list[str]:
+                   debug: bool = False, run_label: str | None = None, hardened: bool = False,
+                   user: ImageUser = ImageUser()) -> list[str]:
     """The exact ordered argv of a container-mode task (without ``podman``).
 
+    The shell starts in the image user's workdir (``user``, from the image's labels).
     ``hardened`` adds the hardened profile before the image: a read-only root with tmpfs on
-    /tmp, /var/tmp, /run and dev's home (:data:`HARDENED_OPTIONS`), no capabilities, no new
+    /tmp, /var/tmp, /run and the user's home (:func:`hardened_options`), no capabilities, no new
     privileges, and Podman's default seccomp profile (nothing here turns it off)."""
     if hardened and root:
         raise InputError("the hardened profile runs the task as dev; it cannot be combined with --root")
     argv = ["run", "--rm", "-it", "--name", name, "--userns", "keep-id"]
     if root:
         argv += ["--user", "0:0", "--env", f"{c.ENV_ENTER_AS_ROOT}=1"]
-    argv += ["--workdir", "/workspace", "--hostname", hostname]
+    argv += ["--workdir", user.workdir, "--hostname", hostname]
     argv += volumes.argv()
     argv += ["--tmpfs", TMPFS, "--volume", mount_arg(merged, "/nix", "ro"),
              "--env", f"NIX_REMOTE={c.NIX_REMOTE_VALUE}",
@@ -44,17 +48,17 @@ def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
     if run_label:
         argv += ["--label", f"{c.LABEL_HARNESS_RUN}={run_label}"]
     if hardened:
-        argv += [*HARDENED_OPTIONS, "--env", f"{c.ENV_HARDENED}=1"]
+        argv += [*hardened_options(user), "--env", f"{c.ENV_HARDENED}=1"]
     argv += [image, "fish", "-l"]
     return argv
 
 
 def container_task_argv(*, args: argparse.Namespace, cwd: Path, slug: str, name: str, image: str,
-                        sidecar_name: str, merged: Path) -> list[str]:
+                        sidecar_name: str, merged: Path, user: ImageUser = ImageUser()) -> list[str]:
     """Build the container task argv from parsed CLI ``args`` (used by ``agentbox container``)."""
     layout = StateLayout.resolve(cwd)
     return container_argv(
-        name=name, hostname=task_hostname(slug), volumes=task_volumes(layout), merged=merged,
+        name=name, hostname=task_hostname(slug), volumes=task_volumes(layout, user=user), merged=merged, user=user,
         sidecar_name=sidecar_name, image=image, root=bool(args.root),
         profile=bool(args.profile), debug=bool(args.debug),
         run_label=getattr(args, "run_label", None), hardened=bool(getattr(args, "hardened", False)))

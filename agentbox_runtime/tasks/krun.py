@@ -216,8 +216,9 @@ def _userns() -> list[str]:
 
 
 def krun_task_argv(*, name: str, hostname: str, state_root: Path, volumes: Volumes,
-                   uid: int, gid: int, image: str, opts: KrunOptions) -> list[str]:
-    """The exact ordered ``podman run`` argv of a libkrun task (6.2).
+                   uid: int, gid: int, image: str, opts: KrunOptions, workdir: str = c.WORKSPACE) -> list[str]:
+    """The exact ordered ``podman run`` argv of a libkrun task (6.2); the shell starts in ``workdir``
+    (the image user's, :func:`agentbox_runtime.images.commit.image_user`).
 
     ``--runtime`` is ``opts.runtime`` (``crun`` in the reference). Rootless (euid != 0) this is
     the reference argv; as root the pair ``--userns keep-id`` is left out (Podman refuses it for
@@ -229,7 +230,7 @@ def krun_task_argv(*, name: str, hostname: str, state_root: Path, volumes: Volum
             "--annotation", "krun.nested_virt=1"]
     for disk in LIBKRUN_DISKS:
         argv += _disk_args(disk, state_root)
-    argv += ["--device", "/dev/net/tun:/dev/net/tun", "--workdir", "/workspace",
+    argv += ["--device", "/dev/net/tun:/dev/net/tun", "--workdir", workdir,
              "--hostname", hostname]
     argv += volumes.argv()
     for disk in LIBKRUN_DISKS:

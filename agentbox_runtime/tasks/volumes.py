@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentbox_guest_init.contract import ENV_SCCACHE_DIR
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.state import StateLayout, ensure_private_dir
-
-GUEST_SCCACHE = "/home/dev/.cache/sccache"
 
 
 def mount_arg(source: Path, target: str, options: str | None = None) -> str:
@@ -39,8 +38,10 @@ class Volumes:
         return out
 
 
-def task_volumes(layout: StateLayout, home: Path | None = None, create: bool = True) -> Volumes:
-    """Workspace, ~/.codex, ~/.pi, cargo and the shared sccache, in that order."""
+def task_volumes(layout: StateLayout, home: Path | None = None, create: bool = True,
+                 user: ImageUser = ImageUser()) -> Volumes:
+    """Workspace (at the image user's workdir), ~/.codex, ~/.pi, cargo and the shared sccache (in
+    the image user's home), in that order."""
     if home is None:
         if not os.environ.get("HOME"):
             raise AgentboxError("HOME is not set; cannot mount ~/.codex into the task")
@@ -51,11 +52,12 @@ def task_volumes(layout: StateLayout, home: Path | None = None, create: bool = T
         pi.mkdir(parents=True, exist_ok=True)
         ensure_private_dir(layout.cargo_dir, layout.app_dir)
         ensure_private_dir(layout.sccache_dir, layout.app_dir)
+    sccache = f"{user.home}/.cache/sccache"
     return Volumes(
-        (mount_arg(layout.workspace, "/workspace"),
-         mount_arg(codex, "/home/dev/.codex"),
-         mount_arg(pi, "/home/dev/.pi"),
-         mount_arg(layout.cargo_dir, "/home/dev/.cargo"),
-         mount_arg(layout.sccache_dir, GUEST_SCCACHE)),
-        (f"{ENV_SCCACHE_DIR}={GUEST_SCCACHE}",),
+        (mount_arg(layout.workspace, user.workdir),
+         mount_arg(codex, f"{user.home}/.codex"),
+         mount_arg(pi, f"{user.home}/.pi"),
+         mount_arg(layout.cargo_dir, f"{user.home}/.cargo"),
+         mount_arg(layout.sccache_dir, sccache)),
+        (f"{ENV_SCCACHE_DIR}={sccache}",),
     )

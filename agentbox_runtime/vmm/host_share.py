@@ -4,8 +4,9 @@ When the runtime runs as root, :func:`export` hands the VMM an *id-mapped*,
 detached clone of the directory (``open_tree`` + ``mount_setattr``; nothing
 appears in any mount table and it vanishes with its last descriptor):
 
-- files of the directory's owner appear owned by the guest's dev user (uid and
-  gid 1000), so the dev user can write a project that root or anyone else owns;
+- files of the directory's owner appear owned by the guest's dev user (the ids
+  the task's env names, :func:`guest_ids`; 1000:1000 when it names none), so the
+  dev user can write a project that root or anyone else owns;
 - what the guest's dev user creates lands owned by that owner on the host (the
   VMM creates as root and hands the file to dev, which maps back to the owner);
 - root stays root: what the guest's root creates lands owned by root, the
@@ -28,6 +29,7 @@ import errno
 import os
 import struct
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -126,6 +128,15 @@ def _idmapped_clone(source: Path, userns_fd: int, read_only: bool) -> int:
         os.close(tree)
         raise OSError(err, f"mount_setattr(MOUNT_ATTR_IDMAP): {os.strerror(err)}")
     return int(tree)
+
+
+def guest_ids(env: Mapping[str, str]) -> tuple[int, int]:
+    """The guest dev user's ids a task's environment names (``AGENTBOX_HOST_UID``/``GID``, both
+    non-zero numbers), else the stock image's 1000:1000."""
+    uid, gid = env.get(contract.ENV_HOST_UID, ""), env.get(contract.ENV_HOST_GID, "")
+    if uid.isdigit() and gid.isdigit() and int(uid) and int(gid):
+        return int(uid), int(gid)
+    return contract.DEV_UID, contract.DEV_GID
 
 
 def export(source: Path, *, read_only: bool = False, guest_uid: int = contract.DEV_UID,

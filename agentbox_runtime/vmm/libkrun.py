@@ -93,7 +93,8 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
     """Run the v1 call sequence; returns only on failure (libkrun exits with the guest status)."""
     lib = lib or load_library()
     require_filter()
-    share = host_share.export(Path(cfg.workspace_source))
+    uid, gid = host_share.guest_ids(cfg.env_dict())
+    share = host_share.export(Path(cfg.workspace_source), guest_uid=uid, guest_gid=gid)
     ctx = _fn(lib, "krun_create_ctx")()
     if ctx < 0:
         raise AgentboxError("libkrun setup failed: create ctx") from AgentboxError(f"krun_create_ctx returned {ctx}")

@@ -273,7 +273,8 @@ class QemuDriver:
         boot_kernel, firmware = fast_boot(kernel)
         require_filter()
         console = ConsoleListener(socket_dir(spec.task_dir) / "serial.sock", spec.task_dir / "console.log")
-        share = host_share.export(Path(spec.launch.workspace_source))
+        uid, gid = host_share.guest_ids(spec.launch.env_dict())
+        share = host_share.export(Path(spec.launch.workspace_source), guest_uid=uid, guest_gid=gid)
         try:
             argv = build_argv(spec, kernel=boot_kernel, initrd=initrd, accel=accel, firmware=firmware,
                               workspace=share.path)

@@ -116,7 +116,7 @@ def test_run_as_dev_by_default_uses_the_contract_identity(tmp_path: Path) -> Non
         assert r.stdout.decode().split("\n")[:3] == ["4321", "4322",
                                                      "/home/dev dev unix:///nix/var/nix/daemon-socket/socket"]
         assert client.run(["id", "-u"], timeout=30, user="root").stdout == b"0\n"
-        with pytest.raises(ChannelError, match="run user must be 'dev' or 'root', got 'nobody'"):
+        with pytest.raises(ChannelError, match=r"run user must be 'dev' \(the image's user\) or 'root', got 'nobody'"):
             client.run(["id"], timeout=30, user="nobody")
     finally:
         proc.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_guest_init import contract
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.errors import InputError
 from agentbox_runtime.images import recipe
 from agentbox_runtime.images.commit import config_argv
@@ -168,8 +170,25 @@ def test_image_config_and_buildah_argv() -> None:
         "--entrypoint", '["/bin/agentbox-guest-init", "default", "enter", "--"]',
         "--cmd", '["fish", "-l"]', "--workingdir", "/workspace",
         "--env", "SHELL=/usr/bin/fish", "--env", "AGENTBOX_REAL_PODMAN=/usr/bin/podman",
-        "--label", f"io.agentbox.recipe={'r' * 64}", "--label", f"io.agentbox.guest-init={'g' * 64}"]
+        "--label", f"io.agentbox.recipe={'r' * 64}", "--label", f"io.agentbox.guest-init={'g' * 64}",
+        "--label", "io.agentbox.user=dev", "--label", "io.agentbox.uid=1000", "--label", "io.agentbox.gid=1000",
+        "--label", "io.agentbox.workdir=/workspace"]
     assert recipe.base_tag("ab" * 32) == "localhost/agentbox-base:" + "ab" * 8
+
+
+def test_an_image_user_sets_the_workdir_labels_and_its_own_final_hash() -> None:
+    agent = ImageUser(user="agent", uid=2000, gid=2001, workdir="/work")
+    config = recipe.image_config("r" * 64, "g" * 64, agent)
+    assert config.workdir == "/work"
+    labels = dict(config.labels)
+    assert ImageUser.from_labels(labels) == agent
+    assert {k: labels[k] for k in ("io.agentbox.user", "io.agentbox.uid", "io.agentbox.gid", "io.agentbox.workdir")} \
+        == {"io.agentbox.user": "agent", "io.agentbox.uid": "2000", "io.agentbox.gid": "2001",
+            "io.agentbox.workdir": "/work"}
+    stock = recipe.guest_init_hash()
+    assert recipe.guest_init_hash(user=agent) != stock
+    assert recipe.guest_init_hash(user=ImageUser(workdir="/work")) not in (stock, recipe.guest_init_hash(user=agent))
+    assert recipe.guest_init_hash(user=ImageUser()) == stock
 
 
 def test_package_list_holds_what_the_guest_needs() -> None:
@@ -227,3 +246,83 @@ def test_cli_bad_tag_is_one_line_exit_2(tmp_path: Path) -> None:
         "agentbox: invalid image tag 'Not Valid': expected NAME[:TAG] such as localhost/agentbox:latest "
         "(lowercase name components; a tag of letters, digits, '_', '.', '-')"]
     assert not (tmp_path / "cache").exists()
+
+
+def _accounts_root(root: Path) -> None:
+    """A root with the base image's accounts (the users script's result, trimmed)."""
+    _debian_like_root(root, False)
+    etc = root / "etc"
+    etc.mkdir()
+    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\nnixbld1:x:999:30000::/var/empty:/usr/sbin/nologin\n"
+                                "dev:x:1000:1000::/home/dev:/usr/bin/fish\n")
+    (etc / "group").write_text("root:x:0:\nnixbld:x:30000:nixbld1\ndev:x:1000:\n")
+    (etc / "shadow").write_text("root:*:19000:0:99999:7:::\ndev:!:19000:0:99999:7:::\n")
+    (etc / "shadow").chmod(0o640)
+    (etc / "gshadow").write_text("root:*::\ndev:!::\n")
+    (etc / "subuid").write_text("dev:100000:65536\n")
+    (etc / "subgid").write_text("dev:100000:65536\n")
+    (root / "home/dev/.config/fish").mkdir(parents=True)
+    (root / "home/dev/.config/fish/config.fish").write_text("# dev's\n")
+    if os.geteuid() == 0:  # useradd -m made dev's home dev's
+        for path in [root / "home/dev", *(root / "home/dev").rglob("*")]:
+            os.lchown(path, 1000, 1000)
+
+
+def test_install_makes_the_base_dev_account_the_image_user(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _accounts_root(root)
+    agent = ImageUser(user="agent", uid=2000, gid=2001, workdir="/work")
+    install_guest_init(root, recipe.guest_init_hash(user=agent), user=agent)
+    etc = root / "etc"
+    assert etc.joinpath("passwd").read_text().splitlines()[-1] == "agent:x:2000:2001::/home/agent:/usr/bin/fish"
+    assert "nixbld1:x:999:30000:" in etc.joinpath("passwd").read_text()
+    assert etc.joinpath("group").read_text().splitlines()[-1] == "agent:x:2001:"
+    assert etc.joinpath("shadow").read_text().splitlines()[-1] == "agent:!:19000:0:99999:7:::"
+    assert stat.S_IMODE(etc.joinpath("shadow").stat().st_mode) == 0o640
+    for name in ("gshadow", "subuid", "subgid"):
+        assert "dev:" not in etc.joinpath(name).read_text() and "agent:" in etc.joinpath(name).read_text()
+    assert not (root / "home/dev").exists()
+    assert (root / "home/agent/.config/fish/config.fish").read_text() == "# dev's\n"
+    for xdg in agent.xdg_dirs().values():
+        assert (root / xdg.lstrip("/")).is_dir()
+        if os.geteuid() == 0:
+            assert (os.stat(root / xdg.lstrip("/")).st_uid, os.stat(root / xdg.lstrip("/")).st_gid) == (2000, 2001)
+    if os.geteuid() == 0:
+        st = os.stat(root / "home/agent/.config/fish/config.fish")
+        assert (st.st_uid, st.st_gid) == (2000, 2001)
+    assert (root / "work").is_dir()
+    assert (root / "etc/agentbox/image-user").read_text() == "user=agent\nuid=2000\ngid=2001\nworkdir=/work\n"
+    from agentbox_guest_init.image_user import load
+
+    assert load(root) == agent
+
+
+@pytest.mark.parametrize(("user", "taken"), [
+    (ImageUser(user="nixbld1"), "account nixbld1 (uid 999) already has that name or uid"),
+    (ImageUser(user="agent", gid=30000), "group nixbld (gid 30000) already has that name or gid"),
+    (ImageUser(user="root2", uid=1000, gid=1000), None),
+], ids=["name of a system account", "gid of nixbld", "free"])
+def test_install_refuses_an_image_user_that_collides_with_a_base_account(
+        tmp_path: Path, user: ImageUser, taken: str | None) -> None:
+    root = tmp_path / "root"
+    _accounts_root(root)
+    before = (root / "etc/passwd").read_text()
+    if taken is None:
+        install_guest_init(root, "0" * 64, user=user)
+        assert (root / "etc/passwd").read_text().splitlines()[-1].startswith("root2:x:1000:1000:")
+        return
+    with pytest.raises(InputError, match=re.escape(taken)):
+        install_guest_init(root, "0" * 64, user=user)
+    assert (root / "etc/passwd").read_text() == before, "nothing is changed before the check"
+
+
+def test_cli_image_user_options_refuse_bad_values_in_one_line(tmp_path: Path) -> None:
+    for option, value, says in (("--user", "Root", "invalid user name 'Root'"), ("--uid", "0", "invalid uid 0"),
+                                ("--gid", "x", "invalid gid 'x'"), ("--workdir", "/usr/work", "invalid workdir"),
+                                ("--workdir", "work", "invalid workdir 'work'")):
+        proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "image", "build", option, value],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                              env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0] and "expected" in lines[0], proc.stderr

@@ -59,7 +59,7 @@ def test_engine_needs_conmon_and_a_runtime(tmp_path: Path) -> None:
 
 
 def test_static_config_files_parse() -> None:
-    assert tomllib.loads(storage_conf(1234)) == {"storage": {
+    assert tomllib.loads(storage_conf(Identity(1234, 1234, "/bin/sh"))) == {"storage": {
         "driver": "btrfs", "graphroot": "/home/dev/.local/share/containers/storage",
         "runroot": "/run/user/1234/containers"}}
     reg = tomllib.loads(REGISTRIES_CONF)["registries"]
