@@ -14,6 +14,14 @@ tests, by parametrizing ``agentbox_image``::
 That collects two tests, one in a guest of the chosen VM backend (``microvm``) and one in
 container mode (``container_task``). Or call :meth:`ImageContract.check` on any machine.
 
+An image built for another user (``agentbox image build --tag localhost/my-agent:latest --user
+agent --uid 2000 --gid 2000 --workdir /work``) is checked against that user::
+
+    contract = ImageContract.for_image_user(ImageUser(user="agent", uid=2000, gid=2000, workdir="/work"))
+
+(``from agentbox_guest_init.image_user import ImageUser``). As root, the ``workspace`` fixture
+gives the workspace to the image's ids, read from the image's labels.
+
 What is checked (each expectation is a field of :class:`ImageContract`, defaults in brackets):
 
 - ``user``, ``uid``, ``gid`` [dev, 1000, 1000]: the shell runs as that user, and the image's
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from agentbox_guest_init import contract as c
+from agentbox_guest_init.image_user import ImageUser
 
 DEFAULT_TOOLS = ("git", "rg", "jq", "curl", "less", "which", "gawk", "diff")
 XDG_DIRS = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME")
@@ -88,6 +97,12 @@ class ImageContract:
     tools: tuple[str, ...] = DEFAULT_TOOLS
     init_binary: bool = True
     nix: bool = True
+
+    @classmethod
+    def for_image_user(cls, user: ImageUser, **expectations: Any) -> ImageContract:
+        """The contract of an image built with ``agentbox image build --user/--uid/--gid/--workdir``:
+        ``user``'s name, ids, home and workdir, plus any other ``expectations`` (``tools=...``)."""
+        return cls(user=user.user, uid=user.uid, gid=user.gid, home=user.home, workdir=user.workdir, **expectations)
 
     def failures(self, machine: Any, workspace: Any = None) -> list[str]:
         """Every way the running ``machine`` breaks the contract (empty when it keeps it).

@@ -19,6 +19,7 @@ The content of this file is part of the guest_init hash.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
@@ -99,6 +100,22 @@ def _chown_tree(top: Path, old: tuple[int, int], new: tuple[int, int]) -> None:
             os.lchown(path, uid, gid)
 
 
+def _move_tree(src: Path, dest: Path) -> None:
+    """``mv src dest`` that also works where a rename cannot (an overlay's lower directory gives
+    EXDEV): a copy keeping owners, modes and links (``cp -a``), then the source removed."""
+    try:
+        src.rename(dest)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    proc = subprocess.run(["cp", "-a", "--", str(src), str(dest)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    if proc.returncode != 0:
+        raise AgentboxError(f"image build: cannot move {src} to {dest}: {proc.stderr.strip()}")
+    shutil.rmtree(src)
+
+
 def apply_image_user(root: Path, user: ImageUser) -> None:
     """Make the base's ``dev`` account ``user`` and write the image user file (see the module text)."""
     etc = in_root(root, "/etc")
@@ -117,7 +134,7 @@ def apply_image_user(root: Path, user: ImageUser) -> None:
         _rename_entry(etc / name, contract.DEV_USER, name=user.user)
     old_home, home = in_root(root, contract.DEV_HOME), in_root(root, user.home)
     if old_home != home and old_home.is_dir() and not old_home.is_symlink() and not home.exists():
-        old_home.rename(home)
+        _move_tree(old_home, home)
     home.mkdir(parents=True, exist_ok=True)
     _chown_tree(home, old_ids, (user.uid, user.gid))
     workdir = in_root(root, user.workdir)
