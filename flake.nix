@@ -57,8 +57,12 @@
             chmod 0755 $out/bin/agentbox-guest-init
           '';
 
-          # The guest image with the same contract as `agentbox image build`.
-          image = pkgs.dockerTools.buildLayeredImage {
+          # The guest image with the same contract as `agentbox image build`, for an image user
+          # like its --user/--uid/--gid/--workdir:
+          #   image.override { user = "agent"; uid = 2000; gid = 2000; workdir = "/work"; }
+          mkImage = { user ? "dev", uid ? 1000, gid ? 1000, workdir ? "/workspace" }:
+            let home = "/home/${user}"; in
+            pkgs.dockerTools.buildLayeredImage {
             name = "localhost/agentbox";
             tag = "latest";
             maxLayers = 10;
@@ -67,11 +71,11 @@
             # (and the nix-daemon sidecar of container mode) can use and add to the store
             includeNixDB = true;
             # Same layout as `agentbox image build`: the stable /bin path, the
-            # in-image wrappers (7.15) and sidecar scripts (8.3), the dev user
-            # (uid/gid 1000, fish), the nixbld group (gid 30000) and a kernel
-            # with its modules for the qemu backend.
+            # in-image wrappers (7.15) and sidecar scripts (8.3), the image user
+            # (dev, uid/gid 1000, fish, by default) named in /etc/agentbox/image-user,
+            # the nixbld group (gid 30000) and a kernel with its modules for the qemu backend.
             extraCommands = ''
-              mkdir -p bin usr/local/bin tmp workspace home/dev etc boot lib nix/var/nix
+              mkdir -p bin usr/local/bin tmp .${workdir} .${home} etc/agentbox boot lib nix/var/nix
               chmod 1777 tmp
               ln -sf ${guestInit}/bin/agentbox-guest-init bin/agentbox-guest-init
               # the wrappers name Debian's paths; point them at the store
@@ -95,35 +99,44 @@
               chmod 0755 bin/busybox
               {
                 echo "root:x:0:0:root:/root:${pkgs.bash}/bin/bash"
-                echo "dev:x:1000:1000::/home/dev:${pkgs.fish}/bin/fish"
+                echo "${user}:x:${toString uid}:${toString gid}::${home}:${pkgs.fish}/bin/fish"
                 for i in 1 2 3 4 5 6 7 8; do
                   echo "nixbld$i:x:$((30000 + i)):30000:Nix build user $i:/var/empty:/sbin/nologin"
                 done
               } > etc/passwd
               {
                 echo "root:x:0:"
-                echo "dev:x:1000:"
+                echo "${user}:x:${toString gid}:"
                 echo "nixbld:x:30000:nixbld1,nixbld2,nixbld3,nixbld4,nixbld5,nixbld6,nixbld7,nixbld8"
               } > etc/group
+              printf 'user=%s\nuid=%s\ngid=%s\nworkdir=%s\n' ${user} ${toString uid} ${toString gid} ${workdir} \
+                > etc/agentbox/image-user
             '';
-            # dev's home and XDG base dirs, owned by dev (the image contract)
+            # the user's home and XDG base dirs, owned by it (the image contract)
             fakeRootCommands = ''
-              mkdir -p home/dev/.config home/dev/.local/share home/dev/.local/state home/dev/.cache
-              chown -R 1000:1000 home/dev
+              mkdir -p .${home}/.config .${home}/.local/share .${home}/.local/state .${home}/.cache
+              chown -R ${toString uid}:${toString gid} .${home}
             '';
             config = {
               Entrypoint = [ "/bin/agentbox-guest-init" "default" "enter" "--" ];
               Cmd = [ "fish" "-l" ];
-              WorkingDir = "/workspace";
+              WorkingDir = workdir;
               Env = [
                 "PATH=/usr/local/bin:/bin:${pkgs.lib.makeBinPath guestTools}"
                 "SHELL=${pkgs.fish}/bin/fish"
                 "AGENTBOX_REAL_PODMAN=${pkgs.podman}/bin/podman"
                 "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt"
               ];
-              Labels = { "io.agentbox.guest-init" = builtins.baseNameOf guestInit; };
+              Labels = {
+                "io.agentbox.guest-init" = builtins.baseNameOf guestInit;
+                "io.agentbox.user" = user;
+                "io.agentbox.uid" = toString uid;
+                "io.agentbox.gid" = toString gid;
+                "io.agentbox.workdir" = workdir;
+              };
             };
           };
+          image = pkgs.lib.makeOverridable mkImage { };
         in {
           default = harness;
           inherit harness guestInit image;

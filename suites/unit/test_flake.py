@@ -24,12 +24,12 @@ def test_flake_keeps_the_guest_contract() -> None:
     text = FLAKE.read_text()
     entrypoint = " ".join(f'"{part}"' for part in recipe.ENTRYPOINT)
     cmd = " ".join(f'"{part}"' for part in recipe.CMD)
-    for needle in (f"Entrypoint = [ {entrypoint} ];", f"Cmd = [ {cmd} ];", 'WorkingDir = "/workspace";',
+    for needle in (f"Entrypoint = [ {entrypoint} ];", f"Cmd = [ {cmd} ];", 'WorkingDir = workdir;',
                    "$out/bin/agentbox-guest-init", "bin/agentbox-guest-init", "python3 -I",
                    "from agentbox_guest_init.cli import main", "AGENTBOX_REAL_PODMAN=", "SHELL=",
                    recipe.LABEL_GUEST_INIT, "usr/local/bin", "agentbox_runtime/images/files", "agentbox_guest_init/wrappers",
-                   "dev:x:1000:1000::/home/dev:", "nixbld:x:30000:", "boot/vmlinuz-", "lib/modules",
-                   "devShells", "harness = py.buildPythonApplication", "image = pkgs.dockerTools"):
+                   "${user}:x:${toString uid}:${toString gid}::${home}:", "nixbld:x:30000:", "boot/vmlinuz-", "lib/modules",
+                   "devShells", "harness = py.buildPythonApplication", "pkgs.dockerTools.buildLayeredImage"):
         assert needle in text, needle
 
 
@@ -60,8 +60,8 @@ def test_the_flake_image_carries_what_the_image_contract_checks() -> None:
     assert {package_of.get(t, t) for t in DEFAULT_TOOLS} <= tools
     assert {"catatonit", "netavark", "aardvark-dns", "iptables", "nix"} <= tools
     text = FLAKE.read_text()
-    assert "mkdir -p home/dev/.config home/dev/.local/share home/dev/.local/state home/dev/.cache" in text
-    assert "chown -R 1000:1000 home/dev" in text
+    assert "mkdir -p .${home}/.config .${home}/.local/share .${home}/.local/state .${home}/.cache" in text
+    assert "chown -R ${toString uid}:${toString gid} .${home}" in text
 
 
 def test_every_flake_output_the_doctor_points_at_exists() -> None:
@@ -74,3 +74,24 @@ def test_every_flake_output_the_doctor_points_at_exists() -> None:
     doctor = REPO / "agentbox_runtime" / "doctor"
     pointed = {m for f in doctor.glob("*.py") for m in re.findall(r"\.#(\w+)", f.read_text())}
     assert pointed and pointed <= named, pointed - named
+
+
+def test_the_flake_image_user_matches_agentbox_image_build() -> None:
+    """``image.override { user; uid; gid; workdir; }`` is ``agentbox image build --user ...``: the same
+    defaults, the same labels, and an /etc/agentbox/image-user that the guest parses to the same user."""
+    from agentbox_guest_init.image_user import LABELS, ImageUser
+
+    text = FLAKE.read_text()
+    d = ImageUser()
+    assert (f'mkImage = {{ user ? "{d.user}", uid ? {d.uid}, gid ? {d.gid}, workdir ? "{d.workdir}" }}:' in text)
+    assert "image = pkgs.lib.makeOverridable mkImage { };" in text
+    for field, label in LABELS.items():
+        value = field if field in ("user", "workdir") else f"toString {field}"
+        assert f'"{label}" = {value};' in text, label
+    line = next(ln.strip() for ln in text.splitlines() if ln.strip().startswith("printf 'user="))
+    assert line == "printf 'user=%s\\nuid=%s\\ngid=%s\\nworkdir=%s\\n' ${user} ${toString uid} ${toString gid} ${workdir} \\"
+    agent = ImageUser(user="agent", uid=2000, gid=2001, workdir="/work")
+    script = (line.rstrip(" \\").replace("${user}", agent.user).replace("${toString uid}", str(agent.uid))
+              .replace("${toString gid}", str(agent.gid)).replace("${workdir}", agent.workdir))
+    made = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30, check=True)
+    assert ImageUser.from_text(made.stdout) == agent
