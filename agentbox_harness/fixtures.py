@@ -29,7 +29,6 @@ from agentbox_harness.context import BackendContext
 from agentbox_harness.registry import build
 from agentbox_harness.session import HarnessSession, harness
 from agentbox_harness.workspace import Workspace
-from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.images.commit import image_user
 from agentbox_runtime import disks
 from agentbox_runtime.reset import reset_nix
@@ -70,14 +69,14 @@ def agentbox_image(request: pytest.FixtureRequest, agentbox_session: HarnessSess
 
 def workspace_owner(request: pytest.FixtureRequest, session: HarnessSession) -> tuple[int, int] | None:
     """As root, the ids a workspace gets: the image user's of the test's image, known without
-    building one (its ``agentbox_image`` parameter, else ``--agentbox-image``; the stock image's
-    dev otherwise). None when not root: the workspace stays the invoking user's."""
+    building one (its ``agentbox_image`` parameter, else the run's image: ``--agentbox-image`` or
+    the default tag; the stock image's dev when none is built yet). None when not root: the
+    workspace stays the invoking user's."""
     if os.geteuid() != 0:
         return None
     callspec = getattr(request.node, "callspec", None)
     image = callspec.params.get("agentbox_image") if callspec is not None else None
-    image = image or session.image_option
-    user = image_user(str(image)) if image else ImageUser()
+    user = image_user(str(image)) if image else session.image_user()
     return user.uid, user.gid
 
 

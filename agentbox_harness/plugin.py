@@ -112,7 +112,9 @@ def image_line(h: Any) -> str:
     proc = podman.capture(["image", "inspect", "--format", "{{.Id}}", ref]) if shutil.which("podman") else None
     if proc is None or proc.returncode != 0:
         return f"{ref} (not built yet: built before the first guest boots)"
-    return f"{ref} ({proc.stdout.strip()[:12]})"
+    user = h.image_user()
+    who = "" if user.is_default else f", user {user.user} {user.uid}:{user.gid}, workdir {user.workdir}"
+    return f"{ref} ({proc.stdout.strip()[:12]}{who})"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -18,7 +18,10 @@ from agentbox_harness.artifacts import node_dir
 from agentbox_harness.reaper import RunRegistry, cache_root
 from agentbox_runtime.doctor import Check, run_checks, usable_backends
 from agentbox_runtime.evidence import Redactor
+from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.images.build import build
+from agentbox_runtime.images.commit import image_user
+from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.microvm.probe import probe
 from agentbox_runtime.vmm import boot_verdicts
 from agentbox_runtime.vmm import kvm_probe
@@ -54,6 +57,7 @@ class HarnessSession:
     _registry: RunRegistry | None = None
     _checks: list[Check] | None = None
     _image: str | None = None
+    _image_user: ImageUser | None = None
     _accel: str | None = None
     _backend: str | None = None
     backend_reason: str = ""
@@ -141,15 +145,24 @@ class HarnessSession:
         return base
 
     def image(self) -> str:
-        """The guest image, built once per run (file-locked across xdist workers)."""
+        """The guest image, built once per run (file-locked across xdist workers). The default
+        image is (re)built for the user it was last built for (``agentbox image build --user``),
+        so a run never turns someone's image back into the stock one."""
         if self._image is None:
             if self.image_option:
                 self._image = self.image_option
             else:
 
                 with self.live_output():  # the build's progress lines show while it runs, not after
-                    self._image = build().tag
+                    self._image = build(user=self.image_user()).tag
         return self._image
+
+    def image_user(self) -> ImageUser:
+        """The user of the run's image (``--agentbox-image``, else the default tag), read from its
+        labels once, without building it (the stock dev when it does not exist yet)."""
+        if self._image_user is None:
+            self._image_user = image_user(self.image_option or DEFAULT_TAG)
+        return self._image_user
 
     @contextlib.contextmanager
     def live_output(self) -> Iterator[None]:

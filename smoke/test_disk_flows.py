@@ -28,7 +28,7 @@ def test_grow_nix_and_containers_keeping_data(guest, nix_disk, containers_disk):
     m.wait_for_prep("podman", timeout=120)
     path = m.succeed("echo keep > /tmp/k && nix-store --add /tmp/k", timeout=120).strip()
     m.succeed("echo kept > ~/.local/share/containers/marker", timeout=30)
-    before = (_fs_size(m, "/run/agentbox/nix-disk"), _fs_size(m, "/home/dev/.local/share/containers"))
+    before = (_fs_size(m, "/run/agentbox/nix-disk"), _fs_size(m, m.image_user.containers_storage))
     m.shutdown()
     runner = m.resize_runner()
     assert nix_disk.grow(80 * GIB, runner).new_size == 80 * GIB
@@ -36,7 +36,7 @@ def test_grow_nix_and_containers_keeping_data(guest, nix_disk, containers_disk):
     m.start()
     m.wait_for_prep("nix", timeout=120)
     m.wait_for_prep("podman", timeout=120)
-    after = (_fs_size(m, "/run/agentbox/nix-disk"), _fs_size(m, "/home/dev/.local/share/containers"))
+    after = (_fs_size(m, "/run/agentbox/nix-disk"), _fs_size(m, m.image_user.containers_storage))
     assert after[0] > before[0] + 15 * GIB and after[1] > before[1] + 7 * GIB
     m.succeed(f"nix-store --check-validity {path}", timeout=60)
     assert m.succeed("cat ~/.local/share/containers/marker", timeout=30).strip() == "kept"

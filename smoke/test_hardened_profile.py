@@ -28,7 +28,8 @@ def hardened(request, shared_machine_factory, agentbox_session):
 def test_the_root_is_read_only(hardened):
     out = hardened.execute("touch /hardened-probe", user="root")
     assert not out.ok and "Read-only file system" in out.stderr, out.stderr
-    hardened.succeed("touch /tmp/writable $HOME/writable /workspace/.hardened-writable && rm /workspace/.hardened-writable")
+    mark = f"{hardened.image_user.workdir}/.hardened-writable"
+    hardened.succeed(f"touch /tmp/writable $HOME/writable {mark} && rm {mark}")
 
 
 def test_mounting_is_refused(hardened, request):

@@ -33,13 +33,13 @@ def test_digest_mismatch_fails_before_anything_is_written(microvm_factory, tmp_p
 @pytest.mark.krun_podman_too
 def test_workspace_and_persistent_disks_are_mounted(guest, workspace):
     (workspace.path / "from-host.txt").write_text("host\n")
-    assert guest.succeed("cat /workspace/from-host.txt", timeout=30) == "host\n"
+    assert guest.succeed(f"cat {guest.image_user.workdir}/from-host.txt", timeout=30) == "host\n"
     guest.wait_for_prep("nix", timeout=120)
     guest.wait_for_prep("podman", timeout=120)
     mounts = guest.succeed("cat /proc/mounts", timeout=30)
-    assert any(line.split()[1] == "/workspace" for line in mounts.splitlines())
+    assert any(line.split()[1] == guest.image_user.workdir for line in mounts.splitlines())
     assert "/dev/vda /run/agentbox/nix-disk btrfs" in mounts
-    assert "/dev/vdb /home/dev/.local/share/containers btrfs" in mounts
+    assert f"/dev/vdb {guest.image_user.containers_storage} btrfs" in mounts
 
 
 @pytest.mark.krun_podman_too

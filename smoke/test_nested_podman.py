@@ -13,7 +13,7 @@ MAKE_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; "
 def test_nested_rootless_podman_checklist(guest):
     m = guest
     # 1-2: the shell is dev; podman waits for prep, then reports rootless + btrfs
-    assert m.succeed("id -un", timeout=30).strip() == "dev"
+    assert m.succeed("id -un", timeout=30).strip() == m.image_user.user  # dev in the stock image
     m.wait_for_prep("podman", timeout=120)
     info = m.succeed("podman info --format '{{.Host.Security.Rootless}} {{.Store.GraphDriverName}}'", timeout=120)
     assert info.split() == ["true", "btrfs"]
@@ -37,7 +37,7 @@ def test_nested_rootless_podman_checklist(guest):
     m.wait_for_prep("podman", timeout=120)
     m.succeed("podman image exists localhost/smoke-bb", timeout=60)
     graph = m.succeed("podman info --format '{{.Store.GraphRoot}}'", timeout=60).strip()
-    assert graph == "/home/dev/.local/share/containers/storage"
+    assert graph == f"{m.image_user.containers_storage}/storage"
     m.succeed("test ! -e /var/lib/docker && test ! -e /var/lib/containerd && test ! -e ~/.local/share/docker",
               timeout=30)
     # 7: prep status and log files where the reference says
