@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_guest_init import contract
+from agentbox_guest_init.image_user import ImageUser
 
 ULIMITS = ("--ulimit", "nofile=16384:16384", "--ulimit", "nproc=8192:8192")
 RUN_TIMEOUT_S = 600
@@ -213,7 +214,7 @@ def test_enter_prepares_nix_and_rootless_podman_and_persists(guest: Guest) -> No
     assert first["home"] == contract.DEV_HOME
     assert first["nix_remote"] == contract.NIX_REMOTE_VALUE
     assert first["podman"] == "true btrfs"
-    assert first["graphroot"] == f"{contract.CONTAINERS_STORAGE_MOUNT}/storage"
+    assert first["graphroot"] == f"{ImageUser().containers_storage}/storage"
     assert first["nixmount"] == "overlay"
     stored = first["added"]
     assert stored.startswith("/nix/store/") and stored.endswith("-kept.txt"), first
