@@ -10,7 +10,6 @@ container-mode task. ``rm`` stops a guest and deletes what its record lists.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import signal
@@ -21,10 +20,10 @@ import time
 import tty
 from pathlib import Path
 
-from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError
 from agentbox_runtime.errors import AgentboxError, InputError
+from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.retry import WaitTimeout, retry
 from agentbox_runtime.microvm.image_cache import remove_tree
@@ -88,25 +87,13 @@ def _relay(agent: AgentClient, pty: int) -> int:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
 
-def container_image_user(container: str) -> ImageUser:
-    """The image user of a running container (its image's labels, which the container carries);
-    the defaults when it has none."""
-    proc = Podman(timeout_s=ATTACH_CONNECT_S).capture(["container", "inspect", "--format", "{{json .Config.Labels}}",
-                                                       container])
-    try:
-        labels = json.loads(proc.stdout or "null") if proc.returncode == 0 else None
-        return ImageUser.from_labels(labels if isinstance(labels, dict) else {})
-    except ValueError as exc:
-        raise AgentboxError(f"container {container} has bad image user labels: {exc}") from None
-
-
 def attach(guest_id: str, root: bool) -> int:
     rec = guest_registry.find(guest_id)
     if rec.status() == "stopped":
         raise AgentboxError(f"guest {rec.id} is not running any more; `agentbox rm {rec.id}` removes its record")
     if rec.backend == "container":
         assert rec.container is not None
-        image = container_image_user(rec.container)
+        image = image_user(rec.container, kind="container")
         user = "0" if root else f"{image.uid}:{image.gid}"
         env = [] if root else [a for k, v in image.exec_env().items() for a in ("--env", f"{k}={v}")]
         os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", image.workdir,

@@ -26,29 +26,32 @@ from agentbox_runtime.podman import Podman
 INSPECT_TIMEOUT_S = 120.0
 
 
-def _inspect(ref: str, fmt: str) -> str | None:
+def _inspect(ref: str, fmt: str, kind: str = "image") -> str | None:
     try:
-        proc = Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["image", "inspect", "--format", fmt, ref])
+        proc = Podman(timeout_s=INSPECT_TIMEOUT_S).capture([kind, "inspect", "--format", fmt, ref])
     except AgentboxError:  # podman is not installed
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def image_labels(ref: str) -> dict[str, str] | None:
-    """The labels of a local image (empty dict if it has none), or None when it does not exist."""
-    out = _inspect(ref, "{{json .Labels}}")
+def image_labels(ref: str, kind: str = "image") -> dict[str, str] | None:
+    """The labels of a local image (``kind="container"``: of a container, which carries its image's),
+    an empty dict if it has none, or None when it does not exist."""
+    out = _inspect(ref, "{{json .Config.Labels}}" if kind == "container" else "{{json .Labels}}", kind)
     if out is None:
         return None
-    return json.loads(out or "null") or {}
+    labels = json.loads(out or "null")
+    return labels if isinstance(labels, dict) else {}
 
 
-def image_user(ref: str) -> ImageUser:
-    """The image user (:mod:`agentbox_guest_init.image_user`) a local image's labels name; the
-    defaults (dev, 1000:1000, /workspace) when it has none or is not in local storage (yet)."""
+def image_user(ref: str, kind: str = "image") -> ImageUser:
+    """The image user (:mod:`agentbox_guest_init.image_user`) a local image's labels name
+    (``kind="container"``: a container's); the defaults (dev, 1000:1000, /workspace) when it has none
+    or is not in local storage (yet)."""
     try:
-        return ImageUser.from_labels(image_labels(ref) or {})
+        return ImageUser.from_labels(image_labels(ref, kind) or {})
     except ValueError as exc:
-        raise AgentboxError(f"image {ref} has bad image user labels: {exc}") from None
+        raise AgentboxError(f"{kind} {ref} has bad image user labels: {exc}") from None
 
 
 def image_id(ref: str) -> str | None:

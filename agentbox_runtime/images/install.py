@@ -73,19 +73,13 @@ def _rename_entry(path: Path, old: str, fields: list[str] | None = None, name: s
 
 
 def _check_free(etc: Path, user: ImageUser) -> None:
-    """The name, uid and gid must not belong to another account of the base image."""
-    for fields in _entries(etc / "passwd"):
-        if fields[0] == contract.DEV_USER or len(fields) < 4:
-            continue
-        if fields[0] == user.user or fields[2] == str(user.uid):
-            raise InputError(f"image user {user.user} (uid {user.uid}): the base image's account {fields[0]} "
-                             f"(uid {fields[2]}) already has that name or uid; choose another")
-    for fields in _entries(etc / "group"):
-        if fields[0] == contract.DEV_USER or len(fields) < 3:
-            continue
-        if fields[0] == user.user or fields[2] == str(user.gid):
-            raise InputError(f"image user {user.user} (gid {user.gid}): the base image's group {fields[0]} "
-                             f"(gid {fields[2]}) already has that name or gid; choose another")
+    """The name, uid and gid must not belong to another account or group of the base image."""
+    for table, what, key, value in (("passwd", "account", "uid", user.uid), ("group", "group", "gid", user.gid)):
+        for fields in _entries(etc / table):
+            if fields[0] != contract.DEV_USER and len(fields) > 2 and (fields[0] == user.user or
+                                                                         fields[2] == str(value)):
+                raise InputError(f"image user {user.user} ({key} {value}): the base image's {what} {fields[0]} "
+                                 f"({key} {fields[2]}) already has that name or {key}; choose another")
 
 
 def _chown_tree(top: Path, old: tuple[int, int], new: tuple[int, int]) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_guest_init.image_user import ImageUser
+from agentbox_runtime import guest_registry
 from agentbox_runtime.images.commit import image_user
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0, reason="builds and runs images as root")]
@@ -108,3 +109,12 @@ def test_the_container_cli_shell_starts_as_the_image_user_in_its_workdir(agent_i
     assert proc.stdout.split()[-3:] == ["agent", "/work", "/home/agent"], proc.stdout
     st = (project / "made-here").stat()
     assert (st.st_uid, st.st_gid) == (AGENT.uid, AGENT.gid)
+
+
+@pytest.mark.parametrize("agentbox_image", [TAG], indirect=True)
+def test_a_running_container_task_names_the_image_user_attach_uses(agent_image: str, agentbox_image: str,
+                                                                   container_task) -> None:  # type: ignore[no-untyped-def]
+    """``agentbox attach`` into a container-mode task reads the user from the container's labels."""
+    container = guest_registry.find(container_task.guest_id).container
+    assert container and image_user(container, kind="container") == AGENT
+    assert container_task.succeed("id -un; pwd", timeout=60).split() == ["agent", "/work"]
