@@ -16,9 +16,12 @@ appears in any mount table and it vanishes with its last descriptor):
   the mount is ``nosuid,nodev`` (read-only when the share is).
 
 The VMM opens the share as ``/proc/self/fd/N`` with descriptor ``N`` passed to
-it (:attr:`ShareExport.pass_fds`). Without root (or where the filesystem cannot
-be id-mapped) the directory is shared as it is, and :attr:`ShareExport.mapped`
-says why not. Setuid bits and device nodes are refused separately, by
+it (:attr:`ShareExport.pass_fds`). Where the filesystem cannot be id-mapped
+(FUSE, NFS), root still shares a detached ``nosuid,nodev`` clone, with host
+owners unchanged, and says so on the ``agentbox`` logger; when even that clone is
+refused, the share is refused with one line. Without root the directory is
+shared as it is (the VMM then has no privilege a guest could borrow), and
+:attr:`ShareExport.mapped` says why not. Setuid bits and device nodes are refused separately, by
 :mod:`agentbox_runtime.vmm.share_filter`, whichever way the share is exported.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import struct
 import subprocess
@@ -115,18 +119,23 @@ def _user_namespace(uid_map: str, gid_map: str) -> int:
             child.stderr.close()
 
 
-def _idmapped_clone(source: Path, userns_fd: int, read_only: bool) -> int:
+def _detached_clone(source: Path, userns_fd: int | None, read_only: bool) -> int:
+    """A detached clone of ``source``, ``nosuid,nodev`` (read-only when asked), id-mapped through
+    ``userns_fd`` when one is given."""
     libc = _libc()
     tree = libc.syscall(SYS_OPEN_TREE, -100, os.fsencode(source), OPEN_TREE_CLONE | os.O_CLOEXEC)
     if tree < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"open_tree: {os.strerror(err)}")
-    flags = MOUNT_ATTR_IDMAP | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if read_only else 0)
-    attr = ctypes.create_string_buffer(struct.pack("QQQQ", flags, 0, 0, userns_fd))
+    flags = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | (MOUNT_ATTR_RDONLY if read_only else 0)
+    if userns_fd is not None:
+        flags |= MOUNT_ATTR_IDMAP
+    attr = ctypes.create_string_buffer(struct.pack("QQQQ", flags, 0, 0, userns_fd or 0))
     if libc.syscall(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, attr, 32) != 0:
         err = ctypes.get_errno()
         os.close(tree)
-        raise OSError(err, f"mount_setattr(MOUNT_ATTR_IDMAP): {os.strerror(err)}")
+        what = "MOUNT_ATTR_IDMAP" if userns_fd is not None else "nosuid,nodev"
+        raise OSError(err, f"mount_setattr({what}): {os.strerror(err)}")
     return int(tree)
 
 
@@ -141,9 +150,9 @@ def guest_ids(env: Mapping[str, str]) -> tuple[int, int]:
 
 def export(source: Path, *, read_only: bool = False, guest_uid: int = contract.DEV_UID,
            guest_gid: int = contract.DEV_GID) -> ShareExport:
-    """Prepare ``source`` for a VMM (see the module text). Never raises for an unsupported host:
-    the plain directory is returned with the reason in ``why``; raises :class:`AgentboxError`
-    only when ``source`` is not a directory."""
+    """Prepare ``source`` for a VMM (see the module text). Raises :class:`AgentboxError` (one line)
+    when ``source`` is not a directory, or when root can share it neither id-mapped nor as a
+    ``nosuid,nodev`` clone; an unmapped share says why in ``why``."""
     try:
         st = os.stat(source)
     except OSError as exc:
@@ -157,15 +166,33 @@ def export(source: Path, *, read_only: bool = False, guest_uid: int = contract.D
     try:
         userns = _user_namespace(_id_map(st.st_uid, guest_uid), _id_map(st.st_gid, guest_gid))
         try:
-            tree = _idmapped_clone(source, userns, read_only)
+            tree = _detached_clone(source, userns, read_only)
         finally:
             os.close(userns)
     except OSError as exc:
-        plain.why = f"cannot id-map '{source}' ({exc.strerror or exc}): files keep their host owners in the guest"
-        return plain
+        export = _unmapped_clone(source, read_only, f"cannot id-map '{source}' ({exc.strerror or exc})")
+        logging.getLogger("agentbox").warning("agentbox: workspace share %s", export.why)
+        return export
     os.set_inheritable(tree, True)
     return ShareExport(source, f"{FD_PATH_PREFIX}{tree}", (tree,), True,
                        f"uid {st.st_uid}/gid {st.st_gid} seen as {guest_uid}/{guest_gid}")
+
+
+def _unmapped_clone(source: Path, read_only: bool, why: str) -> ShareExport:
+    """Root's fallback when ``source`` cannot be id-mapped (FUSE, NFS, ...): a detached clone that still
+    keeps ``nosuid,nodev``, with host owners unchanged. Never the plain path: a VMM running as root
+    must not serve a share without them. Raises :class:`AgentboxError` (one line) when even that
+    clone is refused."""
+    try:
+        tree = _detached_clone(source, None, read_only)
+    except OSError as exc:
+        raise AgentboxError(
+            f"cannot share '{source}' safely as root: {why}, and a nosuid,nodev clone failed too "
+            f"({exc.strerror or exc}); move the project to a local filesystem (ext4, btrfs, xfs, tmpfs) "
+            f"or run as the project's owner") from None
+    os.set_inheritable(tree, True)
+    return ShareExport(source, f"{FD_PATH_PREFIX}{tree}", (tree,), False,
+                       f"{why}: shared nosuid,nodev with host owners unchanged in the guest")
 
 
 def fds_in(paths: list[str]) -> tuple[int, ...]:

@@ -37,7 +37,8 @@ from agentbox_guest_init import contract
 from agentbox_runtime.retry import retry
 from agentbox_runtime.vmm import host_share, initramfs, qemu
 from agentbox_runtime.vmm.console_log import ConsoleRecorder
-from agentbox_runtime.vmm.host import die_with_parent, tail_bytes
+from agentbox_runtime.vmm.host import die_with_parent
+from agentbox_runtime.vmm.qemu_opts import opts
 
 INIT_FAILED = 125
 CONNECT_TIMEOUT_S = 30.0
@@ -122,15 +123,15 @@ def _mounts(spec: GuestSpec) -> str:
         if share.mount_at:
             ro = ",ro" if share.read_only else ""
             lines.append(f"$bb mkdir -p {_q(share.mount_at)} && $bb mount -t 9p -o {NINEP}{ro} {_q(share.tag)} "
-                         f"{_q(share.mount_at)} || {{ log 'cannot mount share {share.tag} at {share.mount_at}'; "
+                         f"{_q(share.mount_at)} || {{ log {_q(f'cannot mount share {share.tag} at {share.mount_at}')}; "
                          f"finish {INIT_FAILED}; }}")
     for path, options in spec.tmpfs:
         lines.append(f"$bb mkdir -p {_q(path)} && $bb mount -t tmpfs -o {_q(options or 'mode=1777')} tmpfs {_q(path)} "
-                     f"|| {{ log 'cannot mount tmpfs at {path}'; finish {INIT_FAILED}; }}")
+                     f"|| {{ log {_q(f'cannot mount tmpfs at {path}')}; finish {INIT_FAILED}; }}")
     for path, data in spec.files.items():
         encoded = base64.b64encode(data).decode()
         lines.append(f"$bb mkdir -p {_q(os.path.dirname(path) or '/')} && $bb rm -f {_q(path)} && "
-                     f"echo {encoded} | $bb base64 -d > {_q(path)} || log 'cannot write {path}'")
+                     f"echo {encoded} | $bb base64 -d > {_q(path)} || log {_q(f'cannot write {path}')}")
     return "\n".join(lines)
 
 
@@ -290,18 +291,18 @@ def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: st
     boot_kernel, firmware = qemu.fast_boot(kernel)
     argv = qemu.machine_args(ram_mib=spec.ram_mib, vcpus=spec.vcpus, kernel=boot_kernel, initrd=initrd,
                              accel=accel, firmware=firmware)
-    argv += ["-chardev", f"socket,id=kcon,path={work / 'ttyS0.sock'},server=off", "-serial", "chardev:kcon",
+    argv += ["-chardev", opts("socket", id="kcon", path=work / "ttyS0.sock", server="off"), "-serial", "chardev:kcon",
              "-device", "virtio-serial-pci,id=vser"]
-    argv += qemu.port_args(f"file,path={work / 'status'}", "status", qemu.STATUS_PORT)
+    argv += qemu.port_args("status", qemu.STATUS_PORT, "socket", path=work / qemu.STATUS_SOCKET, server="off")
     if tty:
-        argv += qemu.port_args("stdio,signal=off", "con", "", console=True)
+        argv += qemu.port_args("con", "", "stdio", console=True, signal="off")
     else:
-        argv += qemu.port_args(f"socket,path={work / 'hvc0.sock'},server=off", "con", "", console=True)
+        argv += qemu.port_args("con", "", "socket", console=True, path=work / "hvc0.sock", server="off")
         for name in STDIO_PORTS:
-            argv += qemu.port_args(f"socket,path={work / (name + '.sock')},server=off", name, name)
+            argv += qemu.port_args(name, name, "socket", path=work / f"{name}.sock", server="off")
     for i, vsock in enumerate(spec.vsock_listen):
-        argv += qemu.port_args(f"socket,path={vsock.path},server=on,wait=off", f"vsock{i}",
-                               contract.vsock_port_name(vsock.port))
+        argv += qemu.port_args(f"vsock{i}", contract.vsock_port_name(vsock.port), "socket", path=vsock.path,
+                               server="on", wait="off")
     argv += qemu.share_args("root", spec.root, contract.ROOTFS_TAG, model=qemu.ROOTFS_MODEL)
     for i, share in enumerate(spec.shares):
         argv += qemu.share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
@@ -309,8 +310,8 @@ def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: st
         argv += qemu.disk_args(i, disk.id, disk.path, read_only=disk.read_only, fmt=disk.format)
     if spec.network is None:
         return argv + qemu.net_args()
-    return argv + ["-netdev", f"tap,id=n0,ifname={spec.network.ifname},script=no,downscript=no",
-                   "-device", f"virtio-net-pci,netdev=n0,mac={spec.network.mac},romfile=",
+    return argv + ["-netdev", opts("tap", id="n0", ifname=spec.network.ifname, script="no", downscript="no"),
+                   "-device", opts("virtio-net-pci", netdev="n0", mac=spec.network.mac, romfile=""),
                    "-device", "virtio-rng-pci"]
 
 
@@ -331,7 +332,7 @@ def boot(spec: GuestSpec, work: Path) -> int:
     initrd = initramfs.task_initrd(base, "", work / "initrd.img",
                                    files={initramfs.PID1_PATH: pid1_script(spec, tty)})
     accel = qemu.QemuDriver().choose_accel(os.environ.get("AGENTBOX_QEMU_ACCEL", spec.accel), kernel, base)
-    names = ["ttyS0"] + ([] if tty else ["hvc0", *STDIO_PORTS])
+    names = ["ttyS0", "status"] + ([] if tty else ["hvc0", *STDIO_PORTS])
     listeners = {n: _listener(work / f"{n}.sock") for n in names}
     argv = qemu_argv(spec, work, kernel, initrd, accel, tty)
     proc = subprocess.Popen(argv, stdin=None if tty else subprocess.DEVNULL,
@@ -364,6 +365,7 @@ def _run(proc: subprocess.Popen[bytes], listeners: dict[str, socket.socket], spe
     in_fd, out_fd, err_fd = spec.console
     conns = {n: _accept(lst, proc) for n, lst in listeners.items()}
     relay, stdin_relay = Relay(), Relay()
+    status_recorder = ConsoleRecorder(work / "status", cap=qemu.STATUS_CAP).start(conns["status"])
     if spec.kernel_log is not None:
         ConsoleRecorder(spec.kernel_log).start(conns["ttyS0"])
     else:
@@ -375,10 +377,8 @@ def _run(proc: subprocess.Popen[bytes], listeners: dict[str, socket.socket], spe
         relay.route(conns["hvc0"], err_fd)
     proc.wait()
     relay.drain(DRAIN_S)
-    try:
-        status = qemu.parse_status(tail_bytes(work / "status", 4096).decode(errors="replace"))
-    except OSError:
-        status = None
+    status_recorder.join(DRAIN_S)
+    status = qemu.read_status(work / "status")
     if status is None:
         raise RuntimeError(f"the guest stopped without reporting an exit status (qemu exit {proc.returncode})")
     return status

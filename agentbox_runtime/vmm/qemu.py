@@ -43,14 +43,19 @@ from agentbox_runtime.retry import retry
 from agentbox_runtime.vmm import host_share, initramfs
 from agentbox_runtime.vmm import shutdown
 from agentbox_runtime.vmm.base import GuestExitUnknown, VmSpec
-from agentbox_runtime.vmm.console_log import ConsoleListener
+from agentbox_runtime.vmm.console_log import MIN_MAX, ConsoleListener, rotated
 from agentbox_runtime.vmm.shutdown import StopReport
 from agentbox_runtime.vmm.host import cache_dir, qemu_binary, socket_dir, tail, tail_bytes
 from agentbox_runtime.vmm.share_filter import install as install_filter
 from agentbox_runtime.vmm.share_filter import require_filter, vmm_preexec
 from agentbox_runtime.vmm.kernel_image import pvh_kernel
+from agentbox_runtime.vmm.qemu_opts import OptionValue, opts, quote
 
 STATUS_PORT = "org.agentbox.status"
+#: The status port's socket (qemu connects to it; :func:`status_listener` records it into ``status``).
+STATUS_SOCKET = "status.sock"
+#: The most the guest-fed ``status`` file (and its rotated half) may hold: PID 1 writes one line.
+STATUS_CAP = MIN_MAX
 CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
 
 
@@ -79,13 +84,13 @@ def machine_args(*, ram_mib: int, vcpus: int, kernel: Path, initrd: Path, accel:
             "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
 
 
-def port_args(chardev: str, cid: str, name: str, *, console: bool = False) -> list[str]:
-    """A virtio-serial port ``name`` (or the virtconsole) on the ``vser`` bus backed by ``chardev``
-    (``BACKEND[,OPTIONS]``, e.g. ``socket,path=/x.sock,server=on,wait=off``)."""
-    device = "virtconsole,bus=vser.0" if console else "virtserialport,bus=vser.0"
-    backend, _, opts = chardev.partition(",")
-    return ["-chardev", f"{backend},id={cid}" + (f",{opts}" if opts else ""),
-            "-device", f"{device},chardev={cid}" + ("" if console else f",name={name}")]
+def port_args(cid: str, name: str, backend: str, *, console: bool = False, **options: OptionValue) -> list[str]:
+    """A virtio-serial port ``name`` (or the virtconsole) on the ``vser`` bus, backed by a chardev
+    ``backend`` with ``options`` (e.g. ``port_args("agent", NAME, "socket", path=p, server="on")``);
+    every value is quoted (:mod:`agentbox_runtime.vmm.qemu_opts`)."""
+    device = "virtconsole" if console else "virtserialport"
+    return ["-chardev", opts(backend, id=cid, **options),
+            "-device", opts(device, bus="vser.0", chardev=cid, name=None if console else name)]
 
 
 #: The task rootfs is the guest's own tree: guest uids land unchanged.
@@ -98,17 +103,16 @@ HOST_SHARE_MODEL = "none"
 def share_args(fsid: str, path: str | Path, tag: str, *, read_only: bool = False,
                model: str = HOST_SHARE_MODEL) -> list[str]:
     """A virtio-9p share of host ``path`` under mount tag ``tag``."""
-    ro = ",readonly=on" if read_only else ""
-    return ["-fsdev", f"local,id={fsid},path={path},security_model={model}{ro}",
-            "-device", f"virtio-9p-pci,fsdev={fsid},mount_tag={tag}"]
+    return ["-fsdev", opts("local", id=fsid, path=path, security_model=model, readonly="on" if read_only else None),
+            "-device", opts("virtio-9p-pci", fsdev=fsid, mount_tag=tag)]
 
 
 def disk_args(index: int, disk_id: str, path: str | Path, *, read_only: bool = False,
               fmt: str = "raw") -> list[str]:
     """A virtio-blk disk; ``serial=<id>`` names it in the guest's /dev/disk/by-id."""
-    ro = ",readonly=on" if read_only else ""
-    return ["-drive", f"file={path},if=none,id=d{index},format={fmt},cache=writeback,discard=unmap{ro}",
-            "-device", f"virtio-blk-pci,drive=d{index},serial={disk_id[:20]}"]
+    return ["-drive", opts(f"file={quote(path)}", **{"if": "none"}, id=f"d{index}", format=fmt, cache="writeback",
+                           discard="unmap", readonly="on" if read_only else None),
+            "-device", opts("virtio-blk-pci", drive=f"d{index}", serial=disk_id[:20])]
 
 
 def net_args() -> list[str]:
@@ -125,14 +129,18 @@ def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str,
     sock = socket_dir(t)
     argv = machine_args(ram_mib=launch.ram_mib, vcpus=launch.vcpus, kernel=kernel, initrd=initrd, accel=accel,
                         firmware=firmware)
-    argv += ["-chardev", f"socket,id=ser0,path={sock / 'serial.sock'},server=off", "-serial", "chardev:ser0",
-             "-qmp", f"unix:{sock / 'qmp.sock'},server=on,wait=off",
+    argv += ["-chardev", opts("socket", id="ser0", path=sock / "serial.sock", server="off"), "-serial", "chardev:ser0",
+             "-chardev", opts("socket", id="qmp", path=sock / "qmp.sock", server="on", wait="off"),
+             "-mon", "chardev=qmp,mode=control",
              "-device", "virtio-serial-pci,id=vser"]
-    argv += port_args(f"socket,path={sock / 'agent.sock'},server=on,wait=off", "agent", contract.AGENT_PORT_NAME)
-    argv += port_args(f"socket,path={sock / 'attach.sock'},server=on,wait=off", "attach", contract.ATTACH_PORT_NAME)
-    argv += port_args(f"file,path={t / 'status'}", "status", STATUS_PORT)
-    con = "stdio,signal=off" if spec.interactive else f"socket,path={sock / 'console.sock'},server=on,wait=off"
-    argv += port_args(con, "con", "", console=True)
+    argv += port_args("agent", contract.AGENT_PORT_NAME, "socket", path=sock / "agent.sock", server="on", wait="off")
+    argv += port_args("attach", contract.ATTACH_PORT_NAME, "socket", path=sock / "attach.sock", server="on",
+                      wait="off")
+    argv += port_args("status", STATUS_PORT, "socket", path=sock / STATUS_SOCKET, server="off")
+    if spec.interactive:
+        argv += port_args("con", "", "stdio", console=True, signal="off")
+    else:
+        argv += port_args("con", "", "socket", console=True, path=sock / "console.sock", server="on", wait="off")
     argv += share_args("root", spec.rootfs, contract.ROOTFS_TAG, model=ROOTFS_MODEL)
     argv += share_args("ws", workspace or launch.workspace_source, launch.workspace_tag)
     for i, disk in enumerate(launch.disks):
@@ -151,6 +159,19 @@ def parse_status(text: str) -> int | None:
     return None
 
 
+def read_status(status_file: Path) -> int | None:
+    """The guest command's status from the recorded status port (``status``, with the tail of its
+    rotated half before it, so a line split by a rotation still reads); None when none was written."""
+    text = b"".join(tail_bytes(path, 4096) for path in (rotated(status_file), status_file))
+    return parse_status(text.decode(errors="replace"))
+
+
+def status_listener(sock_dir: Path, task_dir: Path) -> ConsoleListener:
+    """Record the guest-fed status port into ``task_dir/status``, capped at :data:`STATUS_CAP` like
+    the console: a guest that writes without end fills nothing on the host."""
+    return ConsoleListener(sock_dir / STATUS_SOCKET, task_dir / "status", cap=STATUS_CAP)
+
+
 @dataclass
 class QemuHandle:
     """A running qemu guest; see :class:`agentbox_runtime.vmm.base.VmHandle`."""
@@ -160,6 +181,7 @@ class QemuHandle:
     accel: str
     argv: list[str]
     console: ConsoleListener | None = None
+    status: ConsoleListener | None = None
     console_log: Path = field(init=False)
     agent_socket: Path | None = field(init=False)
     console_socket: Path | None = field(init=False)
@@ -181,10 +203,9 @@ class QemuHandle:
 
     def exit_status(self) -> int:
         """The guest command's status from the status port; raises when none was written."""
-        try:
-            status = parse_status(tail_bytes(self.task_dir / "status", 4096).decode(errors="replace"))
-        except OSError:
-            status = None
+        if self.status is not None:
+            self.status.recorder.join(2.0)  # qemu has exited: the recorder sees the end of the stream
+        status = read_status(self.task_dir / "status")
         if status is None:
             raise GuestExitUnknown(
                 f"guest stopped without reporting an exit status (qemu exit {self.proc.returncode}); "
@@ -233,8 +254,9 @@ class QemuHandle:
             self._release()
 
     def _release(self) -> None:
-        if self.console is not None:
-            self.console.close()
+        for listener in (self.console, self.status):
+            if listener is not None:
+                listener.close()
         shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
@@ -268,11 +290,12 @@ class QemuDriver:
             base = initramfs.cached_base(spec.rootfs, version, cache_dir() / "initramfs")
         initrd = initramfs.task_initrd(base, encode(spec.launch), spec.task_dir / "initrd.img")
         accel = self.choose_accel(spec.accel, kernel, base)
-        for name in ("status", "console.log", "console.log.1"):
+        for name in ("status", "status.1", "console.log", "console.log.1"):
             (spec.task_dir / name).unlink(missing_ok=True)
         boot_kernel, firmware = fast_boot(kernel)
         require_filter()
         console = ConsoleListener(socket_dir(spec.task_dir) / "serial.sock", spec.task_dir / "console.log")
+        status = status_listener(socket_dir(spec.task_dir), spec.task_dir)
         uid, gid = host_share.guest_ids(spec.launch.env_dict())
         share = host_share.export(Path(spec.launch.workspace_source), guest_uid=uid, guest_gid=gid)
         try:
@@ -289,11 +312,12 @@ class QemuDriver:
                                         preexec_fn=install_filter if spec.outlive_caller else vmm_preexec)
         except (OSError, subprocess.SubprocessError) as exc:
             console.close()
+            status.close()
             raise AgentboxError(f"failed to start {qemu_binary()}: {exc}") from None
         finally:
             share.close()
         (spec.task_dir / "qemu.pid").write_text(str(proc.pid))
-        handle = QemuHandle(proc, spec.task_dir, accel, argv, console)
+        handle = QemuHandle(proc, spec.task_dir, accel, argv, console, status)
         _wait_for_socket(handle, handle.sock_dir / "qmp.sock", 30.0)
         return handle
 

@@ -9,7 +9,13 @@ asks for, the filter makes sure that a host share never gains:
   with either bit, fail with ``EPERM``;
 - a device node: ``mknod``/``mknodat`` of a character or block device (or with
   either bit) fail with ``EPERM`` (FIFOs and sockets stay allowed);
-- file capabilities or ACLs: every ``setxattr`` call fails with ``EOPNOTSUPP``.
+- file capabilities or ACLs: every ``setxattr`` call fails with ``EOPNOTSUPP``;
+- a setuid or setgid bit *kept* across a write: the process gives up
+  ``CAP_FSETID`` (effective, permitted, inheritable and bounding sets), so a
+  guest's write or truncate of an existing setuid-root file clears the bits as
+  it does for any unprivileged writer;
+- a whiteout: ``renameat2`` with ``RENAME_WHITEOUT`` (which creates a 0:0
+  character device) fails with ``EPERM``.
 
 ``openat2`` and ``io_uring_setup``, whose arguments a filter cannot read, fail
 with ``ENOSYS`` so that callers fall back to the calls above. Everything else is
@@ -73,10 +79,13 @@ def _device_rules(mode_arg: int) -> list[list[tuple[int, int, int]]]:
             + _mode_rules(mode_arg))
 
 
+RENAME_WHITEOUT: Final = 1 << 2
+
 EPERM_RULES: Final[dict[str, list[list[tuple[int, int, int]]]]] = {
     "chmod": _mode_rules(1), "fchmod": _mode_rules(1), "fchmodat": _mode_rules(2), "fchmodat2": _mode_rules(2),
     "creat": _mode_rules(1), "open": _create_rules(1, 2), "openat": _create_rules(2, 3),
     "mknod": _device_rules(1), "mknodat": _device_rules(2),
+    "renameat2": [[_masked(4, RENAME_WHITEOUT)]],
 }
 UNCONDITIONAL: Final[dict[str, int]] = {
     "setxattr": errno.EOPNOTSUPP, "lsetxattr": errno.EOPNOTSUPP, "fsetxattr": errno.EOPNOTSUPP,
@@ -143,12 +152,48 @@ def _build(lib: ctypes.CDLL) -> int:
     return int(ctx)
 
 
+CAP_FSETID: Final = 4
+PR_CAPBSET_DROP: Final = 24
+_LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def drop_fsetid() -> None:
+    """Give up ``CAP_FSETID`` for good: out of the bounding set (so nothing executed regains it,
+    root included) and out of the effective, permitted and inheritable sets. Without it the kernel
+    clears setuid/setgid on every write or truncate, as for an unprivileged writer. A process that
+    cannot change its bounding set (not root) never had the capability to lose."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAPBSET_DROP, CAP_FSETID, 0, 0, 0) != 0 and ctypes.get_errno() not in (errno.EPERM,
+                                                                                           errno.EINVAL):
+        raise ShareFilterError(f"cannot drop CAP_FSETID from the bounding set: {os.strerror(ctypes.get_errno())}")
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capget(ctypes.byref(header), data) != 0:
+        raise ShareFilterError(f"capget failed: {os.strerror(ctypes.get_errno())}")
+    bit = ~(1 << CAP_FSETID) & 0xFFFFFFFF
+    data[0].effective &= bit
+    data[0].permitted &= bit
+    data[0].inheritable &= bit
+    if libc.capset(ctypes.byref(header), data) != 0:
+        raise ShareFilterError(f"cannot drop CAP_FSETID: {os.strerror(ctypes.get_errno())}")
+
+
 def install() -> None:
-    """Load the filter into the calling process (and everything it will execute).
+    """Give up ``CAP_FSETID`` (:func:`drop_fsetid`) and load the filter into the calling process
+    (and everything it will execute).
 
     Raises :class:`ShareFilterError` when libseccomp is missing or the kernel refuses
     the filter. Safe to call in a ``preexec_fn``: nothing here takes a lock that a
     thread of the parent could hold, apart from the allocator libseccomp uses."""
+    drop_fsetid()
     lib = _library()
     ctx = _build(lib)
     try:
@@ -166,7 +211,7 @@ def available() -> tuple[bool, str]:
         lib.seccomp_release(_build(lib))
     except ShareFilterError as exc:
         return False, str(exc)
-    return True, "setuid/setgid bits, device nodes and xattrs are refused to guests"
+    return True, "setuid/setgid bits (set or kept), device nodes, whiteouts and xattrs are refused to guests"
 
 
 def require_filter() -> None:

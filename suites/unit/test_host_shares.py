@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,123 @@ def test_a_missing_or_non_directory_share_is_one_clear_error(tmp_path: Path) -> 
 
 def test_fd_paths_are_passed_on() -> None:
     assert host_share.fds_in(["/proc/self/fd/7", "/home/u/p", "/proc/self/fd/x", "/proc/self/fd/12"]) == (7, 12)
+
+
+SUID_WRITE = r"""
+import os, sys
+from agentbox_runtime.vmm import share_filter
+if sys.argv[2] == "filtered":
+    share_filter.install()
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_TRUNC)
+os.write(fd, b"#!/bin/sh\necho guest\n")
+os.close(fd)
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["filtered", "unfiltered"])
+def test_a_write_from_the_vmm_clears_setuid_on_an_existing_root_binary(tmp_path: Path, mode: str) -> None:
+    """Finding 4 (security round 2): root keeps S_ISUID across a write through CAP_FSETID; the VMM
+    gives that capability up, so a guest's rewrite of a setuid-root file loses the bit on the host.
+    The unfiltered run shows what the filter stops."""
+    target = tmp_path / "newgrp"
+    target.write_bytes(b"\x7fELF original")
+    os.chown(target, 0, 0)
+    target.chmod(0o4755)
+    proc = subprocess.run([sys.executable, "-c", SUID_WRITE, str(target), mode], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_bytes() == b"#!/bin/sh\necho guest\n"
+    kept = bool(target.stat().st_mode & (stat.S_ISUID | stat.S_ISGID))
+    assert kept is (mode == "unfiltered")
+
+
+def test_the_vmm_has_no_cap_fsetid_in_any_set_and_cannot_regain_it() -> None:
+    code = ("import os\nfrom agentbox_runtime.vmm import share_filter\nshare_filter.install()\n"
+            "os.execvp('grep', ['grep', '^Cap', '/proc/self/status'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    sets = {key.rstrip(":"): int(value, 16) for key, value in (line.split() for line in proc.stdout.splitlines())}
+    assert set(sets) >= {"CapInh", "CapPrm", "CapEff", "CapBnd"}
+    for name in ("CapInh", "CapPrm", "CapEff"):
+        assert not sets[name] & (1 << share_filter.CAP_FSETID), name
+    if os.geteuid() == 0:
+        assert not sets["CapBnd"] & (1 << share_filter.CAP_FSETID)
+        assert sets["CapEff"] & (1 << 0)  # CAP_CHOWN stays: only CAP_FSETID is given up
+
+
+RENAME_WHITEOUT = r"""
+import ctypes, errno, os, sys
+from agentbox_runtime.vmm import share_filter
+if sys.argv[2] == "filtered":
+    share_filter.install()
+libc = ctypes.CDLL(None, use_errno=True)
+d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+rc = libc.renameat2(d, b"a", d, b"b", share_filter.RENAME_WHITEOUT)
+print("ok" if rc == 0 else errno.errorcode[ctypes.get_errno()])
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["filtered", "unfiltered"])
+def test_rename_whiteout_cannot_create_a_character_device(tmp_path: Path, mode: str) -> None:
+    """Finding 14: ``renameat2(RENAME_WHITEOUT)`` leaves a 0:0 character device at the old name;
+    the filter refuses it (the unfiltered run shows it would)."""
+    (tmp_path / "a").write_text("x")
+    proc = subprocess.run([sys.executable, "-c", RENAME_WHITEOUT, str(tmp_path), mode], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    if mode == "filtered":
+        assert proc.stdout.split() == ["EPERM"]
+        assert (tmp_path / "a").read_text() == "x" and not (tmp_path / "b").exists()
+    else:
+        if proc.stdout.split() != ["ok"]:
+            pytest.skip(f"this filesystem has no whiteouts ({proc.stdout.strip()})")
+        assert stat.S_ISCHR((tmp_path / "a").lstat().st_mode)
+
+
+@pytest.fixture
+def fuse_project(tmp_path: Path) -> Iterator[Path]:
+    """A project directory on FUSE (fuse-overlayfs), which cannot be id-mapped."""
+    if os.geteuid() != 0 or shutil.which("fuse-overlayfs") is None:
+        pytest.skip("needs root and fuse-overlayfs")
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for d in (lower, upper, work, merged):
+        d.mkdir()
+    (lower / "MARKER").write_text("project\n")
+    subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(merged)],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        yield merged
+    finally:
+        subprocess.run(["fusermount", "-u", str(merged)], capture_output=True, timeout=60)
+
+
+def test_root_never_shares_a_fuse_project_without_nosuid_nodev(fuse_project: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Finding 1: the as-root fallback used to be the plain path (and nosuid/nodev were dropped
+    silently). It is a detached nosuid,nodev clone, said on the agentbox logger."""
+    with caplog.at_level("WARNING", logger="agentbox"):
+        share = host_share.export(fuse_project)
+    try:
+        assert not share.mapped
+        assert share.path.startswith(host_share.FD_PATH_PREFIX) and share.pass_fds
+        flags = os.statvfs(share.path).f_flag
+        assert flags & os.ST_NOSUID and flags & os.ST_NODEV
+        assert Path(share.path, "MARKER").read_text() == "project\n"
+        assert "nosuid,nodev" in share.why and "cannot id-map" in share.why
+    finally:
+        share.close()
+    assert any("nosuid,nodev" in r.getMessage() for r in caplog.records)
+
+
+@needs_root
+def test_root_refuses_a_share_it_can_neither_id_map_nor_clone(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object) -> int:
+        raise OSError(errno.EINVAL, "open_tree: Invalid argument")
+
+    monkeypatch.setattr(host_share, "_detached_clone", refuse)
+    with pytest.raises(host_share.AgentboxError, match="cannot share .* safely as root") as err:
+        host_share.export(tmp_path)
+    assert "\n" not in str(err.value)

@@ -3,8 +3,11 @@
 One boot serves the module: the guest command prints ``ok`` on the command
 console, mounts the workspace as ``agentbox-guest-init`` does, writes into it as
 root and as dev, tries to plant setuid/setgid files and device nodes there,
-records what it sees of the attached disk, and exits 3. The host workspace
-belongs to another user (4242:4343, mode 0755), as a project root owns would.
+records what it sees of the attached disk, rewrites an existing setuid-root
+binary of its rootfs, floods its console and its status port, and exits 3. The
+host workspace belongs to another user (4242:4343, mode 0755), as a project root
+owns would. The rootfs, workspace and disk paths hold commas, which qemu's option
+parser would read as options of their own unless quoted.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from agentbox_guest_init import contract
 from agentbox_guest_init.enter import NINEP_OPTIONS
 from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk
 from agentbox_runtime.vmm.base import VmSpec
-from agentbox_runtime.vmm import console_log
+from agentbox_runtime.vmm import console_log, qemu
 from agentbox_runtime.vmm.qemu import QemuDriver, tail
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -35,6 +38,9 @@ BOOT_TIMEOUT_S = 600
 OWNER = (4242, 4343)
 CONSOLE_CAP = 128 << 10
 FLOOD_BYTES = 4 * CONSOLE_CAP
+STATUS_FLOOD_BYTES = 4 * qemu.STATUS_CAP
+SETUID_BINARY = "usr/bin/newgrp"
+GUEST_SCRIPT_BYTES = b"#!/bin/sh\necho guest\n"
 DEV = f"setpriv --reuid {contract.DEV_UID} --regid {contract.DEV_GID} --clear-groups"
 SCRIPT = f"""
 echo ok
@@ -56,6 +62,8 @@ attempt python3 -c "import os; os.setxattr('/workspace/by-root', 'security.capab
 }} > /workspace/attempts
 if [ -b /dev/vda ]; then echo "vda $(cat /sys/block/vda/serial)" > /workspace/disk; fi
 head -c {FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo end-of-flood > /dev/ttyS0
+printf '#!/bin/sh\\necho guest\\n' > /{SETUID_BINARY}
+head -c {STATUS_FLOOD_BYTES} /dev/zero | tr '\\0' y > /dev/virtio-ports/{qemu.STATUS_PORT}
 exit 3
 """
 
@@ -78,7 +86,7 @@ def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip(f"needs the guest image {IMAGE} (build it with `agentbox image build`)")
     base = tmp_path_factory.mktemp("qemu-rootfs")
     lower = run("podman", "image", "mount", IMAGE)
-    merged, upper, work = base / "merged", base / "upper", base / "work"
+    merged, upper, work = base / "root,fs", base / "upper", base / "work"
     for d in (merged, upper, work):
         d.mkdir()
     try:
@@ -98,6 +106,7 @@ class Boot:
     console: str
     workspace: Path
     task_dir: Path
+    rootfs: Path
 
 
 def read_console(path: Path, sink: list[bytes]) -> None:
@@ -111,7 +120,7 @@ def read_console(path: Path, sink: list[bytes]) -> None:
 @pytest.fixture(scope="module")
 def boot(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Boot:
     base = tmp_path_factory.mktemp("qemu-boot")
-    workspace, task_dir, disk = base / "ws", base / "task", base / "disk.raw"
+    workspace, task_dir, disk = base / "ws,path=", base / "task", base / "disk,readonly=on.raw"
     workspace.mkdir()
     workspace.chmod(0o755)
     os.chown(workspace, *OWNER)
@@ -132,7 +141,7 @@ def boot(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Boot:
     finally:
         handle.kill()
     reader.join(30)
-    return Boot(status, b"".join(chunks).decode(errors="replace"), workspace, task_dir)
+    return Boot(status, b"".join(chunks).decode(errors="replace"), workspace, task_dir, rootfs)
 
 
 def test_command_output_reaches_the_console_and_exit_status_is_returned(boot: Boot) -> None:
@@ -169,3 +178,31 @@ def test_a_guest_flooding_its_console_cannot_grow_the_log_past_the_cap(boot: Boo
     assert older.exists(), tail(log)
     assert log.stat().st_size + older.stat().st_size <= CONSOLE_CAP
     assert "end-of-flood" in tail(log, 5)
+
+
+def test_a_guest_rewrite_of_a_setuid_root_binary_loses_the_bit_on_the_host(boot: Boot) -> None:
+    """Security round 2, finding 4: qemu runs as root without CAP_FSETID, so the kernel clears
+    S_ISUID when the guest truncates and writes an existing setuid-root file of its rootfs."""
+    binary = boot.rootfs / SETUID_BINARY
+    assert binary.read_bytes() == GUEST_SCRIPT_BYTES, tail(boot.task_dir / "console.log")
+    st = binary.stat()
+    assert st.st_uid == 0 and not st.st_mode & (stat.S_ISUID | stat.S_ISGID), oct(st.st_mode)
+
+
+def test_a_guest_flooding_its_status_port_cannot_grow_the_status_file(boot: Boot) -> None:
+    """Finding 5: the status port is recorded with a cap, like the console; the exit status written
+    after the flood still reads."""
+    status = boot.task_dir / "status"
+    size = status.stat().st_size + (console_log.rotated(status).stat().st_size
+                                    if console_log.rotated(status).exists() else 0)
+    assert size <= qemu.STATUS_CAP
+    assert console_log.rotated(status).exists()
+    assert boot.status == 3
+
+
+def test_paths_with_commas_are_the_paths_qemu_opened(boot: Boot) -> None:
+    """Finding 1: the workspace, rootfs and disk were named with commas, yet the guest saw them."""
+    assert (boot.workspace / "by-root").read_text() == "root\n"
+    assert (boot.workspace / "disk").read_text().split()[0] == "vda"
+    argv = (boot.task_dir / "qemu.argv").read_text()
+    assert "root,,fs" in argv and "disk,,readonly=on.raw" in argv
