@@ -63,7 +63,9 @@ attempt python3 -c "import os; os.setxattr('/workspace/by-root', 'security.capab
 if [ -b /dev/vda ]; then echo "vda $(cat /sys/block/vda/serial)" > /workspace/disk; fi
 head -c {FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo end-of-flood > /dev/ttyS0
 printf '#!/bin/sh\\necho guest\\n' > /{SETUID_BINARY}
-head -c {STATUS_FLOOD_BYTES} /dev/zero | tr '\\0' y > /dev/virtio-ports/{qemu.STATUS_PORT}
+for port in /sys/class/virtio-ports/*; do
+  [ "$(cat "$port/name")" = {qemu.STATUS_PORT} ] && head -c {STATUS_FLOOD_BYTES} /dev/zero | tr '\\0' y > "/dev/${{port##*/}}" && echo > "/dev/${{port##*/}}"
+done
 exit 3
 """
 
