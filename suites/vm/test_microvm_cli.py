@@ -204,6 +204,35 @@ def test_a_root_owned_project_is_writable_by_dev_and_no_setuid_file_reaches_the_
     assert (st.st_uid, st.st_gid) == (0, 0) and st.st_mode & 0o6000 == 0
 
 
+def test_a_comma_in_a_fuse_project_path_shares_no_other_host_directory(env: dict[str, str], tmp_path: Path,
+                                                                      vmm: str) -> None:
+    """Security round 2, finding 1: a project on FUSE (which cannot be id-mapped) at
+    ``proj,path=<host dir>`` used to reach qemu as a plain ``-fsdev ...,path=`` value, and the guest
+    read the host directory. Now the value is quoted and root shares a nosuid,nodev clone."""
+    if os.geteuid() != 0 or shutil.which("fuse-overlayfs") is None:
+        pytest.skip("needs root and fuse-overlayfs")
+    host_dir = tmp_path / "host-dir"
+    host_dir.mkdir()
+    (host_dir / "MARKER").write_text("host\n")
+    lower, upper, work = tmp_path / "lower", tmp_path / "upper", tmp_path / "work"
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "MARKER").write_text("project\n")
+    project = Path(f"{tmp_path}/proj,path={host_dir}")
+    project.mkdir(parents=True)
+    subprocess.run(["fuse-overlayfs", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(project)],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        proc = agentbox(env, project, "microvm", "--vmm", vmm, "--", "sh", "-c",
+                        "cat /workspace/MARKER; grep ' /workspace ' /proc/mounts | wc -l")
+    finally:
+        subprocess.run(["fusermount", "-u", str(project)], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0] == "project", proc.stdout
+    if vmm == "qemu":
+        assert "nosuid,nodev" in proc.stderr, proc.stderr[-2000:]
+
+
 HARDENED_PROBE = ("grep NoNewPrivs /proc/self/status; grep CapBnd /proc/self/status; "
                   "touch /etc/probe 2>&1 | sed 's/.*: //'; "
                   "unshare -rm true 2>/dev/null && echo unshare-allowed || echo unshare-refused; "
