@@ -19,8 +19,11 @@ Requests run concurrently; each response echoes the request ``id``:
 - ``linger``: from now on the EOF of the main channel (the harness went away,
   ``--preserve-debug``) does not end the agent; it keeps serving its attach
   channels until a ``shutdown``;
-- ``attach_listen``: ``port``, ``token`` → serve TCP ``port`` too; every
-  connection's first request must be ``auth`` with ``token``;
+- ``attach_listen``: ``port``, ``token`` → serve TCP ``port`` too; on every
+  connection the host and the agent first prove to each other that they hold
+  ``token``, which never crosses that connection (``auth``/``auth_proof``, see
+  :mod:`agentbox_guest_init.protocol`); at most 8 connections wait to do so at
+  once, each sending a few KiB at most;
 - ``shutdown`` → answer, then exit, on every channel (PID 1 of a guest powers
   off when its command, the agent, ends).
 
@@ -32,7 +35,6 @@ The agent runs as root (the host starts it with ``AGENTBOX_ENTER_AS_ROOT=1``).
 
 from __future__ import annotations
 
-import hmac
 import os
 import select
 import signal
@@ -51,7 +53,10 @@ from agentbox_guest_init.env import GuestEnv
 from agentbox_guest_init.identity import Identity, dev_identity
 from agentbox_guest_init.proc import ROOT, run_tool
 from agentbox_guest_init.pty_sessions import PtySessions
-from agentbox_guest_init.protocol import FrameReader, b64, encode_frame, unb64, write_all
+from agentbox_guest_init.protocol import (
+    MAX_FRAME, MIN_TOKEN_CHARS, PREAUTH_MAX_BYTES, PREAUTH_MAX_FRAME, FrameReader, GuestAuth, b64, encode_frame, unb64,
+    write_all,
+)
 from agentbox_guest_init.shell_env import nix_remote_env, shell_env
 
 OUTPUT_CAP = 8 << 20
@@ -59,7 +64,7 @@ DEFAULT_TIMEOUT_S = 60.0
 DRAIN_GRACE_S = 2.0  # how long to keep reading after exit when a grandchild holds the pipes
 PORT_WAIT_S = 10.0
 AUTH_S = 10.0  # a token channel must authenticate within this
-MIN_TOKEN_CHARS = 32
+PREAUTH_NOISE_KEEP = 256  # bytes of noise a connection keeps for diagnostics before it authenticated
 SHUTDOWN = threading.Event()
 """Set by a ``shutdown`` on any channel: every channel stops and the agent exits."""
 LINGER = threading.Event()
@@ -349,15 +354,21 @@ class Server:
     ``reconnecting``: EOF means "no host side right now" (a virtio-serial port): keep polling.
     ``main``: the agent's own channel; after a ``linger`` request its EOF no longer ends the
     agent, which keeps serving its attach channels until a ``shutdown`` on any channel.
-    ``token``: the first request must be ``auth`` with this token (a network channel), within
-    AUTH_S; anything else closes the channel.
+    ``token``: a network channel; the host must prove it holds this token first
+    (:class:`agentbox_guest_init.protocol.GuestAuth`, which proves the guest holds it too), within
+    AUTH_S. Until then the connection may send at most PREAUTH_MAX_BYTES, in frames of at most
+    PREAUTH_MAX_FRAME, and what it buffers counts against ``admission`` (its listener's
+    :class:`~agentbox_guest_init.listeners.PreauthGate`); anything else closes the connection.
     """
 
     def __init__(self, rfd: int, wfd: int, *, reconnecting: bool = False, main: bool = False,
-                 token: str | None = None) -> None:
+                 token: str | None = None, admission: listeners.Admission | None = None) -> None:
         self.rfd, self.wfd, self.reconnecting, self.main = rfd, wfd, reconnecting, main
-        self.token = token
-        self.reader = FrameReader()
+        self.auth = GuestAuth(token) if token is not None else None
+        self.admission = admission
+        self.preauth_bytes = 0
+        self.reader = FrameReader(noise_keep=PREAUTH_NOISE_KEEP, max_frame=PREAUTH_MAX_FRAME) \
+            if self.auth is not None else FrameReader()
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -378,32 +389,47 @@ class Server:
             self.stop.set()
             SHUTDOWN.set()
 
-    def authenticate(self, req: dict[str, Any]) -> bool:
-        """Check the first request of a token channel; answer it either way."""
-        assert self.token is not None
-        given = req.get("token")
-        ok = req.get("op") == "auth" and isinstance(given, str) and hmac.compare_digest(given.encode(),
-                                                                                         self.token.encode())
-        resp: dict[str, Any] = {"ok": True} if ok else {
-            "ok": False, "error": "authentication required: the first request must be 'auth' with the attach token"}
+    def authenticate(self, req: dict[str, Any]) -> bool | None:
+        """One request of a connection that has not authenticated yet, answered: None to go on,
+        True once it authenticated, False to close it."""
+        assert self.auth is not None
+        resp, verdict = self.auth.step(req)
         if "id" in req:
             resp["id"] = req["id"]
         self.send(resp)
-        if ok:
-            self.token = None
-        return ok
+        if verdict:
+            self.auth = None
+            self.reader.max_frame = MAX_FRAME  # the normal limit from now on
+            if self.admission is not None:
+                self.admission.release()
+        return verdict
+
+    def _held(self) -> int:
+        return len(self.reader.buf) + len(self.reader.noise)
+
+    def _preauth_read(self, data: bytes) -> bool:
+        """Account ``data`` read before authentication; False when the connection is over a limit."""
+        self.preauth_bytes += len(data)
+        if self.preauth_bytes > PREAUTH_MAX_BYTES:
+            return False
+        return self.admission is None or self.admission.hold(self._held() + len(data))
+
+    def _preauth_fed(self) -> bool:
+        """After a feed before authentication: what the reader still holds counts; False when that
+        takes its listener's pre-authentication bytes over their limit."""
+        return self.admission is None or self.admission.hold(self._held())
 
     def serve(self) -> int:
         """The loop; 0 on EOF or shutdown, 1 when a token channel fails to authenticate."""
         started = time.monotonic()
         while not (self.stop.is_set() or SHUTDOWN.is_set()):
-            if self.token is not None and time.monotonic() - started > AUTH_S:
+            if self.auth is not None and time.monotonic() - started > AUTH_S:
                 return 1
             ready, _, _ = select.select([self.rfd], [], [], 0.5)
             if not ready:
                 continue
             try:
-                data = os.read(self.rfd, 1 << 16)
+                data = os.read(self.rfd, PREAUTH_MAX_FRAME if self.auth is not None else 1 << 16)
             except InterruptedError:
                 continue
             except OSError:
@@ -415,32 +441,45 @@ class Server:
                 if self.main and LINGER.is_set():
                     SHUTDOWN.wait()
                 return 0
-            for req in self.reader.feed(data):
-                if self.token is not None:
-                    if not self.authenticate(req):
+            if self.auth is not None and not self._preauth_read(data):
+                return 1
+            requests = self.reader.feed(data)
+            if self.auth is not None and self.reader.dropped:
+                return 1  # a frame too long or damaged before authentication
+            for req in requests:
+                if self.auth is not None:
+                    verdict = self.authenticate(req)
+                    if verdict is False:
                         return 1
                     continue
                 threading.Thread(target=self.reply, args=(req,), daemon=True).start()
+            if self.auth is not None and not self._preauth_fed():
+                return 1
         return 0
 
 
-def serve_connection(conn: socket.socket, token: str | None = None) -> int:
-    """Serve one accepted connection until it closes (authenticating first when ``token`` is set)."""
-    return Server(conn.fileno(), conn.fileno(), token=token).serve()
+def serve_connection(conn: socket.socket, admission: listeners.Admission | None = None,
+                     token: str | None = None) -> int:
+    """Serve one accepted connection until it closes (the host proving it holds ``token`` first
+    when one is set, its pre-authentication input counted against ``admission``)."""
+    return Server(conn.fileno(), conn.fileno(), token=token, admission=admission).serve()
 
 
 def attach_listen(req: Mapping[str, Any]) -> dict[str, Any]:
-    """``attach_listen``: serve ``port`` over TCP too, each connection authenticated with ``token``
-    (at least 32 characters). Idempotent for a port already served."""
+    """``attach_listen``: serve ``port`` over TCP too; on every connection the host and the guest
+    prove to each other that they hold ``token`` (at least 32 characters) before anything else, and
+    at most :data:`listeners.PREAUTH_CONNECTIONS` connections wait to do so at once. Idempotent for
+    a port already served."""
     port, token = req.get("port"), req.get("token")
-    if not isinstance(port, int) or not 0 < port < 65536:
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise ValueError(f"attach_listen port must be 1-65535, got {port!r}")
     if not isinstance(token, str) or len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"attach_listen token must be a string of at least {MIN_TOKEN_CHARS} characters")
     with _TCP_LOCK:
         if port not in _TCP_PORTS:
             listener = listeners.tcp_listener(port)
-            listeners.accept_forever(listener, lambda conn: serve_connection(conn, token), f"attach-tcp-{port}")
+            listeners.accept_forever(listener, lambda conn, admission: serve_connection(conn, admission, token),
+                                     f"attach-tcp-{port}", gate=listeners.PreauthGate())
             _TCP_PORTS[port] = listener
     return {"ok": True, "port": port}
 
@@ -459,7 +498,7 @@ def serve_attach_channels() -> None:
     except (OSError, AttributeError):
         pass
     else:
-        listeners.accept_forever(listener, serve_connection, "attach-vsock")
+        listeners.accept_forever(listener, lambda conn, _admission: serve_connection(conn), "attach-vsock")
     for name in (c.ATTACH_PORT_NAME, c.vsock_port_name(c.ATTACH_VSOCK_PORT)):
         try:
             device = find_port(name, timeout=0.0)

@@ -108,8 +108,9 @@ ATTACH_VSOCK_PORT: Final = 10_250
 socket in the task's socket dir and bridges each connection to it, ``krun_add_vsock_port2``)."""
 ATTACH_TCP_PORT: Final = 10_251
 """The TCP port the agent serves ``agentbox attach`` on when the harness asks it to (krun-podman:
-published on the host's 127.0.0.1 only). Every connection must authenticate first with the token
-the harness gave the agent over its main channel."""
+published on the host's 127.0.0.1 only). On every connection the host and the agent first prove to
+each other that they hold the token the harness gave the agent over its main channel
+(:class:`agentbox_guest_init.protocol.GuestAuth`); the token never crosses the port."""
 
 
 def vsock_port_name(port: int) -> str:

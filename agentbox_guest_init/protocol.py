@@ -6,14 +6,34 @@ shell echo), drops frames whose checksum or payload is bad, and resyncs on
 a new magic. Requests and responses are JSON objects; a request carries
 ``op`` and usually an ``id`` that its response echoes; byte fields are
 base64 strings (:func:`b64`).
+
+A channel reachable by other local users (the krun-podman attach port) is
+guarded by a shared token that never crosses the wire: both ends prove they
+hold it with HMAC-SHA256 over a fresh nonce from each side
+(:class:`ClientAuth` on the host, :class:`GuestAuth` in the agent; the one
+implementation of the exchange):
+
+1. host → guest: ``{"op": "auth", "client_nonce": C}``;
+2. guest → host: ``{"ok": true, "agent_nonce": A, "proof": HMAC(token, "guest|C|A")}``;
+   the host checks it before it sends anything else;
+3. host → guest: ``{"op": "auth_proof", "proof": HMAC(token, "client|A|C")}``;
+4. guest → host: ``{"ok": true}``; only now does the guest serve other requests.
+
+Until then the guest reads at most :data:`PREAUTH_MAX_BYTES` per connection, in
+frames of at most :data:`PREAUTH_MAX_FRAME` bytes.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
+import re
+import secrets
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 MAGIC = b"@@AGENTBOX1 "
@@ -22,6 +42,17 @@ CHUNK = 4 << 20
 """Bytes of file data per ``read_file``/``write_file`` frame (base64 makes it a third larger)."""
 MAX_DEPTH = 32
 """Deepest JSON nesting a frame may have (messages are flat; deeper is hostile)."""
+AUTH_OP = "auth"
+AUTH_PROOF_OP = "auth_proof"
+NONCE_BYTES = 32
+"""Random bytes per nonce (sent as 64 lowercase hex digits)."""
+MIN_TOKEN_CHARS = 32
+"""The shortest attach token accepted."""
+PREAUTH_MAX_FRAME = 4096
+"""The longest frame a connection may send before it authenticated (the auth frames are ~250 bytes)."""
+PREAUTH_MAX_BYTES = 16384
+"""Bytes a connection may send in all before it authenticated (frames and noise); more closes it."""
+_NONCE = re.compile(r"[0-9a-f]{%d}" % (2 * NONCE_BYTES))
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
@@ -161,3 +192,85 @@ class FrameReader:
             except Damaged as exc:
                 self.dropped += 1
                 self.last_drop = str(exc)
+
+
+class AuthFailed(ValueError):
+    """The peer did not prove it holds the token (or broke the exchange)."""
+
+
+def new_nonce() -> str:
+    """A fresh nonce: :data:`NONCE_BYTES` random bytes as lowercase hex."""
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def _nonce(value: object) -> str | None:
+    return value if isinstance(value, str) and _NONCE.fullmatch(value) else None
+
+
+def auth_proof(token: str, role: str, first: str, second: str) -> str:
+    """HMAC-SHA256 (hex) of ``role|first|second`` keyed with ``token``; ``role`` is ``guest`` or ``client``,
+    so a proof one side sent can never be replayed as the other side's."""
+    if role not in ("guest", "client"):
+        raise ValueError(f"auth proof role must be 'guest' or 'client', got {role!r}")
+    return hmac.new(token.encode(), f"{role}|{first}|{second}".encode(), hashlib.sha256).hexdigest()
+
+
+def _proof_matches(expected: str, given: object) -> bool:
+    return isinstance(given, str) and given.isascii() and hmac.compare_digest(expected.encode(), given.encode())
+
+
+class ClientAuth:
+    """The host's half of the exchange: :meth:`hello` fields, then :meth:`answer` checks the guest's
+    proof and gives the ``auth_proof`` fields (raises :class:`AuthFailed` when the guest's is wrong)."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.nonce = new_nonce()
+
+    def hello(self) -> dict[str, Any]:
+        """The fields of the ``auth`` request."""
+        return {"client_nonce": self.nonce}
+
+    def answer(self, reply: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields of the ``auth_proof`` request, once ``reply`` (the guest's answer to ``auth``)
+        proved the guest holds the token."""
+        agent_nonce = _nonce(reply.get("agent_nonce"))
+        if agent_nonce is None or agent_nonce == self.nonce:
+            raise AuthFailed("the guest sent no valid agent_nonce")
+        if not _proof_matches(auth_proof(self.token, "guest", self.nonce, agent_nonce), reply.get("proof")):
+            raise AuthFailed("the guest's proof does not match the token")
+        return {"proof": auth_proof(self.token, "client", agent_nonce, self.nonce)}
+
+
+class GuestAuth:
+    """The guest's half: :meth:`step` answers each request of a connection that has not authenticated
+    yet. Its verdict is None (go on), True (authenticated: serve the connection) or False (answer,
+    then close the connection)."""
+
+    def __init__(self, token: str) -> None:
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the attach token must be at least {MIN_TOKEN_CHARS} characters")
+        self.token = token
+        self.client_nonce: str | None = None
+        self.agent_nonce: str | None = None
+
+    def step(self, req: Mapping[str, Any]) -> tuple[dict[str, Any], bool | None]:
+        """The answer to ``req`` and the verdict."""
+        op = req.get("op")
+        if self.agent_nonce is None:
+            client_nonce = _nonce(req.get("client_nonce"))
+            if op != AUTH_OP or client_nonce is None:
+                return {"ok": False, "error": f"authentication required: the first request must be "
+                                              f"'{AUTH_OP}' with a client_nonce of {2 * NONCE_BYTES} lowercase "
+                                              "hex digits"}, False
+            self.client_nonce, self.agent_nonce = client_nonce, new_nonce()
+            return {"ok": True, "agent_nonce": self.agent_nonce,
+                    "proof": auth_proof(self.token, "guest", client_nonce, self.agent_nonce)}, None
+        assert self.client_nonce is not None
+        if op != AUTH_PROOF_OP:
+            return {"ok": False, "error": f"authentication required: the second request must be "
+                                          f"'{AUTH_PROOF_OP}'"}, False
+        if not _proof_matches(auth_proof(self.token, "client", self.agent_nonce, self.client_nonce),
+                              req.get("proof")):
+            return {"ok": False, "error": "authentication failed: the proof does not match the attach token"}, False
+        return {"ok": True}, True

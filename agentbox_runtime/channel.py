@@ -17,7 +17,9 @@ import itertools
 import os
 import select
 import socket
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -25,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from agentbox_guest_init.protocol import CHUNK, FrameReader, b64, encode_frame
+from agentbox_guest_init.protocol import (
+    AUTH_OP, AUTH_PROOF_OP, CHUNK, AuthFailed, ClientAuth, FrameReader, b64, encode_frame,
+)
 from agentbox_runtime.retry import WaitTimeout, retry
 
 RUN_MARGIN_S = 10.0  # the channel waits this much longer than a command's own timeout
@@ -38,6 +42,10 @@ class ChannelError(RuntimeError):
 
 class ChannelTimeout(ChannelError):
     """No answer within the call's timeout."""
+
+
+class GuestAuthError(ChannelError):
+    """The peer of an authenticated channel did not prove it holds the guest's attach token."""
 
 
 @dataclass(frozen=True)
@@ -118,16 +126,35 @@ class AgentClient:
 
     @classmethod
     def connect_tcp(cls, host: str, port: int, token: str, timeout: float) -> AgentClient:
-        """Connect to an agent's TCP attach channel (``attach_listen``) and authenticate with ``token``."""
+        """Connect to an agent's TCP attach channel (``attach_listen``); both ends prove they hold
+        ``token`` (:meth:`authenticate`) before the client is returned."""
         s = cls._connect(lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), (host, port),
                          f"agent attach port {host}:{port}", timeout)
         client = cls(s, closer=s)
         try:
-            client.request("auth", max(timeout, 5.0), token=token)
+            client.authenticate(token, max(timeout, 5.0), f"{host}:{port}")
         except ChannelError:
             client.close()
             raise
         return client
+
+    def authenticate(self, token: str, timeout: float, where: str) -> None:
+        """The mutual token exchange of :mod:`agentbox_guest_init.protocol` (the token itself is never
+        sent). The guest's proof is checked before anything else is sent: a peer that cannot give it
+        raises :class:`GuestAuthError` naming ``where``."""
+        auth = ClientAuth(token)
+        refused = GuestAuthError(f"the guest at {where} did not prove it holds this guest's attach token; "
+                                 "refusing to attach")
+        reply = self._exchange(AUTH_OP, timeout, auth.hello())
+        if reply.get("ok") is not True:
+            raise refused
+        try:
+            fields = auth.answer(reply)
+        except AuthFailed:
+            raise refused from None
+        answer = self._exchange(AUTH_PROOF_OP, timeout, fields)
+        if answer.get("ok") is not True:
+            raise ChannelError(f"the guest at {where} refused this attach token: {_short(repr(answer.get('error')))}")
 
     @classmethod
     def over_process(cls, proc: subprocess.Popen[bytes]) -> AgentClient:
@@ -203,8 +230,8 @@ class AgentClient:
             finally:
                 self._read_lock.release()
 
-    def request(self, op: str, wait_s: float, /, **fields: Any) -> dict[str, Any]:
-        """Send one request and wait up to ``wait_s`` seconds for its response."""
+    def _exchange(self, op: str, wait_s: float, fields: dict[str, Any]) -> dict[str, Any]:
+        """Send one request and wait up to ``wait_s`` seconds for its response, whatever it says."""
         if self.closed:
             raise ChannelError(f"agent channel is closed; cannot send '{op}'")
         rid = next(self.ids)
@@ -213,10 +240,14 @@ class AgentClient:
         try:
             self._send({"op": op, "id": rid, **fields}, min(wait_s, SEND_TIMEOUT_S))
             self._pump(op, rid, deadline, wait_s)
-            resp = self.pending.pop(rid)
+            return self.pending.pop(rid)
         finally:
             self.waiting.discard(rid)
             self.pending.pop(rid, None)
+
+    def request(self, op: str, wait_s: float, /, **fields: Any) -> dict[str, Any]:
+        """Send one request and wait up to ``wait_s`` seconds for its response."""
+        resp = self._exchange(op, wait_s, fields)
         if resp.get("ok") is not True:
             raise ChannelError(f"agent '{op}' failed: {_short(resp.get('error'))}")
         return resp
@@ -258,9 +289,37 @@ class AgentClient:
 
     def download(self, path: str, dest: Path, timeout: float = 300.0) -> int:
         """Copy guest file ``path`` to host file ``dest`` in :data:`CHUNK` pieces, checking its size and
-        sha256; the byte count. ``timeout`` bounds the whole transfer."""
-        with open(dest, "wb") as f:
-            return self._download(path, f, timeout)
+        sha256; the byte count. ``timeout`` bounds the whole transfer.
+
+        The bytes go to a new file beside ``dest`` (created exclusively, mode 0600 while it fills),
+        which replaces ``dest`` only once size and sha256 matched; a file it replaces keeps its
+        permission bits (never setuid/setgid/sticky), a new one gets 0666 minus the umask. A failed
+        copy removes the temporary file and leaves ``dest`` as it was. A symlink ``dest`` is written
+        through, as ``open(dest, "wb")`` would."""
+        target = Path(os.path.realpath(dest))
+        try:
+            st: os.stat_result | None = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            kind = IsADirectoryError if stat.S_ISDIR(st.st_mode) else OSError
+            raise kind(f"cannot copy {path} from the guest to {dest}: it is "
+                       f"{'a directory' if kind is IsADirectoryError else 'not a regular file'}; accepted: "
+                       "a regular file (replaced) or a path that does not exist yet")
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".agentbox-part", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                size = self._download(path, f, timeout)
+                f.flush()
+                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode) & 0o777 if st is not None else 0o666 & ~_umask())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return size
 
     def _download(self, path: str, sink: IO[bytes], timeout: float) -> int:
         deadline = time.monotonic() + timeout
@@ -356,7 +415,8 @@ class AgentClient:
         self.request("linger", timeout)
 
     def attach_listen(self, port: int, token: str, timeout: float = 10.0) -> None:
-        """Have the agent serve TCP ``port`` too, each connection authenticated with ``token``."""
+        """Have the agent serve TCP ``port`` too; on each connection both ends prove they hold ``token``
+        (:meth:`connect_tcp`). Send it only over a private channel (the agent's main one)."""
         self.request("attach_listen", timeout, port=port, token=token)
 
 
@@ -404,6 +464,17 @@ class PtyRelay:
         self._stop.set()
         self.local.close()
         self._thread.join(self.poll_s + RUN_MARGIN_S + 5)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (``/proc/self/status``; 0o022 if unreadable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _write_some(fd: int, data: memoryview) -> int:

@@ -5,7 +5,8 @@ starts and removes it when it stops: a qemu guest (its ``org.agentbox.attach``
 port is a second agent channel), a krun-direct guest (libkrun bridges a unix
 socket to the agent's attach vsock port), a krun-podman task (the agent's TCP
 attach port, published on 127.0.0.1 and guarded by a token kept only in the
-record) or a container-mode task (``podman exec``). ``--preserve-debug`` marks a
+record and the guest: both prove they hold it before anything else crosses the
+port, and ``attach`` refuses once the container is gone) or a container-mode task (``podman exec``). ``--preserve-debug`` marks a
 failed test's records ``preserved`` and leaves the guest running: then only
 ``agentbox rm`` stops it and deletes what the record lists, and the reaper of
 later runs leaves it alone.
@@ -47,8 +48,8 @@ class GuestRecord:
     pid: int | None = None  # the VMM
     pid_start: str | None = None
     attach_socket: str | None = None  # a unix socket that reaches the agent (qemu, krun-direct)
-    attach_tcp: int | None = None  # a 127.0.0.1 port that reaches the agent after `auth` (krun-podman)
-    attach_token: str | None = None
+    attach_tcp: int | None = None  # a 127.0.0.1 port that reaches the agent (krun-podman, while `container` runs)
+    attach_token: str | None = None  # both ends prove they hold it (HMAC, protocol.ClientAuth); never sent
     container: str | None = None  # the container `attach` execs into
     containers: list[str] = field(default_factory=list)  # every container `rm` removes (the sidecar too)
     cleanup: list[str] = field(default_factory=list)  # shell commands `agentbox rm` runs, in order

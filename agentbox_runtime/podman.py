@@ -11,8 +11,12 @@ import os
 import re
 import subprocess
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from agentbox_runtime.errors import AgentboxError, InputError, one_line
+
+if TYPE_CHECKING:
+    from agentbox_runtime.container.podman_api import PodmanRunner
 
 MISSING = "podman is not installed or not available on PATH"
 CALL_TIMEOUT_S = 300.0
@@ -67,6 +71,12 @@ class Podman:
     def image_exists(self, image: str) -> bool:
         """``podman image exists <image>``."""
         return self.capture(["image", "exists", image]).returncode == 0
+
+
+def container_running(podman: Podman | PodmanRunner, name: str) -> bool:
+    """Whether container ``name`` exists and is running (``podman container inspect``)."""
+    proc = podman.capture(["container", "inspect", "--format", "{{.State.Running}}", name])
+    return proc.returncode == 0 and proc.stdout.strip() == "true"
 
 
 IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"

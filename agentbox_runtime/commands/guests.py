@@ -3,8 +3,9 @@
 ``ps`` lists the running and preserved harness guests (:mod:`agentbox_runtime.guest_registry`).
 ``attach`` opens an interactive shell in a live guest: a pty relayed by the
 guest agent over its attach channel (qemu and krun-direct: a unix socket;
-krun-podman: an authenticated 127.0.0.1 port), or ``podman exec -it`` into a
-container-mode task. ``rm`` stops a guest and deletes what its record lists.
+krun-podman: a 127.0.0.1 port, only while its container runs, where the guest
+must prove it holds the record's token before anything is sent), or
+``podman exec -it`` into a container-mode task. ``rm`` stops a guest and deletes what its record lists.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ import tty
 from pathlib import Path
 
 from agentbox_runtime import guest_registry
-from agentbox_runtime.channel import AgentClient, ChannelError
+from agentbox_runtime.channel import AgentClient, ChannelError, GuestAuthError
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.images.commit import image_user
-from agentbox_runtime.podman import Podman
+from agentbox_runtime.podman import Podman, container_running
 from agentbox_runtime.retry import WaitTimeout, retry
 from agentbox_runtime.microvm.image_cache import remove_tree
 
 ATTACH_CONNECT_S = 10.0
+CONTAINER_CHECK_S = 30.0
 STOP_S = 10.0
 POLL_S = 0.05
 
@@ -87,6 +89,18 @@ def _relay(agent: AgentClient, pty: int) -> int:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
 
+def _require_live_container(rec: guest_registry.GuestRecord) -> None:
+    """A krun-podman record has no VMM pid to check: its guest lives only while its container runs.
+    Once the container is gone its published 127.0.0.1 port is anyone's, so attach refuses."""
+    if not rec.container:
+        raise AgentboxError(f"guest {rec.id} (krun-podman) names no container; `agentbox rm {rec.id}` "
+                            "removes its record")
+    if not container_running(Podman(timeout_s=CONTAINER_CHECK_S), rec.container):
+        raise AgentboxError(f"guest {rec.id}: its container {rec.container} is not running any more, so "
+                            f"its attach port is not its own; refusing to attach (`agentbox rm {rec.id}` "
+                            "removes the record)")
+
+
 def attach(guest_id: str, root: bool) -> int:
     rec = guest_registry.find(guest_id)
     if rec.status() == "stopped":
@@ -98,6 +112,8 @@ def attach(guest_id: str, root: bool) -> int:
         env = [] if root else [a for k, v in image.exec_env().items() for a in ("--env", f"{k}={v}")]
         os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", image.workdir,
                              rec.container, "bash", "-l"])
+    if rec.backend == "krun-podman":
+        _require_live_container(rec)
     try:
         if rec.attach_socket is not None:
             agent = AgentClient.connect_unix(rec.attach_socket, ATTACH_CONNECT_S)
@@ -105,6 +121,8 @@ def attach(guest_id: str, root: bool) -> int:
             agent = AgentClient.connect_tcp("127.0.0.1", rec.attach_tcp, rec.attach_token, ATTACH_CONNECT_S)
         else:
             raise AgentboxError(f"guest {rec.id} ({rec.backend}) has no attach channel")
+    except GuestAuthError as exc:  # someone else answers on the guest's port: nothing was sent to it
+        raise AgentboxError(str(exc)) from None
     except (ChannelError, OSError) as exc:
         raise AgentboxError(f"cannot reach guest {rec.id}: {exc}") from None
     rows, cols = _terminal_size()

@@ -30,6 +30,7 @@ from agentbox_runtime.container.state_file import (
     MountMode, SidecarState, load_state, remove_state, write_state,
 )
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.podman import container_running
 
 
 @dataclass(frozen=True)
@@ -90,12 +91,6 @@ def running_tasks(podman: PodmanRunner, name: str) -> list[str]:
                          "--filter", f"label={LABEL_SIDECAR}={name}", "--format", "{{.ID}}"],
                         f"failed to list task containers of sidecar '{name}'")
     return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def container_running(podman: PodmanRunner, name: str) -> bool:
-    """Whether container ``name`` exists and is running."""
-    proc = podman.capture(["container", "inspect", "--format", "{{.State.Running}}", name])
-    return proc.returncode == 0 and proc.stdout.strip() == "true"
 
 
 def remove_container(podman: PodmanRunner, name: str) -> None:

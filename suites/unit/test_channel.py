@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from agentbox_guest_init.protocol import MAGIC, FrameReader, encode_frame
-from agentbox_runtime.channel import AgentClient, ChannelError, ChannelTimeout, RunResult
+from agentbox_guest_init.protocol import MAGIC, ClientAuth, FrameReader, encode_frame
+from agentbox_runtime.channel import AgentClient, ChannelError, ChannelTimeout, GuestAuthError, RunResult
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-m", "agentbox_guest_init.cli", "agent"]
@@ -396,7 +396,7 @@ def _free_port() -> int:
 TOKEN = "t" * 20 + "0123456789abcdef0123"
 
 
-def test_a_tcp_attach_channel_answers_only_after_auth_with_the_token(piped) -> None:  # type: ignore[no-untyped-def]
+def test_a_tcp_attach_channel_answers_only_after_both_ends_proved_the_token(piped) -> None:  # type: ignore[no-untyped-def]
     client, _ = piped
     port = _free_port()
     with pytest.raises(ChannelError, match="token must be a string of at least 32"):
@@ -408,14 +408,35 @@ def test_a_tcp_attach_channel_answers_only_after_auth_with_the_token(piped) -> N
         assert attached.run(["echo", "via tcp"], timeout=30, user="root").text == "via tcp\n"
     finally:
         attached.close()
-    with pytest.raises(ChannelError, match="authentication required"):
+    # a client with another token: the guest's proof does not match it, so the client sends nothing more
+    with pytest.raises(GuestAuthError, match=f"^the guest at 127.0.0.1:{port} did not prove it holds this "
+                                             "guest's attach token; refusing to attach$"):
         AgentClient.connect_tcp("127.0.0.1", port, TOKEN[:-1] + "x", 10.0)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # a request before auth
         raw.sendall(encode_frame({"op": "run", "id": 1, "argv": ["touch", "/tmp/never"]}))
-        reader, answers = FrameReader(), []
-        while data := raw.recv(65536):  # the agent answers once, then closes the connection
-            answers += reader.feed(data)
-    assert [a.get("ok") for a in answers] == [False] and "authentication required" in answers[0]["error"]
+        assert [a.get("ok") for a in _answers(raw)] == [False]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # the old exchange: the token itself
+        raw.sendall(encode_frame({"op": "auth", "id": 1, "token": TOKEN}))
+        answers = _answers(raw)
+        assert [a.get("ok") for a in answers] == [False] and "client_nonce" in answers[0]["error"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:  # a hello, then a wrong proof
+        auth = ClientAuth(TOKEN)
+        raw.sendall(encode_frame({"op": "auth", "id": 1, **auth.hello()}))
+        reader, hello = FrameReader(), []
+        while not hello:
+            hello = reader.feed(raw.recv(65536))
+        assert auth.answer(hello[0])  # the real guest proves it holds the token
+        raw.sendall(encode_frame({"op": "auth_proof", "id": 2, "proof": "0" * 64}))
+        answers = _answers(raw, reader)
+        assert [a.get("ok") for a in answers] == [False] and "authentication failed" in answers[0]["error"]
+
+
+def _answers(raw: socket.socket, reader: FrameReader | None = None) -> list[dict[str, object]]:
+    """Every frame the agent sends until it closes the connection (it answers a refused one once, then closes)."""
+    reader, answers = reader or FrameReader(), []
+    while data := raw.recv(65536):
+        answers += reader.feed(data)
+    return answers
 
 
 def test_linger_keeps_the_agent_serving_its_attach_channels_after_the_main_one_closes(piped) -> None:  # type: ignore[no-untyped-def]
