@@ -7,7 +7,9 @@ verb timings), the task's ``launch.conf`` and qemu argv/log, and, when kept,
 ``outcome.json`` and ``doctor.json`` (the host capability snapshot).
 
 The directory is kept when the test failed (in any phase) or with
-``--preserve-debug``, and removed when it passed otherwise.
+``--preserve-debug``, and removed when it passed otherwise. Every level is made and written
+through :class:`~agentbox_runtime.private_dir.OutputDir`: a symlink or another user's directory
+on the way is refused, never followed.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import json
 import os
 import platform
 import re
-import shutil
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from agentbox_runtime.private_dir import OutputDir
 
 MAX_ATTACH_BYTES = 4 << 20
 REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
@@ -42,10 +45,14 @@ def node_name(nodeid: str) -> str:
 
 
 def node_dir(config: pytest.Config, nodeid: str, create: bool = True) -> Path:
-    """The artifact dir of test ``nodeid`` (created unless ``create`` is False)."""
+    """The artifact dir of test ``nodeid`` (created 0700 unless ``create`` is False).
+
+    Created through :class:`OutputDir`: the artifact root and the test's dir must be real
+    directories of ours (UnsafeDirectory otherwise), so a link planted there is never used."""
     path = artifact_root(config) / node_name(nodeid)
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        with OutputDir.open(artifact_root(config)) as root:
+            root.subdir(path.name).close()
     return path
 
 
@@ -58,18 +65,20 @@ def finalize(config: pytest.Config, nodeid: str, reports: Mapping[str, pytest.Te
              preserve: bool, doctor: list[dict[str, object]] | None) -> Path | None:
     """Keep (with outcome.json and doctor.json) or remove a test's artifact dir; the kept dir."""
     path = node_dir(config, nodeid, create=False)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     bad = failed(reports)
-    if not (bad or preserve):
-        shutil.rmtree(path, ignore_errors=True)
-        return None
-    outcome = {"nodeid": nodeid, "failed": bad, "time": time.time(),
-               "phases": {when: r.outcome for when, r in reports.items()},
-               "durations_s": {when: round(r.duration, 3) for when, r in reports.items()}}
-    (path / "outcome.json").write_text(json.dumps(outcome, indent=1))
-    if doctor is not None:
-        (path / "doctor.json").write_text(json.dumps(doctor, indent=1))
+    with OutputDir.open(artifact_root(config), create=False) as root:
+        if not (bad or preserve):
+            root.remove(path.name)  # a link planted there goes, never what it points to
+            return None
+        outcome = {"nodeid": nodeid, "failed": bad, "time": time.time(),
+                   "phases": {when: r.outcome for when, r in reports.items()},
+                   "durations_s": {when: round(r.duration, 3) for when, r in reports.items()}}
+        with root.subdir(path.name, create=False) as kept:
+            kept.write_file("outcome.json", json.dumps(outcome, indent=1).encode(), replace=True)
+            if doctor is not None:
+                kept.write_file("doctor.json", json.dumps(doctor, indent=1).encode(), replace=True)
     return path
 
 
@@ -94,13 +103,15 @@ def environment_properties(values: Mapping[str, Any]) -> dict[str, str]:
 
 
 def write_allure_environment(alluredir: str | None, props: Mapping[str, str]) -> Path | None:
-    """Write ``environment.properties`` into the Allure results dir once per run."""
+    """Write ``environment.properties`` into the Allure results dir once per run (the dir opened
+    without following a link and ours, :class:`OutputDir`; UnsafeDirectory otherwise)."""
     if not alluredir:
         return None
     path = Path(alluredir) / "environment.properties"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     body = "".join(f"{k}={str(v).replace(chr(10), ' ')}\n" for k, v in sorted(props.items()))
-    path.write_text(body)
+    with OutputDir.open(Path(alluredir), mode=0o755) as out:
+        try:
+            out.write_file(path.name, body.encode(), mode=0o644)
+        except FileExistsError:
+            pass  # once per run: another worker wrote it
     return path

@@ -38,6 +38,8 @@ from agentbox_runtime.container import host_conf
 from agentbox_runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
 from agentbox_runtime.microvm.maintenance import live_users
 from agentbox_runtime.podman import Podman
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.private_dir import OutputDir
 
 
 
@@ -213,9 +215,9 @@ class Factory:
     def keep_timings(self) -> None:
         """Every machine's profile goes to results/timings/<test>.json whatever the outcome."""
         root = Path(str(self.request.config.rootpath)) / "results" / "timings"
-        root.mkdir(parents=True, exist_ok=True)
-        (root / f"{node_name(self.request.node.nodeid)}.json").write_text(
-            json.dumps({m.name: m.profile for m in self.machines}, indent=1))
+        with OutputDir.open(root) as out:  # no link followed, ours (see private_dir.OutputDir)
+            out.write_file(f"{node_name(self.request.node.nodeid)}.json",
+                           json.dumps({m.name: m.profile for m in self.machines}, indent=1).encode(), replace=True)
 
     def close(self) -> list[str]:
         """Stop every machine (newest first) and write its artifacts; the errors, one per failure.
@@ -241,7 +243,7 @@ class Factory:
             self.session.preserved.extend(m.preserved)
         try:
             self.keep_timings()
-        except OSError as exc:
+        except (OSError, AgentboxError) as exc:
             errors.append(f"timings: {exc}")
         node = self.request.node
         if failed(node.stash.get(REPORTS, {})) and self.machines:

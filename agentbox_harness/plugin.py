@@ -16,13 +16,14 @@ import pytest
 
 from agentbox_harness import artifacts, evidence_bundle, reaper
 from agentbox_harness.artifacts import MACHINES, REPORTS
-from agentbox_harness.session import KEY, harness
+from agentbox_harness.session import KEY, evidence_dir, harness
 from agentbox_runtime import guest_registry
 from agentbox_runtime.config import check_location
 from agentbox_runtime.doctor import krun_podman_runtime
 from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.podman import Podman
-from agentbox_runtime.errors import InputError
+from agentbox_runtime.errors import AgentboxError, InputError
+from agentbox_runtime.private_dir import OutputDir, UnsafeDirectory
 from agentbox_harness.caps import CAP_MARKERS, check_markers
 from agentbox_runtime.microvm.reaper import reap_stale
 from agentbox_runtime.state import StateLayout
@@ -39,6 +40,8 @@ MARKERS = {
 }
 REAPED = pytest.StashKey[list[str]]()
 LEAKS = pytest.StashKey[list[str]]()
+REFUSED = pytest.StashKey[list[str]]()
+"""Output the run could not write (a refused output dir), for the terminal summary."""
 
 
 pytest_plugins = ["agentbox_harness.fixtures"]
@@ -91,6 +94,7 @@ def pytest_configure(config: pytest.Config) -> None:
             check_location(Path(state_dir))
         except InputError as exc:
             raise pytest.UsageError(f"--agentbox-state-dir {exc}") from None
+    _check_output_dirs(config)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -167,14 +171,44 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if rep.when == "teardown" and KEY in item.config.stash:
         session = item.config.stash[KEY]
         if session.evidence_dir is not None:
-            root = evidence_bundle.write(item.config, item.nodeid, reports, session.evidence_dir, session.redactor)
-            if root is not None:
-                rep.sections.append(("agentbox evidence", f"{root[0]} (root sha256 {root[1]})"))
-        kept = artifacts.finalize(item.config, item.nodeid, reports, preserve=session.preserve_debug,
-                                  doctor=[c.as_dict() for c in session.checks])
-        if kept is not None:
-            rep.sections.append(("agentbox artifacts", str(kept)))
+            try:
+                root = evidence_bundle.write(item.config, item.nodeid, reports, session.evidence_dir,
+                                             session.redactor)
+            except AgentboxError as exc:
+                _refused(rep, "evidence", exc)
+            else:
+                if root is not None:
+                    rep.sections.append(("agentbox evidence", f"{root[0]} (root sha256 {root[1]})"))
+        try:
+            kept = artifacts.finalize(item.config, item.nodeid, reports, preserve=session.preserve_debug,
+                                      doctor=[c.as_dict() for c in session.checks])
+        except AgentboxError as exc:
+            _refused(rep, "artifacts", exc)
+        else:
+            if kept is not None:
+                rep.sections.append(("agentbox artifacts", str(kept)))
     return rep
+
+
+def _refused(rep: pytest.TestReport, what: str, exc: AgentboxError) -> None:
+    """An output dir refused (a planted link, another user's dir): the teardown fails with its one line."""
+    line = f"agentbox {what} not written: {exc}"
+    if rep.failed:
+        rep.sections.append((f"agentbox {what}", line))
+    else:
+        rep.outcome, rep.longrepr = "failed", line
+
+
+def _check_output_dirs(config: pytest.Config) -> None:
+    """``--agentbox-evidence DIR`` and ``--alluredir DIR``, when they exist, must be real
+    directories of ours (never a link): a usage error of one line, before anything is written."""
+    for option, path in (("--agentbox-evidence", evidence_dir(config)),
+                         ("--alluredir", getattr(config.option, "allure_report_dir", None))):
+        if path and os.path.lexists(path):
+            try:
+                OutputDir.open(Path(path), create=False).close()
+            except UnsafeDirectory as exc:
+                raise pytest.UsageError(f"{option}: {exc}") from None
 
 
 def _run_registries(config: pytest.Config) -> list[reaper.RunRegistry]:
@@ -228,7 +262,10 @@ def _write_environment(config: pytest.Config) -> None:
     values = {"agentbox.backend": h.backend, "agentbox.timeout_scale": h.timeout_scale,
               "agentbox.strict": h.strict, **{f"tool.{n}": by[n] for n in ("qemu", "podman", "crun-krun", "libkrun")
                                               if n in by}}
-    artifacts.write_allure_environment(alluredir, artifacts.environment_properties(values))
+    try:
+        artifacts.write_allure_environment(alluredir, artifacts.environment_properties(values))
+    except AgentboxError as exc:
+        config.stash[REFUSED] = [f"Allure environment.properties not written: {exc}"]
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -243,6 +280,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         for kept in config.stash[KEY].preserved:
             for line in kept.lines:
                 tr.write_line(line)
+    for line in config.stash.get(REFUSED, []):
+        tr.write_line(f"agentbox: {line}")
     leaks = config.stash.get(LEAKS, [])
     if leaks:
         tr.section("agentbox: leaked resources")

@@ -7,8 +7,10 @@ A bundle is a directory of files plus ``index.json``::
 
 ``root_sha256`` is the SHA-256 of the listing ``"<sha256>  <path>\\n"`` of every file, sorted by
 path, so one value pins the whole bundle (keep it elsewhere, e.g. in a CI log, to detect a
-rewritten index too). :func:`verify` rechecks a bundle and names every file that changed, went
-missing or appeared; ``agentbox evidence verify <dir>`` is its command line.
+rewritten index too). :mod:`agentbox_runtime.evidence_verify` rechecks a bundle and names every
+file that changed, went missing or appeared; ``agentbox evidence verify <dir>`` is its command line.
+Bundles are written through :class:`~agentbox_runtime.private_dir.OutputDir`: no link on the path
+is followed and every file is created new.
 
 Nothing is written before :func:`redact` ran over it: the values of environment variables whose
 names look secret (:data:`SECRET_NAME`) and every registered secret become ``[REDACTED]``.
@@ -18,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agentbox_runtime.errors import InputError
+from agentbox_runtime.errors import InputError, one_line
+from agentbox_runtime.private_dir import OutputDir
 
 INDEX = "index.json"
 FORMAT = 1
@@ -70,70 +72,57 @@ class Redactor:
         return self.text(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
-def _sha256(data: bytes) -> str:
+def sha256(data: bytes) -> str:
+    """The hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
 
 def root_digest(files: Mapping[str, str]) -> str:
     """The SHA-256 of the sorted ``"<sha256>  <path>\\n"`` listing."""
-    return _sha256("".join(f"{files[p]}  {p}\n" for p in sorted(files)).encode())
+    return sha256("".join(f"{files[p]}  {p}\n" for p in sorted(files)).encode())
 
 
-def write_bundle(directory: Path, files: Mapping[str, bytes], redactor: Redactor) -> str:
+def bad_name(rel: str) -> bool:
+    """Whether ``rel`` is not a plain relative path inside a bundle: empty, absolute, with a
+    ``.``, ``..`` or empty part, or a NUL."""
+    return not rel or "\0" in rel or any(part in ("", ".", "..") for part in rel.split("/"))
+
+
+def check_names(files: Iterable[str]) -> None:
+    """InputError (before anything is written) for a file name a bundle cannot hold."""
+    for rel in files:
+        if rel == INDEX or bad_name(rel):
+            raise InputError(f"evidence file name {one_line(repr(rel))} is not accepted; accepted: a relative "
+                             f"path inside the bundle, without '.', '..' or a leading '/', other than {INDEX}")
+
+
+def write_bundle(directory: Path, files: Mapping[str, bytes], redactor: Redactor, *, replace: bool = False) -> str:
     """Write ``files`` (relative path -> content, redacted here) and the index into ``directory``
-    (created, private); return the root SHA-256."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (created 0700; see :func:`write_into`); return the root SHA-256.
+
+    ``directory`` is opened without following a link and must be ours (UnsafeDirectory
+    otherwise). An existing one must be empty unless ``replace``: then a previous bundle's
+    contents are removed first, through its descriptor, never following a link."""
+    check_names(files)
+    with OutputDir.open(directory) as out:
+        if replace:
+            out.empty()
+        elif not out.is_empty():
+            raise InputError(f"evidence bundle directory {one_line(str(directory))} already holds files; "
+                             "accepted: a new or empty directory")
+        return write_into(out, files, redactor)
+
+
+def write_into(out: OutputDir, files: Mapping[str, bytes], redactor: Redactor) -> str:
+    """Write ``files`` (redacted) and ``index.json`` into the empty directory ``out``, each file new
+    (``O_CREAT|O_EXCL|O_NOFOLLOW``, 0600) and relative to its descriptor; return the root SHA-256."""
+    check_names(files)
     digests: dict[str, str] = {}
     for rel, content in sorted(files.items()):
-        if rel == INDEX or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise InputError(f"evidence file name {rel!r} is not accepted; accepted: a relative path inside the bundle")
         data = redactor.data(content)
-        path = directory / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        digests[rel] = _sha256(data)
+        out.write_file(rel, data)
+        digests[rel] = sha256(data)
     root = root_digest(digests)
     index = {"format": FORMAT, "files": digests, "root_sha256": root}
-    (directory / INDEX).write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    out.write_file(INDEX, (json.dumps(index, indent=1, sort_keys=True) + "\n").encode())
     return root
-
-
-def _listed(directory: Path) -> Iterable[str]:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() or path.is_symlink():
-            rel = str(path.relative_to(directory))
-            if rel != INDEX:
-                yield rel
-
-
-def verify(directory: Path) -> tuple[str, list[str]]:
-    """Recheck a bundle: (root SHA-256 from its index, the problems), each problem naming a file:
-    ``changed: F``, ``missing: F``, ``not in the index: F``, or the index itself not adding up.
-    InputError when ``directory`` is not a bundle."""
-    index_path = directory / INDEX
-    if not directory.is_dir():
-        raise InputError(f"{directory} is not a directory; accepted: an evidence bundle directory (with {INDEX})")
-    try:
-        index = json.loads(index_path.read_text())
-        files = index["files"]
-        root = str(index["root_sha256"])
-        if not isinstance(files, dict) or index.get("format") != FORMAT:
-            raise ValueError
-    except FileNotFoundError:
-        raise InputError(f"{directory} has no {INDEX}; accepted: an evidence bundle directory "
-                         "(written by pytest --agentbox-evidence)") from None
-    except (OSError, ValueError, KeyError, TypeError):
-        raise InputError(f"{index_path} is not a format-{FORMAT} evidence index") from None
-    problems = []
-    for rel, digest in sorted(files.items()):
-        path = directory / rel
-        if path.is_symlink() or not path.is_file():
-            problems.append(f"missing: {rel}")
-        elif _sha256(path.read_bytes()) != digest:
-            problems.append(f"changed: {rel}")
-    problems += [f"not in the index: {rel}" for rel in _listed(directory) if rel not in files]
-    if root_digest(files) != root:
-        problems.append(f"changed: {INDEX} (its file list does not add up to its root_sha256)")
-    return root, problems

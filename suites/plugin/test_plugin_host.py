@@ -533,3 +533,28 @@ def test_evidence_bundles_are_kept_for_every_test_redacted_and_verifiable(pytest
     tampered = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "evidence", "verify", str(ok)],
                               capture_output=True, text=True, timeout=60)
     assert tampered.returncode == 1 and tampered.stdout.strip().endswith("changed: a-host-console.log")
+
+
+def test_evidence_and_allure_dirs_that_are_links_are_refused_in_one_line(pytester: pytest.Pytester,
+                                                                         tmp_path: Path) -> None:
+    install(pytester.path)
+    pytester.makepyfile(test_ev='''
+        def test_ok(machine_factory):
+            machine_factory("a").succeed("true", timeout=10)
+    ''')
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (pytester.path / "ev-link").symlink_to(victim)
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--agentbox-evidence={pytester.path / 'ev-link'}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --agentbox-evidence: refusing output directory */ev-link: it is a symlink "
+                                 "(accepted: a real directory owned by uid *, or a path that does not exist yet)"])
+    assert list(victim.iterdir()) == []
+    base = pytester.path / "evidence"
+    base.mkdir()
+    (base / "test_ev.py_test_ok").symlink_to(victim)  # planted after the option was checked
+    result = pytester.runpytest("-p", "no:cacheprovider", f"--agentbox-evidence={base}")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*agentbox evidence not written: refusing output directory */test_ev.py_test_ok: "
+                                 "it is a symlink*"])
+    assert list(victim.iterdir()) == []

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from agentbox_runtime.errors import InputError
-from agentbox_runtime.evidence import INDEX, REDACTED, Redactor, root_digest, verify, write_bundle
+from agentbox_runtime.evidence import INDEX, REDACTED, Redactor, root_digest, write_bundle
+from agentbox_runtime.evidence_verify import verify
 
 REPO = Path(__file__).resolve().parents[2]
 FILES = {"vm-transcript.json": b'[{"argv": ["echo", "hi"]}]\n', "vm-console.log": b"booted\n\xff\xfebinary\n",
@@ -47,7 +48,7 @@ def _swap_for_symlink(bundle: Path) -> None:
     (lambda b: (b / "vm-console.log").write_bytes(b"booted\nedited\n"), "changed: vm-console.log"),
     (lambda b: (b / "sub/launch.conf").unlink(), "missing: sub/launch.conf"),
     (lambda b: (b / "sub/extra.txt").write_text("planted"), "not in the index: sub/extra.txt"),
-    (_swap_for_symlink, "missing: vm-transcript.json"),
+    (_swap_for_symlink, "refused: vm-transcript.json: it is a symlink; accepted: a regular file inside the bundle"),
 ])
 def test_tampering_with_any_file_is_reported_by_name(bundle: Path, tamper, problem: str) -> None:  # type: ignore[no-untyped-def]
     tamper(bundle)
@@ -95,7 +96,8 @@ def test_secrets_are_redacted_before_anything_is_written(tmp_path: Path) -> None
     assert verify(tmp_path / "b")[1] == []
 
 
-@pytest.mark.parametrize("name", ["../escape", "/abs", INDEX])
+@pytest.mark.parametrize("name", ["../escape", "/abs", INDEX, "a/../b", "./x", "a//b", ""])
 def test_bundle_file_names_stay_inside(tmp_path: Path, name: str) -> None:
     with pytest.raises(InputError, match="not accepted"):
-        write_bundle(tmp_path / "b", {name: b"x"}, Redactor())
+        write_bundle(tmp_path / "b", {"fine": b"y", name: b"x"}, Redactor())
+    assert not (tmp_path / "b").exists(), "a refused name is refused before anything is written"

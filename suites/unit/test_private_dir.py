@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from agentbox_runtime.private_dir import SOCKET_DIR_MAX, UnsafeDirectory, check_private, ensure_private, runtime_dir
+from agentbox_runtime.errors import InputError
+from agentbox_runtime.private_dir import (SOCKET_DIR_MAX, OutputDir, UnsafeDirectory, check_private, ensure_private,
+                                          runtime_dir)
 
 
 def test_created_private_and_reused(tmp_path: Path) -> None:
@@ -101,3 +103,63 @@ def test_harness_containers_conf_replaces_a_planted_symlink_instead_of_following
     assert victim.read_text() == "keep"
     assert not conf.is_symlink() and "[engine]" in conf.read_text()
     assert conf.stat().st_mode & 0o777 == 0o600
+
+
+# -- OutputDir: directories a user names for output ---------------------------------------------------
+
+def test_output_dir_creates_missing_levels_private_and_writes_files_exclusively(tmp_path: Path) -> None:
+    with OutputDir.open(tmp_path / "a" / "b") as out:
+        assert out.write_file("sub/f", b"one") == tmp_path / "a" / "b" / "sub" / "f"
+        with pytest.raises(FileExistsError):
+            out.write_file("sub/f", b"two")
+        out.write_file("sub/f", b"three", replace=True)
+    for level in (tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "sub"):
+        assert level.stat().st_mode & 0o777 == 0o700
+    f = tmp_path / "a" / "b" / "sub" / "f"
+    assert f.read_bytes() == b"three" and f.stat().st_mode & 0o777 == 0o600
+
+
+def test_output_dir_never_writes_through_a_link_inside_it(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "f").write_text("keep")
+    with OutputDir.open(tmp_path / "out") as out:
+        (tmp_path / "out" / "f").symlink_to(victim / "f")
+        (tmp_path / "out" / "sub").symlink_to(victim)
+        with pytest.raises(FileExistsError):
+            out.write_file("f", b"x")
+        with pytest.raises(UnsafeDirectory, match="sub: it is a symlink"):
+            out.write_file("sub/f", b"x")
+        out.write_file("f", b"mine", replace=True)  # the link goes, its target stays
+        out.remove("sub")
+        assert sorted(os.listdir(tmp_path / "out")) == ["f"]
+        out.empty()
+        assert out.is_empty()
+    assert (victim / "f").read_text() == "keep"
+
+
+def test_output_dir_refuses_a_missing_dir_without_create_and_bad_names(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeDirectory, match="it does not exist"):
+        OutputDir.open(tmp_path / "nope", create=False)
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UnsafeDirectory, match="it is a regular file"):
+        OutputDir.open(tmp_path / "file")
+    with OutputDir.open(tmp_path / "out") as out:
+        for bad in ("../x", "/abs", "a/../b", "", "a//b"):
+            with pytest.raises(InputError, match="is not accepted; accepted: a relative path"):
+                out.write_file(bad, b"x")
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_output_dir_refuses_a_level_another_user_owns(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a dir owned by another user")
+    planted = tmp_path / "out" / "planted"
+    planted.mkdir(parents=True)
+    os.chown(planted, 4242, 4242)
+    with pytest.raises(UnsafeDirectory, match=r"refusing output directory .*/planted: it is owned by uid 4242 "
+                                              r"\(accepted: a real directory owned by uid 0"):
+        OutputDir.open(planted)
+    with OutputDir.open(tmp_path / "out") as out, pytest.raises(UnsafeDirectory, match="owned by uid 4242"):
+        out.subdir("planted")
