@@ -64,7 +64,8 @@ if [ -b /dev/vda ]; then echo "vda $(cat /sys/block/vda/serial)" > /workspace/di
 head -c {FLOOD_BYTES} /dev/zero | tr '\\0' x > /dev/ttyS0; echo; echo end-of-flood > /dev/ttyS0
 printf '#!/bin/sh\\necho guest\\n' > /{SETUID_BINARY}
 for port in /sys/class/virtio-ports/*; do
-  [ "$(cat "$port/name")" = {qemu.STATUS_PORT} ] && head -c {STATUS_FLOOD_BYTES} /dev/zero | tr '\\0' y > "/dev/${{port##*/}}" && echo > "/dev/${{port##*/}}"
+  dev="/dev/${{port##*/}}"
+  [ "$(cat "$port/name")" = {qemu.STATUS_PORT} ] && head -c {STATUS_FLOOD_BYTES} /dev/zero | tr '\\0' y > "$dev" && echo > "$dev"
 done
 exit 3
 """
