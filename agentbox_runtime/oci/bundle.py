@@ -8,6 +8,11 @@ From the OCI config: ``root.path``, ``process`` (args, env, cwd, user, terminal)
 ``hostname``, bind mounts of directories (9p shares mounted at their destination),
 bind mounts of small files (written into the guest: ``/etc/resolv.conf``,
 ``/etc/hosts``), tmpfs mounts, and the network namespace path.
+
+``config.json`` must be a regular file in the bundle directory (not a symlink, FIFO or
+device: it is opened ``O_NOFOLLOW|O_NONBLOCK`` after an ``lstat``, so nothing can make the
+runtime hang or read elsewhere) of at most :data:`MAX_CONFIG_BYTES`. Every field the guest
+uses is type-checked; ``process.user.uid``/``gid`` are integers in ``0..4294967294``.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.errors import AgentboxError, one_line
 
 HANDLER_ANNOTATION = "run.oci.handler"
 DEFAULT_RAM_MIB = 2048
 DEFAULT_CPUS = 1
 MAX_FILE_BYTES = 64 << 10
+MAX_CONFIG_BYTES = 8 << 20
+MAX_ID = (1 << 32) - 2  # uid_t/gid_t; 4294967295 is (uid_t)-1, "no id"
+CONFIG = "config.json"
 #: Kernel filesystems every guest mounts for itself; the container's entries for them are skipped.
 GUEST_OWN = {"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"}
 TMPFS_OPTIONS = re.compile(r"(?:rw|ro|exec|noexec|suid|nosuid|dev|nodev|atime|noatime|strictatime|relatime|"
@@ -141,19 +149,87 @@ def _read_small(path: str, where: Path) -> bytes:
     return data
 
 
+def _shown(value: Any) -> str:
+    """``value`` for an error line: one line, at most 60 characters."""
+    text = one_line(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _kind(mode: int) -> str:
+    for test, word in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def read_config(bdir: Path) -> bytes:
+    """The bytes of ``<bdir>/config.json``: a regular file in the bundle directory itself (never
+    a symlink, FIFO or device; never opened before ``lstat`` says it is regular, and then
+    ``O_NOFOLLOW|O_NONBLOCK``), at most :data:`MAX_CONFIG_BYTES`. One-line BundleError otherwise."""
+    where = bdir / CONFIG
+    accepted = f"accepted: a regular file {CONFIG} of at most {MAX_CONFIG_BYTES} bytes in the bundle directory"
+    try:
+        dir_fd = os.open(bdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"bundle {bdir} has no {CONFIG}; accepted: an OCI bundle directory") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read bundle {bdir}: {exc.strerror}") from None
+    try:
+        try:
+            st = os.lstat(CONFIG, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise BundleError(f"bundle {bdir} has no {CONFIG}; accepted: an OCI bundle directory") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"refusing {where}: it is {_kind(st.st_mode)}; {accepted}")
+        try:
+            fd = os.open(CONFIG, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except OSError as exc:
+            raise BundleError(f"cannot read {where}: {exc.strerror}; {accepted}") from None
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):  # replaced since the lstat
+            raise BundleError(f"refusing {where}: it is {_kind(st.st_mode)}; {accepted}")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise BundleError(f"refusing {where}: it is over {MAX_CONFIG_BYTES} bytes; {accepted}")
+    return data
+
+
+def _optional(data: dict[str, Any], key: str, kind: type, default: Any, where: Path, name: str) -> Any:
+    """``data[key]`` when it is a ``kind`` (``default`` when absent or null); BundleError otherwise."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise BundleError(f"{where}: {name} {_shown(value)} is not accepted; accepted: a JSON {_JSON_NAMES[kind]}")
+    return value
+
+
+_JSON_NAMES: dict[type, str] = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer"}
+
+
+def _user_id(user: dict[str, Any], key: str, where: Path) -> int:
+    """``process.user.<key>``: an integer in ``0..MAX_ID`` (0 when absent)."""
+    value = user.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+        raise BundleError(f"{where}: process.user.{key} {_shown(value)} is not accepted; accepted: an integer "
+                          f"from 0 to {MAX_ID}")
+    return value
+
+
 def load(bundle_dir: str | Path) -> Bundle:
     """Read ``<bundle>/config.json``; raise :class:`BundleError` (one line) when it is missing or unusable."""
     bdir = Path(bundle_dir).absolute()
-    where = bdir / "config.json"
+    where = bdir / CONFIG
+    raw = read_config(bdir)
     try:
-        with open(where, "rb") as f:
-            data = json.loads(f.read(8 << 20))
-    except FileNotFoundError:
-        raise BundleError(f"bundle {bdir} has no config.json; accepted: an OCI bundle directory") from None
-    except OSError as exc:
-        raise BundleError(f"cannot read {where}: {exc.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{where} is not valid JSON: {exc}") from None
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{where} is not valid JSON: {one_line(str(exc))}") from None
     if not isinstance(data, dict):
         raise BundleError(f"{where}: the top level must be an object")
     annotations = data.get("annotations") or {}
@@ -165,19 +241,21 @@ def load(bundle_dir: str | Path) -> Bundle:
     args = _field(data, "process.args", list, where)
     if not args or not all(isinstance(a, str) for a in args):
         raise BundleError(f"{where}: process.args must be a non-empty list of strings")
-    env = process.get("env") or []
-    user = process.get("user") or {}
+    env = _optional(process, "env", list, [], where, "process.env")
+    user = _optional(process, "user", dict, {}, where, "process.user")
+    linux = _optional(data, "linux", dict, {}, where, "linux")
     netns = None
-    for ns in (data.get("linux") or {}).get("namespaces") or []:
+    for ns in _optional(linux, "namespaces", list, [], where, "linux.namespaces"):
         if isinstance(ns, dict) and ns.get("type") == "network":
-            netns = ns.get("path") or None
+            netns = _optional(ns, "path", str, None, where, "linux.namespaces[network].path") or None
     bundle = Bundle(path=bdir, annotations=dict(annotations), rootfs=rootfs, args=list(args),
-                    env=[e for e in env if isinstance(e, str)], cwd=str(process.get("cwd") or "/"),
-                    uid=int(user.get("uid", 0)), gid=int(user.get("gid", 0)),
-                    terminal=bool(process.get("terminal", False)), hostname=data.get("hostname") or None,
-                    netns=netns)
+                    env=[e for e in env if isinstance(e, str)],
+                    cwd=_optional(process, "cwd", str, "", where, "process.cwd") or "/",
+                    uid=_user_id(user, "uid", where), gid=_user_id(user, "gid", where),
+                    terminal=_optional(process, "terminal", bool, False, where, "process.terminal"),
+                    hostname=_optional(data, "hostname", str, None, where, "hostname") or None, netns=netns)
     if bundle.is_krun:
-        _mounts(bundle, data.get("mounts") or [], where)
+        _mounts(bundle, _optional(data, "mounts", list, [], where, "mounts"), where)
         if not rootfs.is_dir():
             raise BundleError(f"{where}: root.path {rootfs} is not a directory")
     return bundle
@@ -188,7 +266,8 @@ def _mounts(bundle: Bundle, mounts: list[Any], where: Path) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
             raise BundleError(f"{where}: every mount needs a destination")
         dest = os.path.normpath(m["destination"])
-        options = [o for o in m.get("options") or [] if isinstance(o, str)]
+        options = [o for o in _optional(m, "options", list, [], where, f"options of the mount at {dest}")
+                   if isinstance(o, str)]
         kind = m.get("type") or ("bind" if {"bind", "rbind"} & set(options) else "")
         if dest in GUEST_OWN or kind in ("proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2"):
             continue

@@ -11,9 +11,10 @@ Global options (before the command): ``--root DIR`` (state; see
 - ``start ID``, ``state ID``, ``kill [--all] ID [SIGNAL]``, ``delete [--force] ID``;
 - ``features``, ``--version``.
 
-A command naming a container this runtime did not create goes to runc. Errors are
-one line on stderr (and in ``--log``, as JSON with ``--log-format json``, which is
-where Podman reads them), exit status 1.
+A command naming a container this runtime did not create goes to runc; state under a
+``--root`` someone else could write is refused, never acted on
+(:mod:`agentbox_runtime.oci.state_trust`). Errors are one line on stderr (and in ``--log``,
+as JSON with ``--log-format json``, which is where Podman reads them), exit status 1.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.errors import AgentboxError, one_line
 from agentbox_runtime.oci import bundle as oci_bundle
-from agentbox_runtime.oci.state import CONTAINER_ID, ContainerState, StateStore
+from agentbox_runtime.oci.state import CONTAINER_ID, ContainerState, StateError, StateStore
 from agentbox_runtime.retry import retry
 
 VERSION = "0.1.0"
@@ -75,6 +76,7 @@ class RuntimeFailure(AgentboxError):
 
 def report(g: Globals, message: str) -> None:
     """The error on stderr and in the ``--log`` file (JSON lines with ``--log-format json``)."""
+    message = one_line(message)
     line = f"agentbox-krun-runtime: {message}"
     print(line, file=sys.stderr, flush=True)
     if g.log:
@@ -232,10 +234,7 @@ def kill(g: Globals, args: list[str], original: list[str]) -> int:
     state = _ours(g, ns.id)
     if state is None:
         return to_runc(original)
-    sig = parse_signal(ns.signal)
-    if not state.alive():
-        raise RuntimeFailure(f"container {ns.id} is not running")
-    os.kill(state.pid, sig)
+    state.send_signal(parse_signal(ns.signal))
     return 0
 
 
@@ -250,7 +249,10 @@ def delete(g: Globals, args: list[str], original: list[str]) -> int:
     if state.alive():
         if not ns.force:
             raise RuntimeFailure(f"cannot delete container {ns.id}: it is {state.status()}; use --force")
-        os.kill(state.pid, signal.SIGKILL)
+        try:
+            state.send_signal(signal.SIGKILL)
+        except StateError:
+            pass  # it stopped on its own since
         retry(lambda last: not state.alive(), timeout=DELETE_TIMEOUT_S, interval=0.05,
               describe=lambda: f"container {ns.id} (pid {state.pid}) survived SIGKILL")
     state.remove()
@@ -296,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command](g, args, original)
     except AgentboxError as exc:
         report(g, str(exc))
+        return 1
+    except OSError as exc:  # a file or directory the runtime was pointed at: one line, not a traceback
+        report(g, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
         return 1
 
 

@@ -5,15 +5,20 @@ bundle, annotations, creation time), ``start.fifo`` (the shim waits on it until
 ``start``), ``started`` (written when the guest boots) and ``console.log`` (the
 guest kernel's console, capped). ``<root>`` is the global ``--root`` option, by
 default ``/run/agentbox-krun-runtime`` for root and
-``$XDG_RUNTIME_DIR/agentbox-krun-runtime`` otherwise; every level is private.
+``$XDG_RUNTIME_DIR/agentbox-krun-runtime`` otherwise; every level is private, and a record
+is believed only when nobody else can have written it (:mod:`agentbox_runtime.oci.state_trust`).
+A signal goes to the container process only while it still is the process ``create``
+started: same pid and start time, sent through a pidfd so a reused pid is never hit.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Any
 
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.microvm.reaper import same_process, start_time
+from agentbox_runtime.oci.state_trust import STATE_FILE, ensure_root, read_record
 from agentbox_runtime.private_dir import ensure_private
 
 SUBDIR = "agentbox-krun"
@@ -82,10 +88,36 @@ class ContainerState:
                 "rootfs": self.record.get("rootfs", ""), "created": self.record.get("created", ""),
                 "annotations": self.record.get("annotations", {}), "owner": ""}
 
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` to the container process while it still is the one ``create`` started
+        (:meth:`alive` checked through a pidfd held across the check, so a pid reused in between
+        is never signalled); :class:`StateError` when it is not running."""
+        if not self.alive():
+            raise StateError(f"container {self.id} is not running")
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            raise StateError(f"container {self.id} is not running") from None
+        except OSError as exc:
+            if exc.errno != errno.ENOSYS:
+                raise
+            os.kill(self.pid, sig)  # a kernel without pidfds: the start time was checked just above
+            return
+        try:
+            if not self.alive():
+                raise StateError(f"container {self.id} is not running")
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            raise StateError(f"container {self.id} is not running") from None
+        finally:
+            os.close(pidfd)
+
     def save(self) -> None:
-        tmp = self.dir / "state.json.tmp"
-        tmp.write_text(json.dumps(self.record))
-        os.replace(tmp, self.dir / "state.json")
+        tmp = self.dir / f"{STATE_FILE}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.record))
+        os.replace(tmp, self.dir / STATE_FILE)
 
     def set_pid(self, pid: int) -> None:
         self.record["pid"] = pid
@@ -100,9 +132,11 @@ class StateStore:
     """The containers under one ``--root``."""
 
     def __init__(self, root: Path | None = None) -> None:
-        self.root = (root or default_root()) / SUBDIR
+        self.top = root or default_root()
+        self.root = self.top / SUBDIR
 
     def _base(self) -> Path:
+        ensure_root(self.top)
         return ensure_private(self.root)
 
     def create(self, container_id: str, bundle: Path, rootfs: Path, annotations: dict[str, str]) -> ContainerState:
@@ -119,10 +153,8 @@ class StateStore:
         return st
 
     def get(self, container_id: str) -> ContainerState | None:
-        """The container's state, or None when this runtime does not know it (it may be runc's)."""
-        d = self.root / check_id(container_id)
-        try:
-            record = json.loads((d / "state.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        return ContainerState(d, record)
+        """The container's state, or None when this runtime does not know it (it may be runc's).
+        Raises :class:`~agentbox_runtime.oci.state_trust.UntrustedState` for a record someone else
+        could have written."""
+        record = read_record(self.top, SUBDIR, check_id(container_id))
+        return None if record is None else ContainerState(self.root / container_id, record)

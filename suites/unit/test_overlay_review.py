@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,3 +125,87 @@ def test_review_of_a_workspace_that_is_not_an_overlay_says_so(tmp_path: Path) ->
     ws = Workspace.create(tmp_path / "p", tmp_path / "s", tmp_path / "st", mode="copy")
     with pytest.raises(ValueError, match="review\\(\\) needs an overlay-review workspace; this one is 'copy'"):
         ws.review()
+
+
+def project_linking_out(tmp_path: Path) -> tuple[Path, Path]:
+    """A project whose ``a`` is a symlink to a host directory holding secrets; returns (project, host dir)."""
+    host = tmp_path / "hostdir"
+    host.mkdir()
+    (host / "secret.txt").write_text("HOST-SECRET-1\n")
+    (host / "keys").mkdir()
+    (host / "keys" / "id").write_text("HOST-SECRET-2\n")
+    source = tmp_path / "project"
+    source.mkdir()
+    (source / "a").symlink_to(host)
+    (source / "README").write_text("hi\n")
+    return source, host
+
+
+@pytest.mark.parametrize("how", ["fuse-overlayfs", "plain-dir", "opaque-dir"])
+def test_a_project_symlink_replaced_by_a_directory_never_leaks_host_files(tmp_path: Path, how: str) -> None:
+    """Finding 8: the guest replaces ``a -> <host dir>`` with a directory of its own. The review
+    reads the source inside the project only: ``a`` is a deleted link (shown as its target text)
+    and ``a/...`` are added files; no host file's content reaches the patch, and apply writes
+    into the project, not through the link."""
+    source, host = project_linking_out(tmp_path)
+    if how == "fuse-overlayfs":
+        if shutil.which("fuse-overlayfs") is None:
+            pytest.skip("fuse-overlayfs is not installed")
+        ws = Workspace.create(source, tmp_path / "scratch", tmp_path / "state", mode="overlay-review")
+        try:
+            (ws.path / "a").unlink()
+            (ws.path / "a").mkdir()
+            (ws.path / "a" / "secret.txt").write_text("guest\n")
+            (ws.path / "a" / "keys").mkdir()
+            (ws.path / "a" / "keys" / "id").write_text("guest key\n")
+            lower, upper = ws.source, ws._layers("patch")[1]
+            review, text = scan(lower, upper), ws.patch()
+        finally:
+            ws.close()
+    else:
+        lower, upper = source, tmp_path / "upper"
+        (upper / "a" / "keys").mkdir(parents=True)
+        (upper / "a" / "secret.txt").write_text("guest\n")
+        (upper / "a" / "keys" / "id").write_text("guest key\n")
+        if how == "opaque-dir":
+            (upper / "a" / ".wh..wh..opq").write_text("")
+        review, text = scan(lower, upper), patch(scan(lower, upper), lower, upper)
+    assert "HOST-SECRET" not in text
+    assert review == Review(added=["a/keys/id", "a/secret.txt"], deleted=["a"])
+    assert f"diff --git a/a b/a\ndeleted file mode 120000\n--- a/a\n+++ /dev/null\n@@ -1 +0,0 @@\n-{host}\n" \
+           "\\ No newline at end of file\n" in text
+    assert "diff --git a/a/secret.txt b/a/secret.txt\nnew file mode 100644\n" in text and "+guest\n" in text
+    if how != "fuse-overlayfs":
+        apply(review, lower, upper)
+        assert not (source / "a").is_symlink() and (source / "a" / "secret.txt").read_text() == "guest\n"
+        assert (host / "secret.txt").read_text() == "HOST-SECRET-1\n"
+        assert (host / "keys" / "id").read_text() == "HOST-SECRET-2\n"
+
+
+def test_a_hand_made_review_naming_a_path_through_a_project_symlink_reads_nothing(tmp_path: Path) -> None:
+    """patch() reads only what is inside each layer, whatever review it is given."""
+    source, host = project_linking_out(tmp_path)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    text = patch(Review(modified=["a/secret.txt"], deleted=["a/keys/id"]), source, upper)
+    assert "HOST-SECRET" not in text
+    with pytest.raises(ValueError, match="refusing to apply 'a/keys/id': 'a' in .* is not a directory"):
+        apply(Review(deleted=["a/keys/id"]), source, upper)
+    assert (host / "keys" / "id").exists()
+
+
+def test_a_fifo_the_guest_made_is_named_not_read(tmp_path: Path) -> None:
+    """A FIFO in the upper layer (the share filter lets a guest make one) is never opened for
+    reading: scan and patch finish and name it."""
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    make_source(lower)
+    upper.mkdir()
+    os.mkfifo(upper / "pipe")
+    os.mkfifo(upper / "README")
+    code = ("import sys; from pathlib import Path; from agentbox_harness.overlay_review import scan, patch; "
+            "lo, up = Path(sys.argv[1]), Path(sys.argv[2]); r = scan(lo, up); print(r); print(patch(r, lo, up))")
+    proc = subprocess.run([sys.executable, "-c", code, str(lower), str(upper)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Review(added=['pipe'], modified=['README']" in proc.stdout
+    assert "Binary files /dev/null and b/pipe differ" in proc.stdout
