@@ -131,6 +131,11 @@ class MicrovmMachine(Machine):
     def task_dir(self) -> Path | None:
         return self.task.task_dir if self.task else None
 
+    @property
+    def vmm_pid(self) -> int | None:
+        handle = self.task.handle if self.task is not None else None
+        return handle.pid if handle is not None and handle.poll() is None else None
+
     def _start(self) -> None:
         assert self.options is not None
         command = AGENT_STDIO_COMMAND if self.options.vmm == "libkrun" else AGENT_COMMAND

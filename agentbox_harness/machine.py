@@ -164,6 +164,14 @@ class Machine(ABC):
         return None
 
     @property
+    def vmm_pid(self) -> int | None:
+        """The host process that is the running guest (qemu, or the libkrun helper that became the VM),
+        None when none runs or the backend has no such process of ours (a container, a krun-podman
+        guest inside crun). Prove a guest kept or gone by this process, never by a process name:
+        real libkrun runs no ``qemu``."""
+        return None
+
+    @property
     def console(self) -> Console:
         """The console: ``.log`` (full log path), ``.child`` (pexpect on the live stream),
         ``.wait_for_text(regex, timeout=)``, ``.tail()``."""

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from agentbox_harness.wait import retry
+from agentbox_runtime.vmm.krun_guest import libkrun_disk_serial
 
 pytestmark = pytest.mark.vm
 
@@ -56,5 +57,6 @@ def test_the_task_carries_the_krun_annotations_the_live_disk_probe_reads(krun_ta
     assert annotations["krun.disk.0.path"] == str(state_root / "libkrun-nix.raw")
     assert annotations["krun.disk.1.path"] == str(state_root / "libkrun-containers.raw")
     assert {annotations["krun.disk.0.id"], annotations["krun.disk.1.id"]} == {"agentbox-nix", "agentbox-containers"}
+    # libkrun names a disk by its image file (st_dev, st_rdev, st_ino), never by krun.disk.N.id
     assert krun_task.succeed("for d in vda vdb; do echo $(cat /sys/block/$d/serial); done", timeout=30).split() == \
-        ["agentbox-nix", "agentbox-containers"]
+        [libkrun_disk_serial(annotations[f"krun.disk.{i}.path"]) for i in (0, 1)]

@@ -52,6 +52,12 @@ MOUNT_ATTR_NODEV: Final = 0x4
 MOUNT_ATTR_IDMAP: Final = 0x100000
 OVERFLOW_ID: Final = 65534
 FD_PATH_PREFIX: Final = "/proc/self/fd/"
+SYS_MOVE_MOUNT: Final = 429
+MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
+CLONE_NEWNS: Final = 0x20000
+MS_REC: Final = 0x4000
+MS_PRIVATE: Final = 1 << 18
+AT_FDCWD: Final = -100
 
 
 @dataclass
@@ -193,6 +199,33 @@ def _unmapped_clone(source: Path, read_only: bool, why: str) -> ShareExport:
     os.set_inheritable(tree, True)
     return ShareExport(source, f"{FD_PATH_PREFIX}{tree}", (tree,), False,
                        f"{why}: shared nosuid,nodev with host owners unchanged in the guest")
+
+
+def attach_privately(share: ShareExport) -> str:
+    """The export as a real directory path, for a VMM that opens its share root without following
+    links: libkrun's passthrough file server opens it with ``O_PATH|O_NOFOLLOW`` (containers/libkrun
+    v1.16-v1.19 ``src/devices/src/virtio/fs/linux/passthrough.rs`` ``PassthroughFs::init``), which
+    on ``/proc/self/fd/N`` gives the magic link itself, not the tree.
+
+    The calling process moves into a private mount namespace (nothing propagates back to the host)
+    and the detached tree is attached over its own source path there, so that path shows the
+    id-mapped (or nosuid,nodev) view to this process and what it starts, and the plain directory to
+    everyone else. A plain export (not root) is returned as it is. Call it in a single-threaded
+    process, before the VMM starts; raises :class:`AgentboxError` (one line) when the kernel refuses."""
+    if not share.pass_fds:
+        return share.path
+    libc = _libc()
+    steps = (("unshare(CLONE_NEWNS)", lambda: libc.unshare(CLONE_NEWNS)),
+             ("making / private", lambda: libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)),
+             (f"attaching the export at {share.source}",
+              lambda: libc.syscall(SYS_MOVE_MOUNT, share.pass_fds[0], b"", AT_FDCWD, os.fsencode(share.source),
+                                   MOVE_MOUNT_F_EMPTY_PATH)))
+    for what, call in steps:
+        if call() != 0:
+            err = ctypes.get_errno()
+            raise AgentboxError(f"cannot share '{share.source}' with libkrun: {what} failed ({os.strerror(err)})")
+    share.close()
+    return str(share.source)
 
 
 def fds_in(paths: list[str]) -> tuple[int, ...]:

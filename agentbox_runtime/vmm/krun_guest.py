@@ -110,6 +110,9 @@ class GuestSpec:
     hostname: str | None = None
     network: TapNetwork | None = None
     kernel_log: Path | None = None  # where ttyS0 goes (capped); None: the stderr fd
+    #: With non-TTY stdio, libkrun hands console text (kernel and hvc0) to its logger as error records
+    #: (target ``init_or_kernel``); False when that logger drops them (level 0 without RUST_LOG).
+    console_logged: bool = True
     accel: str = "auto"
 
 
@@ -215,6 +218,30 @@ finish $?
 """
 
 
+class LogLines:
+    """Console text as libkrun's env_logger writes it (containers/libkrun v1.18
+    ``src/devices/src/virtio/console/port_io.rs`` ``PortOutputLog``): one error record per line."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """The complete lines of ``pending + data`` as records; a partial line waits for its end."""
+        lines = (self.pending + data).split(b"\n")
+        self.pending = lines.pop()
+        return b"".join(self._record(line) for line in lines)
+
+    def flush(self) -> bytes:
+        """The last partial line, marked as libkrun marks it."""
+        tail, self.pending = self.pending, b""
+        return self._record(b"[missing newline]" + tail) if tail else b""
+
+    @staticmethod
+    def _record(line: bytes) -> bytes:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1000000:06d}Z"
+        return f"[{stamp} ERROR init_or_kernel] ".encode() + line.rstrip(b"\r") + b"\n"
+
+
 class Relay:
     """Copies bytes from each source to its sink on a thread per route (any fd kind: tty, pipe,
     socket, regular file, /dev/null); EOF on a source half-closes a socket sink."""
@@ -222,35 +249,43 @@ class Relay:
     def __init__(self) -> None:
         self.threads: list[threading.Thread] = []
 
-    def route(self, src: socket.socket | int, dst: socket.socket | int) -> None:
-        t = threading.Thread(target=self._copy, args=(src, dst), daemon=True)
+    def route(self, src: socket.socket | int, dst: socket.socket | int, *, as_log: bool = False) -> None:
+        """Copy ``src`` to ``dst``; ``as_log``: line by line as libkrun's logger writes console text
+        (``[time ERROR init_or_kernel] line``)."""
+        t = threading.Thread(target=self._copy, args=(src, dst, LogLines() if as_log else None), daemon=True)
         t.start()
         self.threads.append(t)
 
     @staticmethod
-    def _copy(src: socket.socket | int, dst: socket.socket | int) -> None:
+    def _copy(src: socket.socket | int, dst: socket.socket | int, log: LogLines | None) -> None:
         fd = src if isinstance(src, int) else src.fileno()
         while True:
             try:
-                data = os.read(fd, 65536)
+                chunk = os.read(fd, 65536)
             except OSError:
-                data = b""
-            if not data:
+                chunk = b""
+            data = chunk if log is None else (log.feed(chunk) if chunk else log.flush())
+            if data:
+                Relay._write(dst, data)
+            if not chunk:
                 break
-            try:
-                if isinstance(dst, socket.socket):
-                    dst.sendall(data)
-                else:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(dst, view):]
-            except OSError:
-                pass  # the reader went away: drop output, as a closed console would
         if isinstance(dst, socket.socket):
             try:
                 dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+    @staticmethod
+    def _write(dst: socket.socket | int, data: bytes) -> None:
+        try:
+            if isinstance(dst, socket.socket):
+                dst.sendall(data)
+            else:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(dst, view):]
+        except OSError:
+            pass  # the reader went away: drop output, as a closed console would
 
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the guest-side routes to reach EOF."""
@@ -286,6 +321,15 @@ def _accept(lst: socket.socket, proc: subprocess.Popen[bytes]) -> socket.socket:
     return conns[0]
 
 
+def libkrun_disk_serial(path: str | Path) -> str:
+    """The virtio-blk serial libkrun gives a disk: the decimal ``st_dev``, ``st_rdev`` and ``st_ino``
+    of the image file, concatenated and cut to 20 bytes (containers/libkrun v1.10-v1.19,
+    ``src/devices/src/virtio/block/device.rs`` ``build_device_id``, kvmtool's scheme). The block id
+    given to ``krun_add_disk`` is libkrun's internal name only; the guest never sees it."""
+    st = os.stat(path)
+    return f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:20]
+
+
 def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: str, tty: bool) -> list[str]:
     """The qemu command line for ``spec`` (sockets under ``work``)."""
     boot_kernel, firmware = qemu.fast_boot(kernel)
@@ -307,7 +351,8 @@ def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: st
     for i, share in enumerate(spec.shares):
         argv += qemu.share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
     for i, disk in enumerate(spec.disks):
-        argv += qemu.disk_args(i, disk.id, disk.path, read_only=disk.read_only, fmt=disk.format)
+        argv += qemu.disk_args(i, libkrun_disk_serial(disk.path), disk.path, read_only=disk.read_only,
+                               fmt=disk.format)
     if spec.network is None:
         return argv + qemu.net_args()
     return argv + ["-netdev", opts("tap", id="n0", ifname=spec.network.ifname, script="no", downscript="no"),
@@ -366,17 +411,21 @@ def _run(proc: subprocess.Popen[bytes], listeners: dict[str, socket.socket], spe
     conns = {n: _accept(lst, proc) for n, lst in listeners.items()}
     relay, stdin_relay = Relay(), Relay()
     status_recorder = ConsoleRecorder(work / "status", cap=qemu.STATUS_CAP).start(conns["status"])
+    # console text: on a terminal as it is; otherwise libkrun's logger records it, or drops it
+    console = err_fd if tty or spec.console_logged else os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     if spec.kernel_log is not None:
         ConsoleRecorder(spec.kernel_log).start(conns["ttyS0"])
     else:
-        relay.route(conns["ttyS0"], err_fd)
+        relay.route(conns["ttyS0"], console, as_log=not tty)
     if not tty:
         stdin_relay.route(in_fd, conns["krun-stdin"])
         relay.route(conns["krun-stdout"], out_fd)
         relay.route(conns["krun-stderr"], err_fd)
-        relay.route(conns["hvc0"], err_fd)
+        relay.route(conns["hvc0"], console, as_log=True)
     proc.wait()
     relay.drain(DRAIN_S)
+    if console != err_fd:
+        os.close(console)
     status_recorder.join(DRAIN_S)
     status = qemu.read_status(work / "status")
     if status is None:

@@ -16,8 +16,10 @@ one that refuses it, starts the guest without the channel and says so on stderr.
 
 The workspace handed to ``krun_add_virtiofs3`` is the export of
 :func:`agentbox_runtime.vmm.host_share.export` (id-mapped to the guest's dev user when the
-helper runs as root), and the share filter (:mod:`agentbox_runtime.vmm.share_filter`) is
-loaded just before ``krun_start_enter``: libkrun's file server runs in this
+helper runs as root), attached over the workspace's own path in the helper's private mount
+namespace (:func:`agentbox_runtime.vmm.host_share.attach_privately`: libkrun opens a share root
+with ``O_NOFOLLOW``, so a ``/proc/self/fd/N`` path would not do), and the share filter
+(:mod:`agentbox_runtime.vmm.share_filter`) is loaded just before ``krun_start_enter``: libkrun's file server runs in this
 process, so no guest request can make a setuid/setgid file, a device node or an
 xattr on the host.
 """
@@ -46,6 +48,11 @@ from agentbox_runtime.vmm.share_filter import require_filter
 
 SONAMES = ("libkrun.so.1", "libkrun.so")
 ATTACH_SOCKET_ENV = "AGENTBOX_MICROVM_ATTACH_SOCKET"
+#: With non-TTY stdio libkrun hands the guest console (kernel and hvc0) to its logger as error records of
+#: target ``init_or_kernel`` (v1.18 ``port_io.rs`` ``PortOutputLog``), which ``krun_set_log_level(0)``
+#: turns off. ``RUST_LOG`` overrides that level (``lib.rs`` ``krun_set_log_level``), so this filter keeps
+#: the reference's call sequence and still records the console into ``console.log``.
+CONSOLE_LOG_FILTER = "init_or_kernel=error"
 
 
 def load_library() -> ctypes.CDLL:
@@ -95,6 +102,7 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
     require_filter()
     uid, gid = host_share.guest_ids(cfg.env_dict())
     share = host_share.export(Path(cfg.workspace_source), guest_uid=uid, guest_gid=gid)
+    workspace = host_share.attach_privately(share)  # libkrun opens the root O_PATH|O_NOFOLLOW: a real path
     ctx = _fn(lib, "krun_create_ctx")()
     if ctx < 0:
         raise AgentboxError("libkrun setup failed: create ctx") from AgentboxError(f"krun_create_ctx returned {ctx}")
@@ -106,7 +114,7 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
               for d in cfg.disks]
     steps += [("krun_disable_implicit_console", (u32(ctx),)),
               ("krun_add_virtio_console_default", (u32(ctx), ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(2))),
-              ("krun_add_virtiofs3", (u32(ctx), cfg.workspace_tag.encode(), share.path.encode(),
+              ("krun_add_virtiofs3", (u32(ctx), cfg.workspace_tag.encode(), workspace.encode(),
                                       ctypes.c_uint64(0), ctypes.c_bool(False))),
               ("krun_set_workdir", (u32(ctx), cfg.workdir.encode())),
               ("krun_set_exec", (u32(ctx), cfg.exec_path.encode(), _cstr_array(list(cfg.argv)),
@@ -238,6 +246,7 @@ class LibkrunDriver:
         argv = [sys.executable, "-m", "agentbox_runtime.cli", "__agentbox_microvm_enter", str(launch)]
         pipe = None if spec.interactive else subprocess.PIPE
         env = dict(os.environ)
+        env.setdefault("RUST_LOG", CONSOLE_LOG_FILTER)
         attach: Path | None = None
         if not spec.interactive:
             attach = socket_dir(spec.task_dir) / "attach.sock"

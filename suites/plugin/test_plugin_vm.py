@@ -15,11 +15,29 @@ from pathlib import Path
 
 import pytest
 
+from agentbox_runtime.microvm.reaper import same_process, start_time
+
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 
-def qemu_under(path: Path | str) -> list[str]:
-    """qemu processes whose command line mentions ``path``."""
+def vmm_pid(output: str) -> tuple[int, str | None]:
+    """The guest's VMM process an inner test printed (``VMM-PID <machine.vmm_pid> <its start time>``):
+    qemu on the qemu backend, the libkrun helper on krun-direct. Guests are proved kept or gone by
+    this process, never by a ``qemu`` name (real libkrun runs none)."""
+    found = re.search(r"VMM-PID (\d+) (\d+)", output)
+    assert found, output[-3000:]
+    return int(found[1]), found[2]
+
+
+def alive(vmm: tuple[int, str | None]) -> bool:
+    """The recorded VMM process still runs (not a zombie, not a reused pid)."""
+    pid, start = vmm
+    return start is not None and same_process(pid, start)
+
+
+def qemu_backend_processes(path: Path | str) -> list[str]:
+    """qemu processes whose command line mentions ``path``: only for tests pinned to the qemu backend
+    (``--agentbox-backend qemu``), where the VMM is qemu by definition."""
     out = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
@@ -39,8 +57,10 @@ def mounts_under(path: Path) -> list[str]:
 def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_guest='''
         import os
+        from agentbox_runtime.microvm.reaper import start_time
 
         def test_guest(microvm, tmp_path):
+            print(f"VMM-PID {microvm.vmm_pid} {start_time(microvm.vmm_pid)}", flush=True)
             assert microvm.succeed("id -un", timeout=60) == "dev\\n"
             assert microvm.succeed("id -un", timeout=60, user="root") == "root\\n"
             src = tmp_path / "in.txt"
@@ -60,6 +80,9 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, v
             microvm.fail("test -e /no/such/file", timeout=60)
             assert microvm.execute("exit 7", timeout=60).exit_status == 7
             assert microvm.console.log.is_file()
+            # kernel messages reach the console log (krun-direct: through libkrun's logger, as upstream)
+            microvm.succeed("echo '<2>agentbox-console-probe' > /dev/kmsg", timeout=60, user="root")
+            microvm.console.wait_for_text("agentbox-console-probe", timeout=60)
             shell = microvm.shell(timeout=60)  # qemu: the hvc0 console; krun-direct: a guest pty
             shell.sendline("tty; id -un")
             shell.expect(r"/dev/(hvc0|pts/[0-9]+)\\r?\\ndev")
@@ -84,26 +107,30 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, v
     gid = re.search(r"agentbox rm ((?:qemu|krun-direct)-[0-9a-f]+)", out)
     assert gid, out
     assert gid[1].startswith("qemu" if vm_backend == "qemu" else "krun-direct")
-    assert qemu_under(pytester.path), "the failed test's guest is kept running"
+    vmm = vmm_pid(out)
+    assert alive(vmm), "the failed test's guest is kept running"
     try:
         in_attached_shell(gid[1], dict(os.environ), "echo $(id -un) in $(pwd)", "dev in /workspace")
     finally:
         assert agentbox_cli("rm", gid[1]).returncode == 0
-    assert not qemu_under(pytester.path)
+    assert not alive(vmm)
     assert not task_dir.exists() and not mounts_under(pytester.path)
 
 
 def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_int='''
+        from agentbox_runtime.microvm.reaper import start_time
+
         def test_interrupted(microvm):
             microvm.succeed("true", timeout=60)
+            print(f"VMM-PID {microvm.vmm_pid} {start_time(microvm.vmm_pid)}", flush=True)
             raise KeyboardInterrupt
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", vm_backend,
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--agentbox-backend", vm_backend,
                                            "--agentbox-strict", timeout=1800)
     assert result.ret == pytest.ExitCode.INTERRUPTED, result.stdout.str()
     assert "leaked resources" not in result.stdout.str()
-    assert not qemu_under(pytester.path)
+    assert not alive(vmm_pid(result.stdout.str())), "the interrupted run's VMM is gone"
     assert not mounts_under(pytester.path)
     assert not list(pytester.path.glob("**/microvm-tasks/*"))
 
@@ -111,19 +138,21 @@ def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester, vm_backen
 def test_killed_vm_run_is_reaped_by_the_next_run(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_die='''
         import os, signal
+        from agentbox_runtime.microvm.reaper import start_time
 
         def test_killed(microvm):
             microvm.succeed("true", timeout=60)
-            print("BOOTED", flush=True)
+            print(f"BOOTED VMM-PID {microvm.vmm_pid} {start_time(microvm.vmm_pid)}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
     ''')
     killed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--agentbox-backend", vm_backend,
                                            timeout=1800)
     assert killed.ret == -9 and "BOOTED" in killed.stdout.str()
+    vmm = vmm_pid(killed.stdout.str())
     assert list(pytester.path.glob("**/microvm-tasks/*")), "the killed run left its task dir"
     pytester.makepyfile(test_die="def test_nothing():\n    pass\n")
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
-    assert not qemu_under(pytester.path)
+    assert not alive(vmm), "the next run reaped the killed run's VMM"
     assert not mounts_under(pytester.path)
     assert not list(pytester.path.glob("**/microvm-tasks/*"))
 
@@ -178,9 +207,16 @@ def test_wait_ready_reports_what_is_missing(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2)
 
 
-def krun_shim_qemus() -> list[str]:
-    """qemu processes started by agentbox-krun-runtime's shim (their sockets live in a ``krun/o*`` dir)."""
-    return qemu_under("/krun/o")
+def container_vmm_pids(names: set[str]) -> dict[str, tuple[int, str | None]]:
+    """The running process of each named container (with its start time): the VM itself under crun
+    with libkrun, the stand-in runtime's shim here. Never found by a ``qemu`` name."""
+    pids = {}
+    for name in names:
+        out = subprocess.run(["podman", "inspect", "--format", "{{.State.Pid}}", name], capture_output=True,
+                             text=True, timeout=120).stdout.strip()
+        if out.isdigit() and int(out) > 0:
+            pids[name] = (int(out), start_time(int(out)))
+    return pids
 
 
 def harness_containers() -> set[str]:
@@ -201,14 +237,14 @@ def test_a_harness_killed_during_a_libkrun_mode_boot_is_reaped_by_the_next_run(p
     before = harness_containers()
     child = pytester.popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", "test_boot.py"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    vmms: dict[str, tuple[int, str | None]] = {}
     try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and not krun_shim_qemus():
+        while time.monotonic() < deadline and not vmms:
             assert child.poll() is None, "the harness run ended before its krun guest started booting"
+            vmms = container_vmm_pids(harness_containers() - before)
             time.sleep(0.2)
-        assert krun_shim_qemus(), "no krun guest started booting within 600 s"
-        new = harness_containers() - before
-        assert new, "the booting krun task has no labelled container"
+        assert vmms, "no krun guest started booting within 600 s"
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(60)
@@ -218,9 +254,9 @@ def test_a_harness_killed_during_a_libkrun_mode_boot_is_reaped_by_the_next_run(p
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
     assert not harness_containers() - before
     deadline = time.monotonic() + 30
-    while krun_shim_qemus() and time.monotonic() < deadline:
+    while any(alive(vmm) for vmm in vmms.values()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not krun_shim_qemus()
+    assert not any(alive(vmm) for vmm in vmms.values())
 
 
 def agentbox_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -280,7 +316,7 @@ def test_a_failed_test_under_preserve_debug_leaves_a_live_guest_to_attach_to(pyt
         removed = agentbox_cli("rm", gid, env=env)
         assert removed.returncode == 0, removed.stderr
         assert gid not in agentbox_cli("ps", env=env).stdout
-        assert not qemu_under(pytester.path)
+        assert not qemu_backend_processes(pytester.path)
         assert not mounts_under(pytester.path)
 
 
@@ -306,7 +342,8 @@ def test_a_failed_krun_podman_task_under_preserve_debug_can_be_attached_to(pytes
     assert guest_id, out
     gid = guest_id[1]
     try:
-        assert harness_containers() - before, "the failed test's krun task is kept running"
+        kept = container_vmm_pids(harness_containers() - before)
+        assert kept, "the failed test's krun task is kept running"
         listed = agentbox_cli("ps", env=env)
         assert gid in listed.stdout and "preserved" in listed.stdout, listed.stdout
         in_attached_shell(gid, env, "echo $(cat /tmp/marker) as $(id -un)", "left-in-krun as dev")
@@ -318,7 +355,7 @@ def test_a_failed_krun_podman_task_under_preserve_debug_can_be_attached_to(pytes
     assert removed.returncode == 0, removed.stderr
     assert gid not in agentbox_cli("ps", env=env).stdout
     assert not harness_containers() - before
-    assert not krun_shim_qemus()
+    assert not any(alive(vmm) for vmm in kept.values())
 
 
 def test_pytest_pdb_at_a_failure_leaves_the_guest_reachable_with_agentbox_attach(pytester: pytest.Pytester,
@@ -343,4 +380,4 @@ def test_pytest_pdb_at_a_failure_leaves_the_guest_reachable_with_agentbox_attach
         run.expect(pexpect.EOF)
     finally:
         run.close(force=True)
-    assert not qemu_under(pytester.path)
+    assert not qemu_backend_processes(pytester.path)

@@ -1,3 +1,4 @@
+#define _GNU_SOURCE
 /* A stand-in for libkrun.so (the one boundary that cannot exist here): it records
  * every call, one line each, to $FAKE_KRUN_LOG. $FAKE_KRUN_FAIL names a function
  * that returns -22; krun_start_enter exits the process with $FAKE_KRUN_EXIT
@@ -54,23 +55,27 @@ int32_t krun_add_virtiofs3(uint32_t ctx, const char *tag, const char *path, uint
     snprintf(share_path, sizeof share_path, "%s", path);
     return note("krun_add_virtiofs3", " %u %s %s %llu %d", ctx, tag, path, (unsigned long long)shm, ro);
 }
-/* With $FAKE_KRUN_SHARE_PROBE, krun_start_enter reports what a file server in this process would get:
- * the share's owner as seen through the path it was given, and the errno of creating a setuid file,
- * and a character device in it, and of handing a plain file to the guest's dev user (1000). */
+/* With $FAKE_KRUN_SHARE_PROBE, krun_start_enter reports what a file server in this process would get.
+ * The root is opened as libkrun's passthrough server opens it (O_PATH|O_NOFOLLOW; containers/libkrun
+ * v1.18 passthrough.rs PassthroughFs::init), so a /proc/self/fd/N path is the link, not the tree.
+ * Then: the share's owner, and the errno of creating a setuid file and a character device in it, and
+ * of handing a plain file to the guest's dev user (1000), each relative to that root. */
 static void probe_share(void) {
-    char file[4200];
     struct stat st;
-    if (stat(share_path, &st) == 0) note("share-owner", " %u %u", st.st_uid, st.st_gid);
-    snprintf(file, sizeof file, "%s/suid", share_path);
-    int fd = open(file, O_CREAT | O_WRONLY, 04755);
+    int root = open(share_path, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (root < 0 || fstat(root, &st) < 0 || !S_ISDIR(st.st_mode)) {
+        note("share-root", " %s", root < 0 ? strerror(errno) : "not a directory");
+        return;
+    }
+    note("share-root", " directory");
+    note("share-owner", " %u %u", st.st_uid, st.st_gid);
+    int fd = openat(root, "suid", O_CREAT | O_WRONLY, 04755);
     note("share-create-setuid", " %s", fd < 0 ? strerror(errno) : "created");
-    snprintf(file, sizeof file, "%s/plain", share_path);
-    fd = open(file, O_CREAT | O_WRONLY, 0644);
+    fd = openat(root, "plain", O_CREAT | O_WRONLY, 0644);
     note("share-create-plain", " %s", fd < 0 ? strerror(errno) : "created");
-    note("share-chown-dev", " %s", chown(file, 1000, 1000) < 0 ? strerror(errno) : "done");
-    note("share-chmod-setgid", " %s", chmod(file, 02755) < 0 ? strerror(errno) : "done");
-    snprintf(file, sizeof file, "%s/null", share_path);
-    note("share-mknod-char", " %s", mknod(file, S_IFCHR | 0666, makedev(1, 3)) < 0 ? strerror(errno) : "created");
+    note("share-chown-dev", " %s", fchownat(root, "plain", 1000, 1000, 0) < 0 ? strerror(errno) : "done");
+    note("share-chmod-setgid", " %s", fchmodat(root, "plain", 02755, 0) < 0 ? strerror(errno) : "done");
+    note("share-mknod-char", " %s", mknodat(root, "null", S_IFCHR | 0666, makedev(1, 3)) < 0 ? strerror(errno) : "created");
 }
 int32_t krun_add_vsock_port2(uint32_t ctx, uint32_t port, const char *path, bool listen) {
     return note("krun_add_vsock_port2", " %u %u %s %d", ctx, port, path, listen);

@@ -59,8 +59,9 @@ EXPECTED = [
 
 def run_helper(tmp_path: Path, lib: Path, workspace: Path | None = None,
                **env: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
-    """Run the helper; the workspace path it hands libkrun (the source, or the id-mapped export
-    ``/proc/self/fd/N`` as root) is written ``/home/u/proj`` in the calls returned."""
+    """Run the helper; the workspace path it hands libkrun (always the source path itself: as root
+    the id-mapped export is attached there in the helper's private mount namespace) is written
+    ``/home/u/proj`` in the calls returned."""
     if workspace is None:
         workspace = tmp_path / "proj"
         workspace.mkdir(exist_ok=True)
@@ -71,7 +72,7 @@ def run_helper(tmp_path: Path, lib: Path, workspace: Path | None = None,
     proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.cli", "__agentbox_microvm_enter", str(conf)],
                           cwd=REPO, env=full, capture_output=True, text=True, timeout=60)
     calls = log.read_text().splitlines() if log.exists() else []
-    exported = r"/proc/self/fd/\d+" if os.geteuid() == 0 else re.escape(str(workspace))
+    exported = re.escape(str(workspace))
     return proc, [re.sub(f"(krun_add_virtiofs3 7 agentbox-workspace ){exported} ", r"\1/home/u/proj ", c)
                   for c in calls]
 
@@ -146,6 +147,8 @@ def test_the_workspace_reaches_libkrun_id_mapped_and_under_the_share_filter(tmp_
     proc, calls = run_helper(tmp_path, fake_lib, workspace, FAKE_KRUN_SHARE_PROBE="1")
     assert proc.returncode == 0, proc.stderr
     probe = dict(c.split(" ", 1) for c in calls if c.startswith("share-"))
+    assert probe["share-root"] == "directory", "opened O_PATH|O_NOFOLLOW as libkrun does, the share is the tree"
+    assert str(workspace) not in Path("/proc/self/mountinfo").read_text(), "the attach stays in the helper"
     assert probe["share-create-setuid"] == "Operation not permitted"
     assert probe["share-chmod-setgid"] == "Operation not permitted"
     assert probe["share-mknod-char"] == "Operation not permitted"

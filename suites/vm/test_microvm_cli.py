@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from agentbox_runtime.vmm.krun_guest import libkrun_disk_serial
+
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 IMAGE = "localhost/agentbox:latest"
@@ -176,12 +178,16 @@ def test_workspace_reads_and_writes_and_both_persistent_disks(env: dict[str, str
               "echo $(cat /sys/block/vda/serial); echo $(cat /sys/block/vdb/serial)")
     proc = agentbox(env, workspace, "microvm", "--vmm", vmm, "--", "sh", "-c", script)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines() == ["host data", "dev", "agentbox-nix", "agentbox-containers"], proc.stderr[-2000:]
+    state = next(app_dir(env).glob("*/microvm-nix.raw")).parent
+    assert {p.name for p in state.glob("microvm-*.raw")} == {"microvm-nix.raw", "microvm-containers.raw"}
+    disks = (state / "microvm-nix.raw", state / "microvm-containers.raw")
+    # qemu names each disk by its id; libkrun derives the serial from the image file (the stand-in as upstream)
+    serials = (["agentbox-nix", "agentbox-containers"] if vmm == "qemu"
+               else [libkrun_disk_serial(disk) for disk in disks])
+    assert proc.stdout.splitlines() == ["host data", "dev", *serials], proc.stderr[-2000:]
     written = workspace / "from-guest"
     assert written.read_text() == "guest data\n"
     assert (written.stat().st_uid, written.stat().st_gid) == (os.stat(workspace).st_uid, os.stat(workspace).st_gid)
-    state = next(app_dir(env).glob("*/microvm-nix.raw")).parent
-    assert {p.name for p in state.glob("microvm-*.raw")} == {"microvm-nix.raw", "microvm-containers.raw"}
 
 
 def test_a_root_owned_project_is_writable_by_dev_and_no_setuid_file_reaches_the_host(env: dict[str, str],

@@ -5,7 +5,12 @@
  * microvm helper calls and keeps the semantics the helper depends on:
  *
  *   krun_create_ctx / krun_free_ctx          contexts by id, -EINVAL for unknown ids
- *   krun_set_log_level                       accepted (levels 0..5)
+ *   krun_set_log_level(level)                installs the process's logger once (a second call
+ *                                            aborts, as libkrun's env_logger init panics); 0 off,
+ *                                            1 error ... 5 trace, RUST_LOG overriding the level.
+ *                                            Console text with non-TTY stdio is a log record at
+ *                                            error level (target init_or_kernel), so at level 0
+ *                                            without RUST_LOG it is dropped, as upstream
  *   krun_set_vm_config(vcpus, ram_mib)       -smp / -m
  *   krun_set_root(dir)                       the guest's / is that directory
  *   krun_add_disk / krun_add_disk2           virtio-blk in call order, the block id as the serial
@@ -79,7 +84,6 @@ struct vsock_port { uint32_t port; char *path; };
 
 struct ctx {
     bool used;
-    int log_level;
     int vcpus;
     uint32_t ram_mib;
     char *root, *workdir, *exec_path;
@@ -144,7 +148,17 @@ int32_t krun_free_ctx(uint32_t id) {
     return 0;
 }
 
-int32_t krun_set_log_level(uint32_t level) { return level > 5 ? -EINVAL : 0; }
+/* -1: no logger installed (libkrun logs nothing until krun_set_log_level). */
+static int logger_level = -1;
+
+int32_t krun_set_log_level(uint32_t level) {
+    if (logger_level >= 0) {
+        fputs("krun-standin: krun_set_log_level called twice (libkrun's logger init panics)\n", stderr);
+        abort();
+    }
+    logger_level = level > 5 ? 5 : (int)level;
+    return 0;
+}
 
 int32_t krun_set_vm_config(uint32_t id, uint8_t vcpus, uint32_t ram_mib) {
     struct ctx *c = get(id);
@@ -290,7 +304,7 @@ static int write_config(struct ctx *c) {
     if (fd < 0) return -errno;
     FILE *f = fdopen(dup(fd), "w");
     if (!f) { close(fd); return -errno; }
-    fprintf(f, "{\"vcpus\":%d,\"ram_mib\":%u,\"log_level\":%d,\"root\":", c->vcpus, c->ram_mib, c->log_level);
+    fprintf(f, "{\"vcpus\":%d,\"ram_mib\":%u,\"log_level\":%d,\"root\":", c->vcpus, c->ram_mib, logger_level);
     json_str(f, c->root);
     fputs(",\"workdir\":", f);
     json_str(f, c->workdir);
