@@ -47,8 +47,9 @@ def check_private(path: Path) -> Path:
     return path
 
 
-def ensure_private(path: Path) -> Path:
-    """Create ``path`` (0700, parents as needed) or reuse it if it passes :func:`check_private`."""
+def make_dir_0700(path: Path) -> None:
+    """Create ``path`` with mode 0700 (parents as needed, with the default mode) unless it exists;
+    checks nothing: the caller checks what it found."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
@@ -59,6 +60,11 @@ def ensure_private(path: Path) -> Path:
             os.mkdir(path, 0o700)
         except FileExistsError:
             pass
+
+
+def ensure_private(path: Path) -> Path:
+    """Create ``path`` (0700, parents as needed) or reuse it if it passes :func:`check_private`."""
+    make_dir_0700(path)
     return check_private(path)
 
 

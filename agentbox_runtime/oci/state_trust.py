@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.private_dir import make_dir_0700
 
 MAX_STATE_BYTES = 64 << 10
 STATE_FILE = "state.json"
@@ -78,16 +79,7 @@ def open_dir(name: str | Path, dir_fd: int | None, shown: Path, *, strict: bool)
 
 def ensure_root(root: Path) -> None:
     """Make ``--root`` (``0700``) when it is missing, then check it as :func:`read_record` does."""
-    try:
-        os.mkdir(root, 0o700)
-    except FileExistsError:
-        pass
-    except FileNotFoundError:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(root, 0o700)
-        except FileExistsError:
-            pass
+    make_dir_0700(root)
     os.close(open_dir(root, None, root, strict=False))
 
 
