@@ -19,6 +19,7 @@ import os
 import pytest
 
 from agentbox_harness.session import HarnessSession
+from agentbox_runtime.doctor import standin_in_use
 
 MARKER_CAPS: dict[str, tuple[str, ...]] = {
     "needs_kvm": ("kvm-device",),
@@ -43,12 +44,20 @@ def unavailable(session: HarnessSession, reason: str) -> None:
 
 
 def require_backend(session: HarnessSession, backend: str) -> None:
-    """Skip (strict: fail) unless ``backend`` is usable here, naming every failed check."""
+    """Skip (strict: fail) unless ``backend`` is usable here, naming every failed check. Under
+    ``--agentbox-strict`` a krun backend that only a QEMU stand-in would serve fails too, unless the
+    run allows stand-ins: a nightly krun shard passes only when crun with libkrun (krun-podman) or
+    libkrun (krun-direct) ran."""
     if backend not in session.backends:
         return  # a registered backend the doctor does not know has no host requirements
     usable, why = session.backends[backend]
     if not usable:
         unavailable(session, f"backend {backend} unavailable: {why}")
+    if session.strict and not session.allow_standins:
+        standin = standin_in_use(backend, session.checks)
+        if standin:
+            unavailable(session, f"backend {backend} would run through {standin} "
+                                 "(pass --agentbox-allow-standins to count the stand-in)")
 
 
 def check_markers(session: HarnessSession, item: pytest.Item) -> None:

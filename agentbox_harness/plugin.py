@@ -19,7 +19,7 @@ from agentbox_harness.artifacts import MACHINES, REPORTS
 from agentbox_harness.session import KEY, evidence_dir, harness
 from agentbox_runtime import guest_registry
 from agentbox_runtime.config import check_location
-from agentbox_runtime.doctor import krun_podman_runtime
+from agentbox_runtime.doctor import standin_in_use
 from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.errors import AgentboxError, InputError
@@ -59,7 +59,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--preserve-debug", action="store_true",
                     help="keep VMs, disks, task rootfs and logs; print commands to inspect them")
     group.addoption("--agentbox-strict", action="store_true",
-                    help="a missing capability fails the test instead of skipping it")
+                    help="a missing capability fails the test instead of skipping it; a krun backend served by a "
+                         "QEMU stand-in counts as missing unless --agentbox-allow-standins")
+    group.addoption("--agentbox-allow-standins", action="store_true",
+                    help="count the QEMU stand-ins (agentbox-krun-runtime, the libkrun stand-in) as the krun "
+                         "backends under --agentbox-strict (also AGENTBOX_ALLOW_STANDINS=1)")
     group.addoption("--agentbox-timeout-scale", type=float, default=None,
                     help="multiply every wait timeout (default: 4 under TCG, 1 with KVM)")
     group.addoption("--agentbox-timeout", type=float, default=None,
@@ -127,9 +131,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = [f"agentbox: backend {h.backend} ({h.backend_reason})",
              f"agentbox: accelerator {h.accelerator}, timeout scale {h.timeout_scale}, image {image_line(h)}, "
              f"kernel {h.kernel or 'the image /boot kernel'}"]
-    if krun_podman_runtime(h.checks) == "qemu":
-        lines.append("agentbox: krun-podman (krun_task) runs through agentbox-krun-runtime (QEMU): "
-                     "crun lacks +LIBKRUN")
+    for backend in ("krun-direct", "krun-podman"):
+        standin = standin_in_use(backend, h.checks)
+        if standin and (backend == h.backend or backend == "krun-podman"):
+            lines.append(f"agentbox: {backend} runs through {standin}"
+                         + ("" if h.allow_standins or not h.strict else
+                            " (--agentbox-strict: its tests fail; --agentbox-allow-standins counts it)"))
     return lines
 
 
@@ -259,8 +266,9 @@ def _write_environment(config: pytest.Config) -> None:
         return
     h = config.stash[KEY]
     by = {c.name: c.detail.splitlines()[0] if c.detail else c.status for c in h.checks}
+    ran = {f"agentbox.{b}": standin_in_use(b, h.checks) or "real" for b in ("krun-direct", "krun-podman")}
     values = {"agentbox.backend": h.backend, "agentbox.timeout_scale": h.timeout_scale,
-              "agentbox.strict": h.strict, **{f"tool.{n}": by[n] for n in ("qemu", "podman", "crun-krun", "libkrun")
+              "agentbox.strict": h.strict, **ran, **{f"tool.{n}": by[n] for n in ("qemu", "podman", "crun-krun", "libkrun")
                                               if n in by}}
     try:
         artifacts.write_allure_environment(alluredir, artifacts.environment_properties(values))

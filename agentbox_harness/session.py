@@ -61,6 +61,9 @@ class HarnessSession:
     _accel: str | None = None
     _backend: str | None = None
     backend_reason: str = ""
+    allow_standins: bool = False
+    """``--agentbox-allow-standins`` (or ``AGENTBOX_ALLOW_STANDINS=1``): under ``--agentbox-strict`` a
+    krun backend served by a QEMU stand-in counts as that backend."""
 
     def register_secret(self, value: str) -> None:
         """Keep ``value`` out of every evidence bundle of this run (it becomes ``[REDACTED]``)."""
@@ -208,6 +211,8 @@ def harness(config: pytest.Config) -> HarnessSession:
         opt = config.getoption
         config.stash[KEY] = HarnessSession(
             config=config, run_label=run_label(), strict=bool(opt("--agentbox-strict")),
+            allow_standins=bool(opt("--agentbox-allow-standins", default=False))
+            or os.environ.get("AGENTBOX_ALLOW_STANDINS") == "1",
             preserve_debug=bool(opt("--preserve-debug")), backend_option=opt("--agentbox-backend"),
             image_option=opt("--agentbox-image"),
             kernel=Path(opt("--agentbox-kernel")) if opt("--agentbox-kernel") else None,

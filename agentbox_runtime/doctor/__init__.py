@@ -19,6 +19,8 @@ import json
 from collections.abc import Callable, Sequence
 
 from agentbox_runtime.doctor.model import Check
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.vmm.libkrun import is_standin
 from agentbox_runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check_share_filter, check_kvm_boot,
                                    check_krun_direct_boot, check_kvm_device, check_libkrun, check_libkrunfw, check_tun,
                                    check_userns)
@@ -28,7 +30,7 @@ from agentbox_runtime.doctor.tools import (check_blkid, check_btrfs, check_build
 
 __all__ = ["BACKENDS", "CHECKS", "KRUN_PODMAN_QEMU", "Check", "check_by_name", "check_kvm_device", "check_libkrun",
            "krun_podman_runtime",
-           "render_json", "render_text", "run_checks", "usable_backends"]
+           "render_json", "render_text", "run_checks", "standin_in_use", "usable_backends"]
 
 CHECKS: dict[str, Callable[[], Check]] = {
     "podman": check_podman,
@@ -82,6 +84,22 @@ def krun_podman_runtime(checks: Sequence[Check]) -> str | None:
     for name, needs in (("crun", BACKENDS["krun-podman"]), ("qemu", KRUN_PODMAN_QEMU)):
         if all(by[n].ok for n in needs if n in by):
             return name
+    return None
+
+
+def standin_in_use(backend: str, checks: Sequence[Check]) -> str | None:
+    """What stand-in would serve ``backend`` here instead of the real thing, in words; None when the
+    real thing would (or the backend has no stand-in). krun-podman runs through
+    ``agentbox-krun-runtime`` when crun lacks the krun handler; krun-direct through the QEMU-backed
+    libkrun stand-in when that is the library that loads."""
+    if backend == "krun-podman" and krun_podman_runtime(checks) == "qemu":
+        return "agentbox-krun-runtime (the QEMU stand-in), not crun with libkrun"
+    if backend == "krun-direct":
+        try:
+            if is_standin():
+                return "the QEMU-backed libkrun stand-in, not libkrun"
+        except AgentboxError:
+            return None
     return None
 
 

@@ -17,6 +17,7 @@ from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.state import state_base
 from agentbox_runtime.vmm import boot_verdicts, share_filter
 from agentbox_runtime.vmm.libkrun import SONAMES as LIBKRUN_SONAMES
+from agentbox_runtime.vmm.libkrun import is_standin
 
 KVM_GET_API_VERSION = 0xAE00
 MIN_FREE_BYTES = 20 << 30
@@ -87,7 +88,9 @@ def check_libkrun() -> Check:
     names = [explicit] if explicit else list(LIBKRUN_SONAMES)
     name, failures = _first_loadable(names)
     if name is not None:
-        return Check("libkrun", True, "ok", f"{name} loads" + (f" (from ${LIBKRUN_ENV})" if explicit else ""))
+        what = " (the project's QEMU-backed stand-in, not libkrun)" if is_standin(ctypes.CDLL(name)) else ""
+        return Check("libkrun", True, "ok",
+                     f"{name} loads" + (f" (from ${LIBKRUN_ENV})" if explicit else "") + what)
     source = f" (from ${LIBKRUN_ENV})" if explicit else f" (${LIBKRUN_ENV} not set)"
     status = "unusable" if any(" load error: " in f for f in failures) else "missing"
     return Check("libkrun", False, status, "; ".join(failures) + source, LIBKRUN_FIX)

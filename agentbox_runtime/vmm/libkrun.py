@@ -66,6 +66,20 @@ def load_library() -> ctypes.CDLL:
     raise AgentboxError(last)
 
 
+STANDIN_SYMBOL = "agentbox_krun_standin"
+"""Exported by the project's QEMU-backed libkrun stand-in, never by libkrun."""
+
+
+def is_standin(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether the libkrun that loads (or ``lib``) is the project's QEMU-backed stand-in, not libkrun."""
+    lib = lib or load_library()
+    try:
+        getattr(lib, STANDIN_SYMBOL)
+    except AttributeError:
+        return False
+    return True
+
+
 def library_path() -> str:
     """The file :func:`load_library` loads (raises like it when none loads)."""
     explicit = os.environ.get("AGENTBOX_LIBKRUN_LIBRARY")

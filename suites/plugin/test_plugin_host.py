@@ -199,6 +199,35 @@ def test_missing_capability_skips_then_fails_under_strict(pytester: pytest.Pytes
     strict.stdout.fnmatch_lines(["*missing capability (--agentbox-strict): libkrun: *"])
 
 
+def test_strict_counts_a_krun_stand_in_only_when_allowed(pytester: pytest.Pytester,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 24 item 7: a strict krun-podman run on a host whose crun lacks libkrun would run through
+    agentbox-krun-runtime; it fails instead of passing without touching crun+libkrun, unless the
+    stand-in is allowed on purpose. The header says which ran either way."""
+    from agentbox_runtime.doctor import run_checks, standin_in_use
+
+    if standin_in_use("krun-podman", run_checks()) is None:
+        pytest.skip("krun-podman here is crun with libkrun, or cannot run at all: no stand-in to count")
+    monkeypatch.delenv("AGENTBOX_ALLOW_STANDINS", raising=False)
+    pytester.makepyfile(test_krun="""
+        import pytest
+
+        @pytest.mark.vm
+        def test_on_krun_podman():
+            pass
+    """)
+    strict = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "krun-podman",
+                                           "--agentbox-strict")
+    strict.assert_outcomes(errors=1)
+    strict.stdout.fnmatch_lines(["*krun-podman runs through agentbox-krun-runtime*--agentbox-strict: its tests fail*",
+                                 "*missing capability (--agentbox-strict): backend krun-podman would run through "
+                                 "agentbox-krun-runtime*--agentbox-allow-standins*"])
+    allowed = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "krun-podman",
+                                            "--agentbox-strict", "--agentbox-allow-standins")
+    allowed.assert_outcomes(passed=1)
+    allowed.stdout.fnmatch_lines(["*agentbox: krun-podman runs through agentbox-krun-runtime (the QEMU stand-in)*"])
+
+
 def test_workspace_modes_and_isolated_state(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_ws='''
         import pytest
