@@ -2,10 +2,16 @@
 
 The helper process (``agentbox __agentbox_microvm_enter <launch.conf>``) loads
 ``$AGENTBOX_LIBKRUN_LIBRARY`` or ``libkrun.so.1`` then ``libkrun.so`` and makes
-exactly these calls: create_ctx, set_log_level(0), set_vm_config, set_root,
-add_disk per disk, disable_implicit_console, add_virtio_console_default(0,1,2),
-add_virtiofs3(workspace), set_workdir, set_exec, [add_vsock_port2(attach)],
-start_enter. A setup failure frees the context.
+exactly these calls (:data:`HELPER_CALLS`): create_ctx, set_log_level(0), set_vm_config,
+set_root, add_disk per disk, set_port_map(empty), disable_implicit_console,
+add_virtio_console_default(0,1,2), add_virtiofs3(workspace), set_workdir, set_exec,
+[add_vsock_port2(attach)], start_enter. A setup failure frees the context.
+
+The empty port map is microvm mode's "no inbound publishing": libkrun's header
+promises that an empty map exposes no guest port under TSI, and libkrun up to
+v1.16 kept it. From v1.17 ``tsi_stream.rs`` ``try_listen`` binds an unmapped
+port on the guest's own address anyway, so there the map no longer closes inbound
+ports (``docs/libkrun-fidelity.md`` (c); a stand-in cannot show it).
 
 ``$AGENTBOX_MICROVM_ATTACH_SOCKET`` (set by :class:`LibkrunDriver` for a
 non-interactive guest) asks for the ``agentbox attach`` channel:
@@ -47,6 +53,13 @@ from agentbox_runtime.vmm.share_filter import install as install_filter
 from agentbox_runtime.vmm.share_filter import require_filter
 
 SONAMES = ("libkrun.so.1", "libkrun.so")
+HELPER_CALLS: tuple[str, ...] = (
+    "krun_create_ctx", "krun_set_log_level", "krun_set_vm_config", "krun_set_root", "krun_add_disk",
+    "krun_set_port_map", "krun_disable_implicit_console", "krun_add_virtio_console_default",
+    "krun_add_virtiofs3", "krun_set_workdir", "krun_set_exec", "krun_add_vsock_port2", "krun_start_enter",
+    "krun_free_ctx")
+"""Every libkrun symbol the helper calls; docs/libkrun-fidelity.md has one row for each (a test keeps
+them in step)."""
 ATTACH_SOCKET_ENV = "AGENTBOX_MICROVM_ATTACH_SOCKET"
 #: With non-TTY stdio libkrun hands the guest console (kernel and hvc0) to its logger as error records of
 #: target ``init_or_kernel`` (v1.18 ``port_io.rs`` ``PortOutputLog``), which ``krun_set_log_level(0)``
@@ -126,7 +139,8 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
              ("krun_set_root", (u32(ctx), cfg.task_rootfs.encode()))]
     steps += [("krun_add_disk", (u32(ctx), d.id.encode(), d.path.encode(), ctypes.c_bool(d.read_only)))
               for d in cfg.disks]
-    steps += [("krun_disable_implicit_console", (u32(ctx),)),
+    steps += [("krun_set_port_map", (u32(ctx), _cstr_array([]))),  # no inbound publishing (see above)
+              ("krun_disable_implicit_console", (u32(ctx),)),
               ("krun_add_virtio_console_default", (u32(ctx), ctypes.c_int(0), ctypes.c_int(1), ctypes.c_int(2))),
               ("krun_add_virtiofs3", (u32(ctx), cfg.workspace_tag.encode(), workspace.encode(),
                                       ctypes.c_uint64(0), ctypes.c_bool(False))),

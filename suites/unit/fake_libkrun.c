@@ -80,6 +80,14 @@ static void probe_share(void) {
 int32_t krun_add_vsock_port2(uint32_t ctx, uint32_t port, const char *path, bool listen) {
     return note("krun_add_vsock_port2", " %u %u %s %d", ctx, port, path, listen);
 }
+int32_t krun_set_port_map(uint32_t ctx, const char *const port_map[]) {
+    char buf[1024] = "";
+    for (int i = 0; port_map && port_map[i]; i++) {
+        strncat(buf, " ", sizeof buf - strlen(buf) - 1);
+        strncat(buf, port_map[i], sizeof buf - strlen(buf) - 1);
+    }
+    return note("krun_set_port_map", " %u%s", ctx, buf[0] ? buf : " (empty)");
+}
 int32_t krun_set_workdir(uint32_t ctx, const char *dir) { return note("krun_set_workdir", " %u %s", ctx, dir); }
 int32_t krun_set_exec(uint32_t ctx, const char *exec, const char *const argv[], const char *const envp[]) {
     char buf[4096] = "";

@@ -47,6 +47,7 @@ EXPECTED = [
     "krun_set_root 7 /t/rootfs",
     "krun_add_disk 7 agentbox-nix /s/microvm-nix.raw 0",
     "krun_add_disk 7 agentbox-containers /s/microvm-containers.raw 0",
+    "krun_set_port_map 7 (empty)",
     "krun_disable_implicit_console 7",
     "krun_add_virtio_console_default 7 0 1 2",
     "krun_add_virtiofs3 7 agentbox-workspace /home/u/proj 0 0",
@@ -77,11 +78,12 @@ def run_helper(tmp_path: Path, lib: Path, workspace: Path | None = None,
                   for c in calls]
 
 
-def test_exact_twelve_call_order_and_guest_status(tmp_path: Path, fake_lib: Path) -> None:
+def test_exact_call_order_and_guest_status(tmp_path: Path, fake_lib: Path) -> None:
     proc, calls = run_helper(tmp_path, fake_lib, FAKE_KRUN_EXIT="3")
     assert calls == EXPECTED, proc.stderr
-    # 11 distinct libkrun entry points (add_disk twice for two disks), no krun_set_env, no passt APIs
-    assert len(calls) == 12 and not any("set_env" in c or "passt" in c for c in calls)
+    # 12 distinct libkrun entry points (add_disk twice for two disks), an empty port map (no inbound
+    # publishing), no krun_set_env, no passt APIs
+    assert len(calls) == 13 and not any("set_env" in c or "passt" in c for c in calls)
     assert proc.returncode == 3
 
 

@@ -15,6 +15,7 @@
  *   krun_set_root(dir)                       the guest's / is that directory
  *   krun_add_disk / krun_add_disk2           virtio-blk in call order, the block id as the serial
  *   krun_add_virtiofs[2,3](tag, dir, ...)    a share mounted by tag (read-only flag kept)
+ *   krun_set_port_map(map)                   checked as libkrun checks it; changes nothing (see there)
  *   krun_set_workdir                         the command's cwd (relative to the root)
  *   krun_set_exec(path, argv, envp)          path run with argv[0]=path then argv; envp NULL = caller's env
  *   krun_set_env                             the environment without touching exec
@@ -212,6 +213,27 @@ int32_t krun_add_virtiofs2(uint32_t id, const char *tag, const char *path, uint6
 
 int32_t krun_add_virtiofs(uint32_t id, const char *tag, const char *path) {
     return krun_add_virtiofs3(id, tag, path, 0, false);
+}
+
+/* "host:guest" entries, each port 0-65535, no guest or host port twice (-EINVAL otherwise), as libkrun
+ * v1.18 lib.rs krun_set_port_map checks them. The map changes nothing here: the stand-in's qemu user
+ * network publishes no guest port with or without one (libkrun >= 1.17 under TSI exposes every
+ * unmapped listening port; docs/libkrun-fidelity.md says the stand-in cannot show that). */
+int32_t krun_set_port_map(uint32_t id, const char *const port_map[]) {
+    unsigned hosts[1024], guests[1024];
+    int n = 0;
+    if (!get(id) || !port_map) return -EINVAL;
+    for (int i = 0; port_map[i]; i++) {
+        unsigned h, g;
+        char tail;
+        if (n >= 1024 || sscanf(port_map[i], "%u:%u%c", &h, &g, &tail) != 2 || h > 65535 || g > 65535)
+            return -EINVAL;
+        for (int j = 0; j < n; j++)
+            if (hosts[j] == h || guests[j] == g) return -EINVAL;
+        hosts[n] = h;
+        guests[n++] = g;
+    }
+    return 0;
 }
 
 int32_t krun_set_workdir(uint32_t id, const char *workdir) {
