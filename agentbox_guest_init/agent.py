@@ -484,6 +484,18 @@ def attach_listen(req: Mapping[str, Any]) -> dict[str, Any]:
     return {"ok": True, "port": port}
 
 
+def serve_attach_vsock(port: int = c.ATTACH_VSOCK_PORT) -> bool:
+    """Serve ``agentbox attach`` on vsock ``port`` for any CID, in a thread: what libkrun bridges the
+    host's attach socket to (``krun_add_vsock_port2(..., listen=true)``: the host side listens and
+    opens a vsock stream to this port per connection). False when the guest has no vsock transport."""
+    try:
+        listener = listeners.vsock_listener(port)
+    except (OSError, AttributeError):
+        return False
+    listeners.accept_forever(listener, lambda conn, _admission: serve_connection(conn), "attach-vsock")
+    return True
+
+
 def serve_attach_channels() -> None:
     """Serve ``agentbox attach`` channels too, in threads, on whatever the VMM offers. They are free
     while the harness holds the main channel (``pytest --pdb``) and stay served after it went away
@@ -493,12 +505,7 @@ def serve_attach_channels() -> None:
     - vsock port :data:`contract.ATTACH_VSOCK_PORT` (libkrun bridges a host unix socket to it),
       or the virtio-serial port that carries it on a VMM without virtio-vsock.
     """
-    try:
-        listener = listeners.vsock_listener(c.ATTACH_VSOCK_PORT)
-    except (OSError, AttributeError):
-        pass
-    else:
-        listeners.accept_forever(listener, lambda conn, _admission: serve_connection(conn), "attach-vsock")
+    serve_attach_vsock()
     for name in (c.ATTACH_PORT_NAME, c.vsock_port_name(c.ATTACH_VSOCK_PORT)):
         try:
             device = find_port(name, timeout=0.0)
