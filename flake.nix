@@ -1,23 +1,46 @@
 {
   description = "agentbox-harness: run agent workspaces in real microVMs and verify them with pytest";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
+    # libkrun, libkrunfw and crun's krun handler come from a newer channel: the helper needs libkrun
+    # >= 1.18.0 built with BLK=1 (docs/libkrun-fidelity.md, "Minimum versions"), which 24.05 lacks
+    nixpkgs-krun.url = "github:NixOS/nixpkgs/nixos-25.11";
+    # libkrun itself, pinned to the release the ledger reads (krun_add_virtiofs3 first appears there)
+    libkrun-src = { url = "github:containers/libkrun/v1.18.0"; flake = false; };
+    # the reference's crun fork: crun's krun handler plus the krun.disk.* annotations (krun.1.md)
+    crun-krun-disk = {
+      url = "git+https://github.com/zeroqn/crun?rev=9f20944b95c00a5642191ebf6cb1bd0a9a07faaf&submodules=1";
+      flake = false;
+    };
+  };
 
-  outputs = { self, nixpkgs }:
+  outputs = { self, nixpkgs, nixpkgs-krun, libkrun-src, crun-krun-disk }:
     let
       systems = [ "x86_64-linux" "aarch64-linux" ];
-      forAll = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+      forAll = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system} system);
       version = "0.1.0";
     in {
-      packages = forAll (pkgs:
+      packages = forAll (pkgs: system:
         let
+          krunPkgs = nixpkgs-krun.legacyPackages.${system};
+          # libkrun 1.18.0 with block devices (krun_add_disk) and passt networking (crun's krun.use_passt);
+          # Cargo.lock of the pinned source names every crate by checksum, so no vendor hash is needed
+          libkrun = (krunPkgs.libkrun.override { withBlk = true; withNet = true; }).overrideAttrs (old: {
+            version = "1.18.0";
+            src = libkrun-src;
+            cargoDeps = krunPkgs.rustPlatform.importCargoLock { lockFile = "${libkrun-src}/Cargo.lock"; };
+          });
           py = pkgs.python311Packages;
           kernel = pkgs.linuxPackages.kernel;
           # the initramfs the qemu backend builds runs this busybox before any library is there
           staticBusybox = pkgs.pkgsStatic.busybox;
-          # crun with its libkrun handler (+LIBKRUN), what libkrun mode (krun-podman) runs on
-          crunKrun = pkgs.crun.overrideAttrs (old: {
-            buildInputs = (old.buildInputs or [ ]) ++ [ pkgs.libkrun ];
+          # the reference's crun fork with its libkrun handler (+LIBKRUN) and krun.disk.*, what libkrun
+          # mode (krun-podman) runs on, linked against the libkrun above
+          crunKrun = krunPkgs.crun.overrideAttrs (old: {
+            version = "${old.version}-krun-disk";
+            src = crun-krun-disk;
+            buildInputs = (old.buildInputs or [ ]) ++ [ libkrun ];
             configureFlags = (old.configureFlags or [ ]) ++ [ "--with-libkrun" ];
           });
           guestTools = with pkgs; [
@@ -141,12 +164,12 @@
           default = harness;
           inherit harness guestInit image;
           # what `agentbox doctor` points at when libkrun or crun's krun handler is missing
-          libkrun = pkgs.libkrun;
-          libkrunfw = pkgs.libkrunfw;
+          inherit libkrun;
+          libkrunfw = krunPkgs.libkrunfw;
           crun = crunKrun;
         });
 
-      devShells = forAll (pkgs: {
+      devShells = forAll (pkgs: _system: {
         default = pkgs.mkShell {
           packages = with pkgs; [
             python311 python311Packages.pytest python311Packages.pytest-xdist

@@ -50,3 +50,26 @@ def test_every_ledger_row_names_its_upstream_source_and_a_verdict() -> None:
             upstream, verdict = cells[1], cells[3]
             assert re.search(r"lib\.rs|\.rs|\.c|\.h", upstream), f"no upstream file cited: {line[:80]}"
             assert verdict.startswith(("same", "differs")), f"no verdict: {line[:80]}"
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_the_flake_pins_at_least_the_ledger_s_minimum_versions() -> None:
+    """The flake's ``.#libkrun`` and ``.#crun`` (what the doctor sends users to) must provide every call
+    the helper makes: libkrun at or above the ledger's minimum, built with block devices, and crun
+    from the reference's fork, the only crun with ``krun.disk.*``. (The flake cannot be built here;
+    the ledger says so.)"""
+    ledger = LEDGER.read_text()
+    minimum = re.search(r"^\| libkrun \| (\d+\.\d+\.\d+) \|", ledger, re.MULTILINE)
+    assert minimum, "the ledger's Minimum versions table has no libkrun row"
+    flake = (REPO / "flake.nix").read_text()
+    pinned = re.search(r'url = "github:containers/libkrun/v(\d+\.\d+\.\d+)"', flake)
+    assert pinned, "flake.nix pins no libkrun release"
+    assert _version(pinned[1]) >= _version(minimum[1]), (pinned[1], minimum[1])
+    assert "withBlk = true" in flake, "libkrun without BLK=1 has no krun_add_disk"
+    fork = re.search(r'url = "git\+https://github\.com/zeroqn/crun\?rev=([0-9a-f]{40})&submodules=1"', flake)
+    assert fork, "the flake's crun is not the reference's fork (no krun.disk.* annotations elsewhere)"
+    assert fork[1][:8] in ledger, f"the ledger does not name the pinned fork commit {fork[1][:8]}"
+    assert "src = crun-krun-disk" in flake and "src = libkrun-src" in flake
