@@ -218,6 +218,12 @@ class MicrovmMachine(Machine):
         self.preserved.append(Preserved(attach_lines(self.name, record.id, task.task_dir), (str(task.task_dir),)))
         return self.preserved[-1].lines
 
+    def keep_nothing(self) -> None:
+        if self.options is not None:
+            self.options = replace(self.options, preserve_debug=False)
+        if self.task is not None:
+            self.task.opts = replace(self.task.opts, preserve_debug=False)
+
     def _stop(self, timeout: float) -> None:
         if self.guest_id is not None:
             guest_registry.forget(self.guest_id)

@@ -224,11 +224,15 @@ class Factory:
 
         A failure stopping one machine never keeps the others running. With --preserve-debug, a
         failed test's guests that can be attached to (qemu, container) keep running for
-        ``agentbox attach``; the others stop with their rootfs, disks and logs kept (see the summary)."""
+        ``agentbox attach``; the others stop with their rootfs, disks and logs kept (see the summary).
+        A passing test's guests keep nothing, flag or not."""
         errors = []
-        live = self.session.preserve_debug and failed(self.request.node.stash.get(REPORTS, {}))
+        test_failed = failed(self.request.node.stash.get(REPORTS, {}))
+        live = self.session.preserve_debug and test_failed
         for m in reversed(self.machines):
             steps: tuple[Callable[[], None], ...] = (m.shutdown, m.write_artifacts)
+            if not test_failed:
+                m.keep_nothing()  # --preserve-debug keeps what failed, never a passing test's state
             if live:
                 try:
                     if m.preserve_live() is not None:

@@ -408,6 +408,10 @@ class Machine(ABC):
         summary lines, or None when this backend cannot be attached to (it is then stopped as usual)."""
         return None
 
+    def keep_nothing(self) -> None:
+        """Under ``--preserve-debug``, a test that passed keeps nothing: its guest's task rootfs,
+        mounts and task dir go as they do without the flag. Called before the stop."""
+
     def shutdown(self, timeout: float | None = None) -> None:
         """Graceful then forced stop, bounded by ``timeout``."""
         with self._verb("shutdown", ""):

@@ -381,3 +381,31 @@ def test_pytest_pdb_at_a_failure_leaves_the_guest_reachable_with_agentbox_attach
     finally:
         run.close(force=True)
     assert not qemu_backend_processes(pytester.path)
+
+
+def test_preserve_debug_keeps_only_what_failed(pytester: pytest.Pytester) -> None:
+    """Under --preserve-debug a passing test's guest, task rootfs mount and task dir go as they do
+    without the flag; only the failing test's are kept (issue 26: they leaked, and pytest's tmp
+    clean-up then failed with EBUSY)."""
+    pytester.makepyfile(test_mixed='''
+        def test_passes(microvm):
+            microvm.succeed("true", timeout=60)
+
+        def test_fails(microvm):
+            microvm.succeed("true", timeout=60)
+            assert False, "fail on purpose"
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--agentbox-backend", "qemu",
+                                           "--preserve-debug", timeout=1800)
+    result.assert_outcomes(passed=1, failed=1)
+    gid = re.search(r"agentbox rm (qemu-[0-9a-f]+)", result.stdout.str())
+    assert gid, result.stdout.str()[-3000:]
+    try:
+        mounts = mounts_under(pytester.path)
+        tasks = [str(p) for p in pytester.path.glob("**/microvm-tasks/*")]
+        assert not [m for m in mounts if "test_passes" in m], mounts
+        assert not [t for t in tasks if "test_passes" in t], tasks
+        assert [t for t in tasks if "test_fails" in t], f"the failing test's task dir is kept: {tasks}"
+    finally:
+        assert agentbox_cli("rm", gid[1]).returncode == 0
+    assert not mounts_under(pytester.path)
