@@ -244,8 +244,8 @@ class MicrovmMachine(Machine):
                 agent.close()
         finally:
             try:
-                if task.handle is not None:
-                    report = task.handle.shutdown(min(timeout, GRACEFUL_S) if asked else 0.0)
+                report = task.stop(min(timeout, GRACEFUL_S) if asked else 0.0)
+                if report is not None:
                     self.stop_notes.append(report.describe("VMM"))
                     if report.forced and asked:
                         warnings.warn(f"{self.name}: the guest did not power off after the agent's shutdown; "

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agentbox_runtime.errors import InputError
-from agentbox_runtime.microvm.reaper import same_process, start_time
+from agentbox_runtime.processes import same_process, start_time
 from agentbox_runtime.private_dir import ensure_private
 from agentbox_runtime.state import state_base
 

@@ -26,8 +26,8 @@ from agentbox_runtime.channel import AgentClient, ChannelError, GuestAuthError
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.podman import Podman, container_running
-from agentbox_runtime.retry import WaitTimeout, retry
 from agentbox_runtime.microvm.image_cache import remove_tree
+from agentbox_runtime.vmm.shutdown import stop_process
 
 ATTACH_CONNECT_S = 10.0
 CONTAINER_CHECK_S = 30.0
@@ -137,20 +137,13 @@ def attach(guest_id: str, root: bool) -> int:
 
 
 def _stop_vmm(rec: guest_registry.GuestRecord) -> None:
-    """SIGTERM (qemu quits), then SIGKILL after STOP_S; the VMM is not our child, so the ladder of
-    :mod:`agentbox_runtime.vmm.shutdown` (which waits on a child) does not apply."""
+    """The one shutdown ladder for a VMM that is not our child (:func:`agentbox_runtime.vmm.shutdown.stop_process`):
+    SIGTERM (qemu quits), then SIGKILL after STOP_S, only while the pid is still the recorded VMM."""
     assert rec.pid is not None
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(rec.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            retry(lambda _last: not rec.vm_alive(), timeout=STOP_S, interval=0.1)
-            return
-        except WaitTimeout:
-            continue
-    raise AgentboxError(f"guest {rec.id}: its VMM (pid {rec.pid}) survived SIGKILL")
+    try:
+        stop_process(rec.pid, rec.pid_start, term_s=STOP_S, kill_s=STOP_S)
+    except AgentboxError:
+        raise AgentboxError(f"guest {rec.id}: its VMM (pid {rec.pid}) survived SIGKILL") from None
 
 
 def rm(guest_id: str) -> int:

@@ -9,38 +9,23 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import time
 from pathlib import Path
 
-from agentbox_runtime.retry import WaitTimeout, retry
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.processes import same_process, start_time
 from agentbox_runtime.state import StateLayout
 from agentbox_runtime.microvm.storage import reset_task_dir
+from agentbox_runtime.vmm.shutdown import stop_process
+
+__all__ = ["forget", "managed_task_dir", "reap_stale", "record", "records", "same_process", "start_time"]
 
 
 def _dir(layout: StateLayout) -> Path:
     d = layout.app_dir / "microvm" / "running"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
     return d
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
 
 
 def _pgid(pid: int) -> int | None:
@@ -80,17 +65,6 @@ def records(layout: StateLayout) -> list[dict[str, object]]:
     return out
 
 
-def same_process(pid: int, start: object) -> bool:
-    """``pid`` is alive (a zombie is not) and, when ``start`` is known, is the process that was recorded
-    (not a reused pid)."""
-    if not _alive(pid) or (start is not None and start_time(pid) != start):
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def managed_task_dir(layout: StateLayout, task_dir: Path) -> bool:
     """Whether ``task_dir`` really is one of ours: ``<app>/<slug>/microvm-tasks/<id>`` with no symlink
     below the app dir (checked component by component, and by real path), a directory owned by us. A
@@ -125,17 +99,12 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
             continue
         pid = rec.get("pid")
         if isinstance(pid, int) and same_process(pid, rec.get("start")):
-            own_group = rec.get("pgid") == pid  # a VM in its own process group: signal the whole group
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(pid, sig) if own_group else os.kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    break
-                try:
-                    retry(lambda _last: not _alive(pid), timeout=3, interval=0.05)
-                    break
-                except WaitTimeout:
-                    continue  # still alive: the next signal
+            # a VM in its own process group: signal the whole group; the one ladder, short rungs
+            try:
+                stop_process(pid, rec.get("start"), own_group=rec.get("pgid") == pid, term_s=3, kill_s=3)
+            except AgentboxError:
+                continue  # survived SIGKILL (uninterruptible): keep the record for the next run
+
         task_dir = Path(str(rec["task_dir"]))
         if managed_task_dir(layout, task_dir):
             reset_task_dir(task_dir)

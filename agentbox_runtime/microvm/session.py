@@ -286,11 +286,15 @@ class MicrovmTask:
         assert self.handle is not None
         return self.handle.wait(timeout)
 
-    def _stop_vm(self) -> None:
-        """Stop the VMM down the one ladder with no graceful wait (a caller that asked the guest to
-        power off has waited already); the report is kept in :attr:`stop_report`."""
-        assert self.handle is not None
-        self.stop_report = self.handle.shutdown(0.0)
+    def stop(self, graceful_s: float = 0.0) -> StopReport | None:
+        """Stop the VMM down the one ladder, once: wait ``graceful_s`` for a guest that was asked to
+        power off, then terminate, then kill. The report is kept in :attr:`stop_report`; a second
+        call returns it without touching the VMM again. None when no VMM was started."""
+        if self.handle is None:
+            return None
+        if self.stop_report is None:
+            self.stop_report = self.handle.shutdown(graceful_s)
+        return self.stop_report
 
     def close(self) -> None:
         """Stop the VM and clean up (idempotent); keeps everything with preserve_debug."""
@@ -300,7 +304,7 @@ class MicrovmTask:
         if self.handle is not None:
             if self.session_started is not None:
                 self.phases.rows.append(("helper_session", (time.perf_counter() - self.session_started) * 1000))
-            self._stop_vm()  # preserve keeps files, never a running VM
+            self.stop()  # preserve keeps files, never a running VM; a no-op once stopped
         if self.rootfs is None:
             if self.layout is not None:
                 forget(self.layout, self.task_dir)

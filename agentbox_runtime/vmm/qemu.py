@@ -30,17 +30,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agentbox_guest_init import contract
 from agentbox_guest_init.launch_config import encode
 from agentbox_runtime.channel import AgentClient
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.retry import retry
-from agentbox_runtime.vmm import host_share, initramfs
+from agentbox_runtime.vmm import host_share, initramfs, qmp
 from agentbox_runtime.vmm import shutdown
 from agentbox_runtime.vmm.base import GuestExitUnknown, VmSpec
 from agentbox_runtime.vmm.console_log import MIN_MAX, ConsoleListener, rotated
@@ -227,16 +227,10 @@ class QemuHandle:
         assert self.agent_socket is not None
         return AgentClient.connect_unix(self.agent_socket, timeout)
 
-    def qmp(self, command: str, timeout: float = 5.0) -> None:
-        """Send one QMP command (best effort)."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(str(self.sock_dir / "qmp.sock"))
-            s.recv(65536)
-            s.sendall(b'{"execute":"qmp_capabilities"}\n')
-            s.recv(65536)
-            s.sendall(json.dumps({"execute": command}).encode() + b"\n")
-            s.recv(65536)
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        """Run one QMP command and return its result; :class:`agentbox_runtime.vmm.qmp.QmpError` (an
+        OSError too) when qemu answers with an error, closes the socket or does not answer in time."""
+        return qmp.execute(self.sock_dir / "qmp.sock", command, arguments, timeout=timeout)
 
     def shutdown(self, timeout: float) -> StopReport:
         """The shutdown ladder (:mod:`agentbox_runtime.vmm.shutdown`): wait ``timeout`` s for the guest to power

@@ -7,6 +7,9 @@ says which one stopped the process, so a forced stop is never silent.
    agent's ``shutdown``); wait up to ``graceful_s``;
 2. ``terminate``: a VMM-level request (QMP ``quit``) or SIGTERM; wait up to ``term_s``;
 3. ``kill``: SIGKILL (to the process group when the VMM leads one); wait up to ``kill_s``.
+
+:func:`stop` walks it for a VMM that is our child; :func:`stop_process` for one that is not (a
+preserved guest, what a dead run left), named by pid and start time so a reused pid is never hit.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.processes import same_process, send_signal
+from agentbox_runtime.retry import WaitTimeout, retry
 
 
 @dataclass(frozen=True)
@@ -54,23 +59,54 @@ def _waited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
         return False
 
 
-def stop(proc: subprocess.Popen[bytes], *, graceful_s: float = 10.0, terminate: Callable[[], None] | None = None,
-         term_s: float = 10.0, kill_s: float = 30.0) -> StopReport:
-    """Stop ``proc`` down the ladder (see the module docstring). ``terminate`` replaces SIGTERM on
-    rung 2 (and falls back to it when it raises). Raises AgentboxError if even SIGKILL fails."""
-    if proc.poll() is not None:
-        return StopReport("exited", proc.returncode)
-    if graceful_s > 0 and _waited(proc, graceful_s):
-        return StopReport("graceful", proc.returncode)
+def _ladder(wait: Callable[[float], bool], send: Callable[[int], None], returncode: Callable[[], int | None], *,
+            graceful_s: float, terminate: Callable[[], None] | None, term_s: float, kill_s: float,
+            what: str) -> StopReport:
+    """The rungs, for any process: ``wait(t)`` says whether it ended within ``t`` s, ``send(sig)``
+    signals it (its group when it leads one)."""
+    if wait(0.0):
+        return StopReport("exited", returncode())
+    if graceful_s > 0 and wait(graceful_s):
+        return StopReport("graceful", returncode())
     try:
         if terminate is None:
             raise OSError("no VMM-level terminate")
         terminate()
     except OSError:
-        _signal(proc, signal.SIGTERM)
-    if _waited(proc, term_s):
-        return StopReport("terminate", proc.returncode)
-    _signal(proc, signal.SIGKILL)
-    if _waited(proc, kill_s):
-        return StopReport("kill", proc.returncode)
-    raise AgentboxError(f"VMM process {proc.pid} survived SIGKILL for {kill_s:.0f}s")
+        send(signal.SIGTERM)
+    if wait(term_s):
+        return StopReport("terminate", returncode())
+    send(signal.SIGKILL)
+    if wait(kill_s):
+        return StopReport("kill", returncode())
+    raise AgentboxError(f"{what} survived SIGKILL for {kill_s:.0f}s")
+
+
+def stop(proc: subprocess.Popen[bytes], *, graceful_s: float = 10.0, terminate: Callable[[], None] | None = None,
+         term_s: float = 10.0, kill_s: float = 30.0) -> StopReport:
+    """Stop ``proc`` down the ladder (see the module docstring). ``terminate`` replaces SIGTERM on
+    rung 2 (and falls back to it when it raises). Raises AgentboxError if even SIGKILL fails."""
+    return _ladder(lambda t: proc.poll() is not None or (t > 0 and _waited(proc, t)),
+                   lambda sig: _signal(proc, sig), lambda: proc.returncode, graceful_s=graceful_s,
+                   terminate=terminate, term_s=term_s, kill_s=kill_s, what=f"VMM process {proc.pid}")
+
+
+def stop_process(pid: int, start: object, *, own_group: bool = False, graceful_s: float = 0.0,
+                 term_s: float = 10.0, kill_s: float = 30.0) -> StopReport:
+    """Stop a VMM that is not our child, named by ``pid`` and its recorded ``start`` time
+    (:func:`agentbox_runtime.processes.start_time`), down the same ladder; ``own_group``: it leads
+    its process group, which is signalled whole. The return code is unknown (None): only its
+    parent could read it. Raises AgentboxError if even SIGKILL fails."""
+
+    def gone(timeout: float) -> bool:
+        try:
+            retry(lambda _last: not same_process(pid, start), timeout=timeout, interval=0.05)
+            return True
+        except WaitTimeout:
+            return False
+
+    def send(sig: int) -> None:
+        send_signal(pid, start, sig, group=own_group)  # False: it is gone already, which gone() sees
+
+    return _ladder(gone, send, lambda: None, graceful_s=graceful_s, terminate=None, term_s=term_s, kill_s=kill_s,
+                   what=f"VMM process {pid}")

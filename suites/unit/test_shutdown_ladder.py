@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import time
 
-from agentbox_runtime.vmm.shutdown import stop
+from agentbox_runtime.processes import same_process, start_time
+from agentbox_runtime.vmm.shutdown import stop, stop_process
 
 
 def spawn(script: str) -> subprocess.Popen[bytes]:
@@ -46,3 +47,39 @@ def test_a_process_ignoring_sigterm_is_killed() -> None:
     report = stop(spawn("trap '' TERM; while :; do sleep 0.1; done"), graceful_s=0, term_s=0.5)
     assert (report.rung, report.forced, report.returncode) == ("kill", True, -9)
     assert "stopped by kill" in report.describe("VMM")
+
+
+def orphan(script: str) -> tuple[int, str]:
+    """A process that is not our child (its shell parent exits at once), with its start time."""
+    out = subprocess.run(["sh", "-c", f"setsid sh -c '{script}' >/dev/null 2>&1 & echo $!"], capture_output=True,
+                         text=True, timeout=30, check=True).stdout
+    pid = int(out.strip())
+    time.sleep(0.3)  # let it install its traps
+    start = start_time(pid)
+    assert start is not None
+    return pid, start
+
+
+def test_a_process_that_is_not_our_child_goes_down_the_same_ladder() -> None:
+    pid, start = orphan("exec sleep 60")
+    report = stop_process(pid, start, term_s=10)
+    assert (report.rung, report.returncode) == ("terminate", None)
+    assert not same_process(pid, start)
+
+
+def test_a_foreign_process_ignoring_sigterm_is_killed() -> None:
+    pid, start = orphan("trap \"\" TERM; while :; do sleep 0.1; done")
+    report = stop_process(pid, start, term_s=0.5, kill_s=10)
+    assert report.rung == "kill" and report.forced
+    assert not same_process(pid, start)
+
+
+def test_a_reused_pid_is_never_signalled() -> None:
+    """The recorded start time no longer matches: the process there now is someone else's."""
+    pid, start = orphan("exec sleep 60")
+    try:
+        report = stop_process(pid, str(int(start) - 1), term_s=1, kill_s=1)
+        assert report.rung == "exited"
+        assert same_process(pid, start), "a process that merely reuses the pid was signalled"
+    finally:
+        stop_process(pid, start, term_s=5)
