@@ -46,6 +46,9 @@ packages=(
   btrfs-progs util-linux kmod socat
   qemu-system-x86 qemu-utils
   debootstrap busybox-static "libarchive13t64|libarchive13" nix-bin zstd
+  # building crun --with-libkrun for the slow tier's real-crun test (suites/standins/crun): the
+  # release tarball ships configure, so no autotools; only the crun binary is built (no go-md2man)
+  make "pkgconf|pkg-config" libseccomp-dev libcap-dev libyajl-dev libsystemd-dev
 )
 # Oldest versions tested (Debian 12's); older ones get a note, not an error.
 tested_versions=(podman=4.3 crun=1.8)

@@ -56,6 +56,10 @@
  *     listen=false) return -ENOTSUP.
  *   - Every other libkrun function is absent, so a caller that needs one fails
  *     at symbol lookup instead of silently misbehaving.
+ *   - Loaded by a real crun's krun handler (KRUN_STANDIN_CRUN=1), krun_start_enter runs inside
+ *     the container and hands the context to a host-side VMM started when the library was
+ *     loaded; a context without krun_set_exec then runs what /.krun_config.json says, as
+ *     libkrun's init does. crun_bridge.c says how, and what differs there.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -66,6 +70,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include "crun_bridge.h"
 
 #ifndef STANDIN_PYTHON
 #error "build with -DSTANDIN_PYTHON=\"/path/to/python\""
@@ -375,6 +381,11 @@ static int write_config(struct ctx *c) {
 int32_t krun_start_enter(uint32_t id) {
     struct ctx *c = get(id);
     if (!c) return -EINVAL;
+    if (crun_bridge_active()) {  /* inside a container of a real crun: crun_bridge.c */
+        if (!c->root) return -EINVAL;
+        int cfd = write_config(c);
+        return cfd < 0 ? cfd : crun_bridge_enter(cfd);
+    }
     if (!c->root || !c->exec_path) return -EINVAL;
     int fd = write_config(c);
     if (fd < 0) return fd;
