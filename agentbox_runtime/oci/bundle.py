@@ -1,25 +1,24 @@
-"""An OCI bundle read as a libkrun guest: what crun's krun handler takes from ``config.json``.
+"""An OCI bundle read as crun's krun handler reads it: what ``config.json`` gives a krun guest.
 
-Honoured (reference 6.3): ``run.oci.handler=krun``; ``krun.ram_mib``; ``krun.cpus``;
-``krun.disk.<i>.path`` / ``.id`` / ``.readonly`` (virtio-blk in index order, the id as
-the serial); ``krun.use_passt`` and ``krun.nested_virt`` are accepted (networking is
-the container's own namespace either way; nested virtualisation is not offered).
-From the OCI config: ``root.path``, ``process`` (args, env, cwd, user, terminal),
-``hostname``, bind mounts of directories (9p shares mounted at their destination),
-bind mounts of small files (written into the guest: ``/etc/resolv.conf``,
-``/etc/hosts``), tmpfs mounts, and the network namespace path.
+Used: ``run.oci.handler`` and the other annotations (``krun.cpus``/``krun.ram_mib``:
+:mod:`agentbox_runtime.oci.vm_config`; ``krun.disk.*``: :mod:`agentbox_runtime.oci.krun_disks`),
+``root.path``, ``process.terminal``, ``mounts`` (built on the host as crun builds them:
+:mod:`agentbox_runtime.oci.mount_tree`), ``linux.resources.memory.limit`` and the network
+namespace path. The whole file is also what the guest reads its command, environment and
+directory from, as ``/.krun_config.json`` (:mod:`agentbox_runtime.oci.krun_config`).
+``process.user`` is checked but not used: libkrun's init runs the command as root.
 
 ``config.json`` must be a regular file in the bundle directory (not a symlink, FIFO or
 device: it is opened ``O_NOFOLLOW|O_NONBLOCK`` after an ``lstat``, so nothing can make the
-runtime hang or read elsewhere) of at most :data:`MAX_CONFIG_BYTES`. Every field the guest
-uses is type-checked; ``process.user.uid``/``gid`` are integers in ``0..4294967294``.
+runtime hang or read elsewhere) of at most :data:`MAX_CONFIG_BYTES`. Every field the runtime
+or the guest uses is type-checked, one line naming the field otherwise; ``process.user.uid``/``gid``
+are integers in ``0..4294967294``, as crun's parser takes them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +27,9 @@ from typing import Any
 from agentbox_runtime.errors import AgentboxError, one_line
 
 HANDLER_ANNOTATION = "run.oci.handler"
-DEFAULT_RAM_MIB = 2048
-DEFAULT_CPUS = 1
-MAX_FILE_BYTES = 64 << 10
 MAX_CONFIG_BYTES = 8 << 20
 MAX_ID = (1 << 32) - 2  # uid_t/gid_t; 4294967295 is (uid_t)-1, "no id"
 CONFIG = "config.json"
-#: Kernel filesystems every guest mounts for itself; the container's entries for them are skipped.
-GUEST_OWN = {"/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys/fs/cgroup"}
-TMPFS_OPTIONS = re.compile(r"(?:rw|ro|exec|noexec|suid|nosuid|dev|nodev|atime|noatime|strictatime|relatime|"
-                           r"(?:size|mode|uid|gid|nr_inodes|nr_blocks)=[0-9A-Za-z%]+)")
-DISK_KEY = re.compile(r"krun\.disk\.(\d+)\.(path|id|readonly)")
 
 
 class BundleError(AgentboxError):
@@ -46,81 +37,36 @@ class BundleError(AgentboxError):
 
 
 @dataclass(frozen=True)
-class BindMount:
-    source: str
+class Mount:
+    """One entry of ``mounts``, as given."""
+
     destination: str
-    read_only: bool
-
-
-@dataclass(frozen=True)
-class KrunDisk:
-    index: int
-    id: str
-    path: str
-    read_only: bool
+    type: str | None
+    source: str | None
+    options: tuple[str, ...]
 
 
 @dataclass
 class Bundle:
-    """The parts of ``config.json`` a krun guest uses."""
+    """The parts of ``config.json`` a krun guest uses, and the file itself."""
 
     path: Path
+    raw: bytes
     annotations: dict[str, str]
     rootfs: Path
-    args: list[str]
-    env: list[str]
-    cwd: str
-    uid: int
-    gid: int
     terminal: bool
-    hostname: str | None
     netns: str | None
-    dirs: list[BindMount] = field(default_factory=list)
-    files: dict[str, bytes] = field(default_factory=dict)
-    tmpfs: list[tuple[str, str]] = field(default_factory=list)
+    memory_limit: int | None = None
+    mounts: list[Mount] = field(default_factory=list)
 
     @property
     def is_krun(self) -> bool:
         """Whether crun would hand this container to libkrun."""
         return self.annotations.get(HANDLER_ANNOTATION) == "krun"
 
-    def ram_mib(self) -> int:
-        return _positive(self, "krun.ram_mib", DEFAULT_RAM_MIB)
-
-    def cpus(self) -> int:
-        return _positive(self, "krun.cpus", DEFAULT_CPUS)
-
-    def disks(self) -> list[KrunDisk]:
-        """The ``krun.disk.<i>.*`` annotations, by index; each needs a path and an id."""
-        parts: dict[int, dict[str, str]] = {}
-        for key, value in self.annotations.items():
-            m = DISK_KEY.fullmatch(key)
-            if m:
-                parts.setdefault(int(m[1]), {})[m[2]] = value
-        disks = []
-        for index in sorted(parts):
-            p = parts[index]
-            if not p.get("path") or not p.get("id"):
-                raise BundleError(f"{self.path / 'config.json'}: krun.disk.{index} needs both .path and .id "
-                                  f"annotations; got {sorted(p)}")
-            readonly = p.get("readonly", "false")
-            if readonly not in ("true", "false"):
-                raise BundleError(f"{self.path / 'config.json'}: krun.disk.{index}.readonly={readonly!r}; "
-                                  "accepted: true, false")
-            if not Path(p["path"]).is_absolute():
-                raise BundleError(f"{self.path / 'config.json'}: krun.disk.{index}.path {p['path']!r} is not "
-                                  "absolute")
-            disks.append(KrunDisk(index, p["id"], p["path"], readonly == "true"))
-        return disks
-
-
-def _positive(bundle: Bundle, key: str, default: int) -> int:
-    raw = bundle.annotations.get(key)
-    if raw is None:
-        return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise BundleError(f"{bundle.path / 'config.json'}: annotation {key}={raw!r}; accepted: a positive integer")
-    return int(raw)
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
 
 
 def _field(data: Any, path: str, kind: type, where: Path) -> Any:
@@ -132,21 +78,6 @@ def _field(data: Any, path: str, kind: type, where: Path) -> Any:
     if not isinstance(cur, kind):
         raise BundleError(f"{where}: {path} must be a {kind.__name__}, got {type(cur).__name__}")
     return cur
-
-
-def _read_small(path: str, where: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BundleError(f"{where}: cannot read bind-mounted file {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise BundleError(f"{where}: bind mount source {path} is neither a directory nor a regular file")
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise BundleError(f"{where}: bind-mounted file {path} is over {MAX_FILE_BYTES} bytes; a krun guest gets "
-                          "files by content (mount its directory instead)")
-    return data
 
 
 def _shown(value: Any) -> str:
@@ -199,6 +130,9 @@ def read_config(bdir: Path) -> bytes:
     return data
 
 
+_JSON_NAMES: dict[type, str] = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer"}
+
+
 def _optional(data: dict[str, Any], key: str, kind: type, default: Any, where: Path, name: str) -> Any:
     """``data[key]`` when it is a ``kind`` (``default`` when absent or null); BundleError otherwise."""
     value = data.get(key)
@@ -209,7 +143,13 @@ def _optional(data: dict[str, Any], key: str, kind: type, default: Any, where: P
     return value
 
 
-_JSON_NAMES: dict[type, str] = {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer"}
+def _strings(data: dict[str, Any], key: str, where: Path, name: str) -> list[str]:
+    """``data[key]``: a list of strings (empty when absent or null)."""
+    items = _optional(data, key, list, [], where, name)
+    for item in items:
+        if not isinstance(item, str):
+            raise BundleError(f"{where}: {name} item {_shown(item)} is not accepted; accepted: a JSON string")
+    return list(items)
 
 
 def _user_id(user: dict[str, Any], key: str, where: Path) -> int:
@@ -219,6 +159,38 @@ def _user_id(user: dict[str, Any], key: str, where: Path) -> int:
         raise BundleError(f"{where}: process.user.{key} {_shown(value)} is not accepted; accepted: an integer "
                           f"from 0 to {MAX_ID}")
     return value
+
+
+def _check_process(process: dict[str, Any], where: Path) -> None:
+    """The process fields the guest's init reads (args, env, cwd) and the user crun would parse."""
+    args = _field({"process": process}, "process.args", list, where)
+    if not args or not all(isinstance(a, str) for a in args):
+        raise BundleError(f"{where}: process.args must be a non-empty list of strings")
+    _strings(process, "env", where, "process.env")
+    _optional(process, "cwd", str, "", where, "process.cwd")
+    user = _optional(process, "user", dict, {}, where, "process.user")
+    _user_id(user, "uid", where)
+    _user_id(user, "gid", where)
+
+
+def _memory_limit(linux: dict[str, Any], where: Path) -> int | None:
+    resources = _optional(linux, "resources", dict, {}, where, "linux.resources")
+    memory = _optional(resources, "memory", dict, {}, where, "linux.resources.memory")
+    limit = _optional(memory, "limit", int, None, where, "linux.resources.memory.limit")
+    return int(limit) if limit is not None else None
+
+
+def _mounts(data: dict[str, Any], where: Path) -> list[Mount]:
+    mounts = []
+    for m in _optional(data, "mounts", list, [], where, "mounts"):
+        if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
+            raise BundleError(f"{where}: every mount needs a destination string")
+        dest = m["destination"]
+        mounts.append(Mount(destination=dest,
+                            type=_optional(m, "type", str, None, where, f"the type of the mount at {dest}"),
+                            source=_optional(m, "source", str, None, where, f"the source of the mount at {dest}"),
+                            options=tuple(_strings(m, "options", where, f"options of the mount at {dest}"))))
+    return mounts
 
 
 def load(bundle_dir: str | Path) -> Bundle:
@@ -238,49 +210,18 @@ def load(bundle_dir: str | Path) -> Bundle:
     root = Path(_field(data, "root.path", str, where))
     rootfs = root if root.is_absolute() else bdir / root
     process = _field(data, "process", dict, where)
-    args = _field(data, "process.args", list, where)
-    if not args or not all(isinstance(a, str) for a in args):
-        raise BundleError(f"{where}: process.args must be a non-empty list of strings")
-    env = _optional(process, "env", list, [], where, "process.env")
-    user = _optional(process, "user", dict, {}, where, "process.user")
+    _check_process(process, where)
     linux = _optional(data, "linux", dict, {}, where, "linux")
     netns = None
     for ns in _optional(linux, "namespaces", list, [], where, "linux.namespaces"):
         if isinstance(ns, dict) and ns.get("type") == "network":
             netns = _optional(ns, "path", str, None, where, "linux.namespaces[network].path") or None
-    bundle = Bundle(path=bdir, annotations=dict(annotations), rootfs=rootfs, args=list(args),
-                    env=[e for e in env if isinstance(e, str)],
-                    cwd=_optional(process, "cwd", str, "", where, "process.cwd") or "/",
-                    uid=_user_id(user, "uid", where), gid=_user_id(user, "gid", where),
-                    terminal=_optional(process, "terminal", bool, False, where, "process.terminal"),
-                    hostname=_optional(data, "hostname", str, None, where, "hostname") or None, netns=netns)
+    _optional(data, "hostname", str, None, where, "hostname")
+    bundle = Bundle(path=bdir, raw=raw, annotations=dict(annotations), rootfs=rootfs,
+                    terminal=_optional(process, "terminal", bool, False, where, "process.terminal"), netns=netns)
     if bundle.is_krun:
-        _mounts(bundle, _optional(data, "mounts", list, [], where, "mounts"), where)
+        bundle.memory_limit = _memory_limit(linux, where)
+        bundle.mounts = _mounts(data, where)
         if not rootfs.is_dir():
             raise BundleError(f"{where}: root.path {rootfs} is not a directory")
     return bundle
-
-
-def _mounts(bundle: Bundle, mounts: list[Any], where: Path) -> None:
-    for m in mounts:
-        if not isinstance(m, dict) or not isinstance(m.get("destination"), str):
-            raise BundleError(f"{where}: every mount needs a destination")
-        dest = os.path.normpath(m["destination"])
-        options = [o for o in _optional(m, "options", list, [], where, f"options of the mount at {dest}")
-                   if isinstance(o, str)]
-        kind = m.get("type") or ("bind" if {"bind", "rbind"} & set(options) else "")
-        if dest in GUEST_OWN or kind in ("proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2"):
-            continue
-        if kind == "tmpfs":
-            bundle.tmpfs.append((dest, ",".join(o for o in options if TMPFS_OPTIONS.fullmatch(o))))
-        elif kind == "bind":
-            source = m.get("source")
-            if not isinstance(source, str) or not source.startswith("/"):
-                raise BundleError(f"{where}: bind mount at {dest} needs an absolute source")
-            if os.path.isdir(source):
-                bundle.dirs.append(BindMount(source, dest, "ro" in options))
-            else:
-                bundle.files[dest] = _read_small(source, where)
-        else:
-            raise BundleError(f"{where}: mount type {kind!r} at {dest} is not supported in a krun guest; "
-                              "accepted: bind, tmpfs")

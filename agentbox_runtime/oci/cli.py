@@ -4,10 +4,12 @@ Global options (before the command): ``--root DIR`` (state; see
 :mod:`agentbox_runtime.oci.state`), ``--log FILE``, ``--log-format text|json``, ``--debug``,
 ``--systemd-cgroup``; others are passed on to runc. Commands:
 
-- ``create [--bundle DIR] [--pid-file FILE] [--console-socket SOCK] ID``: a krun
-  container (``run.oci.handler=krun``) gets its container process, the shim
-  (:mod:`agentbox_runtime.oci.shim`), waiting for ``start``; any other bundle is handed to
-  ``runc`` with the very same arguments;
+- ``create [--bundle DIR] [--pid-file FILE] [--console-socket SOCK] ID``: for a krun
+  container (``run.oci.handler=krun``) it writes ``/.krun_config.json`` into the rootfs
+  (:mod:`agentbox_runtime.oci.krun_config`) and checks the ``krun.disk.*`` images
+  (:mod:`agentbox_runtime.oci.krun_disks`), as crun's krun handler does when it creates the
+  container, then starts the container process, the shim (:mod:`agentbox_runtime.oci.shim`),
+  which waits for ``start``; any other bundle is handed to ``runc`` with the very same arguments;
 - ``start ID``, ``state ID``, ``kill [--all] ID [SIGNAL]``, ``delete [--force] ID``;
 - ``features``, ``--version``.
 
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from agentbox_runtime.errors import AgentboxError, one_line
 from agentbox_runtime.oci import bundle as oci_bundle
+from agentbox_runtime.oci import krun_config, krun_disks
 from agentbox_runtime.oci.state import CONTAINER_ID, ContainerState, StateError, StateStore
 from agentbox_runtime.retry import retry
 
@@ -118,6 +121,8 @@ def create(g: Globals, args: list[str], original: list[str]) -> int:
         return to_runc(original)
     if b.terminal and not ns.console_socket:
         raise RuntimeFailure("process.terminal is set but no --console-socket was given")
+    krun_config.write(b.rootfs, b.raw)
+    krun_disks.checked(b)
     store = StateStore(g.root)
     state = store.create(ns.id, b.path, b.rootfs, b.annotations)
     try:

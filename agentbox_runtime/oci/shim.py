@@ -1,12 +1,17 @@
 """The container process of a krun guest: what conmon watches, and what becomes the VM.
 
-``create`` starts it (``python -m agentbox_runtime.oci.shim``) with the container's stdio.
-It enters the container's network namespace, loads the share filter, reports
-ready on ``--ready-fd``, waits on ``start.fifo`` until ``start``, then wires the
-network (:mod:`agentbox_runtime.oci.network`), exports the bind-mounted directories
-(:mod:`agentbox_runtime.vmm.host_share`) and boots the rootfs with
-:func:`agentbox_runtime.vmm.krun_guest.boot`. Its exit status is the guest command's
-(125/126/127 when the guest cannot be set up, 128+N when stopped by signal N).
+``create`` starts it (``python -m agentbox_runtime.oci.shim``) with the container's stdio, after it
+wrote ``/.krun_config.json`` into the rootfs and checked the ``krun.disk.*`` images. Before it
+reports ready on ``--ready-fd`` it does what crun does before the container waits for ``start``:
+it builds the container's mount tree in a private mount namespace
+(:mod:`agentbox_runtime.oci.mount_tree`, at ``<state dir>/root``), enters the container's network
+namespace and loads the share filter. It then waits on ``start.fifo`` until ``start``, takes
+vCPUs and RAM as crun's ``libkrun_exec`` does (:mod:`agentbox_runtime.oci.vm_config`: a bad
+annotation is one line on the container's stderr and exit status 1, as ``error(EXIT_FAILURE)``
+there), wires the network (:mod:`agentbox_runtime.oci.network`) and boots the tree with
+:func:`agentbox_runtime.vmm.krun_guest.boot` and no command: the guest's init reads it from
+``/.krun_config.json``. Its exit status is the guest command's (125/126/127 when the guest cannot
+be set up, 128+N when stopped by signal N).
 """
 
 from __future__ import annotations
@@ -21,31 +26,41 @@ import termios
 from pathlib import Path
 
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.oci import krun_disks, mount_tree, vm_config
 from agentbox_runtime.oci.bundle import Bundle, load
 from agentbox_runtime.oci.network import attach_guest, enter_netns
 from agentbox_runtime.private_dir import runtime_dir
-from agentbox_runtime.vmm import host_share, share_filter
+from agentbox_runtime.vmm import share_filter
 from agentbox_runtime.vmm.initramfs import InitramfsError
-from agentbox_runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, Share, boot
+from agentbox_runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, boot
+
+TREE = "root"
+CRUN_ERROR_STATUS = 1  # crun's error(EXIT_FAILURE, ...) in libkrun_exec
 
 
 def say(message: str) -> None:
     print(f"agentbox-krun-runtime: {message}", file=sys.stderr, flush=True)
 
 
-def guest_spec(bundle: Bundle, state_dir: Path, exports: list[host_share.ShareExport]) -> GuestSpec:
-    """The libkrun context crun would build for ``bundle``; ``exports`` receives the share exports."""
-    uid, gid = host_share.guest_ids(dict(e.split("=", 1) for e in bundle.env if "=" in e))
-    shares = []
-    for i, mount in enumerate(bundle.dirs):
-        export = host_share.export(Path(mount.source), read_only=mount.read_only, guest_uid=uid, guest_gid=gid)
-        exports.append(export)
-        shares.append(Share(f"krun-vol{i}", export.path, mount.read_only, mount.destination))
-    return GuestSpec(vcpus=bundle.cpus(), ram_mib=bundle.ram_mib(), root=bundle.rootfs, exec_path=bundle.args[0],
-                     argv=bundle.args[1:], env=bundle.env, workdir=bundle.cwd,
-                     disks=[Disk(d.id, d.path, d.read_only) for d in bundle.disks()], shares=shares,
-                     tmpfs=bundle.tmpfs, files=bundle.files, user=(bundle.uid, bundle.gid),
-                     hostname=bundle.hostname, kernel_log=state_dir / "console.log")
+def tree_dir(state_dir: Path) -> Path:
+    """Where the container's mount tree is built (in the shim's mount namespace only)."""
+    return state_dir / TREE
+
+
+def prepare_tree(bundle: Bundle, state_dir: Path) -> Path:
+    """The container's mount tree (see :mod:`agentbox_runtime.oci.mount_tree`)."""
+    tree = tree_dir(state_dir)
+    tree.mkdir(mode=0o700, exist_ok=True)
+    mount_tree.build(bundle.rootfs, tree, bundle.mounts, bundle.path)
+    return tree
+
+
+def guest_spec(bundle: Bundle, tree: Path, state_dir: Path) -> GuestSpec:
+    """The libkrun context crun's krun handler builds for ``bundle``: the tree as root, the VM's size,
+    the disks; no command (``krun_set_exec`` is not called: init reads ``/.krun_config.json``)."""
+    return GuestSpec(vcpus=vm_config.vcpus(bundle), ram_mib=vm_config.ram_mib(bundle), root=tree,
+                     disks=[Disk(d.id, d.path, d.read_only) for d in krun_disks.parse(bundle)],
+                     kernel_log=state_dir / "console.log")
 
 
 def wait_for_start(fifo: Path) -> None:
@@ -67,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.tty:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         bundle = load(args.bundle)
+        tree = prepare_tree(bundle, args.state_dir)
         if bundle.netns:
             enter_netns(bundle.netns)
         share_filter.install()
@@ -78,18 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     ready.close()
     wait_for_start(args.state_dir / "start.fifo")
     (args.state_dir / "started").touch()
-    exports: list[host_share.ShareExport] = []
     work = Path(tempfile.mkdtemp(prefix="o", dir=runtime_dir("krun", for_sockets=True)))
     try:
-        spec = guest_spec(bundle, args.state_dir, exports)
+        spec = guest_spec(bundle, tree, args.state_dir)
         spec.network = attach_guest() if bundle.netns else None
         return boot(spec, work)
+    except vm_config.VmConfigError as exc:
+        say(str(exc))
+        return CRUN_ERROR_STATUS
     except (AgentboxError, OSError, RuntimeError, InitramfsError) as exc:
         say(str(exc))
         return INIT_FAILED
     finally:
-        for export in exports:
-            export.close()
         shutil.rmtree(work, ignore_errors=True)
 
 

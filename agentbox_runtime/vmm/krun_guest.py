@@ -6,23 +6,26 @@ libkrun's context would hold (root directory, disks, shares, command, console
 fds); :func:`boot` boots the root's own kernel (``/boot/vmlinuz-*``, entered
 through PVH) with a generated initramfs and a busybox PID 1 in init.krun's role:
 
-- mounts the kernel filesystems, loads the late modules from the root;
-- mounts each share that names a guest path (9p), each tmpfs, and writes the
-  small files it carries (a container's ``/etc/resolv.conf``, ``/etc/hosts``);
+- mounts the kernel filesystems libkrun's init mounts (``/proc``, ``/sys``, cgroup2,
+  ``/dev/pts``, ``/dev/shm``), loads the late modules from the root;
 - configures the network: qemu user-mode networking (10.0.2.15 via 10.0.2.2)
   or, on a tap device, the address, MAC and gateway it is given;
-- runs the command (as the given uid/gid) with its stdio on the console
-  ports ``krun-stdin``/``krun-stdout``/``krun-stderr`` (one ``hvc0`` when the
-  caller's stdio is a terminal), and writes its status to the status port.
+- takes the command as libkrun's init does (:mod:`agentbox_runtime.vmm.krun_init`): given
+  (``krun_set_exec``: :attr:`GuestSpec.exec_path`), or else from ``/.krun_config.json`` in the root,
+  which crun's krun handler writes (args, env, cwd, hostname; ``process.user`` is not read, the
+  command runs as root);
+- runs it with its stdio on the console ports ``krun-stdin``/``krun-stdout``/``krun-stderr``
+  (one ``hvc0`` when the caller's stdio is a terminal), and writes its status to the status port.
 
-The exit status is the command's; 125 when init cannot set up the guest, 126 or
-127 when the command cannot be executed or found (libkrun's codes). qemu runs
-under the share filter it inherits from its caller when the caller loaded one.
+The root is one 9p share (``multidevs=remap``: a container's tree spans several filesystems, its
+volumes and tmpfs mounts included, as the virtio-fs root crun hands libkrun does). The exit status
+is the command's; 125 when init cannot set up the guest, 126 or 127 when the command cannot be
+executed or found (libkrun's codes). qemu runs under the share filter it inherits from its caller
+when the caller loaded one.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import shlex
 import signal
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from agentbox_guest_init import contract
 from agentbox_runtime.retry import retry
-from agentbox_runtime.vmm import host_share, initramfs, qemu
+from agentbox_runtime.vmm import host_share, initramfs, krun_init, qemu
 from agentbox_runtime.vmm.console_log import ConsoleRecorder
 from agentbox_runtime.vmm.host import die_with_parent
 from agentbox_runtime.vmm.qemu_opts import opts
@@ -45,8 +48,6 @@ CONNECT_TIMEOUT_S = 30.0
 DRAIN_S = 2.0
 STDIO_PORTS = ("krun-stdin", "krun-stdout", "krun-stderr")
 DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/", "TERM=linux")
-NINEP = "trans=virtio,version=9p2000.L,msize=262144,access=client"
-MAX_FILE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,11 @@ class Disk:
 
 @dataclass(frozen=True)
 class Share:
-    """A host directory under 9p tag ``tag``; mounted at ``mount_at`` by PID 1 when given."""
+    """A host directory under 9p tag ``tag`` (``krun_add_virtiofs``); the guest mounts it itself."""
 
     tag: str
     path: str
     read_only: bool = False
-    mount_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,23 +91,24 @@ class TapNetwork:
 
 @dataclass
 class GuestSpec:
-    """What a libkrun context holds, plus what a container brings along."""
+    """What a libkrun context holds.
+
+    ``exec_path`` is ``krun_set_exec``'s path (``argv`` its arguments, ``env`` its whole environment,
+    ``workdir`` ``krun_set_workdir``'s directory); None, as with crun's krun handler, means libkrun's
+    init takes the command, environment and directory from ``/.krun_config.json`` in ``root``."""
 
     vcpus: int
     ram_mib: int
     root: Path
-    exec_path: str
-    argv: list[str]
-    env: list[str]
+    exec_path: str | None = None
+    argv: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
     workdir: str = "/"
     disks: list[Disk] = field(default_factory=list)
     shares: list[Share] = field(default_factory=list)
     vsock_listen: list[VsockListen] = field(default_factory=list)
-    tmpfs: list[tuple[str, str]] = field(default_factory=list)  # (guest path, mount options)
-    files: dict[str, bytes] = field(default_factory=dict)  # guest path -> content (small)
     console: tuple[int, int, int] = (0, 1, 2)
-    user: tuple[int, int] = (0, 0)
-    hostname: str | None = None
+    hostname: str | None = None  # with exec_path; from /.krun_config.json's HOSTNAME otherwise
     network: TapNetwork | None = None
     kernel_log: Path | None = None  # where ttyS0 goes (capped); None: the stderr fd
     #: With non-TTY stdio, libkrun hands console text (kernel and hvc0) to its logger as error records
@@ -120,68 +121,46 @@ def _q(text: str) -> str:
     return shlex.quote(text)
 
 
-def _mounts(spec: GuestSpec) -> str:
-    lines = []
-    for share in spec.shares:
-        if share.mount_at:
-            ro = ",ro" if share.read_only else ""
-            lines.append(f"$bb mkdir -p {_q(share.mount_at)} && $bb mount -t 9p -o {NINEP}{ro} {_q(share.tag)} "
-                         f"{_q(share.mount_at)} || {{ log {_q(f'cannot mount share {share.tag} at {share.mount_at}')}; "
-                         f"finish {INIT_FAILED}; }}")
-    for path, options in spec.tmpfs:
-        lines.append(f"$bb mkdir -p {_q(path)} && $bb mount -t tmpfs -o {_q(options or 'mode=1777')} tmpfs {_q(path)} "
-                     f"|| {{ log {_q(f'cannot mount tmpfs at {path}')}; finish {INIT_FAILED}; }}")
-    for path, data in spec.files.items():
-        encoded = base64.b64encode(data).decode()
-        lines.append(f"$bb mkdir -p {_q(os.path.dirname(path) or '/')} && $bb rm -f {_q(path)} && "
-                     f"echo {encoded} | $bb base64 -d > {_q(path)} || log {_q(f'cannot write {path}')}")
-    return "\n".join(lines)
-
-
 def _network(spec: GuestSpec) -> str:
     net = spec.network
     if net is None:
-        return ("$bb ip link set eth0 up && $bb ip addr add 10.0.2.15/24 dev eth0 && "
-                "$bb ip route add default via 10.0.2.2\n"
-                "$bb rm -f /etc/resolv.conf 2>/dev/null; echo nameserver 10.0.2.3 >/etc/resolv.conf 2>/dev/null")
+        addresses = ("$bb ip link set eth0 up && $bb ip addr add 10.0.2.15/24 dev eth0 && "
+                     "$bb ip route add default via 10.0.2.2")
+        if spec.exec_path is None:  # a container's /etc/resolv.conf is its own (Podman's file, bind-mounted)
+            return addresses
+        return addresses + "\n$bb rm -f /etc/resolv.conf 2>/dev/null; echo nameserver 10.0.2.3 >/etc/resolv.conf 2>/dev/null"
     route = f" && $bb ip route add default via {_q(net.gateway)}" if net.gateway else ""
     return (f"$bb ip link set eth0 address {_q(net.mac)} && $bb ip link set eth0 up && "
             f"$bb ip addr add {_q(net.address)} dev eth0{route} || log 'cannot configure eth0'")
 
 
-def _search_path(spec: GuestSpec) -> str:
-    """The command's PATH (its env's, else the default) for finding a bare command name."""
-    paths = [e[5:] for e in spec.env if e.startswith("PATH=")]
-    return paths[-1] if paths else DEFAULT_ENV[0][5:]
+def _command(spec: GuestSpec) -> str:
+    """The lines that decide the command, its environment and directory (see :mod:`krun_init`)."""
+    if spec.exec_path is None:
+        return krun_init.config_mode_lines()
+    hostname = f"$bb hostname {_q(spec.hostname)}\n" if spec.hostname else ""
+    return (hostname + krun_init.exec_mode_lines(spec.exec_path, spec.argv, [*DEFAULT_ENV, *spec.env])
+            + f"cd {_q(spec.workdir)} 2>/dev/null || {{ log {_q(f'cannot enter workdir {spec.workdir}')}; "
+              f"finish {INIT_FAILED}; }}\n")
 
 
 def pid1_script(spec: GuestSpec, tty: bool) -> str:
     """The guest's PID 1 (busybox sh), in init.krun's role: mounts, network, the command, its status."""
-    env = " ".join(_q(e) for e in (*DEFAULT_ENV, *spec.env))
-    command = " ".join(_q(a) for a in (spec.exec_path, *spec.argv))
-    uid, gid = spec.user
-    need_setpriv = ""
-    if uid or gid:
-        # util-linux's setpriv by path: busybox would run its own applet, which cannot change ids
-        command = f"$sp --reuid {uid} --regid {gid} --clear-groups {command}"
-        need_setpriv = (f"sp=/usr/bin/setpriv; [ -x $sp ] || sp=/bin/setpriv; [ -x $sp ] || "
-                        f"{{ log 'setpriv (util-linux) is needed to run the command as {uid}:{gid}'; "
-                        f"finish {INIT_FAILED}; }}")
     if tty:
         stdio = "<>/dev/hvc0 >&0 2>&0"
         setsid = "$bb setsid -c"
     else:
         stdio = '<"${in:-/dev/null}" >"${out:-/dev/hvc0}" 2>"${err:-/dev/hvc0}"'
         setsid = "$bb setsid"
-    hostname = f"$bb hostname {_q(spec.hostname)}" if spec.hostname else ""
+    # a container's /tmp is what crun mounted there (Podman's --tmpfs); the krun-direct stand-in keeps its own
+    tmp = "" if spec.exec_path is None else "\n$bb mkdir -p /tmp && $bb mount -t tmpfs -o mode=1777 tmpfs /tmp"
     return f"""bb=/run/agentbox/busybox
 log() {{ echo "krun init: $*" >/dev/ttyS0; }}
 $bb mount -t proc -o nosuid,nodev,noexec proc /proc
 $bb mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
-$bb mkdir -p /dev/pts /dev/shm /tmp /run/user /run/lock
+$bb mkdir -p /dev/pts /dev/shm /run/user /run/lock
 $bb mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
-$bb mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-$bb mount -t tmpfs -o mode=1777 tmpfs /tmp
+$bb mount -t tmpfs -o mode=1777 tmpfs /dev/shm{tmp}
 $bb mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 # libkrunfw's kernel has its drivers built in; this root's kernel loads the rest from the root
 [ -x /sbin/modprobe ] && /sbin/modprobe -a {" ".join(contract.LATE_MODULES)} </dev/null >/dev/null 2>&1 &
@@ -202,18 +181,10 @@ finish() {{
   $bb sync; $bb umount -a -r 2>/dev/null; $bb sync
   $bb poweroff -f
 }}
-{hostname}
 $bb ip link set lo up
 {_network(spec)}
-{_mounts(spec)}
-exe={_q(spec.exec_path)}
-case "$exe" in */*) ;; *) for d in $(echo {_q(_search_path(spec))} | $bb tr : ' '); do
-  [ -f "$d/$exe" ] && {{ exe="$d/$exe"; break; }}; done ;; esac
-[ -e "$exe" ] || {{ log "cannot find $exe"; finish 127; }}
-[ -x "$exe" ] || {{ log "cannot execute $exe"; finish 126; }}
-cd {_q(spec.workdir)} 2>/dev/null || {{ log "cannot enter workdir {spec.workdir}"; finish {INIT_FAILED}; }}
-{need_setpriv}
-{setsid} $bb env -i {env} {command} {stdio}
+{_command(spec)}krun_setsid="{setsid}"
+{krun_init.LAUNCH_FUNCTIONS}krun_start {stdio}
 finish $?
 """
 
@@ -330,6 +301,14 @@ def libkrun_disk_serial(path: str | Path) -> str:
     return f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:20]
 
 
+def root_share_args(root: Path) -> list[str]:
+    """The guest's root as one 9p share. ``multidevs=remap`` keeps inode numbers unique across the
+    filesystems of a container's tree (rootfs, volumes, tmpfs, bind-mounted files), which the guest
+    would otherwise confuse."""
+    return ["-fsdev", opts("local", id="root", path=root, security_model=qemu.ROOTFS_MODEL, multidevs="remap"),
+            "-device", opts("virtio-9p-pci", fsdev="root", mount_tag=contract.ROOTFS_TAG)]
+
+
 def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: str, tty: bool) -> list[str]:
     """The qemu command line for ``spec`` (sockets under ``work``)."""
     boot_kernel, firmware = qemu.fast_boot(kernel)
@@ -347,7 +326,7 @@ def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: st
     for i, vsock in enumerate(spec.vsock_listen):
         argv += qemu.port_args(f"vsock{i}", contract.vsock_port_name(vsock.port), "socket", path=vsock.path,
                                server="on", wait="off")
-    argv += qemu.share_args("root", spec.root, contract.ROOTFS_TAG, model=qemu.ROOTFS_MODEL)
+    argv += root_share_args(spec.root)
     for i, share in enumerate(spec.shares):
         argv += qemu.share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
     for i, disk in enumerate(spec.disks):

@@ -2,7 +2,9 @@
 booting anything: a ``config.json`` that is not a regular file, wrongly typed or out-of-range
 ``process.user`` ids, and container state under a ``--root`` another user could write. Each
 answer is one line on stderr with a non-zero exit, never a traceback or a hang, and a pid read
-from untrusted state is never signalled."""
+from untrusted state is never signalled. Then crun's krun handler contract: ``/.krun_config.json``
+written beneath the rootfs without following an image's link, ``krun.disk.*`` as the reference's
+fork reads them, vCPUs and RAM as crun 1.27.1 picks them, the container's mount tree."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,9 @@ from typing import Any
 import pytest
 
 from agentbox_runtime.microvm.reaper import start_time
+from agentbox_runtime.oci import krun_config as krun_config_file
+from agentbox_runtime.oci import krun_disks, vm_config
+from agentbox_runtime.oci.bundle import Bundle, load
 from agentbox_runtime.oci.locate import runtime_path
 from agentbox_runtime.oci.state import StateStore
 from agentbox_runtime.oci.state_trust import UntrustedState
@@ -210,3 +216,185 @@ def test_create_refuses_an_untrusted_root(tmp_path: Path) -> None:
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
     assert stat.S_IMODE((fresh / "agentbox-krun" / "c2" / "state.json").stat().st_mode) == 0o600
     assert StateStore(fresh).get("c2") is not None
+
+
+# -- issue 24 item 9: crun's krun handler contract ---------------------------------------------------
+
+
+def krun_bundle(tmp_path: Path, annotations: dict[str, str] | None = None, **extra: Any) -> Path:
+    """A bundle whose rootfs is an empty directory; returns the bundle directory."""
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    config = krun_config(bundle / "rootfs", **extra)
+    config["annotations"].update(annotations or {})
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "directory"])
+def test_create_refuses_a_planted_krun_config_and_never_writes_through_it(tmp_path: Path, planted: str) -> None:
+    """The image owns the rootfs: a /.krun_config.json link to a host file is refused (crun opens it
+    O_NOFOLLOW beneath the rootfs), the host file is untouched; a FIFO cannot hang create."""
+    bundle = krun_bundle(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("host file\n")
+    name = bundle / "rootfs" / ".krun_config.json"
+    words = {"symlink": "it is a symlink", "fifo": "it is a FIFO", "directory": "it is a directory"}[planted]
+    if planted == "symlink":
+        name.symlink_to(victim)
+    elif planted == "fifo":
+        os.mkfifo(name)
+    else:
+        name.mkdir()
+    line = one_error_line(runtime("--root", str(tmp_path / "root"), "create", "--bundle", str(bundle), "c1"))
+    assert f"refusing to write {name}: {words} in the image" in line
+    assert victim.read_text() == "host file\n" and os.path.lexists(name)
+    assert not (tmp_path / "root" / "agentbox-krun" / "c1").exists()
+
+
+def test_krun_config_is_the_config_json_bytes_written_0444_as_crun_writes_it(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    data = b'{"process": {"args": ["sh"]}}\n'
+    krun_config_file.write(rootfs, data)
+    written = rootfs / ".krun_config.json"
+    assert written.read_bytes() == data and stat.S_IMODE(written.stat().st_mode) == 0o444
+    written.chmod(0o640)  # an existing regular file is rewritten in place, as O_TRUNC does
+    krun_config_file.write(rootfs, b"{}")
+    assert written.read_bytes() == b"{}" and stat.S_IMODE(written.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize(("annotations", "words"), [
+    ({"krun.disk.1.path": "IMG", "krun.disk.1.id": "a"},
+     "krun disk annotation indexes must be contiguous from 0: missing index 0"),
+    ({"krun.disk.0.path": "IMG", "krun.disk.0.id": "a", "krun.disk.2.path": "IMG", "krun.disk.2.id": "b"},
+     "missing index 1"),
+    ({"krun.disk.00.path": "IMG", "krun.disk.00.id": "a"}, "leading zeros are not allowed"),
+    ({"krun.disk.+0.path": "IMG"}, "expected a canonical non-negative decimal"),
+    ({"krun.disk..path": "IMG"}, "expected a canonical non-negative decimal"),
+    ({"krun.disk.": "IMG"}, "empty index"),
+    ({"krun.disk.0": "IMG"}, "expected krun.disk.N.path, krun.disk.N.id or krun.disk.N.readonly"),
+    ({"krun.disk.0.path": "IMG", "krun.disk.0.id": "a", "krun.disk.0.format": "qcow2"},
+     "unsupported krun disk annotation 'krun.disk.0.format'"),
+    ({"krun.disk.0.path": "IMG"}, "missing required krun disk annotation krun.disk.0.id"),
+    ({"krun.disk.0.id": "a"}, "missing required krun disk annotation krun.disk.0.path"),
+    ({"krun.disk.0.path": "", "krun.disk.0.id": "a"}, "krun.disk.0.path must not be empty"),
+    ({"krun.disk.0.path": "IMG", "krun.disk.0.id": ""}, "krun.disk.0.id must not be empty"),
+    ({"krun.disk.0.path": "IMG", "krun.disk.0.id": "a", "krun.disk.0.readonly": "True"},
+     "krun.disk.0.readonly='True'; accepted: true, false"),
+    ({"krun.disk.0.path": "IMG", "krun.disk.0.id": "a", "krun.disk.0.readonly": "1"}, "accepted: true, false"),
+    ({"krun.disk.0.path": "MISSING", "krun.disk.0.id": "a"}, "cannot open krun disk 'a' from"),
+    ({"krun.disk.0.path": "EMPTY", "krun.disk.0.id": "a"}, "must not be empty"),
+    ({"krun.disk.0.path": "DIR", "krun.disk.0.id": "a", "krun.disk.0.readonly": "true"},
+     "must be a regular raw disk image"),
+])
+def test_create_refuses_krun_disk_annotations_as_the_fork_does_with_one_line(tmp_path: Path,
+                                                                             annotations: dict[str, str],
+                                                                             words: str) -> None:
+    image, empty = tmp_path / "disk.raw", tmp_path / "empty.raw"
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    empty.touch()
+    paths = {"IMG": str(image), "EMPTY": str(empty), "MISSING": str(tmp_path / "missing.raw"), "DIR": str(tmp_path)}
+    bundle = krun_bundle(tmp_path, {k: paths.get(v, v) for k, v in annotations.items()})
+    line = one_error_line(runtime("--root", str(tmp_path / "root"), "create", "--bundle", str(bundle), "c1"))
+    assert words in line
+    assert not (tmp_path / "root" / "agentbox-krun" / "c1").exists()
+
+
+def test_krun_disks_come_in_index_order_relative_paths_from_the_bundle(tmp_path: Path) -> None:
+    bundle = krun_bundle(tmp_path, {"krun.disk.1.path": "b.raw", "krun.disk.1.id": "b", "krun.disk.1.readonly": "true",
+                                    "krun.disk.0.path": "/abs/a.raw", "krun.disk.0.id": "a", "krun.disk.10.path": "c",
+                                    **{f"krun.disk.{i}.{f}": "x" for i in range(2, 10) for f in ("path", "id")},
+                                    "krun.disk.10.id": "c"})
+    disks = krun_disks.parse(load(bundle))
+    assert [(d.index, d.id, d.path, d.read_only) for d in disks[:2]] == [
+        (0, "a", "/abs/a.raw", False), (1, "b", str(bundle / "b.raw"), True)]
+    assert [d.index for d in disks] == list(range(11))
+
+
+def _vm(annotations: dict[str, str], memory_limit: int | None = None) -> Bundle:
+    return Bundle(path=Path("/b"), raw=b"{}", annotations=annotations, rootfs=Path("/b/rootfs"), terminal=False,
+                  netns=None, memory_limit=memory_limit)
+
+
+@pytest.mark.parametrize(("annotations", "limit", "cpus", "ram"), [
+    ({}, None, 16, 1024),  # affinity (20 CPUs) capped at 16; RAM 1024
+    ({"krun.cpus": "3", "krun.ram_mib": "2048"}, None, 3, 2048),
+    ({"krun.cpus": " +4", "krun.ram_mib": "129"}, None, 4, 129),  # strtol: blanks and a sign
+    ({"krun.cpus": "0", "krun.ram_mib": "128"}, None, 16, 1024),  # 0 vCPUs: affinity; <=128 MiB: ignored
+    ({"krun.ram_mib": "64"}, 512 << 20, 16, 512),  # then the memory limit
+    ({}, (300 << 20) + 5, 16, 300),
+    ({"krun.cpus": "300"}, None, 44, 1024),  # crun passes an uint8_t
+])
+def test_vcpus_and_ram_as_crun_1_27_1_picks_them(monkeypatch: pytest.MonkeyPatch, annotations: dict[str, str],
+                                                 limit: int | None, cpus: int, ram: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(20)))
+    bundle = _vm(annotations, limit)
+    assert (vm_config.vcpus(bundle), vm_config.ram_mib(bundle)) == (cpus, ram)
+
+
+@pytest.mark.parametrize(("annotations", "words"), [
+    ({"krun.ram_mib": "lots"}, "krun annotation krun.ram_mib='lots' cannot be converted to an integer"),
+    ({"krun.cpus": "2x"}, "krun annotation krun.cpus='2x' cannot be converted to an integer"),
+    ({"krun.cpus": ""}, "cannot be converted to an integer"),
+    ({"krun.cpus": "-1"}, "krun annotation krun.cpus='-1' must be a positive integer"),
+    ({"krun.cpus": "256"}, "0 vCPUs as libkrun's uint8_t count"),
+])
+def test_a_bad_resource_annotation_is_one_line(annotations: dict[str, str], words: str) -> None:
+    bundle = _vm(annotations)
+    with pytest.raises(vm_config.VmConfigError) as info:
+        vm_config.vcpus(bundle)
+        vm_config.ram_mib(bundle)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+TREE_PROBE = """
+import json, os, sys
+from pathlib import Path
+from agentbox_runtime.oci.bundle import Mount
+from agentbox_runtime.oci import mount_tree
+spec = json.loads(sys.argv[1])
+mounts = [Mount(m[0], m[1], m[2], tuple(m[3])) for m in spec["mounts"]]
+mount_tree.build(Path(spec["rootfs"]), Path(spec["tree"]), mounts, Path(spec["bundle"]))
+tree = spec["tree"]
+with open(tree + "/etc/live") as f:
+    live = f.read()
+mounts_seen = [line.split()[4] for line in open("/proc/self/mountinfo") if line.split()[4].startswith(tree)]
+print(json.dumps({"live": live, "vol": sorted(os.listdir(tree + "/etc/vol")), "skel": sorted(os.listdir(tree + "/skel")),
+                  "mounts": mounts_seen, "ro": os.access(tree + "/etc/live", os.W_OK)}))
+"""
+
+
+def test_the_mount_tree_is_built_beneath_the_rootfs_live_and_private(tmp_path: Path) -> None:
+    """Volumes and file binds land at their destination resolved inside the rootfs (an image's
+    symlink to /etc is the rootfs's /etc, a ../ escape stays inside), the host's own paths and
+    mount namespace untouched; tmpcopyup brings the image's files into the tmpfs; /proc, /sys
+    and /dev are left to the guest."""
+    if os.geteuid() != 0:
+        pytest.skip("mount namespaces need root")
+    rootfs, tree, vol = tmp_path / "rootfs", tmp_path / "tree", tmp_path / "vol"
+    for d in (rootfs / "etc", rootfs / "skel", tree, vol):
+        d.mkdir(parents=True)
+    (rootfs / "skel" / ".profile").write_text("image\n")
+    (rootfs / "data").symlink_to("/etc")
+    (rootfs / "esc").symlink_to("../../../../../../" + str(tmp_path / "outside"))
+    (vol / "from-host").write_text("host\n")
+    (tmp_path / "live").write_text("live\n")
+    spec = {"rootfs": str(rootfs), "tree": str(tree), "bundle": str(tmp_path), "mounts": [
+        ["/data/vol", "bind", str(vol), ["rw", "rprivate", "rbind"]],
+        ["/etc/live", "bind", "live", ["bind", "ro"]],  # a relative source is the bundle's
+        ["/skel", "tmpfs", "tmpfs", ["rw", "nosuid", "nodev", "tmpcopyup"]],
+        ["/esc/x", "tmpfs", "tmpfs", []],
+        ["/proc", "proc", "proc", []], ["/dev/shm", "bind", "/dev/shm", ["bind"]], ["/sys", "sysfs", "sysfs", []]]}
+    proc = subprocess.run([sys.executable, "-c", TREE_PROBE, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["live"] == "live\n" and seen["vol"] == ["from-host"] and seen["skel"] == [".profile"]
+    assert seen["ro"] is False
+    assert sorted(seen["mounts"]) == sorted(str(tree / p) for p in ("", "etc/vol", "etc/live", "skel",
+                                                                    f"{str(tmp_path / 'outside')[1:]}/x"))
+    assert not (tmp_path / "outside").exists() and not Path("/etc/vol").exists()
+    assert str(tree) not in Path("/proc/self/mountinfo").read_text()  # nothing reached this namespace
+    assert (rootfs / "etc" / "vol").is_dir() and (rootfs / "etc" / "live").is_file()  # crun-made mount points

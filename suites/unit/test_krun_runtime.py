@@ -1,14 +1,18 @@
 """Selecting the OCI runtime of libkrun tasks: crun (the reference) or the QEMU-backed
 ``agentbox-krun-runtime``; flag > env > config > default; bad values are one line, exit 2,
 nothing written. As root ``--userns keep-id`` is left out and the host ids are the workspace
-owner's."""
+owner's. Then the guest's init of that runtime: ``/.krun_config.json`` read as libkrun v1.18.0's
+init reads it (:mod:`agentbox_runtime.vmm.krun_init`, run here under the host's busybox)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.doctor import tools as doctor_tools
 from agentbox_runtime.tasks import krun as krun_tasks
 from agentbox_runtime.tasks.krun import ENV_KRUN_RUNTIME, KrunOptions, oci_runtime, select_krun_runtime
+from agentbox_runtime.vmm import krun_init
 
 REPO = Path(__file__).resolve().parents[2]
 QEMU_RUNTIME = "/venv/bin/agentbox-krun-runtime"
@@ -391,3 +396,207 @@ def test_namespace_without_the_flag_still_selects(libkrun_cmd: dict[str, Any]) -
     ns = argparse.Namespace(guest_init=None, mem=1, tsi=False, publish=[], root=False, profile=False,
                             debug=False)
     assert _options(ns, ()).runtime == "crun"
+
+
+# --- the guest's init: /.krun_config.json read as libkrun v1.18.0's init reads it ------------------
+# The PID 1 pieces of agentbox_runtime.vmm.krun_init run here under the host's busybox (the same
+# 1.35 as the image's static one): the reader (awk), then the launch functions (ash), with the
+# command replaced by a recorder of the exact argv it would get, or run for real.
+
+BUSYBOX = shutil.which("busybox")
+needs_busybox = pytest.mark.skipif(BUSYBOX is None, reason="needs busybox (the guest's PID 1 is busybox)")
+RECORDER = "#!/bin/sh\nfor a; do printf '%s\\0' \"$a\"; done > \"$KRUN_TEST_OUT\"\n"
+
+
+@dataclass
+class Plan:
+    """What the guest's init would do with a config: the hostname, the directory, the command's
+    ``argv[0]``, the environment given to ``env -i`` and the words after it."""
+
+    host: str
+    workdir: str | None
+    argv0: str
+    env: list[str]
+    after_env: list[str]
+
+
+def _reader_output(tmp_path: Path, config: bytes | None) -> Path:
+    prog = tmp_path / "krun-init.awk"
+    prog.write_text(krun_init.awk_program())
+    path = tmp_path / ".krun_config.json"
+    if config is not None:
+        path.write_bytes(config)
+    out = tmp_path / "krun-cmd"
+    assert BUSYBOX is not None
+    with open(out, "wb") as f:
+        subprocess.run([BUSYBOX, "env", "-i", *krun_init.KERNEL_ENV, BUSYBOX, "awk", "-f", str(prog), str(path)],
+                       stdout=f, check=True, timeout=60, env={"LC_ALL": "C"})
+    return out
+
+
+def _plan_from(tmp_path: Path, lines: Path) -> Plan:
+    """Source ``lines`` (the reader's output, or exec-mode lines) and record krun_run's argv."""
+    recorder = tmp_path / "recorder"
+    recorder.write_text(RECORDER)
+    recorder.chmod(0o755)
+    record = tmp_path / "record"
+    script = (f". {lines}\nprintf '%s\\n' \"$krun_host\" \"${{krun_wd-<none>}}\" \"$krun_n\"\n"
+              f"krun_p=/resolved; krun_run\n")
+    proc = subprocess.run([BUSYBOX or "busybox", "sh", "-c", script], capture_output=True, timeout=60,
+                          env={"bb": "/bb", "krun_setsid": str(recorder), "KRUN_TEST_OUT": str(record),
+                               "LC_ALL": "C"}, check=True)
+    host, workdir, argv0 = proc.stdout.decode().split("\n")[:3]
+    words = record.read_bytes().split(b"\0")[:-1]
+    text = [w.decode() for w in words]
+    assert text[:4] == ["/bb", "env", "-i", "--"], text
+    after = next(i for i, w in enumerate(text[4:], 4) if "=" not in w or w == "/bb")
+    return Plan(host=host, workdir=None if workdir == "<none>" else workdir, argv0=argv0, env=text[4:after],
+                after_env=text[after:])
+
+
+def plan(tmp_path: Path, config: bytes | str | None) -> Plan:
+    data = config.encode() if isinstance(config, str) else config
+    return _plan_from(tmp_path, _reader_output(tmp_path, data))
+
+
+def argv_of(p: Plan) -> list[str]:
+    """The command line the workload gets: argv[0] then the words after the wrapper's."""
+    assert p.after_env[:3] == ["/bb", "sh", "-c"], p.after_env
+    assert p.after_env[4:6] == ["$krun_n", "$krun_p"] or p.after_env[4] == p.argv0, p.after_env
+    return [p.argv0, *p.after_env[6:]]
+
+
+OCI = json.dumps({
+    "ociVersion": "1.0.2-dev",
+    "process": {"user": {"uid": 1000, "gid": 1000}, "args": ["sh", "-c", "echo ok", "x y"],
+                "env": ["PATH=/usr/bin:/bin", "TERM=xterm", "HOME=/home/dev", "HOSTNAME=box", "A=first", "A=second",
+                        "NOEQ", "=empty-name"],
+                "cwd": "/srv"},
+    "root": {"path": "rootfs"}, "hostname": "box", "annotations": {"run.oci.handler": "krun"},
+})
+
+
+@needs_busybox
+def test_init_takes_args_env_and_cwd_from_an_oci_config(tmp_path: Path) -> None:
+    p = plan(tmp_path, OCI)
+    assert (p.host, p.workdir, p.argv0) == ("box", "/srv", "sh")
+    # the kernel's HOME and TERM come first and the config replaces them; anything else is set only
+    # once (the first A wins); items without a name or without "=" are skipped
+    assert p.env == ["HOME=/home/dev", "TERM=xterm", "PATH=/usr/bin:/bin", "HOSTNAME=box", "A=first"]
+    assert argv_of(p) == ["sh", "-c", "echo ok", "x y"]
+    assert p.after_env[3] == ("unset IFS; unset OPTIND; unset PPID; unset PWD; unset OLDPWD; unset SHLVL; "
+                              "export PATH='/usr/bin:/bin'; exec -a \"$0\" \"$@\"")
+
+
+@needs_busybox
+def test_init_matches_keys_case_insensitively_and_puts_the_entrypoint_first(tmp_path: Path) -> None:
+    docker = {"Entrypoint": ["/bin/tini", "--"], "Cmd": ["serve"], "Env": ["X=1"], "WorkingDir": "/app"}
+    p = plan(tmp_path, json.dumps(docker))
+    assert (p.workdir, argv_of(p), p.env) == ("/app", ["/bin/tini", "--", "serve"], ["HOME=/", "TERM=linux", "X=1"])
+    p = plan(tmp_path, json.dumps({"ENTRYPOINT": ["/bin/tini"], "cwd": "/w"}))  # an entrypoint alone is dropped
+    assert (p.workdir, p.argv0, p.host) == ("/w", "/bin/sh", "localhost")
+
+
+@needs_busybox
+@pytest.mark.parametrize("config", [
+    None, "", "not json", "[1, 2]", '{"args": ["a"', '{"args": ["x"]}]',
+    '{"args": ["caf\\u00e9"]}',  # a \\u escape above 127 fails libkrun's jsmn: the whole file
+    json.dumps({"env": [f"V{i}=1" for i in range(16400)], "args": ["x"]}),  # over MAX_TOKENS (16384)
+])
+def test_without_a_usable_config_init_runs_bin_sh_in_the_kernels_environment(tmp_path: Path,
+                                                                             config: str | None) -> None:
+    p = plan(tmp_path, config)
+    assert (p.host, p.workdir, p.argv0, p.env) == ("localhost", None, "/bin/sh", ["HOME=/", "TERM=linux"])
+    assert argv_of(p) == ["/bin/sh"]
+
+
+@needs_busybox
+def test_init_decodes_strings_as_v1_18_0_does(tmp_path: Path) -> None:
+    """Go's encoder writes & < > as \\u0026 \\u003c \\u003e (decoded right); v1.18.0's
+    unescape_string does not step over a simple escape (fixed in v1.19.0), so \\" gives two quotes,
+    \\n a newline and an n, and \\\\ a backslash that escapes the next character."""
+    p = plan(tmp_path, r'{"args": ["a \u0026\u0026 b\u003c", "say \"hi\"", "l1\nl2", "c:\\bin", "c:\\dir", "t\tx"],'
+                       r' "env": ["Q=\"q\""]}')
+    assert argv_of(p) == ["a && b<", 'say ""hi""', "l1\nnl2", "c:\\\bbin", "c:\\dir", "t\ttx"]
+    assert p.env[-1] == 'Q=""q""'
+
+
+@needs_busybox
+def test_init_matches_every_string_token_not_only_keys(tmp_path: Path) -> None:
+    """jsoneq is tried on every string token in document order: an argument spelled "cwd" makes the
+    next token the directory, before process.cwd is reached."""
+    p = plan(tmp_path, json.dumps({"process": {"args": ["ls", "cwd", "/etc"], "cwd": "/srv"}}))
+    assert (p.workdir, argv_of(p)) == ("/etc", ["ls", "cwd", "/etc"])
+
+
+@needs_busybox
+def test_krun_variables_in_the_config_env_steer_init(tmp_path: Path) -> None:
+    env = ["KRUN_HOME=/kh", "KRUN_TERM=vt100", "KRUN_WORKDIR=/kw", "KRUN_INIT=/bin/true", "HOSTNAME="]
+    p = plan(tmp_path, json.dumps({"process": {"args": ["ignored"], "env": env, "cwd": "/ignored"}}))
+    assert (p.workdir, p.argv0, p.host) == ("/kw", "/bin/true", "")
+    assert p.env[:2] == ["HOME=/kh", "TERM=vt100"] and "KRUN_INIT=/bin/true" in p.env
+    assert argv_of(p) == ["/bin/true"]
+
+
+@needs_busybox
+def test_a_variable_name_ash_would_drop_makes_env_run_the_resolved_path(tmp_path: Path) -> None:
+    p = plan(tmp_path, json.dumps({"args": ["tool", "-v"], "env": ["odd-name=1", "PATH=/x"]}))
+    assert p.env == ["HOME=/", "TERM=linux", "odd-name=1", "PATH=/x"] and p.after_env == ["/resolved", "-v"]
+
+
+@needs_busybox
+def test_exec_mode_keeps_the_given_command_and_environment(tmp_path: Path) -> None:
+    lines = tmp_path / "exec-lines"
+    lines.write_text(krun_init.exec_mode_lines("/usr/bin/agent", ["--port", "p 1"],
+                                               ["PATH=/a", "HOME=/", "TERM=linux", "A=1", "A=2"]) + "krun_host=h\n")
+    p = _plan_from(tmp_path, lines)
+    assert (p.argv0, p.workdir, p.env) == ("/usr/bin/agent", None, ["PATH=/a", "HOME=/", "TERM=linux", "A=2"])
+    assert argv_of(p) == ["/usr/bin/agent", "--port", "p 1"]
+
+
+def _run_for_real(tmp_path: Path, config: dict[str, Any], cwd: Path) -> tuple[int, bytes, list[bytes], list[bytes]]:
+    """Run the command the config names the way PID 1 runs it; (status, stdout, cmdline, environ)
+    of the workload (a dash that writes its /proc/self entries)."""
+    lines = _reader_output(tmp_path, json.dumps(config).encode())
+    launch = tmp_path / "launch"
+    launch.write_text(krun_init.LAUNCH_FUNCTIONS)
+    script = f'. {launch}; . {lines}; cd "$krun_wd"; krun_start'
+    proc = subprocess.run([BUSYBOX or "busybox", "sh", "-c", script], capture_output=True, timeout=60, cwd=cwd,
+                          env={"bb": BUSYBOX or "busybox", "krun_setsid": "", "LC_ALL": "C"})
+    parts = proc.stdout.split(b"\n--\n")
+    if len(parts) < 3:
+        return proc.returncode, proc.stdout, [], []
+    return proc.returncode, parts[0], parts[1].split(b"\0")[:-1], parts[2].split(b"\0")[:-1]
+
+
+DUMP = "echo; echo --; cat /proc/$$/cmdline; echo; echo --; cat /proc/$$/environ"
+
+
+@needs_busybox
+def test_the_workload_gets_exactly_inits_argv_and_environment(tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sh").symlink_to(shutil.which("dash") or "/bin/sh")
+    env = ["PATH=/nowhere::" + str(bindir) + ":/usr/bin:/bin", "SHLVL=7", "IFS=x", "Z=1"]
+    status, _, cmdline, environ = _run_for_real(tmp_path, {"args": ["sh", "-c", DUMP, "a1"], "env": env,
+                                                           "cwd": str(tmp_path)}, Path("/"))
+    assert status == 0
+    assert cmdline == [b"sh", b"-c", DUMP.encode(), b"a1"]  # argv[0] as given, not the path found
+    assert sorted(environ) == sorted(e.encode() for e in ["HOME=/", "TERM=linux", *env])
+
+
+@needs_busybox
+@pytest.mark.parametrize(("argv0", "status", "why"), [
+    ("no-such-tool", 127, "No such file or directory"),
+    ("notexec", 126, "Permission denied"),
+    ("./notexec", 126, "Permission denied"),
+    ("/no/such/path", 127, "No such file or directory"),
+    ("", 127, "No such file or directory"),
+])
+def test_a_command_init_cannot_run_is_126_or_127_with_inits_message(tmp_path: Path, argv0: str, status: int,
+                                                                    why: str) -> None:
+    (tmp_path / "notexec").write_text("#!/bin/sh\n")
+    got, out, _, _ = _run_for_real(tmp_path, {"args": [argv0], "env": [f"PATH={tmp_path}"], "cwd": str(tmp_path)},
+                                   tmp_path)
+    assert got == status
+    assert out.decode() == f"Couldn't execute '{argv0}' inside the vm: {why}\n"
