@@ -33,6 +33,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,6 +101,7 @@ def podman_env() -> dict[str, str]:
 
 
 def crun_minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a crun version such as ``1.21`` or ``1.27.1``."""
     m = re.match(r"(\d+)\.(\d+)", version)
     return (int(m[1]), int(m[2])) if m else (0, 0)
 
@@ -146,12 +148,15 @@ def run_on_a_terminal(argv: list[str], env: dict[str, str], timeout: float) -> t
 
 
 def test_crun_is_upstreams_release_with_the_krun_handler(real_crun: Runtime) -> None:
+    """The runtime Podman gets is the release Debian's tarball holds, with the krun handler compiled in,
+    and it finds the stand-in as ``libkrun.so.1``."""
     proc = subprocess.run([str(real_crun.wrapper), "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert f"crun version {real_crun.crun.source.version}" in proc.stdout, proc.stdout
     assert "+LIBKRUN" in proc.stdout, proc.stdout
-    libdir = Path(re.search(r"^LD_LIBRARY_PATH=(\S+?)\$", real_crun.wrapper.read_text(), re.M)[1])  # type: ignore[index]
-    assert (libdir / "libkrun.so.1").resolve() == real_crun.standin.resolve()
+    m = re.search(r"^LD_LIBRARY_PATH=(\S+?)\$", real_crun.wrapper.read_text(), re.M)
+    assert m, real_crun.wrapper.read_text()
+    assert (Path(m[1]) / "libkrun.so.1").resolve() == real_crun.standin.resolve()
 
 
 def test_the_product_argv_runs_the_command_crun_wrote_to_krun_config_json(
@@ -242,18 +247,42 @@ def still_running(procs: dict[int, float]) -> list[int]:
     return alive
 
 
+STANDIN_SOCKET = re.compile(r" @(agentbox-krun-standin/\S+)$", re.M)
+INTRUDER = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.settimeout(60)\n"
+            "s.connect('\\0' + sys.argv[1])\n"
+            "print(repr(s.recv(1)))")
+
+
 def test_podman_stop_kills_the_guest_as_libkrun_has_no_sigterm_handler_and_leaves_no_vmm(
         real_crun: Runtime, containers: list[str]) -> None:
     """libkrun installs no SIGTERM handler and the VMM is the container's PID 1, which ignores SIGTERM
     from outside its PID namespace: ``podman stop`` ends with SIGKILL (137). The stand-in's host side
-    then stops the VM: no process of it is left."""
+    then stops the VM: no process of it is left. Before the start, a process that shares the container's
+    network namespace but not its root finds the host side's socket and is turned away."""
     name = f"agentbox-realcrun-stop-{os.getpid()}"
     containers.append(name)
     env = podman_env()
-    proc = subprocess.run(["podman", "run", "-d", "--name", name, "--runtime", str(real_crun.wrapper),
-                           "--annotation", "run.oci.handler=krun", "--entrypoint", "sh", IMAGE, "-c",
-                           "echo guest-up; exec sleep 1000"], capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def podman(*args: str, timeout: float = 120) -> str:
+        proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=env)
+        assert proc.returncode == 0, f"podman {args[0]}: {proc.stderr[-3000:]}"
+        return proc.stdout.strip()
+
+    podman("create", "--name", name, "--runtime", str(real_crun.wrapper), "--annotation", "run.oci.handler=krun",
+           "--entrypoint", "sh", IMAGE, "-c", "echo guest-up; exec sleep 1000")
+    podman("init", name)  # crun create: the library is loaded, its host side listens
+    bundle = Path(podman("inspect", name, "--format", "{{.StaticDir}}"))
+    vmm = vmm_processes(bundle)
+    assert len(vmm) == 1, f"expected the stand-in's host side alone in {bundle}, found pids {sorted(vmm)}"
+    bridge = next(iter(vmm))
+    m = STANDIN_SOCKET.search(Path(f"/proc/{bridge}/net/unix").read_text())
+    assert m, "the host side listens on no agentbox-krun-standin socket in the container's network namespace"
+    intruder = subprocess.run(["nsenter", f"--net=/proc/{bridge}/ns/net", sys.executable, "-c", INTRUDER, m[1]],
+                              capture_output=True, text=True, timeout=120)
+    assert intruder.stdout.strip() == "b''", intruder.stdout + intruder.stderr
+    podman("start", name, timeout=TIMEOUT_S)
     logs = ""
 
     def up(_last_try: bool) -> bool:
@@ -265,14 +294,10 @@ def test_podman_stop_kills_the_guest_as_libkrun_has_no_sigterm_handler_and_leave
         retry(up, timeout=TIMEOUT_S, interval=1.0)
     except WaitTimeout:
         pytest.fail(f"{name}: the guest never printed guest-up; podman logs:\n{logs[-3000:]}")
-    bundle = Path(subprocess.run(["podman", "inspect", name, "--format", "{{.StaticDir}}"], capture_output=True,
-                                 text=True, timeout=60, env=env, check=True).stdout.strip())
     vmm = vmm_processes(bundle)
-    assert vmm, f"no process of the stand-in's host side runs in {bundle}"
-    stop = subprocess.run(["podman", "stop", "-t", "2", name], capture_output=True, text=True, timeout=120, env=env)
-    assert stop.returncode == 0, stop.stderr
-    code = subprocess.run(["podman", "inspect", name, "--format", "{{.State.ExitCode}}"], capture_output=True,
-                          text=True, timeout=60, env=env, check=True).stdout.strip()
+    assert len(vmm) >= 2, f"expected the host side and its qemu in {bundle}, found pids {sorted(vmm)}"
+    podman("stop", "-t", "2", name)
+    code = podman("inspect", name, "--format", "{{.State.ExitCode}}")
     assert code == "137", f"exit code {code} (SIGTERM reached the guest's VMM?)"
     left: list[int] = []
 

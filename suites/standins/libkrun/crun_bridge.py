@@ -9,11 +9,13 @@ library's constructor in ``crun create``, whose working directory is the bundle.
 2. waits for ``krun_start_enter`` in the container to connect. The write end of the alive fd is
    held only by crun's processes; once it reaches EOF nobody can ask any more, and the host side
    leaves when no request came within :data:`GRACE_S`;
-3. takes the peer's pid (``SO_PEERCRED``), the recorded context and the peer's stdin, stdout and
-   stderr (``SCM_RIGHTS``) and builds the guest as libkrun would: the root is the container's
-   own ``/`` (``/proc/<pid>/root``); a context without ``krun_set_exec`` (crun 1.21 never calls
-   it) runs the command of ``/.krun_config.json`` there, read the way libkrun v1.18.0's init reads
-   it (:func:`parse_krun_config`), in the workdir ``krun_set_workdir`` gave (else the file's);
+3. takes the peer's pid (``SO_PEERCRED``; a peer whose root is not the bundle's ``root.path`` is
+   turned away: anyone sharing the network namespace can read the name in ``/proc/net/unix``), the
+   recorded context and the peer's stdin, stdout and stderr (``SCM_RIGHTS``) and builds the guest
+   as libkrun would: the root is the container's own ``/`` (``/proc/<pid>/root``); a context
+   without ``krun_set_exec`` (crun 1.21 never calls it) runs the command of ``/.krun_config.json``
+   there, read the way libkrun v1.18.0's init reads it (:func:`parse_krun_config`), in the workdir
+   ``krun_set_workdir`` gave (else the file's);
 4. boots it with :func:`agentbox_runtime.vmm.krun_guest.boot`, qemu in the container's network
    namespace, and sends back the guest's status (a native ``int32``). When the peer dies first
    the VM is stopped.
@@ -249,36 +251,61 @@ def guest_spec(raw: dict[str, Any], pid: int) -> GuestSpec:
 # -- serving --------------------------------------------------------------------------------------
 
 
-def network_namespace(config: bytes) -> str | None:
-    """The network namespace path of the bundle's config (None: the container keeps crun's)."""
+@dataclass(frozen=True)
+class Bundle:
+    """What the host side takes from the bundle's ``config.json``."""
+
+    netns: str | None  # the container's network namespace (None: crun's own, it creates none)
+    root: tuple[int, int]  # (st_dev, st_ino) of ``root.path``: the peer must have it as its root
+
+
+def read_bundle(bundle: Path) -> Bundle:
+    """The network namespace path and the rootfs identity of the OCI bundle ``bundle``."""
     try:
-        data = json.loads(config)
+        data = json.loads(read_config(bundle))
         namespaces = data.get("linux", {}).get("namespaces", [])
-    except (ValueError, AttributeError):
-        raise HostSideError("config.json is not an OCI config") from None
+        root_path = data["root"]["path"]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise HostSideError("config.json is not an OCI config with root.path") from None
+    netns = None
     for ns in namespaces if isinstance(namespaces, list) else []:
         if isinstance(ns, dict) and ns.get("type") == "network":
-            path = ns.get("path")
-            if not isinstance(path, str) or not path:
+            netns = ns.get("path")
+            if not isinstance(netns, str) or not netns:
                 raise HostSideError("the container gets a network namespace of its own (no path in config.json), "
                                     "where the stand-in's VMM side cannot listen; give it one (Podman does)")
-            return path
-    return None
+    st = os.stat(bundle / str(root_path))
+    return Bundle(netns, (st.st_dev, st.st_ino))
 
 
-def listen(name: str) -> socket.socket:
+def listen(name: str) -> tuple[socket.socket, Bundle]:
     """Enter the bundle's network namespace and listen on the abstract socket ``name``."""
-    netns = network_namespace(read_config(Path(".")))
-    if netns is not None:
-        enter_netns(netns)
+    bundle = read_bundle(Path("."))
+    if bundle.netns is not None:
+        enter_netns(bundle.netns)
     lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     lst.bind("\0" + name)
     lst.listen(1)
-    return lst
+    return lst, bundle
 
 
-def wait_for_request(lst: socket.socket, alive_fd: int) -> socket.socket | None:
-    """The container's connection, or None when crun's processes are all gone and none came
+def peer_pid(conn: socket.socket) -> int:
+    """The connected process's pid in our PID namespace (``SO_PEERCRED``)."""
+    return int(struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0])
+
+
+def in_container(pid: int, bundle: Bundle) -> bool:
+    """Whether process ``pid`` has the container's rootfs as its root (after crun's ``pivot_root``).
+    Anything else that found the name (``/proc/net/unix`` of a shared network namespace) is refused."""
+    try:
+        st = os.stat(f"/proc/{pid}/root")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == bundle.root
+
+
+def wait_for_request(lst: socket.socket, alive_fd: int, bundle: Bundle) -> tuple[socket.socket, int] | None:
+    """The container's connection and its pid, or None when crun's processes are all gone and none came
     within :data:`GRACE_S` (a container deleted before it started, or crun failed)."""
     watching = [lst.fileno(), alive_fd]
     timeout: float | None = None  # as long as a crun process may still ask
@@ -288,28 +315,31 @@ def wait_for_request(lst: socket.socket, alive_fd: int) -> socket.socket | None:
             return None
         if lst.fileno() in readable:
             conn, _ = lst.accept()
-            return conn
-        if not os.read(alive_fd, 64):
+            pid = peer_pid(conn)
+            if in_container(pid, bundle):
+                return conn, pid
+            conn.close()
+        elif not os.read(alive_fd, 64):
             watching.remove(alive_fd)
             timeout = GRACE_S
 
 
-def receive(conn: socket.socket) -> tuple[int, dict[str, Any]]:
-    """The peer's pid and recorded context; its stdin, stdout and stderr become ours (0, 1, 2)."""
-    pid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+def receive(conn: socket.socket) -> dict[str, Any]:
+    """The peer's recorded context; its stdin, stdout and stderr become ours (0, 1, 2)."""
     conn.settimeout(REQUEST_TIMEOUT_S)
     msg, fds, _, _ = socket.recv_fds(conn, len(REQUEST), 4)
     conn.settimeout(None)
     if msg != REQUEST or len(fds) != 4:
         for fd in fds:
             os.close(fd)
-        raise HostSideError(f"unexpected request from pid {pid} ({len(fds)} fds)")
+        raise HostSideError(f"unexpected request ({len(fds)} fds)")
     config_fd, *stdio = fds
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
         os.close(fd)
     with os.fdopen(config_fd, "r") as f:
-        return pid, json.load(f)
+        data: dict[str, Any] = json.load(f)
+    return data
 
 
 def stop_when_gone(conn: socket.socket, done: threading.Event) -> None:
@@ -324,8 +354,8 @@ def stop_when_gone(conn: socket.socket, done: threading.Event) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def serve(conn: socket.socket) -> None:
-    """Boot the peer's guest and answer with its status."""
+def serve(conn: socket.socket, pid: int) -> None:
+    """Boot the guest of the peer ``pid`` and answer with its status."""
     def stopped(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
@@ -334,7 +364,7 @@ def serve(conn: socket.socket) -> None:
     status = INIT_FAILED
     work: Path | None = None
     try:
-        pid, raw = receive(conn)
+        raw = receive(conn)
         stop_when_gone(conn, done)
         spec = guest_spec(raw, pid)
         work = Path(tempfile.mkdtemp(prefix="c", dir=runtime_dir("krun", for_sockets=True)))
@@ -362,17 +392,18 @@ def main() -> int:
     args = p.parse_args()
     with os.fdopen(args.ready_fd, "w") as ready:
         try:
-            lst = listen(args.name)
+            lst, bundle = listen(args.name)
         except (OSError, AgentboxError) as exc:
             ready.write(one_line(f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}") + "\n")
             return 1
         ready.write("ready\n")
-    conn = wait_for_request(lst, args.alive_fd)
+    request = wait_for_request(lst, args.alive_fd, bundle)
     lst.close()
     os.close(args.alive_fd)
-    if conn is not None:
+    if request is not None:
+        conn, pid = request
         with conn:
-            serve(conn)
+            serve(conn, pid)
     return 0
 
 
