@@ -15,6 +15,10 @@ its child, serves the tree as the guest's one root share):
    mounted by type with its data options; ``tmpcopyup`` copies what the image had there into the
    new tmpfs (crun's ``copy_recursive_fd_to_fd``; extended attributes are not copied).
 
+:func:`submounts` names the directories of the tree that are mounts of their own: libkrun's
+virtio-fs announces those to the guest, which mounts them (the guest's ``/proc/mounts`` lists a
+volume), so the guest's PID 1 mounts a share of each at its path.
+
 Destinations at or below ``/proc``, ``/sys`` and ``/dev`` are skipped: libkrun's init mounts its own
 ``proc``, ``sysfs`` and ``devtmpfs`` there, which hide whatever crun put below them. Propagation
 options are moot in a private namespace and ignored, as are crun's ``idmap``, ``copy-symlink``,
@@ -174,6 +178,41 @@ def build(rootfs: Path, tree: Path, mounts: list[Mount], bundle_dir: Path) -> No
                 _one(root_fd, mount, bundle_dir)
     finally:
         os.close(root_fd)
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path field: ``\\ooo`` octal escapes (space, tab, newline, backslash) decoded."""
+    out, i = bytearray(), 0
+    raw = os.fsencode(field)
+    while i < len(raw):
+        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def submounts(tree: Path, mountinfo: str = "/proc/self/mountinfo") -> list[str]:
+    """The guest paths of the directories in ``tree`` that are mounts of their own (volumes, tmpfs,
+    anything below them), in mount order (parents first): what libkrun's virtio-fs announces to the
+    guest as submounts. A file bind is no submount; nothing at or below ``/proc``, ``/sys``, ``/dev``."""
+    top = os.path.realpath(tree)  # as mountinfo spells it
+    found: list[str] = []
+    with open(mountinfo) as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if not point.startswith(top + "/"):
+                continue
+            guest = point[len(top):]
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(point).st_mode)
+            except OSError:
+                continue
+            if is_dir and not guest_owns(guest) and guest not in found:
+                found.append(guest)
+    return found
 
 
 def _one(root_fd: int, mount: Mount, bundle_dir: Path) -> None:

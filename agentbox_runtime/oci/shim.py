@@ -32,7 +32,7 @@ from agentbox_runtime.oci.network import attach_guest, enter_netns
 from agentbox_runtime.private_dir import runtime_dir
 from agentbox_runtime.vmm import share_filter
 from agentbox_runtime.vmm.initramfs import InitramfsError
-from agentbox_runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, boot
+from agentbox_runtime.vmm.krun_guest import INIT_FAILED, Disk, GuestSpec, Share, boot
 
 TREE = "root"
 CRUN_ERROR_STATUS = 1  # crun's error(EXIT_FAILURE, ...) in libkrun_exec
@@ -56,10 +56,13 @@ def prepare_tree(bundle: Bundle, state_dir: Path) -> Path:
 
 
 def guest_spec(bundle: Bundle, tree: Path, state_dir: Path) -> GuestSpec:
-    """The libkrun context crun's krun handler builds for ``bundle``: the tree as root, the VM's size,
-    the disks; no command (``krun_set_exec`` is not called: init reads ``/.krun_config.json``)."""
+    """The libkrun context crun's krun handler builds for ``bundle``: the tree as root (its directory
+    submounts mounted again at their paths, as virtio-fs announces them), the VM's size, the disks;
+    no command (``krun_set_exec`` is not called: init reads ``/.krun_config.json``)."""
+    shares = [Share(f"krun-sub{i}", str(tree) + guest, mount_at=guest)
+              for i, guest in enumerate(mount_tree.submounts(tree))]
     return GuestSpec(vcpus=vm_config.vcpus(bundle), ram_mib=vm_config.ram_mib(bundle), root=tree,
-                     disks=[Disk(d.id, d.path, d.read_only) for d in krun_disks.parse(bundle)],
+                     disks=[Disk(d.id, d.path, d.read_only) for d in krun_disks.parse(bundle)], shares=shares,
                      kernel_log=state_dir / "console.log")
 
 

@@ -47,6 +47,7 @@ INIT_FAILED = 125
 CONNECT_TIMEOUT_S = 30.0
 DRAIN_S = 2.0
 STDIO_PORTS = ("krun-stdin", "krun-stdout", "krun-stderr")
+SUBMOUNT_9P = "trans=virtio,version=9p2000.L,msize=262144,access=client"  # no cache: host writes seen at once
 DEFAULT_ENV = ("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/", "TERM=linux")
 
 
@@ -62,11 +63,14 @@ class Disk:
 
 @dataclass(frozen=True)
 class Share:
-    """A host directory under 9p tag ``tag`` (``krun_add_virtiofs``); the guest mounts it itself."""
+    """A host directory under 9p tag ``tag``: a ``krun_add_virtiofs`` share the guest mounts itself, or,
+    with ``mount_at``, a directory submount of the root tree that PID 1 mounts at that guest path
+    (served like the root: the same files, passthrough, ``multidevs=remap``)."""
 
     tag: str
     path: str
     read_only: bool = False
+    mount_at: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,19 @@ def _network(spec: GuestSpec) -> str:
             f"$bb ip addr add {_q(net.address)} dev eth0{route} || log 'cannot configure eth0'")
 
 
+def _submounts(spec: GuestSpec) -> str:
+    """Mount each submount share at its guest path, parents first. libkrun's virtio-fs announces a
+    directory that is another mount on the host (``FUSE_ATTR_SUBMOUNT``, v1.18.0
+    ``src/devices/src/virtio/fs/linux/passthrough.rs`` ``do_lookup``) and the guest kernel mounts it
+    there; 9p has no such thing, so PID 1 mounts the same directory, shared on its own."""
+    lines = []
+    for share in spec.shares:
+        if share.mount_at:
+            lines.append(f"$bb mkdir -p {_q(share.mount_at)} 2>/dev/null; $bb mount -t 9p -o {SUBMOUNT_9P} "
+                         f"{_q(share.tag)} {_q(share.mount_at)} || log {_q(f'cannot mount {share.mount_at}')}\n")
+    return "".join(lines)
+
+
 def _command(spec: GuestSpec) -> str:
     """The lines that decide the command, its environment and directory (see :mod:`krun_init`)."""
     if spec.exec_path is None:
@@ -183,7 +200,7 @@ finish() {{
 }}
 $bb ip link set lo up
 {_network(spec)}
-{_command(spec)}krun_setsid="{setsid}"
+{_submounts(spec)}{_command(spec)}krun_setsid="{setsid}"
 {krun_init.LAUNCH_FUNCTIONS}krun_start {stdio}
 finish $?
 """
@@ -301,12 +318,18 @@ def libkrun_disk_serial(path: str | Path) -> str:
     return f"{st.st_dev}{st.st_rdev}{st.st_ino}"[:20]
 
 
+def tree_share_args(fsid: str, path: str | Path, tag: str, *, read_only: bool = False) -> list[str]:
+    """A piece of the guest's own tree as a 9p share: guest ids land unchanged (passthrough), and
+    ``multidevs=remap`` keeps inode numbers unique across the filesystems of a container's tree
+    (rootfs, volumes, tmpfs, bind-mounted files), which the guest would otherwise confuse."""
+    return ["-fsdev", opts("local", id=fsid, path=path, security_model=qemu.ROOTFS_MODEL, multidevs="remap",
+                           readonly="on" if read_only else None),
+            "-device", opts("virtio-9p-pci", fsdev=fsid, mount_tag=tag)]
+
+
 def root_share_args(root: Path) -> list[str]:
-    """The guest's root as one 9p share. ``multidevs=remap`` keeps inode numbers unique across the
-    filesystems of a container's tree (rootfs, volumes, tmpfs, bind-mounted files), which the guest
-    would otherwise confuse."""
-    return ["-fsdev", opts("local", id="root", path=root, security_model=qemu.ROOTFS_MODEL, multidevs="remap"),
-            "-device", opts("virtio-9p-pci", fsdev="root", mount_tag=contract.ROOTFS_TAG)]
+    """The guest's root as one 9p share (:func:`tree_share_args`)."""
+    return tree_share_args("root", root, contract.ROOTFS_TAG)
 
 
 def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: str, tty: bool) -> list[str]:
@@ -328,7 +351,10 @@ def qemu_argv(spec: GuestSpec, work: Path, kernel: Path, initrd: Path, accel: st
                                server="on", wait="off")
     argv += root_share_args(spec.root)
     for i, share in enumerate(spec.shares):
-        argv += qemu.share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
+        if share.mount_at is None:
+            argv += qemu.share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
+        else:
+            argv += tree_share_args(f"fs{i}", share.path, share.tag, read_only=share.read_only)
     for i, disk in enumerate(spec.disks):
         argv += qemu.disk_args(i, libkrun_disk_serial(disk.path), disk.path, read_only=disk.read_only,
                                fmt=disk.format)

@@ -188,7 +188,9 @@ TREE_PROBE = ("echo args=$0,$1 && echo uid=$(id -u) cwd=$(pwd) && echo home=$HOM
               "echo host=$(hostname) && stat -c config=%a /.krun_config.json && echo ready && read go && "
               "cat /data/late /etc/live-file && echo from-guest >> /etc/live-file && echo guest > /data/from-guest && "
               "echo serial=$(cat /sys/block/vda/serial) && stat -c data-owner=%U /data && "
-              "ls -A /etc/skel | grep -c profile && echo scratch > /scratch/s && cat /scratch/s")
+              "ls -A /etc/skel | grep -c profile && echo scratch > /scratch/s && cat /scratch/s && "
+              "echo dir-mounts=$(cut -d' ' -f2 /proc/mounts | grep -cx -e /data -e /scratch -e /etc/skel) && "
+              "echo file-mounts=$(cut -d' ' -f2 /proc/mounts | grep -cx /etc/live-file)")
 
 
 def test_the_guest_runs_the_config_command_as_root_in_the_containers_live_tree(runtime: str,
@@ -197,8 +199,9 @@ def test_the_guest_runs_the_config_command_as_root_in_the_containers_live_tree(r
     /.krun_config.json (libkrun's init reads it; --user is not applied: the guest runs it as root);
     the root is the container's own tree, so a volume and a bind-mounted file are live both ways
     (the host writes after the guest started, the guest's writes land on the host as root's),
-    tmpfs mounts are crun's (tmpcopyup brings the image's files), and a disk's serial is its
-    image file's."""
+    tmpfs mounts are crun's (tmpcopyup brings the image's files), directory mounts show in the
+    guest's /proc/mounts as virtio-fs submounts do (a file bind does not), and a disk's serial is
+    its image file's."""
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chown(shared, 1000, 1000)
@@ -230,7 +233,7 @@ def test_the_guest_runs_the_config_command_as_root_in_the_containers_live_tree(r
     assert before == ["args=arg-zero,arg-one", "uid=0", "cwd=/data", "home=/probe-home", "term=xterm", "probe=from-env",
                       "host=probe-host", "config=444", "ready"]
     assert out.split() == ["late-from-host", "host-1", "host-2", f"serial={libkrun_disk_serial(disk)}",
-                           "data-owner=dev", "1", "scratch"]
+                           "data-owner=dev", "1", "scratch", "dir-mounts=3", "file-mounts=0"]
     assert live.read_text() == "host-1\nhost-2\nfrom-guest\n"
     st = (shared / "from-guest").stat()
     assert (shared / "from-guest").read_text() == "guest\n" and (st.st_uid, st.st_gid) == (0, 0)

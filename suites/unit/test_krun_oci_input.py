@@ -362,7 +362,8 @@ with open(tree + "/etc/live") as f:
     live = f.read()
 mounts_seen = [line.split()[4] for line in open("/proc/self/mountinfo") if line.split()[4].startswith(tree)]
 print(json.dumps({"live": live, "vol": sorted(os.listdir(tree + "/etc/vol")), "skel": sorted(os.listdir(tree + "/skel")),
-                  "mounts": mounts_seen, "ro": os.access(tree + "/etc/live", os.W_OK)}))
+                  "mounts": mounts_seen, "ro": os.access(tree + "/etc/live", os.W_OK),
+                  "submounts": mount_tree.submounts(Path(tree))}))
 """
 
 
@@ -370,7 +371,7 @@ def test_the_mount_tree_is_built_beneath_the_rootfs_live_and_private(tmp_path: P
     """Volumes and file binds land at their destination resolved inside the rootfs (an image's
     symlink to /etc is the rootfs's /etc, a ../ escape stays inside), the host's own paths and
     mount namespace untouched; tmpcopyup brings the image's files into the tmpfs; /proc, /sys
-    and /dev are left to the guest."""
+    and /dev are left to the guest; the directory mounts are the guest's submounts."""
     if os.geteuid() != 0:
         pytest.skip("mount namespaces need root")
     rootfs, tree, vol = tmp_path / "rootfs", tmp_path / "tree", tmp_path / "vol"
@@ -395,6 +396,8 @@ def test_the_mount_tree_is_built_beneath_the_rootfs_live_and_private(tmp_path: P
     assert seen["ro"] is False
     assert sorted(seen["mounts"]) == sorted(str(tree / p) for p in ("", "etc/vol", "etc/live", "skel",
                                                                     f"{str(tmp_path / 'outside')[1:]}/x"))
+    # what virtio-fs would announce as submounts: the directories, in mount order, not the file
+    assert seen["submounts"] == ["/etc/vol", "/skel", f"{tmp_path / 'outside'}/x"]
     assert not (tmp_path / "outside").exists() and not Path("/etc/vol").exists()
     assert str(tree) not in Path("/proc/self/mountinfo").read_text()  # nothing reached this namespace
     assert (rootfs / "etc" / "vol").is_dir() and (rootfs / "etc" / "live").is_file()  # crun-made mount points
