@@ -8,7 +8,8 @@ through PVH) with a generated initramfs and a busybox PID 1 in init.krun's role:
 
 - mounts the kernel filesystems libkrun's init mounts (``/proc``, ``/sys``, cgroup2,
   ``/dev/pts``, ``/dev/shm``), loads the late modules from the root;
-- configures the network: qemu user-mode networking (10.0.2.15 via 10.0.2.2)
+- configures the network: qemu user-mode networking (10.0.2.15 via 10.0.2.2), TSI-like: 10.0.2.2
+  itself is unreachable, as under libkrun's TSI
   or, on a tap device, the address, MAC and gateway it is given;
 - takes the command as libkrun's init does (:mod:`agentbox_runtime.vmm.krun_init`): given
   (``krun_set_exec``: :attr:`GuestSpec.exec_path`), or else from ``/.krun_config.json`` in the root,
@@ -128,8 +129,11 @@ def _q(text: str) -> str:
 def _network(spec: GuestSpec) -> str:
     net = spec.network
     if net is None:
+        # TSI-like: qemu's user network carries the traffic, but the guest gets no 10.0.2.2, the
+        # host-loopback alias only qemu has; under libkrun's TSI a guest reaches the host at the
+        # host's own addresses (docs/libkrun-fidelity.md 3d), and so it must here
         addresses = ("$bb ip link set eth0 up && $bb ip addr add 10.0.2.15/24 dev eth0 && "
-                     "$bb ip route add default via 10.0.2.2")
+                     "$bb ip route add default via 10.0.2.2 && $bb ip route add blackhole 10.0.2.2/32")
         if spec.exec_path is None:  # a container's /etc/resolv.conf is its own (Podman's file, bind-mounted)
             return addresses
         return addresses + "\n$bb rm -f /etc/resolv.conf 2>/dev/null; echo nameserver 10.0.2.3 >/etc/resolv.conf 2>/dev/null"
