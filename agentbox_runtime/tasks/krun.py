@@ -165,8 +165,8 @@ def guest_init_target(image: str, podman: Podman | None = None, inspect: bool = 
     return validate_guest_init_target(image, str(first))
 
 
-def _disk_args(disk: RawDisk, state_root: Path) -> list[str]:
-    i = disk.spec.index
+def _disk_args(disk: RawDisk, state_root: Path, index: int | None = None) -> list[str]:
+    i = disk.spec.index if index is None else index
     return ["--annotation", f"krun.disk.{i}.path={disk.path(state_root)}",
             "--annotation", f"krun.disk.{i}.id={disk.spec.block_id}",
             "--annotation", f"krun.disk.{i}.readonly=false"]
@@ -257,11 +257,14 @@ def resize_task_argv(*, name: str, hostname: str, state_root: Path, disk: RawDis
     """The exact ordered argv of the one-shot resize maintenance VM (6.4).
 
     ``--runtime`` is ``opts.runtime``; as root ``--userns keep-id`` is left out, as in
-    :func:`krun_task_argv`."""
+    :func:`krun_task_argv`. The one disk it carries is ``krun.disk.0`` whichever disk it is: the
+    reference put the containers disk at index 1 alone, which the crun fork that reads these
+    annotations (zeroqn/crun ``krun-disk.c``) refuses ("indexes must be contiguous from 0"); the
+    guest finds the disk by its label, not its position."""
     argv = ["run", "--rm", "--name", name, "--hostname", hostname, *_userns(),
             "--user", "0:0", "--runtime", opts.runtime, "--annotation", "run.oci.handler=krun",
             "--annotation", f"krun.ram_mib={opts.ram_mib}"]
-    argv += _disk_args(disk, state_root)
+    argv += _disk_args(disk, state_root, index=0)
     argv += _disk_env(disk)
     argv += _cpus(opts)
     argv += _network(opts)
