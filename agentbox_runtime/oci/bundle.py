@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agentbox_runtime.private_dir import file_kind
 from agentbox_runtime.errors import AgentboxError, one_line
 
 HANDLER_ANNOTATION = "run.oci.handler"
@@ -86,15 +87,6 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _kind(mode: int) -> str:
-    for test, word in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return word
-    return "not a regular file"
-
-
 def read_config(bdir: Path) -> bytes:
     """The bytes of ``<bdir>/config.json``: a regular file in the bundle directory itself (never
     a symlink, FIFO or device; never opened before ``lstat`` says it is regular, and then
@@ -113,7 +105,7 @@ def read_config(bdir: Path) -> bytes:
         except FileNotFoundError:
             raise BundleError(f"bundle {bdir} has no {CONFIG}; accepted: an OCI bundle directory") from None
         if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"refusing {where}: it is {_kind(st.st_mode)}; {accepted}")
+            raise BundleError(f"refusing {where}: it is {file_kind(st.st_mode)}; {accepted}")
         try:
             fd = os.open(CONFIG, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
@@ -123,7 +115,7 @@ def read_config(bdir: Path) -> bytes:
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):  # replaced since the lstat
-            raise BundleError(f"refusing {where}: it is {_kind(st.st_mode)}; {accepted}")
+            raise BundleError(f"refusing {where}: it is {file_kind(st.st_mode)}; {accepted}")
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise BundleError(f"refusing {where}: it is over {MAX_CONFIG_BYTES} bytes; {accepted}")

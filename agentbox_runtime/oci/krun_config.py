@@ -18,6 +18,7 @@ import os
 import stat
 from pathlib import Path
 
+from agentbox_runtime.private_dir import file_kind
 from agentbox_runtime.errors import AgentboxError
 
 NAME = ".krun_config.json"
@@ -26,15 +27,6 @@ MODE = 0o444  # S_IRUSR | S_IRGRP | S_IROTH, as crun creates it
 
 class KrunConfigError(AgentboxError):
     """``/.krun_config.json`` cannot be written safely; one line."""
-
-
-def _kind(mode: int) -> str:
-    for test, word in ((stat.S_ISLNK, "a symlink"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return word
-    return "not a regular file"
 
 
 def write(rootfs: Path, data: bytes) -> None:
@@ -51,7 +43,7 @@ def write(rootfs: Path, data: bytes) -> None:
         except FileNotFoundError:
             before = None
         if before is not None and not stat.S_ISREG(before.st_mode):
-            raise KrunConfigError(f"refusing to write {where}: it is {_kind(before.st_mode)} in the image; {accepted}")
+            raise KrunConfigError(f"refusing to write {where}: it is {file_kind(before.st_mode)} in the image; {accepted}")
         flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if before is None
                                                                             else 0)
         try:
