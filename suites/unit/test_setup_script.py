@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 COMMON = ("python3 python3-venv git gcc podman buildah crun runc conmon uidmap slirp4netns fuse-overlayfs "
           "btrfs-progs util-linux kmod socat qemu-system-x86 qemu-system-common qemu-utils debootstrap "
-          "busybox-static nix-bin zstd").split()
+          "busybox-static nix-bin zstd make pkgconf libseccomp-dev libcap-dev libyajl-dev libsystemd-dev").split()
 
 
 @dataclass(frozen=True)
