@@ -37,8 +37,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project its user owns (uid 1000, the guest's dev). krun-podman as root shares volumes as crun
+    does, without an id map, so a project root owns would be read-only to dev there, under crun +
+    libkrun as under the stand-in (docs/libkrun-fidelity.md, "VM root and volumes")."""
     p = tmp_path_factory.mktemp("project")
     p.chmod(0o755)
+    os.chown(p, 1000, 1000)
     return p
 
 
@@ -67,7 +71,7 @@ def test_the_default_mode_runs_the_guest_as_dev_with_the_exit_status(env: dict[s
     proc = agentbox(env, project, "--", "sh", "-c", "id -un; echo from-guest > /workspace/f; exit 3")
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "dev"
-    assert (project / "f").read_text() == "from-guest\n" and (project / "f").stat().st_uid == 0
+    assert (project / "f").read_text() == "from-guest\n" and (project / "f").stat().st_uid == 1000
     assert {p.name for p in state_root(env).glob("libkrun-*.raw")} == {"libkrun-nix.raw", "libkrun-containers.raw"}
 
 
