@@ -34,6 +34,7 @@ from agentbox_guest_init.protocol import (
 )
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError, GuestAuthError
+from suites.unit.test_channel import HostileGuest
 
 REPO = Path(__file__).resolve().parents[2]
 AGENT = [sys.executable, "-m", "agentbox_guest_init.cli", "agent"]
@@ -354,30 +355,9 @@ def test_the_auth_exchange_never_sends_the_token_and_rejects_reflected_proofs() 
 # --- finding 7: copy_from replaces the destination only after the checks passed ---------------------------
 
 
-class LyingGuest:
-    """A scripted agent on a socketpair answering ``read_file`` with whatever ``respond`` returns."""
-
-    def __init__(self, respond: Callable[[dict[str, Any]], bytes | None]) -> None:
-        self.host, self.guest = socket.socketpair()
-        self.respond = respond
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        reader = FrameReader()
-        try:
-            while data := self.guest.recv(65536):
-                for req in reader.feed(data):
-                    out = self.respond(req)
-                    if out is None:
-                        self.guest.close()
-                        return
-                    self.guest.sendall(out)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.host.close()
-        self.guest.close()
+def LyingGuest(respond: Callable[[dict[str, Any]], bytes | None]) -> HostileGuest:
+    """A scripted agent answering ``read_file`` with whatever ``respond`` returns; None drops the channel."""
+    return HostileGuest(respond, close_on_none=True)
 
 
 def _read_file_answer(req: dict[str, Any], content: bytes, *, size: int | None = None,

@@ -255,11 +255,12 @@ def test_agent_port_lookup_by_sysfs_name(tmp_path: Path) -> None:
 
 
 class HostileGuest:
-    """A scripted 'agent' on a socketpair: answers each request with whatever ``respond`` returns."""
+    """A scripted 'agent' on a socketpair: answers each request with whatever ``respond`` returns
+    (None: no answer; with ``close_on_none``, drop the channel instead)."""
 
-    def __init__(self, respond) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, respond, close_on_none: bool = False) -> None:  # type: ignore[no-untyped-def]
         self.host, self.guest = socket.socketpair()
-        self.respond = respond
+        self.respond, self.close_on_none = respond, close_on_none
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -268,6 +269,9 @@ class HostileGuest:
             while data := self.guest.recv(65536):
                 for req in reader.feed(data):
                     out = self.respond(req)
+                    if out is None and self.close_on_none:
+                        self.guest.close()
+                        return
                     if out is not None:
                         self.guest.sendall(out)
         except OSError:
