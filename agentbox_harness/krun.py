@@ -210,6 +210,6 @@ def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object
     argv = krun_task_argv(name=container, hostname=task_hostname(layout.slug), state_root=layout.state_root,
                           volumes=task_volumes(layout, home=layout.state_root / "home", user=user), uid=uid, gid=gid,
                           image=image, opts=opts, workdir=user.workdir)
-    return KrunPodmanMachine(name=name, timeout_scale=ctx.session.timeout_scale, argv=harness_argv(argv),
+    return KrunPodmanMachine(name=name, backend="krun-podman", timeout_scale=ctx.session.timeout_scale, argv=harness_argv(argv),
                              container=container, layout=layout, krun_options=opts, image=image, image_user=user)
 

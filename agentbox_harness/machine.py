@@ -25,6 +25,7 @@ from typing import Any
 from agentbox_harness.console import Console, read_tail
 from agentbox_harness.profile import Profile
 from agentbox_harness.wait import WaitTimeout, retry
+from agentbox_runtime.backend_caps import Capabilities, caps
 from agentbox_runtime.evidence import REDACTED, SECRET_NAME, Redactor
 from agentbox_guest_init.image_user import ImageUser
 
@@ -116,9 +117,17 @@ class Machine(ABC):
     """Its ``agentbox attach`` id while it runs (backends that can be attached to)."""
     preserved: list[Preserved] = field(default_factory=list, repr=False)
     """What --preserve-debug kept of it (summary lines, kept paths)."""
+    backend: str = ""
+    """The backend that built it (``qemu``, ``krun-direct``, ``krun-podman``, ``container``)."""
     image_user: ImageUser = field(default_factory=ImageUser)
     """The image's non-root user and workdir (dev and /workspace in the stock image): who a verb
     runs as when it names no ``user``, and where it starts. Set when the machine starts."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this machine's backend offers (:mod:`agentbox_runtime.backend_caps`): ask it
+        instead of comparing backend names."""
+        return caps(self.backend)
 
     # --- what a backend provides ------------------------------------------
     @abstractmethod

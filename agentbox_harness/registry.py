@@ -46,13 +46,14 @@ def _microvm(vmm: str) -> MachineBuilder:
             kernel=s.kernel, interactive=False,
             extra_env=(*(str(e) for e in options.pop("extra_env", ())),  # type: ignore[attr-defined]
                        *((f"{c.ENV_HARDENED}=1",) if options.pop("hardened", False) else ())))
-        return MicrovmMachine(name=name, timeout_scale=s.timeout_scale, options=opts)
+        return MicrovmMachine(name=name, timeout_scale=s.timeout_scale, options=opts,
+                              backend="qemu" if vmm == "qemu" else "krun-direct")
     return build
 
 
 def _container(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
     ws = ctx.workspace
-    return ContainerMachine(name=name, timeout_scale=1.0, workspace=ws.path,
+    return ContainerMachine(name=name, backend="container", timeout_scale=1.0, workspace=ws.path,
                             state_root=ws.state.ensure().state_root, image=str(options.pop("image", None) or ctx.image()),
                             run_label=ctx.session.run_label, hardened=bool(options.pop("hardened", False)))
 
