@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-from agentbox_runtime.doctor.parse import cgroup_layout
+from agentbox_runtime.hostcheck.parsers import cgroup_layout
 from agentbox_runtime.private_dir import runtime_dir
 
 ENV: Final = "CONTAINERS_CONF"

@@ -1,4 +1,8 @@
-"""Host capability checks behind ``agentbox doctor`` and the harness's capability skips.
+"""The host report behind ``agentbox doctor`` and the harness's capability skips.
+
+It sits on top of every backend: the probes it runs live below it (:mod:`agentbox_runtime.hostcheck`,
+:mod:`agentbox_runtime.vmm.choice`), and its own lines for tools and the host in :mod:`.tools` and
+:mod:`.system`.
 
 Stable API (the pytest plugin builds its skips on it):
 
@@ -18,15 +22,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-from agentbox_runtime.doctor.model import Check
+from agentbox_runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check_krun_direct_boot,
+                                            check_kvm_boot, check_libkrunfw, check_share_filter, check_tun,
+                                            check_userns)
+from agentbox_runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_crun_krun, check_fuse,
+                                           check_image, check_krun_runtime, check_passt, check_podman,
+                                           check_podman_conf, check_qemu, check_runc)
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.hostcheck.check import Check
+from agentbox_runtime.hostcheck.devices import check_kvm_device
+from agentbox_runtime.vmm.choice import check_libkrun
 from agentbox_runtime.vmm.libkrun import is_standin
-from agentbox_runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check_share_filter, check_kvm_boot,
-                                   check_krun_direct_boot, check_kvm_device, check_libkrun, check_libkrunfw, check_tun,
-                                   check_userns)
-from agentbox_runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_crun_krun,
-                                  check_fuse, check_image, check_krun_runtime, check_passt, check_podman, check_podman_conf,
-                                  check_qemu, check_runc)
 
 __all__ = ["BACKENDS", "CHECKS", "KRUN_PODMAN_QEMU", "Check", "check_by_name", "check_kvm_device", "check_libkrun",
            "krun_podman_runtime",

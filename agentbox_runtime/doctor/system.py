@@ -1,31 +1,24 @@
-"""Checks for kernel and device capabilities: KVM, libkrun, tun, user namespaces, id maps, cgroups, disk."""
+"""The doctor's kernel and device lines: the KVM boot verdict, libkrunfw, tun, user namespaces, id maps,
+cgroups, disk (``/dev/kvm`` and libkrun are probed in :mod:`~agentbox_runtime.hostcheck.devices` and
+:mod:`~agentbox_runtime.vmm.choice`)."""
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import glob
 import os
 import pwd
 import shutil
 from pathlib import Path
 
-from agentbox_runtime.doctor.model import Check
-from agentbox_runtime.doctor.parse import (can_read_write, cgroup_layout, cgroup_meaning, load_failure,
-                                  subid_ranges)
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.hostcheck.check import Check
+from agentbox_runtime.hostcheck.parsers import can_read_write, cgroup_layout, cgroup_meaning, subid_ranges
 from agentbox_runtime.state import state_base
-from agentbox_runtime.vmm import boot_verdicts, share_filter
-from agentbox_runtime.vmm.libkrun import SONAMES as LIBKRUN_SONAMES
-from agentbox_runtime.vmm.libkrun import is_standin
+from agentbox_runtime.vmm import boot_verdicts, kvm_probe, share_filter
+from agentbox_runtime.vmm.choice import LIBKRUN_ENV, first_loadable
 
-KVM_GET_API_VERSION = 0xAE00
 MIN_FREE_BYTES = 20 << 30
-LIBKRUN_ENV = "AGENTBOX_LIBKRUN_LIBRARY"
 LIBKRUNFW_SONAMES = ("libkrunfw.so.5", "libkrunfw.so.4", "libkrunfw.so")
-LIBKRUN_FIX = ("no Debian 12 package: build libkrun and libkrunfw from source "
-               "(github.com/containers/libkrun) or with Nix (nix build .#libkrun), "
-               f"then set {LIBKRUN_ENV}=/path/to/libkrun.so.1")
 
 
 def invoking_user() -> tuple[str, int, set[int]]:
@@ -38,62 +31,11 @@ def invoking_user() -> tuple[str, int, set[int]]:
         return str(uid), uid, {os.getegid(), *os.getgroups()}
 
 
-def check_kvm_device() -> Check:
-    """/dev/kvm exists, opens read-write and answers KVM_GET_API_VERSION."""
-    path = "/dev/kvm"
-    if not os.path.exists(path):
-        return Check("kvm-device", False, "missing", "/dev/kvm does not exist",
-                     "enable VT-x/AMD-V (or nested virtualization) and modprobe kvm_intel or kvm_amd")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return Check("kvm-device", False, "unusable", f"cannot open /dev/kvm read-write: {exc.strerror}",
-                     "usermod -aG kvm $USER (then log in again)")
-    try:
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-    except OSError as exc:
-        return Check("kvm-device", False, "unusable", f"KVM_GET_API_VERSION failed: {exc.strerror}",
-                     "the kvm module is broken on this host; reload kvm_intel/kvm_amd")
-    finally:
-        os.close(fd)
-    return Check("kvm-device", True, "ok", f"/dev/kvm opens read-write, KVM API version {version}")
-
-
 def check_kvm_boot(probe: bool = True) -> Check:
     """Whether KVM really boots the guest kernel (the qemu backend's cached probe verdict)."""
     if not probe:
         return Check("kvm-boot", False, "info", "not probed (--no-probe)")
-    from agentbox_runtime.vmm import kvm_probe
-
-    summary: Check = kvm_probe.probe_summary()
-    return summary
-
-
-def _first_loadable(names: list[str]) -> tuple[str | None, list[str]]:
-    """The first library in ``names`` that loads, and the load failures before it."""
-    failures = []
-    for name in names:
-        try:
-            ctypes.CDLL(name, mode=os.RTLD_NOW)
-        except OSError as exc:
-            failures.append(load_failure(name, str(exc)))
-            continue
-        return name, failures
-    return None, failures
-
-
-def check_libkrun() -> Check:
-    """libkrun loads through ctypes (``$AGENTBOX_LIBKRUN_LIBRARY``, else libkrun.so.1 then libkrun.so)."""
-    explicit = os.environ.get(LIBKRUN_ENV)
-    names = [explicit] if explicit else list(LIBKRUN_SONAMES)
-    name, failures = _first_loadable(names)
-    if name is not None:
-        what = " (the project's QEMU-backed stand-in, not libkrun)" if is_standin(ctypes.CDLL(name)) else ""
-        return Check("libkrun", True, "ok",
-                     f"{name} loads" + (f" (from ${LIBKRUN_ENV})" if explicit else "") + what)
-    source = f" (from ${LIBKRUN_ENV})" if explicit else f" (${LIBKRUN_ENV} not set)"
-    status = "unusable" if any(" load error: " in f for f in failures) else "missing"
-    return Check("libkrun", False, status, "; ".join(failures) + source, LIBKRUN_FIX)
+    return kvm_probe.probe_summary()
 
 
 def check_krun_direct_boot() -> Check:
@@ -115,7 +57,7 @@ def check_libkrunfw() -> Check:
     explicit = os.environ.get(LIBKRUN_ENV)
     if explicit:
         names = sorted(glob.glob(os.path.join(os.path.dirname(explicit), "libkrunfw.so*"))) + names
-    name, failures = _first_loadable(names)
+    name, failures = first_loadable(names)
     if name is not None:
         return Check("libkrunfw", True, "ok", f"{name} loads")
     return Check("libkrunfw", False, "missing", "; ".join(failures[-len(LIBKRUNFW_SONAMES):]),

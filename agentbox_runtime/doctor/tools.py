@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 
-from agentbox_runtime.doctor.model import Check, run_tool, tool_check
-from agentbox_runtime.doctor.parse import crun_has_krun, podman_summary, qemu_accelerators
 from agentbox_runtime.container import host_conf
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.hostcheck.check import Check, run_tool, tool_check
+from agentbox_runtime.hostcheck.parsers import crun_has_krun, podman_summary, qemu_accelerators
 from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.oci.locate import runtime_path
 from agentbox_runtime.tasks.krun import select_krun_runtime

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from agentbox_runtime.hostcheck.check import Check
 from agentbox_runtime.vmm.initramfs import PROBE_MARKER
 from agentbox_runtime.vmm.host import cache_dir, die_with_parent, qemu_binary, tail_bytes
 
@@ -83,10 +84,8 @@ def kvm_boots(kernel: Path, initrd: Path) -> bool:
     return ok
 
 
-def probe_summary():  # type: ignore[no-untyped-def]
-    """The doctor line: the cached verdicts recorded so far."""
-    from agentbox_runtime.doctor.model import Check
-
+def probe_summary() -> Check:
+    """The doctor's ``kvm-boot`` line: the latest cached verdict recorded so far."""
     cache = _cache()
     entries = sorted(cache.glob("*.json")) if cache.is_dir() else []
     if not entries:

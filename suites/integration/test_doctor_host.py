@@ -9,7 +9,7 @@ import pytest
 
 from agentbox_runtime.cli import main
 from agentbox_runtime.doctor import KRUN_PODMAN_QEMU, BACKENDS, CHECKS
-from agentbox_runtime.doctor.model import STATUSES
+from agentbox_runtime.hostcheck.check import STATUSES
 from agentbox_runtime.doctor.tools import qemu_binary_name
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.vmm.libkrun import load_library

@@ -10,10 +10,11 @@ from pyfakefs.fake_filesystem import FakeFilesystem
 
 from agentbox_runtime.doctor import (BACKENDS, CHECKS, KRUN_PODMAN_QEMU, Check, check_by_name, krun_podman_runtime, render_text,
                             usable_backends)
-from agentbox_runtime.doctor.model import run_tool, version_line
-from agentbox_runtime.doctor.parse import (can_read_write, cgroup_layout, crun_has_krun, load_failure,
-                                  podman_summary, qemu_accelerators, subid_ranges)
-from agentbox_runtime.doctor.system import check_cgroups, check_disk, check_libkrun
+from agentbox_runtime.doctor.system import check_cgroups, check_disk
+from agentbox_runtime.hostcheck.check import run_tool, version_line
+from agentbox_runtime.hostcheck.parsers import (can_read_write, cgroup_layout, crun_has_krun, load_failure,
+                                                podman_summary, qemu_accelerators, subid_ranges)
+from agentbox_runtime.vmm.choice import check_libkrun
 
 CRUN_PLAIN = """crun version 1.8.1
 commit: f8a096be060b22ccd3d5f3ebe44108517fbf6c30

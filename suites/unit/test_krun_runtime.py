@@ -340,7 +340,7 @@ def test_resize_maintenance_skips_require_krun_for_qemu(libkrun_cmd: dict[str, A
 def test_require_krun_says_how_to_select_the_qemu_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     from agentbox_runtime.commands import libkrun
     from agentbox_runtime.commands.libkrun import require_krun
-    from agentbox_runtime.doctor.model import Check
+    from agentbox_runtime.hostcheck.check import Check
 
     monkeypatch.setattr(libkrun, "check_crun_krun",
                         lambda: Check("crun-krun", False, "unusable", "crun 1.8 was built without libkrun", "x"))

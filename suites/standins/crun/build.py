@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentbox_runtime.doctor.parse import cgroup_layout
+from agentbox_runtime.hostcheck.parsers import cgroup_layout
 from agentbox_runtime.retry import WaitTimeout, retry
 
 HERE = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""Pure parsers behind the doctor checks (tool output and /proc, /etc text in; facts out)."""
+"""Pure parsers behind the host probes (tool output and /proc, /etc text in; facts out)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The doctor's result type and its one way of running a host tool."""
+"""A host probe's result (:class:`Check`) and the one way a probe runs a host tool (:func:`run_tool`)."""
 
 from __future__ import annotations
 
