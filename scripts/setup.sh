@@ -31,6 +31,10 @@
 # another file, e.g. after a Python upgrade).
 #
 # On a host without apt-get it prints what to install and exits 2.
+#
+# Output: one "setup: ..." line per phase with its time. What apt and pip print goes to a log
+# ($AGENTBOX_SETUP_LOG, default results/setup.log, rewritten each run) that the phase line names;
+# when a step fails, its one line is followed by the log's last lines.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,6 +58,32 @@ packages=(
 tested_versions=(podman=4.3 crun=1.8)
 
 say() { printf 'setup: %s\n' "$*" >&2; }
+
+log=${AGENTBOX_SETUP_LOG:-$repo/results/setup.log}
+mkdir -p "$(dirname "$log")"
+: > "$log"
+
+# A clock in microseconds (bash's EPOCHREALTIME) and the time since one, as "N.N s".
+clock() { echo "${EPOCHREALTIME/./}"; }
+since() {
+  local us=$(( $(clock) - $1 ))
+  printf '%d.%d s' $(( us / 1000000 )) $(( us / 100000 % 10 ))
+}
+
+# logged WHAT CMD...: run CMD with its output appended to the log; when it fails, one line
+# naming WHAT and the exit status, then the log's last lines, and exit 1.
+logged() {
+  local what=$1 rc=0 shown
+  shift
+  shown="$*"
+  printf '\n$ %s\n' "${shown#as_root }" >> "$log"
+  "$@" >> "$log" 2>&1 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    say "$what failed (exit $rc); the last lines of $log:"
+    tail -n 20 "$log" | sed 's/^/  | /' >&2
+    exit 1
+  fi
+}
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
@@ -91,10 +121,11 @@ fi
 updated=0
 apt_update() {
   if [ "$updated" -eq 0 ]; then
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    logged "apt-get update" as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     updated=1
   fi
 }
+packages_started=$(clock)
 
 # What is not installed; apt's lists are refreshed only when a required package is among it
 # (an optional package this distribution lacks costs no apt-get update on every run).
@@ -132,10 +163,10 @@ for name in "${skipped[@]}"; do
   say "note: apt offers no $name here; skipped (the features that need it say so: agentbox doctor)"
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  say "installing ${missing[*]}"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  logged "apt-get install ${missing[*]}" as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  say "system packages installed ($(since "$packages_started")): ${missing[*]} (apt's output: $log)"
 else
-  say "system packages present"
+  say "system packages present ($(since "$packages_started"))"
 fi
 for entry in "${tested_versions[@]}"; do
   name=${entry%%=*} oldest=${entry#*=}
@@ -200,10 +231,11 @@ if [ ! -e "$venv" ]; then
   fi
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  say "installing Python dependencies into $venv (requirements.lock, hash-checked)"
-  "$venv/bin/python" -m pip install -q --require-hashes -r "$repo/requirements.lock"
-  "$venv/bin/python" -m pip install -q --no-deps -e "$repo"
+  deps_started=$(clock)
+  logged "pip install -r requirements.lock" "$venv/bin/python" -m pip install --require-hashes -r "$repo/requirements.lock"
+  logged "pip install -e $repo" "$venv/bin/python" -m pip install --no-deps -e "$repo"
   echo "$want" > "$stamp"
+  say "Python dependencies installed into $venv ($(since "$deps_started"); requirements.lock, hash-checked; pip's output: $log)"
 else
   say "virtualenv up to date"
 fi

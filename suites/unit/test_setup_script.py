@@ -50,13 +50,16 @@ DISTROS = {
 }
 
 REAL_TOOLS = ("bash", "env", "cat", "sha256sum", "cut", "readlink", "grep", "id", "sort", "head", "sed", "rm",
-              "mkdir", "cp", "basename", "dirname", "touch")
+              "mkdir", "cp", "basename", "dirname", "touch", "tail")
 
 APT_GET = r"""#!/bin/sh
 echo "apt-get $*" >> "$FAKE_HOST/calls"
 case " $* " in
-  *" update "*) touch "$FAKE_HOST/updated" ;;
+  *" update "*) touch "$FAKE_HOST/updated"; echo "Hit:1 http://deb.example/debian main InRelease" ;;
   *" install "*)
+    i=0
+    while [ $i -lt 300 ]; do echo "Unpacking package-$i (1.0-1) ..."; i=$((i + 1)); done
+    if [ -e "$FAKE_HOST/fail-install" ]; then echo "E: Sub-process /usr/bin/dpkg returned an error code (1)"; exit 100; fi
     for arg; do
       case "$arg" in
         -*|install) ;;
@@ -178,13 +181,19 @@ class FakeHost:
         return found[1]
 
 
+PHASE_TIME = re.compile(r" \(\d+\.\d s\)|\(\d+\.\d s; ")
+
+
 def setup_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("setup: ")]
+    """The script's own lines, with each phase's time taken out (``(1.2 s)``)."""
+    return [PHASE_TIME.sub(lambda m: "(" if m[0].startswith("(") else "", line)
+            for line in stderr.splitlines() if line.startswith("setup: ")]
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess[str], expected: str) -> None:
     """The error is the last line, alone: before it only the package step's own lines, nothing else."""
-    lines = proc.stderr.splitlines()
+    lines = setup_lines(proc.stderr)
+    assert len(lines) == len(proc.stderr.splitlines()), proc.stderr
     assert lines[-1] == expected
     assert all(line == "setup: system packages present" or line.startswith("setup: note: ") for line in lines[:-1]), lines
 
@@ -406,3 +415,31 @@ def test_the_fakes_are_what_runs(host: FakeHost) -> None:
     proc = subprocess.run([str(host.bin / "bash"), "-c", "command -v apt-get"], env={"PATH": str(host.bin)},
                           capture_output=True, text=True, check=False)
     assert proc.stdout.strip() == str(host.bin / "apt-get") and os.access(host.bin / "apt-get", os.X_OK)
+
+
+def test_each_phase_is_one_timed_line_and_apt_and_pip_write_to_the_log(host: FakeHost) -> None:
+    proc = host.run()
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines == [line for line in lines if line.startswith("setup: ")], proc.stderr  # nothing of apt's
+    log = host.repo / "results" / "setup.log"
+    installed = [line for line in lines if line.startswith("setup: system packages installed (")]
+    assert len(installed) == 1 and re.search(r"\(\d+\.\d s\): .*podman.* \(apt's output: ", installed[0]), lines
+    assert installed[0].endswith(f"(apt's output: {log})")
+    pip = [line for line in lines if line.startswith("setup: Python dependencies installed")]
+    assert len(pip) == 1 and re.search(r"\(\d+\.\d s; ", pip[0]), lines
+    text = log.read_text()
+    assert "Unpacking package-299 (1.0-1) ..." in text and "$ env DEBIAN_FRONTEND=noninteractive apt-get install" in text
+
+
+def test_a_failed_apt_install_is_one_line_and_the_log_tail(host: FakeHost) -> None:
+    (host.state / "fail-install").touch()
+    proc = host.run()
+    assert proc.returncode == 1
+    log = host.repo / "results" / "setup.log"
+    lines = proc.stderr.splitlines()
+    failed = [i for i, line in enumerate(lines) if " failed (exit 100); the last lines of " in line]
+    assert len(failed) == 1 and lines[failed[0]].startswith("setup: apt-get install ") and lines[failed[0]].endswith(f"{log}:")
+    tail = lines[failed[0] + 1:]
+    assert tail[-1] == "  | E: Sub-process /usr/bin/dpkg returned an error code (1)" and len(tail) == 20
+    assert not host.venv.exists()
