@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from agentbox_runtime.errors import AgentboxError
-from agentbox_runtime.microvm.reaper import same_process, start_time
+from agentbox_runtime.processes import same_process, start_time
 from agentbox_runtime.oci.state_trust import STATE_FILE, ensure_root, read_record
 from agentbox_runtime.private_dir import ensure_private
 
