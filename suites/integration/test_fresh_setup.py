@@ -91,7 +91,11 @@ def test_setup_then_the_unit_tier_pass_on_a_fresh_debian(fresh_root: FreshRoot) 
         with stage("copy"):
             src = fresh_root.copy_repo(REPO)
         with stage("setup"):
-            fresh_root.run(f"cd {src} && bash scripts/setup.sh", "setup", timeout=2400)
+            first = fresh_root.run(f"cd {src} && bash scripts/setup.sh", "setup", timeout=2400).stdout.splitlines()
+        report["setup_output_lines"] = len(first)
+        # a newcomer's first run: one line per phase, the package managers' output in the named log
+        assert len(first) < 80 and all(line.startswith("setup: ") for line in first), "\n".join(first[-40:])
+        fresh_root.run(f"grep -q '^Setting up podman' {src}/results/setup.log", "setup-log", timeout=60)  # fails if absent
         report["python"] = fresh_root.run(f"{src}/.venv/bin/python -c 'import platform; print(platform.python_version())'",
                                           "python", timeout=60).stdout.strip().splitlines()[-1]
         with stage("unit"):
