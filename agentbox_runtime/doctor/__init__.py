@@ -25,11 +25,12 @@ from collections.abc import Callable, Sequence
 from agentbox_runtime.doctor.system import (check_cgroups, check_disk, check_idmap, check_krun_direct_boot,
                                             check_kvm_boot, check_libkrunfw, check_share_filter, check_tun,
                                             check_userns)
-from agentbox_runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_crun_krun, check_fuse,
-                                           check_image, check_krun_runtime, check_passt, check_podman,
-                                           check_podman_conf, check_qemu, check_runc)
+from agentbox_runtime.doctor.tools import (check_blkid, check_btrfs, check_buildah, check_fuse, check_image,
+                                           check_krun_runtime, check_passt, check_podman, check_podman_conf,
+                                           check_qemu, check_runc)
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.hostcheck.check import Check
+from agentbox_runtime.hostcheck.crun import check_crun_krun
 from agentbox_runtime.hostcheck.devices import check_kvm_device
 from agentbox_runtime.vmm.choice import check_libkrun
 from agentbox_runtime.vmm.libkrun import is_standin

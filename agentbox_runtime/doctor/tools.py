@@ -9,15 +9,14 @@ import shutil
 from agentbox_runtime.container import host_conf
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.hostcheck.check import Check, run_tool, tool_check
-from agentbox_runtime.hostcheck.parsers import crun_has_krun, podman_summary, qemu_accelerators
+from agentbox_runtime.hostcheck.crun import SELECT_QEMU_RUNTIME
+from agentbox_runtime.hostcheck.crun import check_crun_krun as check_crun_krun  # moved; re-exported for old imports
+from agentbox_runtime.hostcheck.parsers import podman_summary, qemu_accelerators
 from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.oci.locate import runtime_path
 from agentbox_runtime.tasks.krun import select_krun_runtime
 
 OCI_RUNTIMES = ("crun", "runc", "krun", "crun-krun", "youki", "runsc", "kata-runtime")
-
-SELECT_QEMU_RUNTIME = '--krun-runtime qemu (AGENTBOX_KRUN_RUNTIME=qemu, [libkrun] runtime = "qemu")'
-"""How to select the QEMU-backed krun runtime, for fix texts and error lines."""
 
 
 def check_podman() -> Check:
@@ -36,23 +35,6 @@ def check_podman() -> Check:
                      "run 'podman info' to see the cause (storage or containers.conf errors)")
     return Check("podman", True, "ok",
                  f"{base.detail}; {podman_summary(out)}; OCI runtimes on PATH: {', '.join(runtimes) or 'none'}")
-
-
-def check_crun_krun() -> Check:
-    """Whether crun has the libkrun handler (``crun --version`` lists ``+LIBKRUN``)."""
-    if shutil.which("crun") is None:
-        return Check("crun-krun", False, "missing", "crun not on PATH",
-                     "apt-get install crun (Debian's crun has no libkrun handler; see below), or select "
-                     f"the QEMU-backed runtime (see krun-runtime) with {SELECT_QEMU_RUNTIME}")
-    rc, out = run_tool(["crun", "--version"])
-    version = out.splitlines()[0] if out else f"crun --version exited {rc}"
-    if crun_has_krun(out):
-        return Check("crun-krun", True, "ok", f"{version} lists +LIBKRUN")
-    return Check("crun-krun", False, "unusable",
-                 f"{version} was built without libkrun ('crun --version' does not list +LIBKRUN)",
-                 "install a crun built with libkrun (no Debian 12 package: build crun with "
-                 "--with-libkrun, or Nix .#crun of the agentbox flake), or select the QEMU-backed "
-                 f"runtime (see krun-runtime) with {SELECT_QEMU_RUNTIME}")
 
 
 def check_podman_conf() -> Check:

@@ -158,7 +158,7 @@ def test_cli_reset_nix_recreates_and_leaves_containers_alone(tmp_path: Path, cli
 
 
 def test_cli_resize_without_krun_refuses_before_growing(tmp_path: Path, cli_env: dict[str, str]) -> None:
-    from agentbox_runtime.doctor.tools import check_crun_krun
+    from agentbox_runtime.hostcheck.crun import check_crun_krun
 
     if check_crun_krun().ok:
         pytest.skip("this host's crun has the krun handler; the refusal cannot be observed")

@@ -149,7 +149,7 @@ def test_bad_input_one_line_nothing_written(env: dict[str, str], tmp_path: Path,
 
 
 def test_libkrun_task_without_krun_handler_stops_before_anything(env: dict[str, str], tmp_path: Path) -> None:
-    from agentbox_runtime.doctor.tools import check_crun_krun
+    from agentbox_runtime.hostcheck.crun import check_crun_krun
 
     if check_crun_krun().ok:
         pytest.skip("this host's crun has the krun handler; the refusal cannot be observed")

@@ -353,7 +353,7 @@ def test_require_krun_says_how_to_select_the_qemu_runtime(monkeypatch: pytest.Mo
 
 
 def test_crun_krun_fix_mentions_the_qemu_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agentbox_runtime.doctor import tools
+    from agentbox_runtime.hostcheck import crun as tools
 
     monkeypatch.setattr(tools.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(tools, "run_tool", lambda argv, **_: (0, "crun version 1.8.1\n+SYSTEMD +SELINUX"))
