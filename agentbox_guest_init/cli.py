@@ -94,7 +94,8 @@ def _status(args: argparse.Namespace) -> int:
     report = status_report()
     if args.json:
         try:
-            mounts = open("/proc/mounts").read()
+            with open("/proc/mounts") as f:
+                mounts = f.read()
         except OSError:
             mounts = ""
         gate = readiness(report, GuestEnv.parse(), mounts)

@@ -64,7 +64,7 @@ def materialize_nss_wrapper(ident: Identity, drop: bool, root: Path, pid: int) -
                 from None
     os.chmod(d, 0o755 if drop else 0o700)
     out: dict[str, str] = {}
-    entries = dict(zip(("passwd", "group"), ident.entries()))
+    entries = dict(zip(("passwd", "group"), ident.entries(), strict=True))
     for name, entry in entries.items():
         try:
             text = under(root, f"/etc/{name}").read_text()

@@ -27,7 +27,7 @@ def restrict_dmesg(root: Path = ROOT) -> None:
     """Write ``1`` to ``/proc/sys/kernel/dmesg_restrict`` (truncating)."""
     path = under(root, DMESG_RESTRICT)
     try:
-        f = open(path, "w")
+        f = open(path, "w")  # noqa: SIM115 - the with below closes it; open and write errors are told apart
     except OSError as exc:
         raise GuestError(f"failed to open {DMESG_RESTRICT} for dmesg restriction: {exc.strerror}") from None
     try:

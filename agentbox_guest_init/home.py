@@ -21,7 +21,7 @@ def replace_dev_line(text: str, entry: str) -> str:
 
 def write_identity(ident: Identity, root: Path = ROOT) -> None:
     """Rewrite the user's entries of ``/etc/passwd`` and ``/etc/group`` (both 0644)."""
-    for name, entry in zip(("/etc/passwd", "/etc/group"), ident.entries()):
+    for name, entry in zip(("/etc/passwd", "/etc/group"), ident.entries(), strict=True):
         path = under(root, name)
         try:
             text = path.read_text()

@@ -168,6 +168,10 @@ class ImageUser:
         return cls.from_fields({k: labels[label] for k, label in LABELS.items() if label in labels})
 
 
+DEFAULT_IMAGE_USER: Final = ImageUser()
+"""The stock image's user: dev, 1000:1000, /workspace (the default wherever an image user is optional)."""
+
+
 def load(root: Path = ROOT) -> ImageUser:
     """The image user of the image at ``root``: its :data:`FILE`, else the defaults.
 

@@ -11,6 +11,7 @@ power off.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -200,10 +201,8 @@ def reap_until(main_pid: int) -> str:
 
 def power_off() -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(-1, sig)
-        except OSError:
-            pass
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
             try:

@@ -14,6 +14,7 @@ on the way is refused, never followed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -109,9 +110,7 @@ def write_allure_environment(alluredir: str | None, props: Mapping[str, str]) ->
         return None
     path = Path(alluredir) / "environment.properties"
     body = "".join(f"{k}={str(v).replace(chr(10), ' ')}\n" for k, v in sorted(props.items()))
-    with OutputDir.open(Path(alluredir), mode=0o755) as out:
-        try:
-            out.write_file(path.name, body.encode(), mode=0o644)
-        except FileExistsError:
-            pass  # once per run: another worker wrote it
+    # once per run: another worker may have written it
+    with OutputDir.open(Path(alluredir), mode=0o755) as out, contextlib.suppress(FileExistsError):
+        out.write_file(path.name, body.encode(), mode=0o644)
     return path

@@ -17,6 +17,7 @@ the directories it created (per-test tmp roots and state bases) and mounts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -268,8 +269,6 @@ def settle(reg: RunRegistry, keep: set[str], wait_s: float = 5.0) -> list[str]:
         found[:] = leaks(reg, keep)
         return not found
 
-    try:
+    with contextlib.suppress(WaitTimeout):
         retry(gone, timeout=wait_s, interval=0.25)
-    except WaitTimeout:
-        pass
     return found

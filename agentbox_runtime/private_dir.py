@@ -17,6 +17,7 @@ refused, never written through.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -56,10 +57,8 @@ def make_dir_0700(path: Path) -> None:
         pass
     except FileNotFoundError:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
 
 
 def ensure_private(path: Path) -> Path:
@@ -130,10 +129,8 @@ def _open_child(parent_fd: int, name: str, shown: str, *, create: bool, mode: in
     """``name`` in ``parent_fd`` opened as a directory without following a link, owned by us
     (created with ``mode`` first when ``create``); UnsafeDirectory otherwise."""
     if create:
-        try:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(name, mode, dir_fd=parent_fd)
-        except FileExistsError:
-            pass
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except OSError as exc:
@@ -246,10 +243,8 @@ class OutputDir:
                 fd = _open_child(fd, part, str(self.path.joinpath(*parts[:i + 1])), create=True)
                 opened.append(fd)
             if replace:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(parts[-1], dir_fd=fd)
-                except FileNotFoundError:
-                    pass
             out = os.open(parts[-1], _NEW_FILE_FLAGS, mode, dir_fd=fd)
             with os.fdopen(out, "wb") as f:
                 f.write(data)

@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 
 from agentbox_guest_init.contract import ENV_HARDENED, ENV_HOST_GID, ENV_HOST_UID
 from agentbox_guest_init.contract import DEV_GID, DEV_UID
-from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_runtime.container.names import LOCK_FILE
 from agentbox_runtime.container.podman_api import PodmanRunner
 from agentbox_runtime.container.sidecar import (
@@ -65,7 +65,7 @@ def workspace_lock(state_root: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Itera
         lock.release()
 
 
-def rootful_dev_ids(environ: Mapping[str, str], image: ImageUser = ImageUser()) -> tuple[str, str]:
+def rootful_dev_ids(environ: Mapping[str, str], image: ImageUser = DEFAULT_IMAGE_USER) -> tuple[str, str]:
     """The dev uid:gid for a rootful task: ``SUDO_UID``/``SUDO_GID``, else the image user's ids
     (1000:1000 in the stock image)."""
     uid, gid = environ.get("SUDO_UID", ""), environ.get("SUDO_GID", "")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TextIO
 
@@ -21,7 +21,7 @@ from agentbox_runtime.errors import AgentboxError
 _REQUIRED = ("image", "image_id", "image_mount_path", "sidecar_name")
 
 
-class MountMode(str, Enum):
+class MountMode(StrEnum):
     """Where the image and the merged ``/nix`` overlay are mounted.
 
     ``direct``: in the caller's own mount namespace (rootful Podman).

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.images import recipe
 from agentbox_runtime.images.commit import (commit_layer, image_id, image_labels, import_root, prune_other_tags,
@@ -79,7 +79,7 @@ def build_base(tag: str, recipe_hash: str, log: Path) -> None:
 
 
 def build_final(tag: str, base: str, recipe_hash: str, gi_hash: str, guest_init_src: Path | None = None,
-                user: ImageUser = ImageUser()) -> None:
+                user: ImageUser = DEFAULT_IMAGE_USER) -> None:
     """``FROM base``: add guest_init (from ``guest_init_src``, default the installed
     package), the image user and the config, commit as ``tag``."""
     started = time.monotonic()
@@ -96,7 +96,7 @@ def _is_current(tag: str, recipe_hash: str, gi_hash: str) -> bool:
 
 
 def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only: bool = False,
-          guest_init_src: Path | None = None, user: ImageUser = ImageUser()) -> BuildResult:
+          guest_init_src: Path | None = None, user: ImageUser = DEFAULT_IMAGE_USER) -> BuildResult:
     """Build the guest image ``tag``, or confirm it is up to date.
 
     ``force`` rebuilds even when the labels match (the base too, unless

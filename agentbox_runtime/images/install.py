@@ -27,7 +27,7 @@ from pathlib import Path
 
 from agentbox_guest_init import contract
 from agentbox_guest_init.image_user import FILE as IMAGE_USER_FILE
-from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.images import recipe
 
@@ -145,7 +145,7 @@ def apply_image_user(root: Path, user: ImageUser) -> None:
 
 
 def install_guest_init(root: Path, gi_hash: str, pkg: Path | None = None,
-                       files_dir: Path = recipe.FILES_DIR, user: ImageUser = ImageUser()) -> Path:
+                       files_dir: Path = recipe.FILES_DIR, user: ImageUser = DEFAULT_IMAGE_USER) -> Path:
     """Write the layout above into ``root``; return the store dir as a path inside the image."""
     pkg = pkg or recipe.guest_init_dir()
     store_root = root / "nix/store"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import agentbox_guest_init
 from agentbox_guest_init import contract
-from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_runtime.errors import InputError
 
 BUILD_VERSION = "2"  # bump when the build steps change meaning
@@ -103,7 +103,7 @@ def guest_init_files(pkg: Path | None = None) -> list[Path]:
 
 
 def guest_init_hash(pkg: Path | None = None, files_dir: Path = FILES_DIR,
-                    install_source: Path = HERE / "install.py", user: ImageUser = ImageUser()) -> str:
+                    install_source: Path = HERE / "install.py", user: ImageUser = DEFAULT_IMAGE_USER) -> str:
     """Hash of everything in the final layer: guest_init files, in-image scripts,
     the install code, the launcher format, the image config (minus labels) and the image user."""
     pkg = pkg or guest_init_dir()
@@ -138,7 +138,7 @@ def env_pairs() -> tuple[tuple[str, str], ...]:
     return (("SHELL", SHELL), (contract.ENV_REAL_PODMAN, REAL_PODMAN))
 
 
-def image_config(recipe: str, gi_hash: str, user: ImageUser = ImageUser()) -> ImageConfig:
+def image_config(recipe: str, gi_hash: str, user: ImageUser = DEFAULT_IMAGE_USER) -> ImageConfig:
     """The final image's config: the user's workdir, labelled with both stage hashes and the image user."""
     return ImageConfig(entrypoint=ENTRYPOINT, cmd=CMD, env=env_pairs(), workdir=user.workdir,
                        labels=((LABEL_RECIPE, recipe), (LABEL_GUEST_INIT, gi_hash), *user.labels().items()))

@@ -9,6 +9,7 @@ exit status came back. The verdict is cached per library file
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -48,8 +49,6 @@ def probe(image: str, *, image_cache: Path | None = None, timeout: float = PROBE
             ok, detail = False, f"boot failed: {exc}"
         if not ok and task.handle is not None:
             detail += f"; console: {' | '.join(tail(task.task_dir / 'console.log', 5).splitlines())}"
-        try:
+        with contextlib.suppress(AgentboxError):
             task.close()
-        except AgentboxError:
-            pass
     return boot_verdicts.record(BACKEND, key, ok, detail)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import json
 import os
 import pty
@@ -254,10 +255,8 @@ def delete(g: Globals, args: list[str], original: list[str]) -> int:
     if state.alive():
         if not ns.force:
             raise RuntimeFailure(f"cannot delete container {ns.id}: it is {state.status()}; use --force")
-        try:
+        with contextlib.suppress(StateError):  # it stopped on its own since
             state.send_signal(signal.SIGKILL)
-        except StateError:
-            pass  # it stopped on its own since
         retry(lambda last: not state.alive(), timeout=DELETE_TIMEOUT_S, interval=0.05,
               describe=lambda: f"container {ns.id} (pid {state.pid}) survived SIGKILL")
     state.remove()

@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 
 from agentbox_guest_init import contract as c
-from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_runtime.state import StateLayout, task_hostname
 from agentbox_runtime.errors import InputError
 from agentbox_runtime.tasks.krun import TMPFS
 from agentbox_runtime.tasks.volumes import Volumes, mount_arg, task_volumes
 
 
-def hardened_options(user: ImageUser = ImageUser()) -> tuple[str, ...]:
+def hardened_options(user: ImageUser = DEFAULT_IMAGE_USER) -> tuple[str, ...]:
     """The hardened profile's Podman options: the user's home is a tmpfs holding a copy of the image's
     (Podman copies a directory's content up into a tmpfs mounted over it; ``U`` gives it to the task's
     user, which is dev: keep-id's user rootless, the dev ids rootful (:func:`adapt_task_argv`))."""
@@ -24,7 +24,7 @@ def hardened_options(user: ImageUser = ImageUser()) -> tuple[str, ...]:
 def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
                    sidecar_name: str, image: str, root: bool = False, profile: bool = False,
                    debug: bool = False, run_label: str | None = None, hardened: bool = False,
-                   user: ImageUser = ImageUser()) -> list[str]:
+                   user: ImageUser = DEFAULT_IMAGE_USER) -> list[str]:
     """The exact ordered argv of a container-mode task (without ``podman``).
 
     The shell starts in the image user's workdir (``user``, from the image's labels).
@@ -54,7 +54,7 @@ def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
 
 
 def container_task_argv(*, args: argparse.Namespace, cwd: Path, slug: str, name: str, image: str,
-                        sidecar_name: str, merged: Path, user: ImageUser = ImageUser()) -> list[str]:
+                        sidecar_name: str, merged: Path, user: ImageUser = DEFAULT_IMAGE_USER) -> list[str]:
     """Build the container task argv from parsed CLI ``args`` (used by ``agentbox container``)."""
     layout = StateLayout.resolve(cwd)
     return container_argv(

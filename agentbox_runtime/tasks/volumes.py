@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentbox_guest_init.contract import ENV_SCCACHE_DIR
-from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.state import StateLayout, ensure_private_dir
 
@@ -39,7 +39,7 @@ class Volumes:
 
 
 def task_volumes(layout: StateLayout, home: Path | None = None, create: bool = True,
-                 user: ImageUser = ImageUser()) -> Volumes:
+                 user: ImageUser = DEFAULT_IMAGE_USER) -> Volumes:
     """Workspace (at the image user's workdir), ~/.codex, ~/.pi, cargo and the shared sccache (in
     the image user's home), in that order."""
     if home is None:

@@ -10,6 +10,7 @@ output is always there. The cap is ``AGENTBOX_CONSOLE_LOG_MAX`` bytes (default
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -50,7 +51,7 @@ class ConsoleRecorder:
         self.path = path
         self.half = max(MIN_MAX, cap if cap is not None else log_cap()) // 2
         self.dropped_files = 0
-        self._out: BinaryIO = open(path, "ab")
+        self._out: BinaryIO = open(path, "ab")  # noqa: SIM115 - the recorder's file, closed by _rotate or the copy's end
         self._size = self._out.tell()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -72,7 +73,7 @@ class ConsoleRecorder:
         self._out.close()
         os.replace(self.path, rotated(self.path))
         self.dropped_files += 1
-        self._out = open(self.path, "wb")
+        self._out = open(self.path, "wb")  # noqa: SIM115 - as in __init__
         self._size = 0
 
     def start(self, source: socket.socket | int) -> ConsoleRecorder:
@@ -131,10 +132,8 @@ class ConsoleListener:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop waiting for a connection and let the copy finish (up to ``timeout`` s)."""
-        try:
+        with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._listener.close()
         self._thread.join(timeout)
         self.recorder.join(timeout)

@@ -3,6 +3,7 @@ tying a VMM process's life to the process that started it."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -58,7 +59,5 @@ def die_with_parent() -> None:
     """PR_SET_PDEATHSIG(SIGKILL): qemu dies when the process that started it dies."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass

@@ -27,6 +27,7 @@ shared as it is (the VMM then has no privilege a guest could borrow), and
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -76,10 +77,8 @@ class ShareExport:
     def close(self) -> None:
         """Drop this process's descriptors (the VMM keeps its own copies)."""
         for fd in self.pass_fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.pass_fds = ()
 
 

@@ -215,7 +215,7 @@ def write_base(rootfs: Path, version: str, out: Path, wanted: tuple[str, ...] = 
         (stage / "init").chmod(0o755)
         mods = stage / "lib/modules"
         mods.mkdir(parents=True)
-        for p, name in zip(order, loads):
+        for p, name in zip(order, loads, strict=True):
             (mods / name).write_bytes(read_module(image_path(rootfs, f"{moddir}/{p}")))
         (stage / "modules.order").write_text("\n".join(loads) + "\n")
         (stage / "agentbox").mkdir()

@@ -28,10 +28,7 @@ NEGATIVE = b"no-pvh\n"
 
 def has_pvh_note(elf: bytes) -> bool:
     """Whether an ELF image carries the ``Xen`` PHYS32_ENTRY note (PVH entry point)."""
-    for descsz in (4, 8):
-        if struct.pack("<III", 4, descsz, XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0" in elf:
-            return True
-    return False
+    return any(struct.pack("<III", 4, descsz, XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0" in elf for descsz in (4, 8))
 
 
 def _decompress(data: bytes, offset: int, kind: str) -> bytes | None:

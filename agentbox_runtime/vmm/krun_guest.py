@@ -27,6 +27,7 @@ when the caller loaded one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -262,10 +263,8 @@ class Relay:
             if not chunk:
                 break
         if isinstance(dst, socket.socket):
-            try:
+            with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     @staticmethod
     def _write(dst: socket.socket | int, data: bytes) -> None:

@@ -25,6 +25,7 @@ downloads only what changed; the first run works from nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -227,10 +228,8 @@ class FreshRoot:
         """SIGKILL the process group of a stage that is still running (its leader, unshare, not yet
         reaped, so the id is still ours); with --kill-child the namespace's PID 1 and so everything
         inside follow."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def mounts_under(self) -> list[str]:
         """Mount points at or under the root in this (the host's) mount namespace, in mount order."""

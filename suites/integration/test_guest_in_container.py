@@ -127,7 +127,7 @@ def nofile_shim(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
 
 
 @pytest.fixture()
-def guest(image: str, disks: dict[str, Disk], nofile_shim: Path | None) -> Iterator["Guest"]:
+def guest(image: str, disks: dict[str, Disk], nofile_shim: Path | None) -> Iterator[Guest]:
     g = Guest(image, disks, nofile_shim)
     try:
         yield g

@@ -10,6 +10,7 @@ arguments for generated paths, ask QMP that the machine is built, and read from
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,10 +63,8 @@ def _qmp_ready(path: Path, proc: subprocess.Popen[bytes]) -> None:
 def _opened(pid: int) -> set[str]:
     opened = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
+        with contextlib.suppress(OSError):
             opened.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
     return opened
 
 

@@ -13,6 +13,7 @@ test that needs a *running* krun-podman container, which cannot exist here) a ``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -210,10 +211,8 @@ def _huge_frame_header(port: int, size: int, out: list[socket.socket]) -> None:
     """Connect and send a frame header followed by ``size`` bytes of one never-ending frame."""
     s = socket.create_connection(("127.0.0.1", port), timeout=60)
     out.append(s)
-    try:
+    with contextlib.suppress(OSError):  # the agent closed the connection: what it should do
         s.sendall(b"\n" + MAGIC + b"A" * size)
-    except OSError:  # the agent closed the connection: what it should do
-        pass
 
 
 def test_unauthenticated_huge_frames_do_not_grow_a_real_agent(piped_agent: tuple[AgentClient, Any],
@@ -297,10 +296,8 @@ def test_at_most_8_connections_wait_to_authenticate_and_their_bytes_are_bounded(
         assert _closed_by_peer(extra) and listener.gate.refused == 1  # closed at once: no slot left
         extra.close()
         for s in idle:  # each now sends a frame header and far more than a frame before auth
-            try:
+            with contextlib.suppress(OSError):
                 s.sendall(b"\n" + MAGIC + b"B" * (1 << 20))
-            except OSError:
-                pass
         for s in idle:
             assert _closed_by_peer(s)
     finally:

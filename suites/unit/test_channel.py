@@ -357,7 +357,7 @@ def test_files_round_trip_in_chunks_with_digest_checks(piped, tmp_path: Path) ->
     client, _ = piped
     src = tmp_path / "big.bin"
     with open(src, "wb") as f:
-        for i in range(5):
+        for _ in range(5):
             f.write(os.urandom(1 << 20) * 3)  # 15 MiB: several chunks, over the old single-frame caps
     client.upload(src, str(tmp_path / "guest" / "big.bin"), timeout=120)
     back = tmp_path / "back.bin"

@@ -87,7 +87,7 @@ def test_secrets_are_redacted_before_anything_is_written(tmp_path: Path) -> None
     redactor.register("registered-value-42")
     with pytest.raises(InputError, match="at least 4 characters"):
         redactor.register("xy")
-    text = ("token ghp_abcdef123456 and hunter2-long and registered-value-42 in /root\n").encode()
+    text = b"token ghp_abcdef123456 and hunter2-long and registered-value-42 in /root\n"
     write_bundle(tmp_path / "b", {"log": text}, redactor)
     written = (tmp_path / "b" / "log").read_text()
     assert written == f"token {REDACTED} and {REDACTED} and {REDACTED} in /root\n"

@@ -22,9 +22,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-COMMON = ("python3 python3-venv git gcc podman buildah crun runc conmon uidmap slirp4netns fuse-overlayfs "
-          "btrfs-progs util-linux kmod socat qemu-system-x86 qemu-system-common qemu-utils debootstrap "
-          "busybox-static nix-bin zstd make pkgconf libseccomp-dev libcap-dev libyajl-dev libsystemd-dev").split()
+COMMON = ["python3", "python3-venv", "git", "gcc", "podman", "buildah", "crun", "runc", "conmon", "uidmap",
+          "slirp4netns", "fuse-overlayfs", "btrfs-progs", "util-linux", "kmod", "socat", "qemu-system-x86",
+          "qemu-system-common", "qemu-utils", "debootstrap", "busybox-static", "nix-bin", "zstd", "make", "pkgconf",
+          "libseccomp-dev", "libcap-dev", "libyajl-dev", "libsystemd-dev"]
 
 
 @dataclass(frozen=True)

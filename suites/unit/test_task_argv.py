@@ -3,6 +3,7 @@
 The golden argv are the rootless (reference) ones: euid is pinned to 1000 unless a test says root."""
 
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def task(**kw: object) -> list[str]:
                           volumes=VOL, uid=1000, gid=1000, image="localhost/agentbox:latest", opts=opts)
 
 
-BASELINE = (
+BASELINE = shlex.split(
     "run --rm -it --name proj-0123456789abcdef --userns keep-id --user 0:0 --runtime crun "
     "--annotation run.oci.handler=krun --annotation krun.ram_mib=8192 --annotation krun.nested_virt=1 "
     "--annotation krun.disk.0.path=/s/agentbox/proj/libkrun-nix.raw --annotation krun.disk.0.id=agentbox-nix "
@@ -58,7 +59,7 @@ BASELINE = (
     "--tmpfs /tmp:rw,exec,mode=1777 --annotation krun.cpus=2 "
     "--env AGENTBOX_LIBKRUN_USE_PASST=1 --annotation krun.use_passt=1 "
     "localhost/agentbox:latest fish -l"
-).split()
+)
 
 
 def test_default_passt_baseline() -> None:
@@ -107,7 +108,7 @@ def test_resize_builder_is_non_interactive_and_direct_to_guest_init() -> None:
     opts = KrunOptions(ram_mib=2048, cpus=2)
     argv = resize_task_argv(name="proj-1-resize", hostname="proj-agentbox", state_root=ST,
                             disk=LIBKRUN_CONTAINERS, image="img", opts=opts)
-    assert argv == (
+    assert argv == shlex.split(
         "run --rm --name proj-1-resize --hostname proj-agentbox --userns keep-id --user 0:0 "
         "--runtime crun --annotation run.oci.handler=krun --annotation krun.ram_mib=2048 "
         "--annotation krun.disk.0.path=/s/agentbox/proj/libkrun-containers.raw "
@@ -117,7 +118,7 @@ def test_resize_builder_is_non_interactive_and_direct_to_guest_init() -> None:
         "--env AGENTBOX_LIBKRUN_CONTAINERS_DISK_LABEL=AGENTBOX_CONTAINERS "
         "--annotation krun.cpus=2 --env AGENTBOX_LIBKRUN_USE_PASST=1 --annotation krun.use_passt=1 "
         "--tmpfs /tmp:rw,exec,mode=1777 --entrypoint /bin/agentbox-guest-init img "
-        "libkrun resize --target containers").split()
+        "libkrun resize --target containers")
     # the fork's krun-disk.c wants indexes contiguous from 0: the one disk is index 0 (reference 6.4
     # put the containers disk alone at 1, which that crun refuses)
     for absent in ("-it", "fish", "-l", "default", "krun.disk.1.path", "/dev/net/tun"):

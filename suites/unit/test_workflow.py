@@ -72,7 +72,7 @@ def render(text: str, cell: dict[str, Any]) -> str:
 def cells(job: dict[str, Any]) -> list[dict[str, Any]]:
     matrix = job["strategy"]["matrix"]
     keys = [k for k in matrix if k not in ("include", "exclude")]
-    return [dict(zip(keys, values)) for values in itertools.product(*(matrix[k] for k in keys))]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(matrix[k] for k in keys))]
 
 
 def check_schema(path: Path) -> subprocess.CompletedProcess[str]:

@@ -25,6 +25,7 @@ library's constructor in ``crun create``, whose working directory is the bundle.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -200,10 +201,8 @@ def receive(conn: socket.socket) -> dict[str, Any]:
 def stop_when_gone(conn: socket.socket, done: threading.Event) -> None:
     """SIGTERM ourselves (boot stops qemu) when the container's process goes away first."""
     def watch() -> None:
-        try:
+        with contextlib.suppress(OSError):
             conn.recv(1)
-        except OSError:
-            pass
         if not done.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=watch, daemon=True).start()
@@ -233,10 +232,8 @@ def serve(conn: socket.socket, pid: int, bundle: Bundle) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):  # the container's process is gone; nobody waits for the status
         conn.sendall(struct.pack("i", status))
-    except OSError:
-        pass  # the container's process is gone; nobody waits for the status
 
 
 def main() -> int:

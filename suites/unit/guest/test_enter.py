@@ -6,6 +6,7 @@ exec (both would end the test process) and the prep spawns are recorded.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -307,8 +308,8 @@ def test_the_hardened_profile_confines_the_dev_shell_around_the_drop(tmp_path: P
 def test_without_the_flag_or_as_root_nothing_is_confined(tmp_path: Path) -> None:
     for env in (BASE, {**BASE, c.ENV_HARDENED: "1", c.ENV_ENTER_AS_ROOT: "1"}):
         g = Guest(tmp_path)
-        g.host.harden_before_drop = lambda: g.events.append(("harden",))
-        g.host.confine = lambda: g.events.append(("confine",))
+        g.host.harden_before_drop = functools.partial(g.events.append, ("harden",))
+        g.host.confine = functools.partial(g.events.append, ("confine",))
         with pytest.raises(Exec):
             enter("libkrun", ["sh"], env, g.host)
         assert not any(e[0] in ("harden", "confine") for e in g.events)
