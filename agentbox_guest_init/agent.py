@@ -14,8 +14,9 @@ Requests run concurrently; each response echoes the request ``id``:
   with the nix overlay);
 - ``read_file`` / ``write_file`` (``mode``, ``owner``: the image's user or ``root``);
 - ``prep_status`` (``nix`` | ``podman``) → the status file fields;
-- ``pty_spawn`` / ``pty_io`` / ``pty_close``: an interactive program on a real
-  pty in the guest (:mod:`agentbox_guest_init.pty_sessions`);
+- ``pty_spawn`` / ``pty_io`` / ``pty_resize`` / ``pty_close``: an interactive
+  program on a real pty in the guest (:mod:`agentbox_guest_init.pty_sessions`);
+  window sizes are integers from 1 to 4096 (``protocol.winsize``), others refused;
 - ``linger``: from now on the EOF of the main channel (the harness went away,
   ``--preserve-debug``) does not end the agent; it keeps serving its attach
   channels until a ``shutdown``;
@@ -55,7 +56,7 @@ from agentbox_guest_init.proc import ROOT, run_tool
 from agentbox_guest_init.pty_sessions import PtySessions
 from agentbox_guest_init.protocol import (
     MAX_FRAME, MIN_TOKEN_CHARS, PREAUTH_MAX_BYTES, PREAUTH_MAX_FRAME, FrameReader, GuestAuth, b64, encode_frame, unb64,
-    write_all,
+    winsize, write_all,
 )
 from agentbox_guest_init.shell_env import nix_remote_env, shell_env
 
@@ -155,16 +156,17 @@ PTYS = PtySessions()
 
 
 def pty_op(op: str, req: Mapping[str, Any]) -> dict[str, Any]:
-    """``pty_spawn`` (argv, user, env, cwd, rows, cols), ``pty_io`` (pty, data, wait_s, rows, cols),
-    ``pty_close`` (pty): see :mod:`agentbox_guest_init.pty_sessions`."""
+    """``pty_spawn`` (argv, user, env, cwd, rows, cols), ``pty_io`` (pty, data, wait_s),
+    ``pty_resize`` (pty, rows, cols), ``pty_close`` (pty): see :mod:`agentbox_guest_init.pty_sessions`."""
     if op == "pty_spawn":
+        rows, cols = winsize(req.get("rows", 24), req.get("cols", 80))
         env, demote, cwd = _as_user(req)
         env.setdefault("TERM", "xterm")
-        return PTYS.spawn([str(a) for a in req.get("argv") or []], env, cwd, int(req.get("rows") or 24),
-                          int(req.get("cols") or 80), demote)
+        return PTYS.spawn([str(a) for a in req.get("argv") or []], env, cwd, rows, cols, demote)
     if op == "pty_io":
-        return PTYS.io(req.get("pty"), unb64(req.get("data")), float(req.get("wait_s") or 0.0),
-                       req.get("rows"), req.get("cols"))
+        return PTYS.io(req.get("pty"), unb64(req.get("data")), float(req.get("wait_s") or 0.0))
+    if op == "pty_resize":
+        return PTYS.resize(req.get("pty"), *winsize(req.get("rows"), req.get("cols")))
     return PTYS.close(req.get("pty"))
 
 
@@ -306,7 +308,7 @@ def handle(req: Mapping[str, Any]) -> dict[str, Any]:
             return read_file(req)
         if op == "write_file":
             return write_file(req)
-        if op in ("pty_spawn", "pty_io", "pty_close"):
+        if op in ("pty_spawn", "pty_io", "pty_resize", "pty_close"):
             return pty_op(op, req)
         if op == "prep_status":
             return prep_status(str(req.get("kind")))
@@ -318,7 +320,7 @@ def handle(req: Mapping[str, Any]) -> dict[str, Any]:
         if op == "shutdown":
             return {"ok": True, "shutdown": True}
         return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, run, read_file, write_file, "
-                                      "prep_status, pty_spawn, pty_io, pty_close, linger, attach_listen, shutdown"}
+                                      "prep_status, pty_spawn, pty_io, pty_resize, pty_close, linger, attach_listen, shutdown"}
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 

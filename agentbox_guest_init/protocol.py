@@ -52,6 +52,9 @@ PREAUTH_MAX_FRAME = 4096
 """The longest frame a connection may send before it authenticated (the auth frames are ~250 bytes)."""
 PREAUTH_MAX_BYTES = 16384
 """Bytes a connection may send in all before it authenticated (frames and noise); more closes it."""
+WINSIZE_MAX = 4096
+"""The most rows or columns a pty window may have (``pty_spawn``, ``pty_resize``): bigger is a broken
+or hostile peer, refused rather than handed to TIOCSWINSZ."""
 _NONCE = re.compile(r"[0-9a-f]{%d}" % (2 * NONCE_BYTES))
 
 
@@ -131,6 +134,18 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def _dimension(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= WINSIZE_MAX:
+        raise ValueError(f"pty window {name} must be an integer from 1 to {WINSIZE_MAX}, got {repr(value)[:40]}")
+    return value
+
+
+def winsize(rows: object, cols: object) -> tuple[int, int]:
+    """A pty window size from a request: ``rows`` and ``cols`` must be integers from 1 to
+    :data:`WINSIZE_MAX`; anything else raises ValueError naming the value and what is accepted."""
+    return _dimension("rows", rows), _dimension("cols", cols)
 
 
 class FrameReader:

@@ -2,8 +2,9 @@
 
 Backends whose console is not a terminal the host can reach (libkrun's console is
 the helper's stdio, which carries the agent) still give a test a real tty: the
-agent starts the program on a fresh pty (``pty_spawn``) and the host polls it
-with ``pty_io`` (input in, output out, window size), then ``pty_close``.
+agent starts the program on a fresh pty (``pty_spawn``, with the host terminal's
+window size) and the host polls it with ``pty_io`` (input in, output out), tells it
+of a new window size with ``pty_resize``, then ``pty_close``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Session:
 
 
 def set_winsize(fd: int, rows: int, cols: int) -> None:
+    """TIOCSWINSZ on either end of a pty; a changed size sends SIGWINCH to its foreground process group."""
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
@@ -84,12 +86,16 @@ class PtySessions:
             raise ValueError(f"no pty session {sid!r}")
         return session
 
-    def io(self, sid: object, data: bytes, wait_s: float, rows: int | None, cols: int | None) -> dict[str, Any]:
-        """Write ``data``, resize when asked, then return what the program printed within ``wait_s``
+    def resize(self, sid: object, rows: int, cols: int) -> dict[str, Any]:
+        """Give the session's pty a new window size (checked by the caller,
+        :func:`agentbox_guest_init.protocol.winsize`); the program's foreground process group gets SIGWINCH."""
+        set_winsize(self._get(sid).master, rows, cols)
+        return {"ok": True}
+
+    def io(self, sid: object, data: bytes, wait_s: float) -> dict[str, Any]:
+        """Write ``data``, then return what the program printed within ``wait_s``
         (sooner once something arrived) and its exit status once it ended."""
         s = self._get(sid)
-        if rows and cols:
-            set_winsize(s.master, rows, cols)
         view = memoryview(data)
         while view:
             view = view[os.write(s.master, view):]

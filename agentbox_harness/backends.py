@@ -82,7 +82,9 @@ SHELL_PROMPT = "AGENTBOX$ "
 
 def agent_shell(machine: Machine, agent: AgentClient, timeout: float) -> Any:
     """The image user's bash on a fresh pty in the guest (a real tty), relayed through the agent, as a
-    pexpect child whose prompt (``AGENTBOX$ ``) was already consumed once."""
+    pexpect child whose prompt (``AGENTBOX$ ``) was already consumed once. ``child.setwinsize(rows, cols)``
+    resizes the guest pty (its foreground programs get SIGWINCH). What is sent before a prompt appears
+    waits in the relay's socket, then in the guest pty, and reaches the shell in order."""
     from pexpect import fdpexpect
 
     try:
@@ -93,6 +95,7 @@ def agent_shell(machine: Machine, agent: AgentClient, timeout: float) -> Any:
     relay = PtyRelay(agent, pty)
     child = fdpexpect.fdspawn(relay.local.fileno(), timeout=timeout, encoding="utf-8", codec_errors="replace")
     child.relay = relay  # keeps the relay alive with the child; closing the child ends the guest shell
+    child.setwinsize = relay.setwinsize  # fdspawn has none: resize the guest pty instead
     child.sendline("")
     child.expect_exact(SHELL_PROMPT)
     return child

@@ -389,13 +389,16 @@ class AgentClient:
         resp = self.request("pty_spawn", timeout, argv=list(argv), user=user, env=env or {}, rows=rows, cols=cols)
         return int(_field(resp, "pty_spawn", "pty", int))
 
-    def pty_io(self, pty: int, data: bytes = b"", *, wait_s: float = 0.2, rows: int | None = None,
-               cols: int | None = None) -> tuple[bytes, int | None]:
+    def pty_io(self, pty: int, data: bytes = b"", *, wait_s: float = 0.2) -> tuple[bytes, int | None]:
         """Send ``data``, get what the program printed within ``wait_s`` and its status once it ended."""
-        resp = self.request("pty_io", wait_s + RUN_MARGIN_S, pty=pty, data=b64(data), wait_s=wait_s, rows=rows,
-                            cols=cols)
+        resp = self.request("pty_io", wait_s + RUN_MARGIN_S, pty=pty, data=b64(data), wait_s=wait_s)
         status = resp.get("exit_status")
         return _bytes(resp, "pty_io", "data"), status if isinstance(status, int) else None
+
+    def pty_resize(self, pty: int, rows: int, cols: int, timeout: float = 10.0) -> None:
+        """Give the session's pty a new window size (its foreground programs get SIGWINCH); the guest
+        refuses sizes outside 1 to :data:`agentbox_guest_init.protocol.WINSIZE_MAX`."""
+        self.request("pty_resize", timeout, pty=pty, rows=rows, cols=cols)
 
     def pty_close(self, pty: int, timeout: float = 10.0) -> None:
         """Kill the session's process group and free its pty."""
@@ -458,6 +461,10 @@ class PtyRelay:
             except (ChannelError, OSError):
                 pass
             self._far.close()
+
+    def setwinsize(self, rows: int, cols: int) -> None:
+        """Resize the guest pty, as ``pexpect.spawn.setwinsize`` resizes a local one."""
+        self.agent.pty_resize(self.pty, rows, cols)
 
     def close(self) -> None:
         """Stop relaying and kill the guest program."""

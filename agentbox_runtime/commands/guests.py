@@ -19,8 +19,11 @@ import sys
 import termios
 import time
 import tty
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from agentbox_guest_init.protocol import WINSIZE_MAX
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError, GuestAuthError
 from agentbox_runtime.errors import AgentboxError, InputError
@@ -54,39 +57,65 @@ def ps() -> int:
     return 0
 
 
-def _terminal_size() -> tuple[int, int]:
-    try:
-        size = os.get_terminal_size(sys.stdout.fileno())
-        return size.lines, size.columns
-    except OSError:
+class _Window:
+    """The local terminal's window size, and whether SIGWINCH said it changed since it was last read."""
+
+    def __init__(self) -> None:
+        self.changed = False
+        signal.signal(signal.SIGWINCH, self._note)
+
+    def _note(self, _signum: int, _frame: object) -> None:
+        self.changed = True
+
+    def size(self) -> tuple[int, int]:
+        """Rows and columns of the terminal on stdin (else stdout), within what the guest accepts
+        (1 to :data:`WINSIZE_MAX`); 24x80 when neither is a terminal that knows its size."""
+        self.changed = False
+        for fd in (sys.stdin.fileno(), sys.stdout.fileno()):
+            try:
+                size = os.get_terminal_size(fd)
+            except OSError:
+                continue
+            if size.lines and size.columns:
+                return min(size.lines, WINSIZE_MAX), min(size.columns, WINSIZE_MAX)
         return 24, 80
 
 
-def _relay(agent: AgentClient, pty: int) -> int:
-    """Copy the local terminal to the guest pty and back until the shell exits; its exit status."""
-    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
-    resized = [True]
-    signal.signal(signal.SIGWINCH, lambda *_: resized.__setitem__(0, True))
-    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+@contextmanager
+def _raw_terminal(fd: int) -> Iterator[None]:
+    """The local terminal in raw mode from now until the block ends, keeping what was already typed.
+
+    Keys typed before the guest's pty is open wait in the terminal's own input queue (about 4 KiB
+    for the line discipline plus 64 KiB of the pty's buffer; past that the typist's writes block,
+    nothing is dropped) and the relay reads them first, in order. Raw mode is set with TCSANOW:
+    ``tty.setraw``'s default, TCSAFLUSH, would discard that queue."""
+    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
     if saved is not None:
-        tty.setraw(stdin)
+        tty.setraw(fd, termios.TCSANOW)
     try:
-        while True:
-            ready, _, _ = select.select([stdin], [], [], 0)
-            data = os.read(stdin, 65536) if ready else b""
-            rows, cols = _terminal_size() if resized[0] else (None, None)
-            resized[0] = False
-            out, status = agent.pty_io(pty, data, wait_s=POLL_S, rows=rows, cols=cols)
-            if out:
-                os.write(stdout, out)
-            if status is not None:
-                return status
-            if ready and not data:  # the local side closed: end the guest shell
-                agent.pty_close(pty)
-                return 0
+        yield
     finally:
         if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _relay(agent: AgentClient, pty: int, window: _Window) -> int:
+    """Copy the local terminal to the guest pty and back until the shell exits; its exit status.
+    A SIGWINCH sends the terminal's new size (``pty_resize``) before the next input."""
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    while True:
+        ready, _, _ = select.select([stdin], [], [], 0)
+        data = os.read(stdin, 65536) if ready else b""
+        if window.changed:  # checked after the read: a resize that came before these keys reaches the guest first
+            agent.pty_resize(pty, *window.size())
+        out, status = agent.pty_io(pty, data, wait_s=POLL_S)
+        if out:
+            os.write(stdout, out)
+        if status is not None:
+            return status
+        if ready and not data:  # the local side closed: end the guest shell
+            agent.pty_close(pty)
+            return 0
 
 
 def _require_live_container(rec: guest_registry.GuestRecord) -> None:
@@ -102,6 +131,11 @@ def _require_live_container(rec: guest_registry.GuestRecord) -> None:
 
 
 def attach(guest_id: str, root: bool) -> int:
+    """``agentbox attach ID [--root]``: a login shell in guest ``ID`` on this terminal, its exit status.
+
+    The terminal goes raw at once and keeps what is typed before the guest's prompt appears (sent
+    in order once the guest pty is open); the guest pty starts with the terminal's size and follows
+    its resizes."""
     rec = guest_registry.find(guest_id)
     if rec.status() == "stopped":
         raise AgentboxError(f"guest {rec.id} is not running any more; `agentbox rm {rec.id}` removes its record")
@@ -112,24 +146,35 @@ def attach(guest_id: str, root: bool) -> int:
         env = [] if root else [a for k, v in image.exec_env().items() for a in ("--env", f"{k}={v}")]
         os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", image.workdir,
                              rec.container, "bash", "-l"])
+    window = _Window()  # from now on a resize is noticed
+    with _raw_terminal(sys.stdin.fileno()):  # from now on nothing typed is lost (see _raw_terminal)
+        return _attach_agent(rec, root, window)
+
+
+def _connect(rec: guest_registry.GuestRecord) -> AgentClient:
+    """The guest agent's attach channel of ``rec``; AgentboxError when it cannot be reached or proven."""
     if rec.backend == "krun-podman":
         _require_live_container(rec)
     try:
         if rec.attach_socket is not None:
-            agent = AgentClient.connect_unix(rec.attach_socket, ATTACH_CONNECT_S)
-        elif rec.attach_tcp is not None and rec.attach_token:
-            agent = AgentClient.connect_tcp("127.0.0.1", rec.attach_tcp, rec.attach_token, ATTACH_CONNECT_S)
-        else:
-            raise AgentboxError(f"guest {rec.id} ({rec.backend}) has no attach channel")
+            return AgentClient.connect_unix(rec.attach_socket, ATTACH_CONNECT_S)
+        if rec.attach_tcp is not None and rec.attach_token:
+            return AgentClient.connect_tcp("127.0.0.1", rec.attach_tcp, rec.attach_token, ATTACH_CONNECT_S)
     except GuestAuthError as exc:  # someone else answers on the guest's port: nothing was sent to it
         raise AgentboxError(str(exc)) from None
     except (ChannelError, OSError) as exc:
         raise AgentboxError(f"cannot reach guest {rec.id}: {exc}") from None
-    rows, cols = _terminal_size()
+    raise AgentboxError(f"guest {rec.id} ({rec.backend}) has no attach channel")
+
+
+def _attach_agent(rec: guest_registry.GuestRecord, root: bool, window: _Window) -> int:
+    """A login shell on a fresh guest pty of the terminal's size, relayed until it exits."""
+    agent = _connect(rec)
+    rows, cols = window.size()
     try:
         pty = agent.pty_spawn(["bash", "-l"], user="root" if root else None,  # the agent's default: the image user
                               env={"TERM": os.environ.get("TERM", "xterm")}, rows=rows, cols=cols)
-        return _relay(agent, pty)
+        return _relay(agent, pty, window)
     except ChannelError as exc:
         raise AgentboxError(f"guest {rec.id}: {exc}") from None
     finally:
