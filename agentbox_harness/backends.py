@@ -23,16 +23,13 @@ from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
 from agentbox_runtime.disks import MICROVM_NIX
 from agentbox_runtime.container import host_conf
-from agentbox_runtime.container.lifecycle import adapt_task_argv
-from agentbox_runtime.container.machine_transport import (ContainerTransport, ExecTimeout, detached_argv, start_task,
-                                                 stop_task)
+from agentbox_runtime.container.machine_transport import ContainerTransport, ExecTimeout, start_task, stop_task
 from agentbox_runtime.container.podman_bridge import CliPodman
 from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest
-from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.microvm import reaper as vm_reaper
-from agentbox_runtime.state import StateLayout, task_container_name, task_hostname
-from agentbox_runtime.tasks.container import container_argv
-from agentbox_runtime.tasks.volumes import task_volumes
+from agentbox_runtime.state import StateLayout
+from agentbox_runtime.backends.container_backend import CONTAINER
+from agentbox_runtime.backends.options import BackendOptions
 from agentbox_runtime.channel import AgentClient, ChannelError, PtyRelay
 from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
 from agentbox_runtime.vmm import boot_phases
@@ -356,21 +353,12 @@ class ContainerMachine(Machine):
         self._conf.__enter__()  # restored in _stop: the harness conf never outlives the machine
         layout = StateLayout(self.workspace, self.state_root.name, self.state_root.parent, self.state_root)
         podman = CliPodman()
-        self._req = SidecarRequest(image=self.image, canonical_cwd=str(self.workspace), slug=layout.slug,
-                                   state_root=self.state_root, run_label=self.run_label)
-        user = self.image_user = image_user(self.image)
-        self._name = task_container_name(layout.slug)
-
-        def build(sidecar: Sidecar) -> list[str]:
-            ref = container_argv(name=self._name, hostname=task_hostname(layout.slug),
-                                 volumes=task_volumes(layout, home=self.state_root / "home", user=user),
-                                 merged=sidecar.merged, sidecar_name=sidecar.name, image=self.image,
-                                 run_label=self.run_label, hardened=self.hardened, user=user)
-            adapted = adapt_task_argv(ref, self.image, interactive=False, rootless=os.geteuid() != 0,
-                                      dev_ids=(str(user.uid), str(user.gid)))
-            return detached_argv(adapted, self.image)
-
-        self._sidecar = start_task(podman, self._req, build)
+        task = CONTAINER.task(BackendOptions(  # assembled as `agentbox container` does, detached
+            workspace=self.workspace, state=layout, image=self.image, run_label=self.run_label,
+            hardened=self.hardened, interactive=False, host_home=self.state_root / "home",
+            dev_ids_from_sudo=False))
+        self._req, self._name, self.image_user = task.request, task.name, task.user
+        self._sidecar = start_task(podman, self._req, lambda sidecar: task.argv(sidecar, detached=True))
         self._transport = ContainerTransport(self._name, podman)
         record = guest_registry.GuestRecord(guest_registry.new_id("container"), "container",
                                             self.test_id or self.name, container=self._name)

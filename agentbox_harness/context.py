@@ -11,11 +11,12 @@ from agentbox_harness.workspace import Workspace
 
 @dataclass
 class BackendContext:
-    """What a builder may use: the session, the test's workspace and the dimension values."""
+    """What a builder may use: the session, the test's workspace and the dimension values
+    (``memory_mib`` in MiB: the ``vm_memory`` fixture's GiB x 1024)."""
 
     session: HarnessSession
     workspace: Workspace
     image: Callable[[], str]
-    memory_gib: int
+    memory_mib: int
     cpus: int
     storage: str

@@ -29,6 +29,7 @@ from agentbox_harness.context import BackendContext
 from agentbox_harness.registry import build
 from agentbox_harness.session import HarnessSession, harness
 from agentbox_harness.workspace import Workspace
+from agentbox_runtime.backends import BACKENDS, is_microvm
 from agentbox_runtime.images.commit import image_user
 from agentbox_runtime import disks
 from agentbox_runtime.reset import reset_nix
@@ -188,10 +189,13 @@ def containers_disk(workspace: Workspace, agentbox_backend: str) -> DiskHandle:
 
 
 def _backend_disk(backend: str, key: str) -> disks.RawDisk:
-    if backend == "container":
-        pytest.skip("the container backend attaches no raw disks (it keeps /nix in an overlay dir); "
-                    "raw-disk tests need qemu, krun-direct or krun-podman")
-    chosen = disks.LIBKRUN_DISKS if backend == "krun-podman" else disks.MICROVM_DISKS
+    """The raw disk ``key`` as ``backend`` attaches it (a backend registered at run time that the
+    runtime does not know gets the microvm images)."""
+    known = BACKENDS.get(backend)
+    if known is not None and not known.capabilities.raw_disks:
+        with_disks = ", ".join(b.name for b in BACKENDS.values() if b.capabilities.raw_disks)
+        pytest.skip(f"the {backend} backend attaches no raw disks; raw-disk tests need {with_disks}")
+    chosen = known.disks if known is not None else disks.MICROVM_DISKS
     return next(d for d in chosen if d.spec.key == key)
 
 
@@ -257,8 +261,8 @@ class Factory:
 
 def _context(request: pytest.FixtureRequest, session: HarnessSession, workspace: Workspace, memory: int, cpus: int,
              storage: str) -> BackendContext:
-    return BackendContext(session, workspace, lambda: str(request.getfixturevalue("agentbox_image")), memory, cpus,
-                          storage)
+    return BackendContext(session, workspace, lambda: str(request.getfixturevalue("agentbox_image")), memory * 1024,
+                          cpus, storage)
 
 
 def _factory(request: pytest.FixtureRequest, session: HarnessSession, backend: str, ctx: BackendContext,
@@ -296,6 +300,13 @@ def guest(machine_factory: Callable[..., Machine]) -> Machine:
     return machine_factory("vm")
 
 
+def _require_microvm(backend: str) -> None:
+    """Skip unless ``backend`` runs a microvm task (what ``MicrovmMachine`` drives)."""
+    if not is_microvm(backend):
+        microvms = " or ".join(name for name in BACKENDS if is_microvm(name))
+        pytest.skip(f"microvm needs the {microvms} backend, not {backend}")
+
+
 @pytest.fixture
 def microvm_factory(request: pytest.FixtureRequest, agentbox_session: HarnessSession, workspace: Workspace,
                     agentbox_backend: str, vm_memory: int, vm_cpus: int,
@@ -304,13 +315,12 @@ def microvm_factory(request: pytest.FixtureRequest, agentbox_session: HarnessSes
 
     The guest command is ``agentbox-guest-init agent --port org.agentbox.agent`` with root=True:
     the agent runs as root and runs commands as dev unless a verb says ``user="root"``.
-    Options override the dimension fixtures: ``storage``, ``vmm`` (qemu|libkrun),
-    ``mem_gib``, ``cpus``, ``image``, ``workspace`` (a :class:`Workspace`),
-    ``image_cache`` (a directory; default the per-user harness cache), ``extra_env`` (``K=V``
-    strings added to the guest's launch env) and ``preserve_debug`` (keep the task rootfs and
-    state after shutdown)."""
-    if agentbox_backend not in ("qemu", "krun-direct"):
-        pytest.skip(f"microvm needs the qemu or krun-direct backend, not {agentbox_backend}")
+    Options override the dimension fixtures: ``storage``, ``memory_mib``, ``cpus``, ``image``,
+    ``workspace`` (a :class:`Workspace`), ``image_cache`` (a directory; default the per-user
+    harness cache), ``extra_env`` (``K=V`` strings added to the guest's launch env),
+    ``hardened`` and ``preserve_debug`` (keep the task rootfs and state after shutdown). The VMM
+    is the backend's (qemu: QEMU, krun-direct: libkrun)."""
+    _require_microvm(agentbox_backend)
     ctx = _context(request, agentbox_session, workspace, vm_memory, vm_cpus, storage_backend)
     yield from _factory(request, agentbox_session, agentbox_backend, ctx, "microvm")  # type: ignore[misc]
 
@@ -337,9 +347,8 @@ def shared_workspace(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 def _shared_microvm_machine(request: pytest.FixtureRequest, agentbox_session: HarnessSession,
                             shared_workspace: Workspace) -> Iterator[MicrovmMachine]:
     backend = agentbox_session.backend
-    if backend not in ("qemu", "krun-direct"):
-        pytest.skip(f"microvm needs the qemu or krun-direct backend, not {backend}")
-    ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2, 2, "auto")
+    _require_microvm(backend)
+    ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2048, 2, "auto")
     for make in _factory(request, agentbox_session, backend, ctx, "shared microvm"):
         yield make("shared")  # type: ignore[misc]
 
@@ -353,7 +362,7 @@ def shared_machine_factory(request: pytest.FixtureRequest, agentbox_session: Har
     made: list[Iterator[Callable[..., Machine]]] = []
 
     def make(backend: str, name: str = "shared", **options: object) -> Machine:
-        ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2, 2, "auto")
+        ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2048, 2, "auto")
         factory = _factory(request, agentbox_session, backend, ctx, f"shared {backend} machine")
         made.append(factory)
         return next(factory)(name, **options)
@@ -393,7 +402,7 @@ def krun_task_factory(request: pytest.FixtureRequest, agentbox_session: HarnessS
                       vm_memory: int, vm_cpus: int) -> Iterator[Callable[..., Machine]]:
     """``krun_task_factory(name="task", **options)``: libkrun-mode tasks (Podman + crun + libkrun).
 
-    Options: ``memory`` (MiB), ``cpus``, ``publish`` (e.g. ``("8080:80",)``), ``root``,
+    Options: ``memory_mib``, ``cpus``, ``publish`` (e.g. ``("8080:80",)``), ``root``,
     ``tsi``, ``guest_init`` (a host guest-init file), ``image``. Needs crun built with
     libkrun, libkrunfw and KVM: skips (strict: fails) naming what is missing."""
     ctx = _context(request, agentbox_session, workspace, vm_memory, vm_cpus, "auto")

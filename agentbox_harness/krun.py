@@ -1,9 +1,9 @@
-"""The krun-podman backend: a libkrun-mode task (``podman run`` with the krun handler,
-reference section 6) whose guest command is the agent on stdio.
+"""The krun-podman machine: a krun-podman task (``podman run`` with the krun handler, reference
+section 6) whose guest command is the agent on stdio.
 
-The task argv is the runtime's exact builder (:func:`agentbox_runtime.tasks.krun.krun_task_argv`)
-with two harness changes: ``-i`` instead of ``-it`` (the agent speaks frames on
-the container's stdin/stdout, so no tty) and the command
+The task is assembled by :mod:`agentbox_runtime.backends.krun_podman` (the same as ``agentbox
+libkrun``'s), with the harness's choices made in :mod:`agentbox_harness.registry`: ``-i`` instead
+of ``-it`` (the agent speaks frames on the container's stdin/stdout, so no tty) and the command
 ``agentbox-guest-init agent``. The OCI runtime is crun when it has the krun handler
 (+LIBKRUN, with libkrunfw and KVM), else the QEMU-backed ``agentbox-krun-runtime``
 (:func:`agentbox_runtime.doctor.krun_podman_runtime`); the fixtures skip (strict: fail)
@@ -12,40 +12,27 @@ naming what is missing when neither can run.
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import warnings
 from pathlib import Path
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
-from agentbox_harness.backends import (AGENT_STDIO_COMMAND, agent_copy_from, agent_copy_to,
+from agentbox_harness.backends import (agent_copy_from, agent_copy_to,
                                        agent_execute, agent_shell, attach_lines)
 from agentbox_harness.machine import Machine, Preserved, Result
 from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError
-from agentbox_runtime.commands.libkrun import PodmanKrunMaintenance
-from agentbox_runtime.doctor import krun_podman_runtime
+from agentbox_runtime.backends.krun_podman import KrunPodmanMaintenance
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.vmm import shutdown
 from agentbox_runtime.state import StateLayout
-from agentbox_runtime import disks
-from agentbox_runtime.microvm.session import host_ids
-from agentbox_runtime.state import task_container_name, task_hostname
-from agentbox_runtime.images.commit import image_user
-from agentbox_runtime.tasks.krun import KrunOptions, guest_init_override, krun_task_argv, oci_runtime
-from agentbox_runtime.tasks.volumes import task_volumes
-
-if TYPE_CHECKING:
-    from agentbox_harness.context import BackendContext
+from agentbox_runtime.tasks.krun import KrunOptions
 
 STOP_TIMEOUT_S = 10
-
-
-def harness_argv(task_argv: list[str]) -> list[str]:
-    """The runtime's ``podman run`` argv adapted for the harness: ``-it`` becomes ``-i``."""
-    return ["-i" if a == "-it" else a for a in task_argv]
 
 
 @dataclass
@@ -63,9 +50,9 @@ class KrunPodmanMachine(Machine):
     _agent: AgentClient | None = None
 
     def _start(self) -> None:
-        self._proc = Podman().spawn(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=open(self.artifacts / f"{self.name}-podman.log", "ab")
-                                    if self.artifacts else subprocess.DEVNULL)
+        log = self.artifacts / f"{self.name}-podman.log" if self.artifacts else None
+        with open(log, "ab") if log is not None else open(os.devnull, "wb") as err:  # the child keeps its copy
+            self._proc = Podman().spawn(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         assert self._proc.stdout is not None and self._proc.stdin is not None
         self._agent = AgentClient(self._proc.stdout.fileno(), self._proc.stdin.fileno())
         try:
@@ -123,14 +110,14 @@ class KrunPodmanMachine(Machine):
         self.preserved.append(Preserved(lines, ()))
         return lines
 
-    def resize_runner(self, extra_env: tuple[str, ...] = ()) -> PodmanKrunMaintenance:
+    def resize_runner(self, extra_env: tuple[str, ...] = ()) -> KrunPodmanMaintenance:
         """A maintenance runner for ``nix_disk.grow``/``containers_disk.grow``: the reference's resize
         VM (``podman run`` with the krun handler, section 6.4) over this task's state and image.
         ``extra_env`` is not supported by that argv and must be empty."""
         if extra_env:
             raise TypeError("the krun-podman resize VM takes no extra guest env")
         assert self.layout is not None and self.krun_options is not None
-        runner = PodmanKrunMaintenance(Podman(), self.layout, self.krun_options, self.image)
+        runner = KrunPodmanMaintenance(Podman(), self.layout, self.krun_options, self.image)
         runner.image = self.image  # already resolved by the fixture; run() still checks the krun handler
         return runner
 
@@ -183,33 +170,4 @@ class KrunPodmanMachine(Machine):
         if report.forced and graceful:
             warnings.warn(f"{self.name}: the guest did not power off after the agent's shutdown; "
                           f"{report.describe('podman run')}", stacklevel=2)
-
-
-def build_krun_machine(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
-    """A krun-podman machine. Options: ``memory`` (MiB, default the ``vm_memory`` GiB), ``cpus``,
-    ``publish`` (host:guest port specs), ``root`` (enter as root), ``tsi`` (TSI networking
-    instead of passt), ``guest_init`` (a host file mounted over the image's guest-init), ``image``."""
-    layout = ctx.workspace.state.ensure()
-    disks.prepare_all(disks.LIBKRUN_DISKS, layout.state_root)
-    guest_init = options.pop("guest_init", None)
-    options.pop("root", None)  # the agent always runs as root now; verbs choose the user per command
-    opts = KrunOptions(ram_mib=int(options.pop("memory", ctx.memory_gib * 1024)),  # type: ignore[call-overload]
-                       cpus=int(options.pop("cpus", ctx.cpus)),  # type: ignore[call-overload]
-                       tsi=bool(options.pop("tsi", False)),
-                       publish=tuple(str(p) for p in options.pop("publish", ())),  # type: ignore[attr-defined]
-                       root=True,  # the agent runs as root and runs each command as the user asked
-                       guest_init_mount=guest_init_override(str(guest_init)) if guest_init else None,
-                       run_label=ctx.session.run_label, command=AGENT_STDIO_COMMAND)
-    runtime = krun_podman_runtime(ctx.session.checks) or "crun"
-    opts = replace(opts, runtime=oci_runtime(runtime),  # the agentbox attach channel (not with TSI)
-                   publish=opts.publish + (() if opts.tsi else (f"127.0.0.1::{c.ATTACH_TCP_PORT}",)))
-    container = task_container_name(layout.slug)
-    image = str(options.pop("image", None) or ctx.image())
-    user = image_user(image)
-    uid, gid = host_ids(ctx.workspace.path, user)
-    argv = krun_task_argv(name=container, hostname=task_hostname(layout.slug), state_root=layout.state_root,
-                          volumes=task_volumes(layout, home=layout.state_root / "home", user=user), uid=uid, gid=gid,
-                          image=image, opts=opts, workdir=user.workdir)
-    return KrunPodmanMachine(name=name, backend="krun-podman", timeout_scale=ctx.session.timeout_scale, argv=harness_argv(argv),
-                             container=container, layout=layout, krun_options=opts, image=image, image_user=user)
 

@@ -8,63 +8,97 @@ here, so adding a backend is one entry::
     def build_mine(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine: ...
     MACHINE_BACKENDS["mine"] = build_mine
 
-A builder pops the options it understands from ``options``; whatever is left
-is reported as unknown. It never starts the machine (the factory does, so a
-failed start is still torn down).
+A builder takes the options it understands from ``options`` (the built-in ones all of them, as
+one :class:`~agentbox_runtime.backends.options.BackendOptions` record: an unknown name or a
+wrong type is one error naming what the backend accepts); whatever is left is reported as
+unknown. It never starts the machine (the factory does, so a failed start is still torn down).
+
+The built-in builders assemble the task through :mod:`agentbox_runtime.backends`, as the CLI
+commands do; only the harness's own choices are made here (the agent as the guest command, no
+terminal, the isolated home and state, the attach channel's port, the run label).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import replace
 
 from agentbox_guest_init import contract as c
-from agentbox_harness.backends import ContainerMachine, MicrovmMachine
-from agentbox_harness.krun import build_krun_machine
-from agentbox_harness.machine import Machine
+from agentbox_harness.backends import AGENT_COMMAND, AGENT_STDIO_COMMAND, ContainerMachine, MicrovmMachine
 from agentbox_harness.context import BackendContext
+from agentbox_harness.krun import KrunPodmanMachine
+from agentbox_harness.machine import Machine
 from agentbox_harness.workspace import Workspace
-from agentbox_runtime.microvm.session import MicrovmOptions
-
+from agentbox_runtime.backends import BACKENDS, Backend, BackendOptions
+from agentbox_runtime.backends.container_backend import CONTAINER
+from agentbox_runtime.backends.krun_podman import KRUN_PODMAN
+from agentbox_runtime.backends.microvm_backend import KRUN_DIRECT, QEMU, MicrovmBackend
+from agentbox_runtime.doctor import krun_podman_runtime
 
 MachineBuilder = Callable[[BackendContext, str, dict[str, object]], Machine]
 
 
-def _microvm(vmm: str) -> MachineBuilder:
+def harness_options(backend: Backend, ctx: BackendContext, options: dict[str, object]) -> BackendOptions:
+    """The factory's keyword ``options`` over the test's dimensions (workspace, memory, vCPUs,
+    storage) and the session's settings, for ``backend``; ``options`` is emptied (every name is
+    checked). ``workspace`` is a :class:`Workspace` (its path and state); ``image`` defaults to the
+    test's image, built only when none was given."""
+    given, s = dict(options), ctx.session
+    options.clear()
+    ws = given.get("workspace", ctx.workspace)
+    if not isinstance(ws, Workspace):
+        raise TypeError(f"{backend.name} option workspace must be a Workspace, not {type(ws).__name__}")
+    if "workspace" in given:
+        given["workspace"] = ws.path
+    base = BackendOptions(workspace=ws.path, state=ws.state, memory_mib=ctx.memory_mib, cpus=ctx.cpus,
+                          storage=ctx.storage, interactive=False, run_label=s.run_label,
+                          preserve_debug=s.preserve_debug, kernel=s.kernel, image_cache=s.image_cache,
+                          host_home=ws.state.state_root / "home", dev_ids_from_sudo=False)
+    opts = BackendOptions.parse(backend.name, given, backend.accepts, base)
+    return opts if opts.image else replace(opts, image=ctx.image())
+
+
+def _microvm(backend: MicrovmBackend) -> MachineBuilder:
     def build(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
-        ws = options.pop("workspace", ctx.workspace)
-        if not isinstance(ws, Workspace):
-            raise TypeError(f"microvm option workspace must be a Workspace, not {type(ws).__name__}")
-        s = ctx.session
-        opts = MicrovmOptions(
-            workspace=ws.path, image=str(options.pop("image", None) or ctx.image()),
-            storage=str(options.pop("storage", ctx.storage)), vmm=str(options.pop("vmm", vmm)),
-            mem_gib=int(options.pop("mem_gib", ctx.memory_gib)),  # type: ignore[call-overload]
-            cpus=int(options.pop("cpus", ctx.cpus)),  # type: ignore[call-overload]
-            state=ws.state, image_cache=Path(str(options.pop("image_cache", s.image_cache))),
-            run_label=s.run_label, preserve_debug=bool(options.pop("preserve_debug", s.preserve_debug)),
-            kernel=s.kernel, interactive=False,
-            extra_env=(*(str(e) for e in options.pop("extra_env", ())),  # type: ignore[attr-defined]
-                       *((f"{c.ENV_HARDENED}=1",) if options.pop("hardened", False) else ())))
-        return MicrovmMachine(name=name, timeout_scale=s.timeout_scale, options=opts,
-                              backend="qemu" if vmm == "qemu" else "krun-direct")
+        o = harness_options(backend, ctx, options)
+        command = AGENT_STDIO_COMMAND if backend.vmm == "libkrun" else AGENT_COMMAND
+        opts = backend.task(replace(o, command=command, root=True))  # the agent is root; verbs pick the user
+        return MicrovmMachine(name=name, backend=backend.name, timeout_scale=ctx.session.timeout_scale, options=opts)
     return build
 
 
+def _krun_podman(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
+    """Options: ``memory_mib``, ``cpus``, ``publish`` (host:guest port specs), ``tsi`` (TSI networking
+    instead of passt), ``guest_init`` (a host file mounted over the image's guest-init), ``image``,
+    ``root`` (accepted and ignored: the agent is root and runs each command as the verb asks). The
+    OCI runtime is crun when it has the krun handler, else ``agentbox-krun-runtime`` (the doctor's
+    verdict); the agent's attach channel is published on 127.0.0.1 (not with TSI)."""
+    o = harness_options(KRUN_PODMAN, ctx, options)
+    attach = () if o.tsi else (f"127.0.0.1::{c.ATTACH_TCP_PORT}",)
+    o = replace(o, root=True, command=AGENT_STDIO_COMMAND, publish=(*o.publish, *attach),
+                krun_runtime=krun_podman_runtime(ctx.session.checks) or "crun")
+    task = KRUN_PODMAN.task(o)
+    return KrunPodmanMachine(name=name, backend=KRUN_PODMAN.name, timeout_scale=ctx.session.timeout_scale,
+                             argv=task.argv, container=task.container, layout=task.layout,
+                             krun_options=task.options, image=task.image, image_user=task.user)
+
+
 def _container(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
-    ws = ctx.workspace
-    return ContainerMachine(name=name, backend="container", timeout_scale=1.0, workspace=ws.path,
-                            state_root=ws.state.ensure().state_root, image=str(options.pop("image", None) or ctx.image()),
-                            run_label=ctx.session.run_label, hardened=bool(options.pop("hardened", False)))
+    o = harness_options(CONTAINER, ctx, options)
+    assert o.image is not None and o.state is not None
+    return ContainerMachine(name=name, backend=CONTAINER.name, timeout_scale=1.0, workspace=o.workspace,
+                            state_root=o.state.ensure().state_root, image=o.image, run_label=o.run_label,
+                            hardened=o.hardened)
 
 
 MACHINE_BACKENDS: dict[str, MachineBuilder] = {
-    "qemu": _microvm("qemu"),
-    "krun-direct": _microvm("libkrun"),
-    "krun-podman": build_krun_machine,
-    "container": _container,
+    QEMU.name: _microvm(QEMU),
+    KRUN_DIRECT.name: _microvm(KRUN_DIRECT),
+    KRUN_PODMAN.name: _krun_podman,
+    CONTAINER.name: _container,
 }
 """Backend name -> machine builder (see the module docstring)."""
+assert tuple(MACHINE_BACKENDS) == tuple(BACKENDS)
 BUILTIN_BACKENDS: tuple[str, ...] = tuple(MACHINE_BACKENDS)
 """The backends this package provides (``MACHINE_BACKENDS`` may gain more at run time)."""
 

@@ -6,10 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from agentbox_guest_init import contract as c
+from agentbox_runtime.backends.microvm_backend import microvm_backend
+from agentbox_runtime.backends.options import BackendOptions
 from agentbox_runtime.errors import InputError
 from agentbox_runtime.microvm.reaper import reap_stale
-from agentbox_runtime.microvm.session import MicrovmOptions, run_microvm
+from agentbox_runtime.microvm.session import run_microvm
 from agentbox_runtime.podman import explicit_image
 from agentbox_runtime.state import StateLayout, canonical_cwd
 
@@ -34,12 +35,14 @@ def run(args: argparse.Namespace) -> int:
     if args.pull_latest:
         raise InputError(PULL_LATEST)
     image = explicit_image(args.image)  # --image, else AGENTBOX_IMAGE; validated before anything is written
-    opts = MicrovmOptions(
-        workspace=canonical_cwd(), image=image, storage=args.storage, vmm=args.vmm, mem_gib=args.mem,
-        cpus=args.cpus, guest_init=_file(args.guest_init, "--guest-init"), preserve_debug=args.preserve_debug,
+    options = BackendOptions(
+        workspace=canonical_cwd(), image=image, storage=args.storage,
+        memory_mib=args.mem * 1024 if args.mem is not None else None, cpus=args.cpus,
+        guest_init=_file(args.guest_init, "--guest-init"), preserve_debug=bool(args.preserve_debug),
         command=tuple(args.command), root=bool(args.root), profile=bool(args.profile), debug=bool(args.debug),
-        kernel=_file(args.kernel, "--kernel"), initrd=_file(args.initrd, "--initrd"),
-        interactive=True, extra_env=(f"{c.ENV_HARDENED}=1",) if args.hardened else ())
+        kernel=_file(args.kernel, "--kernel"), initrd=_file(args.initrd, "--initrd"), interactive=True,
+        hardened=bool(args.hardened))
+    opts = microvm_backend(args.vmm).task(options)
     reap_stale(StateLayout.resolve().ensure())
     sys.stdout.flush()
     return run_microvm(opts)

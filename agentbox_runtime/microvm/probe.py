@@ -39,7 +39,7 @@ def probe(image: str, *, image_cache: Path | None = None, timeout: float = PROBE
         layout = StateLayout.under(Path(tmp) / "state", ws)
         shared_cache = image_cache or StateLayout.resolve(ws).microvm_image_dir  # the user's image cache
         opts = MicrovmOptions(workspace=ws, image=image, vmm="libkrun", command=("sh", "-c", f"exit {PROBE_STATUS}"),
-                              interactive=False, state=layout, image_cache=shared_cache, mem_gib=1, cpus=1)
+                              interactive=False, state=layout, image_cache=shared_cache, memory_mib=1024, cpus=1)
         task = MicrovmTask(opts)
         try:
             task.start()

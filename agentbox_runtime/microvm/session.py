@@ -29,7 +29,7 @@ from agentbox_runtime.errors import AgentboxError, InputError, error_chain
 from agentbox_runtime.microvm import storage
 from agentbox_runtime.microvm.image_cache import ImageCache, resolve_reference, validate_rootfs
 from agentbox_runtime.microvm.reaper import forget, record
-from agentbox_runtime.guest_resources import default_cpus, microvm_ram_mib
+from agentbox_runtime.guest_resources import MICROVM_DEFAULT_MIB, default_cpus
 from agentbox_runtime.state import StateLayout, task_container_name
 from agentbox_runtime.vmm.base import VmHandle, VmSpec
 from agentbox_runtime.vmm.shutdown import StopReport
@@ -43,13 +43,14 @@ log = logging.getLogger("agentbox")
 
 @dataclass(frozen=True)
 class MicrovmOptions:
-    """What to run. ``command`` defaults to ``fish -l``; ``mem_gib`` to 4."""
+    """What to run (built by :mod:`agentbox_runtime.backends.microvm_backend`). ``command`` defaults
+    to ``fish -l``; ``memory_mib`` to 4096."""
 
     workspace: Path
     image: str | None = None
     storage: str = "auto"
     vmm: str = "auto"
-    mem_gib: int | None = None
+    memory_mib: int | None = None
     cpus: int | None = None
     guest_init: Path | None = None
     preserve_debug: bool = False
@@ -114,7 +115,7 @@ def build_launch(opts: MicrovmOptions, rootfs: Path, exec_path: str, layout: Sta
     command = list(opts.command) or list(c.DEFAULT_SHELL)
     return LaunchConfig(
         task_rootfs=str(rootfs), workspace_source=str(layout.workspace), workspace_tag=c.WORKSPACE_TAG,
-        workspace_target=user.workdir, ram_mib=microvm_ram_mib(opts.mem_gib),
+        workspace_target=user.workdir, ram_mib=opts.memory_mib or MICROVM_DEFAULT_MIB,
         vcpus=opts.cpus or default_cpus(), workdir=user.workdir, exec_path=exec_path,
         disks=tuple(LaunchDisk(d.spec.block_id, str(d.path(layout.state_root))) for d in disks.MICROVM_DISKS),
         argv=("agentbox-guest-init", "microvm", "enter", "--", *command), env=tuple(env))

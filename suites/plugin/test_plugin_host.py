@@ -462,8 +462,8 @@ def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester)
         from agentbox_harness.registry import build
 
         def test_argv(agentbox_session, workspace):
-            ctx = BackendContext(agentbox_session, workspace, lambda: "localhost/agentbox:latest", 2, 3, "auto")
-            m = build("krun-podman", ctx, "task", {"memory": 1536, "publish": ("8080:80",), "root": True})
+            ctx = BackendContext(agentbox_session, workspace, lambda: "localhost/agentbox:latest", 2048, 3, "auto")
+            m = build("krun-podman", ctx, "task", {"memory_mib": 1536, "publish": ("8080:80",), "root": True})
             argv = m.argv
             assert argv[:3] == ["run", "--rm", "-i"] and "-it" not in argv
             assert argv[-3:] == ["localhost/agentbox:latest", "agentbox-guest-init", "agent"]
@@ -477,8 +477,12 @@ def test_krun_podman_machine_argv_and_unknown_options(pytester: pytest.Pytester)
             resize_argv = runner.argv(ResizePlan(LIBKRUN_NIX, workspace.state.state_root / "libkrun-nix.raw", 1, 2))
             assert "localhost/agentbox:latest" in resize_argv
             assert any("libkrun-nix.raw" in a for a in resize_argv)
-            with pytest.raises(TypeError, match="unknown krun-podman option.s.: bogus"):
+            with pytest.raises(TypeError, match="unknown krun-podman option.s.: bogus; accepted: cpus, "):
                 build("krun-podman", ctx, "task", {"bogus": 1})
+            with pytest.raises(TypeError, match="unknown krun-podman option.s.: memory; accepted: .*memory_mib"):
+                build("krun-podman", ctx, "task", {"memory": 1536})  # one unit: MiB, named so
+            with pytest.raises(TypeError, match="krun-podman option memory_mib must be int or None, not str '2G'"):
+                build("krun-podman", ctx, "task", {"memory_mib": "2G"})
             with pytest.raises(ValueError, match="unknown agentbox backend 'nope'; known: qemu, krun-direct"):
                 build("nope", ctx, "task", {})
     ''')

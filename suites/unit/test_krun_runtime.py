@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from agentbox_runtime import disks
 from agentbox_runtime.cli import parse
 from agentbox_runtime.config import Config, load_config
 from agentbox_runtime.errors import AgentboxError, InputError
@@ -239,7 +240,7 @@ def libkrun_cmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
     monkeypatch.setattr(lk, "Podman", FakePodman)
     monkeypatch.setattr(lk, "require_krun", require_krun)
     monkeypatch.setattr(lk, "resolve_image", lambda podman, image, pull: "img")
-    monkeypatch.setattr(lk.disks, "prepare_all", lambda *a, **k: None)
+    monkeypatch.setattr(disks, "prepare_all", lambda *a, **k: None)
     patch_runtime_path(monkeypatch, lambda: QEMU_RUNTIME)
     calls["spawned"] = FakePodman.spawned
     return calls
@@ -324,12 +325,16 @@ def test_rootless_keeps_keep_id_and_the_users_ids(libkrun_cmd: dict[str, Any],
 
 def test_resize_maintenance_skips_require_krun_for_qemu(libkrun_cmd: dict[str, Any],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from agentbox_runtime.commands.libkrun import PodmanKrunMaintenance
+    from agentbox_runtime.backends import krun_podman
+    from agentbox_runtime.backends.krun_podman import KrunPodmanMaintenance
     from agentbox_runtime.state import StateLayout
 
+    monkeypatch.setattr(krun_podman, "require_krun", lambda: libkrun_cmd.__setitem__(
+        "require_krun", libkrun_cmd["require_krun"] + 1))
+    monkeypatch.setattr(krun_podman, "resolve_image", lambda podman, image, pull: "img")
     layout = StateLayout.resolve()
     for runtime, calls in (("crun", 1), (QEMU_RUNTIME, 1)):
-        m = PodmanKrunMaintenance(FakePodman(), layout, KrunOptions(ram_mib=1024, runtime=runtime))  # type: ignore[arg-type]
+        m = KrunPodmanMaintenance(FakePodman(), layout, KrunOptions(ram_mib=1024, runtime=runtime))  # type: ignore[arg-type]
         m.check()
         assert m.image == "img" and libkrun_cmd["require_krun"] == calls
 
@@ -338,11 +343,11 @@ def test_resize_maintenance_skips_require_krun_for_qemu(libkrun_cmd: dict[str, A
 
 
 def test_require_krun_says_how_to_select_the_qemu_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
-    from agentbox_runtime.commands import libkrun
-    from agentbox_runtime.commands.libkrun import require_krun
+    from agentbox_runtime.backends import krun_podman
+    from agentbox_runtime.backends.krun_podman import require_krun
     from agentbox_runtime.hostcheck.check import Check
 
-    monkeypatch.setattr(libkrun, "check_crun_krun",
+    monkeypatch.setattr(krun_podman, "check_crun_krun",
                         lambda: Check("crun-krun", False, "unusable", "crun 1.8 was built without libkrun", "x"))
     with pytest.raises(AgentboxError) as info:
         require_krun()

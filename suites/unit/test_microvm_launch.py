@@ -47,7 +47,7 @@ def test_libkrun_defaults(layout: StateLayout) -> None:
 
 
 def test_flags_in_reference_order_and_qemu_9p(layout: StateLayout) -> None:
-    opts = MicrovmOptions(workspace=layout.workspace, root=True, profile=True, debug=True, mem_gib=2, cpus=1,
+    opts = MicrovmOptions(workspace=layout.workspace, root=True, profile=True, debug=True, memory_mib=2048, cpus=1,
                           command=("sh", "-c", "echo ok; exit 3"))
     cfg = build_launch(opts, Path("/t/r"), EXEC, layout, "qemu")
     assert list(cfg.env) == expected_env(
