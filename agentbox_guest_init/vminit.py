@@ -77,7 +77,7 @@ def mount(source: str, target: str, fstype: str, opts: str) -> bool:
         else:
             data.append(opt)
     libc = ctypes.CDLL(None, use_errno=True)
-    rc = libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
+    rc: int = libc.mount(source.encode(), target.encode(), fstype.encode(), ctypes.c_ulong(flags),
                     ",".join(data).encode() if data else None)
     return rc == 0
 

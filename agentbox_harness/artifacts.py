@@ -92,7 +92,7 @@ def attach(files: Iterable[Path]) -> None:
     for f in files:
         if f.is_file() and f.stat().st_size < MAX_ATTACH_BYTES:
             kind = allure.attachment_type.JSON if f.suffix == ".json" else allure.attachment_type.TEXT
-            allure.attach.file(str(f), name=f.name, attachment_type=kind)
+            allure.attach.file(str(f), name=f.name, attachment_type=kind)  # type: ignore[no-untyped-call]
 
 
 def environment_properties(values: Mapping[str, Any]) -> dict[str, str]:

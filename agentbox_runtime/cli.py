@@ -12,7 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain, one_line
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _guarded(lambda: dispatch(ns))
 
 
-def _guarded(fn) -> int:  # type: ignore[no-untyped-def]
+def _guarded(fn: Callable[[], int]) -> int:
     try:
         return fn()
     except AgentboxError as exc:

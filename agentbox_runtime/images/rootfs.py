@@ -43,7 +43,7 @@ def apt_mirror(sources: Sequence[Path] = (Path("/etc/apt/sources.list"),
             files.append(src)
     for f in files:
         text = f.read_text(errors="replace")
-        uris = re.findall(r"^URIs:\s*(\S+)", text, re.M)
+        uris: list[str] = re.findall(r"^URIs:\s*(\S+)", text, re.M)
         uris += re.findall(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+\S+", text, re.M)
         for uri in uris:
             if "security" not in uri:

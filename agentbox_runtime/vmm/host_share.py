@@ -34,7 +34,7 @@ import logging
 import os
 import struct
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -214,11 +214,12 @@ def attach_privately(share: ShareExport) -> str:
     if not share.pass_fds:
         return share.path
     libc = _libc()
-    steps = (("unshare(CLONE_NEWNS)", lambda: libc.unshare(CLONE_NEWNS)),
-             ("making / private", lambda: libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)),
-             (f"attaching the export at {share.source}",
-              lambda: libc.syscall(SYS_MOVE_MOUNT, share.pass_fds[0], b"", AT_FDCWD, os.fsencode(share.source),
-                                   MOVE_MOUNT_F_EMPTY_PATH)))
+    steps: tuple[tuple[str, Callable[[], int]], ...] = (
+        ("unshare(CLONE_NEWNS)", lambda: libc.unshare(CLONE_NEWNS)),
+        ("making / private", lambda: libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)),
+        (f"attaching the export at {share.source}",
+         lambda: libc.syscall(SYS_MOVE_MOUNT, share.pass_fds[0], b"", AT_FDCWD, os.fsencode(share.source),
+                              MOVE_MOUNT_F_EMPTY_PATH)))
     for what, call in steps:
         if call() != 0:
             err = ctypes.get_errno()

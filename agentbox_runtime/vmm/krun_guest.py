@@ -42,7 +42,7 @@ from agentbox_guest_init import contract
 from agentbox_runtime.retry import retry
 from agentbox_runtime.vmm import host_share, initramfs, krun_init, qemu
 from agentbox_runtime.vmm.console_log import ConsoleRecorder
-from agentbox_runtime.vmm.host import die_with_parent
+from agentbox_runtime.vmm.host import cache_dir, die_with_parent
 from agentbox_runtime.vmm.qemu_opts import opts
 
 INIT_FAILED = 125
@@ -381,7 +381,7 @@ def boot(spec: GuestSpec, work: Path) -> int:
             raise RuntimeError(f"vsock port {vsock.port}: {vsock.path} already exists")
     kernel = initramfs.find_kernel(spec.root)
     base = initramfs.cached_base(spec.root, initramfs.kernel_version(spec.root, kernel),
-                                 qemu.cache_dir() / "initramfs")
+                                 cache_dir() / "initramfs")
     initrd = initramfs.task_initrd(base, "", work / "initrd.img",
                                    files={initramfs.PID1_PATH: pid1_script(spec, tty)})
     accel = qemu.QemuDriver().choose_accel(os.environ.get("AGENTBOX_QEMU_ACCEL", spec.accel), kernel, base)
