@@ -28,8 +28,7 @@ from agentbox_runtime.container.podman_bridge import CliPodman
 from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest
 from agentbox_runtime.microvm import reaper as vm_reaper
 from agentbox_runtime.state import StateLayout
-from agentbox_runtime.backends.container_backend import CONTAINER
-from agentbox_runtime.backends.options import BackendOptions
+from agentbox_runtime.backends import CONTAINER, BackendOptions
 from agentbox_runtime.channel import AgentClient, ChannelError, PtyRelay
 from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
 from agentbox_runtime.vmm import boot_phases
@@ -178,7 +177,7 @@ class MicrovmMachine(Machine):
         self.timings.update(boot_phases.durations(console, ready[0] if ready else None))
         self.timings.update({f"host_{label}_s": round(ms / 1000, 3) for label, ms in task.phases.rows})
         if handle.attach_socket is not None:  # the guest's second agent channel
-            backend = "krun-direct" if self.options.vmm == "libkrun" else "qemu"
+            backend = self.backend  # the one name the registry gave it
             record = guest_registry.GuestRecord(guest_registry.new_id(backend), backend, self.test_id or self.name,
                                                 pid=handle.pid, attach_socket=str(handle.attach_socket))
             guest_registry.save(record)

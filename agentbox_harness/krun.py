@@ -26,11 +26,10 @@ from agentbox_harness.machine import Machine, Preserved, Result
 from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError
-from agentbox_runtime.backends.krun_podman import KrunPodmanMaintenance
+from agentbox_runtime.backends import KrunOptions, KrunPodmanMaintenance
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.vmm import shutdown
 from agentbox_runtime.state import StateLayout
-from agentbox_runtime.tasks.krun import KrunOptions
 
 STOP_TIMEOUT_S = 10
 
@@ -170,4 +169,3 @@ class KrunPodmanMachine(Machine):
         if report.forced and graceful:
             warnings.warn(f"{self.name}: the guest did not power off after the agent's shutdown; "
                           f"{report.describe('podman run')}", stacklevel=2)
-

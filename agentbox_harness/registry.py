@@ -29,10 +29,8 @@ from agentbox_harness.context import BackendContext
 from agentbox_harness.krun import KrunPodmanMachine
 from agentbox_harness.machine import Machine
 from agentbox_harness.workspace import Workspace
-from agentbox_runtime.backends import BACKENDS, Backend, BackendOptions
-from agentbox_runtime.backends.container_backend import CONTAINER
-from agentbox_runtime.backends.krun_podman import KRUN_PODMAN
-from agentbox_runtime.backends.microvm_backend import KRUN_DIRECT, QEMU, MicrovmBackend
+from agentbox_runtime.backends import (BACKENDS, CONTAINER, KRUN_DIRECT, KRUN_PODMAN, QEMU, Backend, BackendOptions,
+                                       MicrovmBackend)
 from agentbox_runtime.doctor import krun_podman_runtime
 
 MachineBuilder = Callable[[BackendContext, str, dict[str, object]], Machine]

@@ -12,13 +12,18 @@ from __future__ import annotations
 from typing import Protocol
 
 from agentbox_runtime.backend_caps import BACKEND_NAMES, Capabilities
-from agentbox_runtime.backends.container_backend import CONTAINER
-from agentbox_runtime.backends.krun_podman import KRUN_PODMAN
-from agentbox_runtime.backends.microvm_backend import KRUN_DIRECT, QEMU, MicrovmBackend
+from agentbox_runtime.backends.container_backend import CONTAINER, ContainerBackend, ContainerTask
+from agentbox_runtime.backends.krun_podman import (KRUN_PODMAN, KrunPodmanBackend, KrunPodmanMaintenance,
+                                                   KrunPodmanTask)
+from agentbox_runtime.backends.microvm_backend import KRUN_DIRECT, QEMU, MicrovmBackend, microvm_backend
 from agentbox_runtime.backends.options import BackendOptions
 from agentbox_runtime.disks import RawDisk
+from agentbox_runtime.tasks.krun import KrunOptions
 
-__all__ = ["BACKENDS", "Backend", "BackendOptions", "backend_for", "is_microvm"]
+__all__ = ["BACKENDS", "CONTAINER", "KRUN_DIRECT", "KRUN_PODMAN", "QEMU", "Backend", "BackendOptions",
+           "ContainerBackend", "ContainerTask", "KrunOptions", "KrunPodmanBackend", "KrunPodmanMaintenance",
+           "KrunPodmanTask", "MicrovmBackend", "backend_for", "is_microvm", "microvm_backend"]
+"""What the CLI commands and the harness import: the backends and their records, from here."""
 
 
 class Backend(Protocol):
