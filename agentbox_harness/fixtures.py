@@ -32,15 +32,12 @@ from agentbox_harness.workspace import Workspace
 from agentbox_runtime.backends import BACKENDS, is_microvm
 from agentbox_runtime.images.commit import image_user
 from agentbox_runtime import disks
-from agentbox_runtime.reset import reset_nix
-from agentbox_runtime.state import StateLayout
-from agentbox_runtime.resize import MaintenanceRunner, ResizePlan, resize
 from agentbox_runtime.container import host_conf
 from agentbox_runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
-from agentbox_runtime.microvm.maintenance import live_users
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.private_dir import OutputDir
+from agentbox_runtime.workspace_disk import WorkspaceDisk
 
 
 
@@ -121,42 +118,11 @@ def workspace(request: pytest.FixtureRequest, tmp_path: Path, agentbox_session: 
     agentbox_session.registry.drop_mount(ws.path)
 
 
-@dataclass
-class DiskHandle:
-    """A managed raw btrfs image of a workspace (create, validate, grow, reset, inspect)."""
-
-    disk: disks.RawDisk
-    state_root: Path
-
-    @property
-    def path(self) -> Path:
-        return self.disk.path(self.state_root)
-
-    def create(self) -> disks.Outcome:
-        """Create (or validate and reuse) the image."""
-        self.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return disks.prepare(self.disk, self.state_root)
-
-    def validate(self) -> int:
-        """Check the image; its size."""
-        return disks.validate(self.disk, self.path, disks.SubprocessRunner())
-
-    def live_users(self) -> tuple[str, ...]:
-        """Running guests of this harness that attach the image."""
-
-        return tuple(live_users(StateLayout(self.state_root, self.state_root.name, self.state_root.parent,
-                                            self.state_root), self.path))
-
-    def grow(self, size: int, runner: MaintenanceRunner) -> ResizePlan:
-        """Grow to ``size`` bytes and run the guest step through ``runner``.
-
-        Refused while a Podman container or a microvm of this harness uses the image;
-        equal and smaller sizes are refused; a guest failure is retryable."""
-        return resize(self.disk, size, self.state_root, runner, extra_users=self.live_users())
-
-    def reset(self, force: bool = True) -> Path:
-        """Delete and recreate the nix image (refused without ``force`` and while live)."""
-        return reset_nix(self.state_root, force, extra_users=self.live_users(), disk=self.disk)
+@dataclass(frozen=True)
+class DiskHandle(WorkspaceDisk):
+    """A managed raw btrfs image of a workspace (create, validate, grow, reset: see
+    :class:`agentbox_runtime.workspace_disk.WorkspaceDisk`; grow and reset refuse while a guest of
+    this harness uses it) that a root test can also inspect."""
 
     @contextlib.contextmanager
     def inspect(self) -> Iterator[Path]:
