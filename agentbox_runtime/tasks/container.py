@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from agentbox_guest_init import contract as c
 from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
-from agentbox_runtime.state import StateLayout, task_hostname
 from agentbox_runtime.errors import InputError
 from agentbox_runtime.tasks.krun import TMPFS
-from agentbox_runtime.tasks.volumes import Volumes, mount_arg, task_volumes
+from agentbox_runtime.tasks.volumes import Volumes, mount_arg
 
 
 def hardened_options(user: ImageUser = DEFAULT_IMAGE_USER) -> tuple[str, ...]:
@@ -52,13 +50,3 @@ def container_argv(*, name: str, hostname: str, volumes: Volumes, merged: Path,
     argv += [image, "fish", "-l"]
     return argv
 
-
-def container_task_argv(*, args: argparse.Namespace, cwd: Path, slug: str, name: str, image: str,
-                        sidecar_name: str, merged: Path, user: ImageUser = DEFAULT_IMAGE_USER) -> list[str]:
-    """Build the container task argv from parsed CLI ``args`` (used by ``agentbox container``)."""
-    layout = StateLayout.resolve(cwd)
-    return container_argv(
-        name=name, hostname=task_hostname(slug), volumes=task_volumes(layout, user=user), merged=merged, user=user,
-        sidecar_name=sidecar_name, image=image, root=bool(args.root),
-        profile=bool(args.profile), debug=bool(args.debug),
-        run_label=getattr(args, "run_label", None), hardened=bool(getattr(args, "hardened", False)))
