@@ -112,12 +112,28 @@ def _disks(disks: dict[int, dict[str, str]]) -> tuple[LaunchDisk, ...]:
     return tuple(out)
 
 
-def decode(text: str) -> LaunchConfig:
-    """Parse launch.conf text; :class:`LaunchConfigError` says what is wrong."""
+def _scalar(scalars: dict[str, str], key: str, value: str) -> None:
+    if key in scalars:
+        raise LaunchConfigError(f"{PREFIX} repeats key {key}")
+    scalars[key] = value
+
+
+def _list_item(lists: dict[str, dict[int, str]], key: str, value: str) -> None:
+    """``argv.N`` or ``env.N`` into its list at index N (each index once; an env entry has '=')."""
+    kind, _, idx = key.partition(".")
+    i = _index(key, idx)
+    if i in lists[kind]:
+        raise LaunchConfigError(f"{PREFIX} repeats key {key}")
+    if kind == "env" and "=" not in value:
+        raise LaunchConfigError(f"{PREFIX} env entry {key} is missing '='")
+    lists[kind][i] = value
+
+
+def _entries(text: str) -> tuple[dict[str, str], dict[int, dict[str, str]], dict[str, dict[int, str]]]:
+    """Scalars, disk fields and the argv/env lists of launch.conf text, each key checked."""
     scalars: dict[str, str] = {}
     disks: dict[int, dict[str, str]] = {}
-    argv: dict[int, str] = {}
-    env: dict[int, str] = {}
+    lists: dict[str, dict[int, str]] = {"argv": {}, "env": {}}
     for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -126,26 +142,24 @@ def decode(text: str) -> LaunchConfig:
             raise LaunchConfigError(f"{PREFIX} line {n} is missing '='")
         decoded = _value(n, value)
         if key in SCALARS:
-            if key in scalars:
-                raise LaunchConfigError(f"{PREFIX} repeats key {key}")
-            scalars[key] = decoded
+            _scalar(scalars, key, decoded)
         elif key.startswith("disk."):
             _disk_field(disks, key, decoded)
-        elif key.startswith("argv.") or key.startswith("env."):
-            kind, _, idx = key.partition(".")
-            i = _index(key, idx)
-            target = argv if kind == "argv" else env
-            if i in target:
-                raise LaunchConfigError(f"{PREFIX} repeats key {key}")
-            if kind == "env" and "=" not in decoded:
-                raise LaunchConfigError(f"{PREFIX} env entry {key} is missing '='")
-            target[i] = decoded
+        elif key.startswith(("argv.", "env.")):
+            _list_item(lists, key, decoded)
         else:
             raise LaunchConfigError(f"{PREFIX} contains unknown key {key}")
+    return scalars, disks, lists
+
+
+def decode(text: str) -> LaunchConfig:
+    """Parse launch.conf text; :class:`LaunchConfigError` says what is wrong."""
+    scalars, disks, lists = _entries(text)
     for k in SCALARS:
         if k not in scalars:
             raise LaunchConfigError(f"{PREFIX} missing required key {k}")
     ram, vcpus = _number(scalars, "ram_mib", 1 << 32), _number(scalars, "vcpus", 256)
+    argv, env = lists["argv"], lists["env"]
     return LaunchConfig(
         task_rootfs=scalars["task_rootfs"], workspace_source=scalars["workspace_source"],
         workspace_tag=scalars["workspace_tag"], workspace_target=scalars["workspace_target"],

@@ -157,42 +157,61 @@ def _whiteout_target(name: str) -> str | None:
     return None if gone in ("", ".", "..") or "/" in gone else gone
 
 
+@dataclass
+class _Changes:
+    added: list[str] = field(default_factory=list)
+    modified: list[str] = field(default_factory=list)
+    deleted: set[str] = field(default_factory=set)
+
+
+def _dir_deletions(low: _Layer, up: _Layer, rel_dir: str, dir_fd: int) -> set[str]:
+    """What the source had under ``rel_dir`` that is gone because the guest replaced the whole
+    directory (opaque, or a file or link that became a directory)."""
+    if not rel_dir:
+        return set()
+    below = low.lstat(rel_dir)
+    replaced = below is not None and not stat.S_ISDIR(below.st_mode)
+    if replaced or _opaque(dir_fd):
+        return {f for f in low.files_under(rel_dir) if f == rel_dir or up.lstat(f) is None}
+    return set()
+
+
+def _review_entry(changes: _Changes, low: _Layer, up: _Layer, rel_dir: str, name: str, dir_fd: int) -> None:
+    """Record what one non-directory entry of the upper dir means: a whiteout deletes, a new name is
+    added, a file over a source directory replaces it, a different file is modified."""
+    rel = _join(rel_dir, name)
+    if name == OPAQUE_MARKER:
+        return
+    gone = _whiteout_target(name) if name.startswith(WHITEOUT_PREFIX) else None
+    if gone is not None:
+        changes.deleted |= set(low.files_under(_join(rel_dir, gone)))
+        return
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    if _is_whiteout(st):
+        changes.deleted |= set(low.files_under(rel))
+        return
+    base = low.lstat(rel)
+    if base is None:
+        changes.added.append(rel)
+    elif stat.S_ISDIR(base.st_mode):  # the guest put a file where the source has a directory
+        changes.deleted |= set(low.files_under(rel))
+        changes.added.append(rel)
+    elif not _same(low, up, rel, base, st):
+        changes.modified.append(rel)
+
+
 def scan(lower: Path, upper: Path) -> Review:
     """The review of ``upper`` (the overlay's upper dir) against ``lower`` (the source)."""
-    added: list[str] = []
-    modified: list[str] = []
-    deleted: set[str] = set()
+    changes = _Changes()
     with _Layer(lower) as low, _Layer(upper) as up:
         for rel_dir, _dirs, others, dir_fd in walk_beneath(up.fd):
-            if rel_dir:
-                below = low.lstat(rel_dir)
-                replaced = below is not None and not stat.S_ISDIR(below.st_mode)  # a file or link became a dir
-                if replaced or _opaque(dir_fd):  # the guest replaced the whole directory
-                    deleted |= {f for f in low.files_under(rel_dir) if f == rel_dir or up.lstat(f) is None}
+            changes.deleted |= _dir_deletions(low, up, rel_dir, dir_fd)
             for name in others:
-                rel = _join(rel_dir, name)
-                if name == OPAQUE_MARKER:
-                    continue
-                gone = _whiteout_target(name) if name.startswith(WHITEOUT_PREFIX) else None
-                if gone is not None:
-                    deleted |= set(low.files_under(_join(rel_dir, gone)))
-                    continue
-                try:
-                    st = os.lstat(name, dir_fd=dir_fd)
-                except FileNotFoundError:
-                    continue
-                if _is_whiteout(st):
-                    deleted |= set(low.files_under(rel))
-                    continue
-                base = low.lstat(rel)
-                if base is None:
-                    added.append(rel)
-                elif stat.S_ISDIR(base.st_mode):  # the guest put a file where the source has a directory
-                    deleted |= set(low.files_under(rel))
-                    added.append(rel)
-                elif not _same(low, up, rel, base, st):
-                    modified.append(rel)
-        review = Review(sorted(added), sorted(modified), sorted(deleted))
+                _review_entry(changes, low, up, rel_dir, name, dir_fd)
+        review = Review(sorted(changes.added), sorted(changes.modified), sorted(changes.deleted))
         _pair_renames(review, low, up)
     return review
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,35 +118,13 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
         return BuildResult(tag, base, recipe_hash, gi_hash, built_base, built_final,
                            time.monotonic() - started, log)
 
-    lock = FileLock(str(lock_path()))
-    try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:  # another process (an xdist worker) builds: say so, then wait for it
-            progress(f"waiting for the image build another process runs (lock {lock.lock_file})")
-            lock.acquire(timeout=LOCK_TIMEOUT_S)
-    except Timeout:
-        raise AgentboxError(f"image build: another build still holds {lock.lock_file} after "
-                            f"{LOCK_TIMEOUT_S:.0f}s; wait for it or remove the lock if no build runs") from None
-    try:
+    with _build_lock():
         if not force and _is_current(tag, recipe_hash, gi_hash):
             progress(f"{tag} is up to date")
             return result(False, False)
-        built_base = False
         progress(f"building {tag}; tool output goes to {log}")
         superseded = [image_id(tag), image_id(base)]  # final first: it is the base's child
-        base_labels = image_labels(base)
-        if guest_init_only:
-            if base_labels is None:
-                raise AgentboxError(f"image build --guest-init-only needs the base image {base}, which does "
-                                    "not exist; run 'agentbox image build' once without --guest-init-only")
-        elif force or base_labels is None or base_labels.get(recipe.LABEL_RECIPE) != recipe_hash:
-            if os.geteuid() != 0:
-                raise AgentboxError(f"building the base image {base} needs root (debootstrap and chroot "
-                                    "mounts); run 'agentbox image build' as root")
-            log.write_text("")
-            build_base(base, recipe_hash, log)
-            built_base = True
+        built_base = _ensure_base(base, recipe_hash, log, force=force, guest_init_only=guest_init_only)
         build_final(tag, base, recipe_hash, gi_hash, guest_init_src, user)
         for image in superseded:
             remove_if_untagged(image)
@@ -152,5 +132,42 @@ def build(tag: str = recipe.DEFAULT_TAG, *, force: bool = False, guest_init_only
             prune_other_tags(recipe.BASE_REPO, base)
         progress(f"{tag} built in {time.monotonic() - started:.1f}s")
         return result(built_base, True)
+
+
+@contextmanager
+def _build_lock() -> Iterator[None]:
+    """Hold the one image-build lock; when another process (an xdist worker) builds, say so and
+    wait for it up to ``LOCK_TIMEOUT_S``."""
+    lock = FileLock(str(lock_path()))
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            progress(f"waiting for the image build another process runs (lock {lock.lock_file})")
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+    except Timeout:
+        raise AgentboxError(f"image build: another build still holds {lock.lock_file} after "
+                            f"{LOCK_TIMEOUT_S:.0f}s; wait for it or remove the lock if no build runs") from None
+    try:
+        yield
     finally:
         lock.release()
+
+
+def _ensure_base(base: str, recipe_hash: str, log: Path, *, force: bool, guest_init_only: bool) -> bool:
+    """Build the base image when it is missing, stale or ``force`` asks (never with
+    ``guest_init_only``, which needs it to exist); whether it was built."""
+    base_labels = image_labels(base)
+    if guest_init_only:
+        if base_labels is None:
+            raise AgentboxError(f"image build --guest-init-only needs the base image {base}, which does "
+                                "not exist; run 'agentbox image build' once without --guest-init-only")
+        return False
+    if not (force or base_labels is None or base_labels.get(recipe.LABEL_RECIPE) != recipe_hash):
+        return False
+    if os.geteuid() != 0:
+        raise AgentboxError(f"building the base image {base} needs root (debootstrap and chroot "
+                            "mounts); run 'agentbox image build' as root")
+    log.write_text("")
+    build_base(base, recipe_hash, log)
+    return True

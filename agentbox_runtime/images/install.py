@@ -148,6 +148,22 @@ def install_guest_init(root: Path, gi_hash: str, pkg: Path | None = None,
                        files_dir: Path = recipe.FILES_DIR, user: ImageUser = DEFAULT_IMAGE_USER) -> Path:
     """Write the layout above into ``root``; return the store dir as a path inside the image."""
     pkg = pkg or recipe.guest_init_dir()
+    in_image = _write_store(root, gi_hash, pkg)
+    link = in_root(root, str(Path(contract.GUEST_INIT_PATH).parent)) / Path(contract.GUEST_INIT_PATH).name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(in_image / "bin/agentbox-guest-init")
+    _copy_scripts(root, pkg, files_dir)
+    apply_image_user(root, user)
+    _own_xdg_dirs(root, user)
+    precompile(root, in_image / "lib")
+    return in_image
+
+
+def _write_store(root: Path, gi_hash: str, pkg: Path) -> Path:
+    """The guest_init store dir (its files and launcher, every dir 0755) in place of any older one;
+    its path inside the image."""
     store_root = root / "nix/store"
     for old in store_root.glob("*-agentbox-guest-init-*"):
         shutil.rmtree(old)
@@ -165,19 +181,22 @@ def install_guest_init(root: Path, gi_hash: str, pkg: Path | None = None,
     launcher.chmod(0o755)
     for d in (store, lib, launcher.parent, *(p for p in lib.rglob("*") if p.is_dir())):
         d.chmod(0o755)
-    link = in_root(root, str(Path(contract.GUEST_INIT_PATH).parent)) / Path(contract.GUEST_INIT_PATH).name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(in_image / "bin/agentbox-guest-init")
+    return in_image
+
+
+def _copy_scripts(root: Path, pkg: Path, files_dir: Path) -> None:
+    """The package's wrappers into the wrapper dir and ``files_dir``'s scripts into /bin, executable."""
     for wrapper in sorted((pkg / "wrappers").glob("*")):
         if wrapper.is_file():
             _copy_exec(wrapper, in_root(root, recipe.WRAPPER_DIR) / wrapper.name)
     for script in sorted(files_dir.glob("*")):
         if script.is_file():
             _copy_exec(script, in_root(root, "/bin") / script.name)
-    apply_image_user(root, user)
-    for xdg in user.xdg_dirs().values():  # the image contract: the user's XDG dirs exist and are the user's
+
+
+def _own_xdg_dirs(root: Path, user: ImageUser) -> None:
+    """The image contract: the user's XDG dirs exist and are the user's (up to the home)."""
+    for xdg in user.xdg_dirs().values():
         path = in_root(root, xdg)
         path.mkdir(parents=True, exist_ok=True)
         for part in [path, *path.parents]:
@@ -185,8 +204,6 @@ def install_guest_init(root: Path, gi_hash: str, pkg: Path | None = None,
                 break
             if os.geteuid() == 0:  # image builds run as root; a unit test as another user keeps its own ids
                 os.lchown(part, user.uid, user.gid)
-    precompile(root, in_image / "lib")
-    return in_image
 
 
 def precompile(root: Path, lib_in_image: Path) -> None:

@@ -207,50 +207,21 @@ class ImageCache:
         staging: Path | None = None
         mounted = False
         try:
-            digest = _buildah(["inspect", "--format", "{{.FromImageDigest}}", ctr])
-            if not digest:
-                image_id = _buildah(["inspect", "--format", "{{.FromImageID}}", ctr])
-                digest = f"sha256:{image_id}" if image_id else ""
-            if not digest:
-                raise AgentboxError("buildah inspect did not return an image digest")
-            if expected and digest != expected:
-                raise AgentboxError(f"buildah resolved '{ref}' to digest '{digest}', but the image reference "
-                                    f"requested '{expected}'")
+            digest = _container_digest(ctr, ref, expected)
             entry = self.entry(digest)
             if entry.complete():
                 return digest
-            algo, value = parse_digest(digest)
-            blobs = self.root / "blobs" / algo
-            blobs.mkdir(parents=True, exist_ok=True)
-            for stale in blobs.glob(f".{value}.partial-*"):
-                remove_tree(stale)
-            staging = blobs / f".{value}.partial-{os.getpid()}-{time.time_ns()}"
-            staging.mkdir()
-            if subprocess.run(["btrfs", "subvolume", "create", str(staging / "rootfs")],
-                              capture_output=True, timeout=60).returncode != 0:
-                (staging / "rootfs").mkdir(exist_ok=True)
+            staging = self._new_staging(digest)
             src = _buildah(["mount", ctr])
             mounted = True
             if not src:
                 raise AgentboxError("buildah mount did not return a mount path")
-            proc = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", str(staging / "rootfs")],
-                                  capture_output=True, text=True, timeout=TIMEOUT_S)
-            if proc.returncode != 0:
-                raise AgentboxError(f"cp -a --reflink=auto failed from '{src}' to '{staging / 'rootfs'}': "
-                                    f"{proc.stderr.strip()}")
+            _copy_rootfs(src, staging / "rootfs")
             try:
                 validate_rootfs(staging / "rootfs")
             except AgentboxError as exc:
                 raise AgentboxError(f"buildah-ingested image digest '{digest}' is not agentbox-compatible") from exc
-            (staging / MARKER).write_text("agentbox\n")
-            if entry.path.exists():
-                remove_tree(entry.path)  # an incomplete entry is re-ingested
-            try:
-                os.rename(staging, entry.path)
-            except OSError:
-                if not entry.complete():
-                    raise
-                remove_tree(staging)
+            _publish(staging, entry)
             staging = None
             return digest
         finally:
@@ -259,6 +230,57 @@ class ImageCache:
             if mounted:
                 subprocess.run(["buildah", "umount", ctr], capture_output=True, timeout=300)
             subprocess.run(["buildah", "rm", ctr], capture_output=True, timeout=300)
+
+    def _new_staging(self, digest: str) -> Path:
+        """A fresh staging dir for ``digest`` beside its blob (stale ones of earlier runs removed),
+        with ``rootfs`` a btrfs subvolume where the cache is on btrfs, else a plain dir."""
+        algo, value = parse_digest(digest)
+        blobs = self.root / "blobs" / algo
+        blobs.mkdir(parents=True, exist_ok=True)
+        for stale in blobs.glob(f".{value}.partial-*"):
+            remove_tree(stale)
+        staging = blobs / f".{value}.partial-{os.getpid()}-{time.time_ns()}"
+        staging.mkdir()
+        if subprocess.run(["btrfs", "subvolume", "create", str(staging / "rootfs")],
+                          capture_output=True, timeout=60).returncode != 0:
+            (staging / "rootfs").mkdir(exist_ok=True)
+        return staging
+
+
+def _container_digest(ctr: str, ref: str, expected: str) -> str:
+    """The digest of the image Buildah's working container ``ctr`` came from (its image ID when
+    there is no digest); it must be ``expected`` when that is given."""
+    digest = _buildah(["inspect", "--format", "{{.FromImageDigest}}", ctr])
+    if not digest:
+        image_id = _buildah(["inspect", "--format", "{{.FromImageID}}", ctr])
+        digest = f"sha256:{image_id}" if image_id else ""
+    if not digest:
+        raise AgentboxError("buildah inspect did not return an image digest")
+    if expected and digest != expected:
+        raise AgentboxError(f"buildah resolved '{ref}' to digest '{digest}', but the image reference "
+                            f"requested '{expected}'")
+    return digest
+
+
+def _copy_rootfs(src: str, dest: Path) -> None:
+    proc = subprocess.run(["cp", "-a", "--reflink=auto", f"{src}/.", str(dest)],
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    if proc.returncode != 0:
+        raise AgentboxError(f"cp -a --reflink=auto failed from '{src}' to '{dest}': {proc.stderr.strip()}")
+
+
+def _publish(staging: Path, entry: CacheEntry) -> None:
+    """Mark ``staging`` complete and rename it over ``entry`` (an incomplete entry is re-ingested);
+    when another process published the same entry first, ``staging`` goes."""
+    (staging / MARKER).write_text("agentbox\n")
+    if entry.path.exists():
+        remove_tree(entry.path)
+    try:
+        os.rename(staging, entry.path)
+    except OSError:
+        if not entry.complete():
+            raise
+        remove_tree(staging)
 
 
 def local_digest(ref: str) -> str | None:

@@ -56,36 +56,46 @@ def _index(key: str) -> tuple[int, str]:
     return int(suffix[:digits]), suffix[digits:]
 
 
+def _field(key: str) -> tuple[int, str]:
+    """The index and field name of a ``krun.disk.<N>.<field>`` key, or DiskError."""
+    index, rest = _index(key)
+    if not rest.startswith(".") or len(rest) == 1:
+        raise DiskError(f"invalid krun disk annotation {key!r}: expected krun.disk.N.path, krun.disk.N.id or "
+                        "krun.disk.N.readonly")
+    name = rest[1:]
+    if name not in FIELDS:
+        raise DiskError(f"unsupported krun disk annotation {key!r}; accepted fields: {', '.join(FIELDS)}")
+    return index, name
+
+
+def _disk(bundle: Bundle, index: int, given: dict[str, str]) -> KrunDisk:
+    """Disk ``index`` from its given fields: path and id present and non-empty, readonly true or
+    false (default false), a relative path taken from the bundle."""
+    for name in ("path", "id"):
+        if name not in given:
+            raise DiskError(f"missing required krun disk annotation krun.disk.{index}.{name}")
+        if not given[name]:
+            raise DiskError(f"krun disk annotation krun.disk.{index}.{name} must not be empty")
+    readonly = given.get("readonly", "false")
+    if readonly not in ("true", "false"):
+        raise DiskError(f"invalid krun disk readonly value krun.disk.{index}.readonly={readonly!r}; accepted: "
+                        "true, false")
+    path = given["path"] if os.path.isabs(given["path"]) else str(bundle.path / given["path"])
+    return KrunDisk(index, given["id"], path, readonly == "true")
+
+
 def parse(bundle: Bundle) -> list[KrunDisk]:
     """The disks the annotations name, in index order; DiskError (one line) for the first refusal."""
     fields: dict[int, dict[str, str]] = {}
     for key, value in bundle.annotations.items():
-        if not key.startswith(PREFIX):
-            continue
-        index, rest = _index(key)
-        if not rest.startswith(".") or len(rest) == 1:
-            raise DiskError(f"invalid krun disk annotation {key!r}: expected krun.disk.N.path, krun.disk.N.id or "
-                            "krun.disk.N.readonly")
-        name = rest[1:]
-        if name not in FIELDS:
-            raise DiskError(f"unsupported krun disk annotation {key!r}; accepted fields: {', '.join(FIELDS)}")
-        fields.setdefault(index, {})[name] = value
+        if key.startswith(PREFIX):
+            index, name = _field(key)
+            fields.setdefault(index, {})[name] = value
     disks = []
     for expected, index in enumerate(sorted(fields)):
         if index != expected:
             raise DiskError(f"krun disk annotation indexes must be contiguous from 0: missing index {expected}")
-        given = fields[index]
-        for name in ("path", "id"):
-            if name not in given:
-                raise DiskError(f"missing required krun disk annotation krun.disk.{index}.{name}")
-            if not given[name]:
-                raise DiskError(f"krun disk annotation krun.disk.{index}.{name} must not be empty")
-        readonly = given.get("readonly", "false")
-        if readonly not in ("true", "false"):
-            raise DiskError(f"invalid krun disk readonly value krun.disk.{index}.readonly={readonly!r}; accepted: "
-                            "true, false")
-        path = given["path"] if os.path.isabs(given["path"]) else str(bundle.path / given["path"])
-        disks.append(KrunDisk(index, given["id"], path, readonly == "true"))
+        disks.append(_disk(bundle, index, fields[index]))
     return disks
 
 

@@ -209,13 +209,9 @@ def fetch_source(suite: str | None = None) -> Source:
     if not re.fullmatch(r"[a-z0-9-]+", suite):
         raise CrunUnavailable(f"invalid Debian suite {suite!r} (accepted: a suite name such as trixie)")
     store = cache_dir() / "src" / suite
-    for tarball in sorted(store.glob("crun_*.orig.tar.*")) if store.is_dir() else []:
-        if tarball.name.endswith(".sha256"):
-            continue
-        want = Path(f"{tarball}.sha256")
-        if want.is_file() and want.read_text().strip() == _sha256(tarball):
-            version = tarball.name.removeprefix("crun_").split(".orig.tar.")[0]
-            return Source(tarball, version, want.read_text().strip(), suite)
+    cached = _cached_source(store, suite)
+    if cached is not None:
+        return cached
     if shutil.which("apt-get") is None:
         raise CrunUnavailable("this host has no apt-get to fetch crun's source from Debian's archive")
     if not KEYRING.is_file():
@@ -227,32 +223,50 @@ def fetch_source(suite: str | None = None) -> Source:
     for sub in ("sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"):
         (apt / sub).mkdir(parents=True, exist_ok=True)
     (apt / "sources.list").write_text(f"deb-src [signed-by={KEYRING}] {mirror} {suite} main\n")
-    opts = _apt_options(apt)
     try:
-        proc = _run(["apt-get", *opts, "-q", "update"], timeout=APT_TIMEOUT_S)
-        if proc.returncode != 0 or "Err:" in proc.stdout:
-            raise CrunUnavailable(f"apt-get update for deb-src {mirror} {suite} failed: {_tail(proc.stdout + proc.stderr)}")
-        proc = _run(["apt-get", *opts, "-qq", "source", "--print-uris", "--tar-only", "crun"], timeout=APT_TIMEOUT_S,
-                    cwd=apt)
-        m = PRINT_URI.search(proc.stdout)
-        if proc.returncode != 0 or m is None:
-            raise CrunUnavailable(f"Debian's {suite} index lists no crun orig tarball: {_tail(proc.stdout + proc.stderr)}")
-        download = Path(tempfile.mkdtemp(prefix="download.", dir=apt))
-        proc = _run(["apt-get", *opts, "-q", "source", "--download-only", "--tar-only", "crun"], timeout=APT_TIMEOUT_S,
-                    cwd=download)
-        got = download / m["name"]
-        if not got.is_file():
-            raise CrunUnavailable(f"apt-get source could not fetch {m['uri']}: {_tail(proc.stdout + proc.stderr)}")
-        sha = _sha256(got)
-        if sha != m["sha"] or got.stat().st_size != int(m["size"]):
-            raise CrunUnavailable(f"{m['name']} from {m['uri']} does not match Debian's signed index "
-                                  f"(sha256 {sha}, expected {m['sha']})")
-        store.mkdir(parents=True, exist_ok=True)
-        os.replace(got, store / m["name"])
-        Path(f"{store / m['name']}.sha256").write_text(sha + "\n")
-        return Source(store / m["name"], m["version"], sha, suite)
+        return _download_source(apt, mirror, suite, store)
     finally:
         shutil.rmtree(apt, ignore_errors=True)  # the private apt state is not kept
+
+
+def _cached_source(store: Path, suite: str) -> Source | None:
+    """A tarball of ``store`` whose recorded sha256 still matches it, if any."""
+    for tarball in sorted(store.glob("crun_*.orig.tar.*")) if store.is_dir() else []:
+        if tarball.name.endswith(".sha256"):
+            continue
+        want = Path(f"{tarball}.sha256")
+        if want.is_file() and want.read_text().strip() == _sha256(tarball):
+            version = tarball.name.removeprefix("crun_").split(".orig.tar.")[0]
+            return Source(tarball, version, want.read_text().strip(), suite)
+    return None
+
+
+def _download_source(apt: Path, mirror: str, suite: str, store: Path) -> Source:
+    """apt-get update, then the orig tarball the signed index lists, checked against its sha256 and
+    size and moved into ``store`` with its sha256 recorded beside it."""
+    opts = _apt_options(apt)
+    proc = _run(["apt-get", *opts, "-q", "update"], timeout=APT_TIMEOUT_S)
+    if proc.returncode != 0 or "Err:" in proc.stdout:
+        raise CrunUnavailable(f"apt-get update for deb-src {mirror} {suite} failed: {_tail(proc.stdout + proc.stderr)}")
+    proc = _run(["apt-get", *opts, "-qq", "source", "--print-uris", "--tar-only", "crun"], timeout=APT_TIMEOUT_S,
+                cwd=apt)
+    m = PRINT_URI.search(proc.stdout)
+    if proc.returncode != 0 or m is None:
+        raise CrunUnavailable(f"Debian's {suite} index lists no crun orig tarball: {_tail(proc.stdout + proc.stderr)}")
+    download = Path(tempfile.mkdtemp(prefix="download.", dir=apt))
+    proc = _run(["apt-get", *opts, "-q", "source", "--download-only", "--tar-only", "crun"], timeout=APT_TIMEOUT_S,
+                cwd=download)
+    got = download / m["name"]
+    if not got.is_file():
+        raise CrunUnavailable(f"apt-get source could not fetch {m['uri']}: {_tail(proc.stdout + proc.stderr)}")
+    sha = _sha256(got)
+    if sha != m["sha"] or got.stat().st_size != int(m["size"]):
+        raise CrunUnavailable(f"{m['name']} from {m['uri']} does not match Debian's signed index "
+                              f"(sha256 {sha}, expected {m['sha']})")
+    store.mkdir(parents=True, exist_ok=True)
+    os.replace(got, store / m["name"])
+    Path(f"{store / m['name']}.sha256").write_text(sha + "\n")
+    return Source(store / m["name"], m["version"], sha, suite)
 
 
 # -- 2. build -------------------------------------------------------------------------------------
