@@ -81,7 +81,7 @@ class PtySessions:
 
     def _get(self, sid: object) -> Session:
         with self.lock:
-            session = self.sessions.get(sid)  # type: ignore[call-overload]
+            session = self.sessions.get(sid) if isinstance(sid, int) else None
         if session is None:
             raise ValueError(f"no pty session {sid!r}")
         return session
@@ -126,5 +126,3 @@ class PtySessions:
         s.proc.wait()
         os.close(s.master)
         return {"ok": True}
-
-

@@ -165,7 +165,7 @@ def live_vms(state_bases: list[str], run_label: str) -> list[str]:
         for rec in vm_reaper.records(layout):
             pid = rec.get("pid")
             if rec.get("run_label") == run_label and isinstance(pid, int) \
-                    and vm_reaper.same_process(pid, rec.get("start")):  # type: ignore[arg-type]
+                    and vm_reaper.same_process(pid, rec.get("start")):
                 out.append(f"VM process {pid} (task dir {rec.get('task_dir')})")
     return out
 

@@ -64,7 +64,8 @@ class Podman:
     def spawn(self, args: Sequence[str], **popen: object) -> subprocess.Popen[bytes]:
         """Start with stdio inherited (unless overridden) and return the process."""
         try:
-            return subprocess.Popen(self.argv(args), **popen)  # type: ignore[call-overload]
+            proc: subprocess.Popen[bytes] = subprocess.Popen(self.argv(args), **popen)  # type: ignore[call-overload]
+            return proc
         except FileNotFoundError as exc:
             raise AgentboxError(MISSING) from exc
 
