@@ -55,7 +55,7 @@ PREAUTH_MAX_BYTES = 16384
 WINSIZE_MAX = 4096
 """The most rows or columns a pty window may have (``pty_spawn``, ``pty_resize``): bigger is a broken
 or hostile peer, refused rather than handed to TIOCSWINSZ."""
-_NONCE = re.compile(r"[0-9a-f]{%d}" % (2 * NONCE_BYTES))
+_NONCE = re.compile(rf"[0-9a-f]{{{2 * NONCE_BYTES}}}")
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:

@@ -32,6 +32,7 @@ xattr on the host.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -163,7 +164,7 @@ def enter(cfg: LaunchConfig, lib: ctypes.CDLL | None = None) -> int:
 def _add_attach_channel(lib: ctypes.CDLL, ctx: int, path: str) -> None:
     """The optional ``agentbox attach`` channel: libkrun listens on ``path`` for the guest's vsock port."""
     try:
-        fn = getattr(lib, "krun_add_vsock_port2")
+        fn = lib.krun_add_vsock_port2
     except AttributeError:
         print("agentbox: this libkrun has no krun_add_vsock_port2; the guest starts without an "
               "`agentbox attach` channel", file=sys.stderr, flush=True)
@@ -245,10 +246,8 @@ class LibkrunHandle:
     def _close_pipes(self) -> None:
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
-                try:
+                with contextlib.suppress(OSError):
                     stream.close()
-                except OSError:
-                    pass
         if self.attach_socket is not None:
             shutil.rmtree(self.attach_socket.parent, ignore_errors=True)
 
