@@ -10,7 +10,6 @@ from agentbox_runtime.container import host_conf
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.hostcheck.check import Check, run_tool, tool_check
 from agentbox_runtime.hostcheck.crun import SELECT_QEMU_RUNTIME
-from agentbox_runtime.hostcheck.crun import check_crun_krun as check_crun_krun  # moved; re-exported for old imports
 from agentbox_runtime.hostcheck.parsers import podman_summary, qemu_accelerators
 from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.oci.locate import runtime_path
