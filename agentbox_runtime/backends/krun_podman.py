@@ -70,8 +70,7 @@ class KrunPodmanBackend:
     name: str = "krun-podman"
     capabilities: Capabilities = caps("krun-podman")
     disks: tuple[raw_disks.RawDisk, ...] = raw_disks.LIBKRUN_DISKS
-    accepts: frozenset[str] = frozenset({"image", "memory_mib", "cpus", "publish", "root", "tsi", "guest_init",
-                                         "extra_env"})
+    accepts: frozenset[str] = frozenset({"image", "memory_mib", "cpus", "publish", "root", "tsi", "guest_init"})
 
     def krun_options(self, o: BackendOptions) -> KrunOptions:
         """The task's :class:`KrunOptions`. Every input is checked here (publish specs, the guest-init

@@ -25,7 +25,7 @@ from agentbox_runtime.errors import InputError
 from agentbox_runtime.guest_resources import default_cpus
 from agentbox_runtime.state import StateLayout
 
-MICROVM_ONLY = ("storage", "image_cache", "preserve_debug", "workspace")
+MICROVM_ONLY = ("storage", "image_cache", "preserve_debug", "workspace", "extra_env")
 
 
 # --- the record ----------------------------------------------------------------------------------
