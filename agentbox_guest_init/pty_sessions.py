@@ -9,6 +9,7 @@ of a new window size with ``pty_resize``, then ``pty_close``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
@@ -119,10 +120,8 @@ class PtySessions:
         s = self._get(sid)
         with self.lock:
             self.sessions.pop(sid, None)  # type: ignore[call-overload]
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(s.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         s.proc.wait()
         os.close(s.master)
         return {"ok": True}
