@@ -12,8 +12,12 @@ file that changed, went missing or appeared; ``agentbox evidence verify <dir>`` 
 Bundles are written through :class:`~agentbox_runtime.private_dir.OutputDir`: no link on the path
 is followed and every file is created new.
 
-Nothing is written before :func:`redact` ran over it: the values of environment variables whose
-names look secret (:data:`SECRET_NAME`) and every registered secret become ``[REDACTED]``.
+Nothing is written before a :class:`Redactor` ran over it: the values of environment variables
+whose names look secret (:data:`SECRET_NAME`) and every registered secret become ``[REDACTED]``
+(by known value), and output that looks like a credential (tokens, PEM private keys,
+``Authorization:`` and cookie header values; see :mod:`agentbox_runtime.credential_patterns`)
+becomes ``[REDACTED:<kind>]`` (by pattern), wherever it appears: a transcript's argv and env, the
+console log, the launch config.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agentbox_runtime.credential_patterns import redact_credentials
 from agentbox_runtime.errors import InputError, one_line
 from agentbox_runtime.private_dir import OutputDir
 
@@ -39,7 +44,8 @@ MIN_SECRET_CHARS = 4  # shorter values would redact ordinary text
 
 @dataclass
 class Redactor:
-    """The secrets to keep out of a bundle: registered values and secret-looking env values."""
+    """The secrets to keep out of a bundle: registered values, secret-looking env values and
+    (always) credential-looking text."""
 
     secrets: set[str] = field(default_factory=set)
 
@@ -56,10 +62,11 @@ class Redactor:
                 self.secrets.add(value)
 
     def text(self, text: str) -> str:
-        """``text`` with every secret replaced (longest first, so a secret containing another goes whole)."""
+        """``text`` with every secret replaced (longest first, so a secret containing another goes
+        whole), then every credential-looking run (:func:`~agentbox_runtime.credential_patterns.redact_credentials`)."""
         for secret in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(secret, REDACTED)
-        return text
+        return redact_credentials(text)
 
     def env(self, env: Mapping[str, str]) -> dict[str, str]:
         """``env`` with secret-looking names' values and registered secrets redacted."""
@@ -67,8 +74,6 @@ class Redactor:
 
     def data(self, data: bytes) -> bytes:
         """Redact bytes (decoded as UTF-8 with surrogate escapes, so binary survives unchanged)."""
-        if not self.secrets:
-            return data
         return self.text(data.decode("utf-8", "surrogateescape")).encode("utf-8", "surrogateescape")
 
 
