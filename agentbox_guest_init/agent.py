@@ -25,8 +25,9 @@ Requests run concurrently; each response echoes the request ``id``:
   ``token``, which never crosses that connection (``auth``/``auth_proof``, see
   :mod:`agentbox_guest_init.protocol`); at most 8 connections wait to do so at
   once, each sending a few KiB at most;
-- ``shutdown`` → answer, then exit, on every channel (PID 1 of a guest powers
-  off when its command, the agent, ends).
+- ``shutdown`` → sync, answer, then exit, on every channel (PID 1 of a guest
+  powers off when its command, the agent, ends): the guest's own poweroff, the
+  first rung of the host's shutdown ladder.
 
 Besides the main channel, the agent serves ``agentbox attach`` on what the VMM
 offers (:func:`serve_attach_channels`).
@@ -318,6 +319,7 @@ def handle(req: Mapping[str, Any]) -> dict[str, Any]:
         if op == "attach_listen":
             return attach_listen(req)
         if op == "shutdown":
+            os.sync()  # the guest's writes reach its disks before PID 1 powers the VM off
             return {"ok": True, "shutdown": True}
         return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, run, read_file, write_file, "
                                       "prep_status, pty_spawn, pty_io, pty_resize, pty_close, linger, attach_listen, shutdown"}

@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from agentbox_guest_init import contract as c
 from agentbox_guest_init import image_user, prep
@@ -68,16 +69,20 @@ def status_report() -> dict[str, dict[str, object]]:
     return report
 
 
-def readiness(report: dict[str, dict[str, object]], genv: GuestEnv, mounts: str) -> dict[str, object]:
+def readiness(report: dict[str, dict[str, object]], genv: GuestEnv, mounts: str, *,
+              nix_daemon: bool = True) -> dict[str, object]:
     """The readiness gate: ``ready``, ``reason`` and ``missing`` over what this guest's contract
-    enables (the nix prep with the nix overlay, the Podman prep with container storage, the
-    workspace mount in a microvm). Liveness (the agent answering) is the host's part."""
+    enables (the nix prep with the nix overlay and its daemon accepting connections, the Podman
+    prep with container storage, the workspace mount in a microvm). Liveness (the agent answering)
+    is the host's part."""
     missing: list[str] = []
     for name, enabled in (("nix", genv.nix_overlay), ("podman", genv.containers_storage)):
         state = report[name]["state"]
         if enabled and state != "ready":
             error = report[name].get("error")
             missing.append(f"{name}: {state}" + (f" ({error})" if error else ""))
+    if genv.nix_overlay and report["nix"]["state"] == "ready" and not nix_daemon:
+        missing.append(f"nix: daemon not accepting connections at {c.NIX_DAEMON_SOCKET} yet")
     if genv.workspace_tag:
         targets = {line.split()[1] for line in mounts.splitlines() if len(line.split()) > 2}
         if genv.workspace_target not in targets:
@@ -98,7 +103,8 @@ def _status(args: argparse.Namespace) -> int:
                 mounts = f.read()
         except OSError:
             mounts = ""
-        gate = readiness(report, GuestEnv.parse(), mounts)
+        gate = readiness(report, GuestEnv.parse(), mounts,
+                         nix_daemon=prep.socket_accepts(Path(c.NIX_DAEMON_SOCKET)))
         print(json.dumps({**report, "gate": gate}, sort_keys=True))
     else:
         for name, r in report.items():

@@ -10,6 +10,7 @@ deadline and names exactly what went wrong.
 from __future__ import annotations
 
 import os
+import socket as sockets
 import stat
 import subprocess
 import sys
@@ -137,6 +138,18 @@ def error_chain(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
+def socket_accepts(path: Path, timeout: float = 2.0) -> bool:
+    """A server accepts connections at the Unix socket ``path``: a socket file alone proves nothing,
+    as one left by an earlier boot stays on a persistent disk (the nix store's daemon socket)."""
+    with sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def socket_state(path: Path) -> str:
     """What is at ``path``: socket, missing, regular-file, directory, symlink, non-socket or unreadable."""
     try:
@@ -184,7 +197,8 @@ def wait(kind: PrepKind, timeout: float = c.PREP_WAIT_TIMEOUT_S, *, socket: str 
     if socket is None:
         return
     sock = under(root, socket)
-    while (observed := socket_state(sock)) != "socket":
+    while (observed := socket_state(sock)) != "socket" or not socket_accepts(sock):
+        observed = "a socket refusing connections" if observed == "socket" else observed
         if time.monotonic() > deadline:
             raise GuestError(f"timed out after {secs} waiting for libkrun nix-daemon Unix socket at {socket} "
                              f"(observed={observed}); status={kind.status_path}; log={log}")

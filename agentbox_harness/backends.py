@@ -13,10 +13,11 @@ import shlex
 import shutil
 import time
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from agentbox_harness.leftovers import Holdings
 from agentbox_harness.machine import Machine, Preserved, Result
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_guest_init import contract as c
@@ -33,6 +34,9 @@ from agentbox_runtime.channel import AgentClient, ChannelError, PtyRelay
 from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
 from agentbox_runtime.vmm import boot_phases
 from agentbox_runtime.vmm.host import tail_bytes
+from agentbox_runtime.vmm.shutdown import StopReport
+from agentbox_runtime.processes import session_members, start_time
+from agentbox_runtime.podman import Podman
 from agentbox_runtime.microvm.maintenance import MicrovmResizeRunner
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
@@ -40,10 +44,27 @@ AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
 AGENT_STDIO_COMMAND = ("agentbox-guest-init", "agent")
 """The agent on the guest command's stdio (libkrun's console, krun-podman's ``podman run -i``)."""
 BOOT_TIMEOUT_S = 60.0
-GRACEFUL_S = 20.0
-"""How long a guest asked to shut down gets to power itself off before its VMM is terminated."""
 ARTIFACT_LOG_MAX = 8 << 20
 """Artifacts keep at most the last 8 MiB of a log."""
+
+
+def container_processes(name: str) -> tuple[tuple[str, int, str | None], ...]:
+    """The conmon and main process of container ``name`` (with start times), for :class:`Holdings`."""
+    out = Podman(timeout_s=30).capture(["inspect", "--type", "container", "--format",
+                                        "{{.State.ConmonPid}} {{.State.Pid}}", name])
+    pids = [int(p) for p in out.stdout.split() if p.isdigit() and int(p) > 0] if out.returncode == 0 else []
+    return tuple((f"{what} of {name}", pid, start_time(pid))
+                 for what, pid in zip(("conmon", "process"), pids, strict=False))
+
+
+def note_stop(machine: Machine, report: StopReport, notes: list[str], what: str) -> None:
+    """Keep a stop's report (:attr:`Machine.stop_reports`, ``notes``); a guest that was asked to power
+    off but had to be terminated or killed is a warning, never silent."""
+    machine.stop_reports.append(report)
+    notes.append(report.describe(what))
+    if report.forced and any(step.rung == "poweroff" for step in report.steps):
+        warnings.warn(f"{machine.name}: the guest did not power off after the agent's shutdown; "
+                      f"{report.describe(f'its {what}')}", stacklevel=3)
 
 
 def agent_execute(machine: Machine, agent: AgentClient, argv: list[str], *, user: str | None,
@@ -112,6 +133,8 @@ def attach_lines(name: str, guest_id: str, task_dir: Path | None) -> list[str]:
 @dataclass
 class MicrovmMachine(Machine):
     """A microvm guest driven through its agent."""
+
+    ready_gate: ClassVar[bool] = True
 
     options: MicrovmOptions | None = None
     task: MicrovmTask | None = None
@@ -187,6 +210,18 @@ class MicrovmMachine(Machine):
                  timeout: float, stdin: bytes | None) -> Result:
         return agent_execute(self, self._agent(), argv, user=user, env=env, cwd=cwd, timeout=timeout, stdin=stdin)
 
+    def holdings(self) -> Holdings:
+        """The VMM's session (the VMM, and under krun-direct the helper's qemu), the task rootfs
+        mount, the task dir and the private socket dirs."""
+        task = self.task
+        if task is None or task.handle is None:
+            return Holdings()
+        handle = task.handle
+        dirs = [getattr(handle, "sock_dir", None), handle.attach_socket.parent if handle.attach_socket else None]
+        return Holdings(processes=tuple(("VMM process", pid, start) for pid, start in session_members(handle.pid)),
+                        mounts=(str(task.rootfs.root),) if task.rootfs is not None else (),
+                        paths=(str(task.task_dir), *(str(d) for d in dirs if d is not None)))
+
     def preserve_live(self) -> list[str] | None:
         """The guest stays up (its VMM outlives the harness under --preserve-debug) with its task
         rootfs and state; ``agentbox rm`` removes them. The agent is told to linger: its main
@@ -224,6 +259,9 @@ class MicrovmMachine(Machine):
             self.task.opts = replace(self.task.opts, preserve_debug=False)
 
     def _stop(self, timeout: float) -> None:
+        """The one shutdown ladder (:meth:`MicrovmTask.stop`) within about ``timeout`` s: the agent's
+        ``shutdown`` (the guest syncs and powers off), then QMP ``quit``/SIGTERM, then SIGKILL; the
+        report joins :attr:`stop_reports`. The task is then closed (rootfs unmounted, state removed)."""
         if self.guest_id is not None:
             guest_registry.forget(self.guest_id)
             self.guest_id = None
@@ -231,25 +269,15 @@ class MicrovmMachine(Machine):
         if task is None:
             return
         agent, self.agent = self.agent, None
-        asked = False
         try:
-            if agent is not None:
-                try:  # graceful: flush, then the agent exits and PID 1 powers off
-                    agent.run(["sync"], timeout=min(timeout, 30), user="root")
-                    agent.shutdown(min(timeout, 10))
-                    asked = True
-                except (ChannelError, OSError) as exc:
-                    self.stop_notes.append(f"graceful shutdown request failed: {exc}")
-                agent.close()
+            report = task.stop(timeout, poweroff=agent.shutdown if agent is not None else None)
+            if report is not None:
+                note_stop(self, report, self.stop_notes, "VMM")
+            self._keep_console(task)
         finally:
             try:
-                report = task.stop(min(timeout, GRACEFUL_S) if asked else 0.0)
-                if report is not None:
-                    self.stop_notes.append(report.describe("VMM"))
-                    if report.forced and asked:
-                        warnings.warn(f"{self.name}: the guest did not power off after the agent's shutdown; "
-                                      f"{report.describe('its VMM')}", stacklevel=2)
-                self._keep_console(task)
+                if agent is not None:
+                    agent.close()
             finally:
                 task.close()
                 if task.notice:
@@ -335,6 +363,8 @@ class MicrovmMachine(Machine):
 class ContainerMachine(Machine):
     """A container-mode task (not a VM) with the same verbs."""
 
+    ready_gate: ClassVar[bool] = True
+
     workspace: Path = Path()
     state_root: Path = Path()
     image: str = ""
@@ -383,6 +413,10 @@ class ContainerMachine(Machine):
         if self._transport is None:
             raise AssertionError(f"{self.name} is not running")
         return self._transport
+
+    def holdings(self) -> Holdings:
+        """The task container and its conmon."""
+        return Holdings(processes=container_processes(self._name), containers=(self._name,))
 
     def _execute(self, argv: list[str], *, user: str | None, env: dict[str, str] | None, cwd: str | None,
                  timeout: float, stdin: bytes | None) -> Result:

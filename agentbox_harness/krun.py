@@ -18,25 +18,27 @@ import subprocess
 import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from agentbox_harness.backends import (agent_copy_from, agent_copy_to,
-                                       agent_execute, agent_shell, attach_lines)
+                                       agent_execute, agent_shell, attach_lines, container_processes, note_stop)
+from agentbox_harness.leftovers import Holdings
 from agentbox_harness.machine import Machine, Preserved, Result
 from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError
 from agentbox_runtime.backends import KrunOptions, KrunPodmanMaintenance
 from agentbox_runtime.podman import Podman
+from agentbox_runtime.processes import start_time
 from agentbox_runtime.vmm import shutdown
 from agentbox_runtime.state import StateLayout
-
-STOP_TIMEOUT_S = 10
 
 
 @dataclass
 class KrunPodmanMachine(Machine):
     """A krun-podman task driven through its agent on the container's stdio."""
+
+    ready_gate: ClassVar[bool] = True
 
     argv: list[str] = field(default_factory=list)
     container: str = ""
@@ -142,30 +144,31 @@ class KrunPodmanMachine(Machine):
             raise AssertionError(f"{self.name} is not running")
         agent_copy_to(self, self._agent, host_path, guest_path, timeout)
 
+    def holdings(self) -> Holdings:
+        """``podman run``, the container's conmon and its process (the VM, or the stand-in's shim),
+        and the container."""
+        run = (("podman run", self._proc.pid, start_time(self._proc.pid)),) if self._proc is not None else ()
+        return Holdings(processes=run + container_processes(self.container), containers=(self.container,))
+
     def _stop(self, timeout: float) -> None:
-        """The shutdown ladder on the ``podman run`` process: the agent's shutdown lets the guest sync
-        its disks and power off; then ``podman stop`` (SIGTERM to the VM, SIGKILL after
-        STOP_TIMEOUT_S); then SIGKILL to ``podman run``. A forced stop is reported like a VM's."""
+        """The one shutdown ladder on the ``podman run`` process, within about ``timeout`` s: the agent's
+        ``shutdown`` (the guest syncs and powers off, ending the command and so the VM); then
+        ``podman stop`` (SIGTERM to the VM, SIGKILL after half the rung); then SIGKILL to ``podman run``.
+        The report joins :attr:`stop_reports`; a forced stop after the poweroff is a warning."""
         if self.guest_id is not None:
             guest_registry.forget(self.guest_id)
             self.guest_id = None
         proc, self._proc = self._proc, None
+        agent, self._agent = self._agent, None
         if proc is None:
             return
-        graceful = 0.0
-        if self._agent is not None:
-            try:
-                self._agent.shutdown(min(timeout, 10))
-                graceful = timeout
-            except (ChannelError, OSError):
-                pass
-            self._agent = None
 
-        def podman_stop() -> None:
-            Podman(timeout_s=timeout + STOP_TIMEOUT_S).capture(["stop", "-t", str(STOP_TIMEOUT_S), self.container])
+        def podman_stop(budget: float) -> None:
+            grace = max(0, int(budget / 2))
+            out = Podman(timeout_s=max(1.0, budget)).capture(["stop", "-t", str(grace), self.container])
+            if out.returncode != 0:  # SIGTERM to `podman run` (it forwards it to the container) backs it up
+                raise OSError(f"podman stop exited {out.returncode}: {out.stderr.strip()[-200:]}")
 
-        report = shutdown.stop(proc, graceful_s=graceful, terminate=podman_stop, term_s=STOP_TIMEOUT_S + 20)
-        self.stop_notes.append(report.describe("podman run"))
-        if report.forced and graceful:
-            warnings.warn(f"{self.name}: the guest did not power off after the agent's shutdown; "
-                          f"{report.describe('podman run')}", stacklevel=2)
+        report = shutdown.stop(proc, timeout=timeout, poweroff=agent.shutdown if agent is not None else None,
+                               terminate=podman_stop)
+        note_stop(self, report, self.stop_notes, "podman run")

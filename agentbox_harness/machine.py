@@ -20,13 +20,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from agentbox_harness.console import Console, read_tail
 from agentbox_harness.profile import Profile
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_runtime.backend_caps import Capabilities, caps
 from agentbox_runtime.evidence import REDACTED, SECRET_NAME, Redactor
+from agentbox_runtime.vmm.shutdown import StopReport
+from agentbox_harness.leftovers import Holdings, leftovers
 from agentbox_guest_init.image_user import ImageUser
 
 log = logging.getLogger("agentbox_harness")
@@ -122,7 +124,14 @@ class Machine(ABC):
     image_user: ImageUser = field(default_factory=ImageUser)
     """The image's non-root user and workdir (dev and /workspace in the stock image): who a verb
     runs as when it names no ``user``, and where it starts. Set when the machine starts."""
-
+    stop_reports: list[StopReport] = field(default_factory=list, repr=False)
+    """How each stop of this machine's VMM went (:class:`agentbox_runtime.vmm.shutdown.StopReport`:
+    the rung that ended it, each rung's budget and time), in order; a restart adds one. Empty for
+    a backend without a VMM process of ours (container)."""
+    _holdings: Holdings | None = field(default=None, repr=False)
+    ready_gate: ClassVar[bool] = False
+    """:meth:`start` waits for the readiness gate (every real guest backend sets it; a test double
+    whose commands run on the host does not)."""
     @property
     def capabilities(self) -> Capabilities:
         """What this machine's backend offers (:mod:`agentbox_runtime.backend_caps`): ask it
@@ -327,20 +336,27 @@ class Machine(ABC):
         mount) passes, and every check in :attr:`ready_checks` (name -> command) succeeds. The
         default timeout is twice the machine's. On timeout, or at once when a prep has failed, the
         test fails with the status, ``missing`` naming each part not ready."""
+        with self._verb("wait_ready", ""):
+            return self._until_ready(self.scaled(self._given(timeout, 2.0)), settle=False)
+
+    def _until_ready(self, timeout: float, *, settle: bool) -> ReadyStatus:
+        """Poll :meth:`ready_status` until ready; a failed prep raises at once, or with ``settle``
+        ends the wait (the status is returned, not ready: the test sees the failure when it asks)."""
         last: list[ReadyStatus] = []
 
         def ready(_last_try: bool) -> bool:
             last[:] = [self.ready_status()]
             if any(m.split(" ", 1)[-1].startswith("failed") for m in last[0].missing):
+                if settle:
+                    return True
                 raise MachineError(self._explain(f"not ready: {last[0].reason}", None))  # no use waiting
             return last[0].ready
 
-        with self._verb("wait_ready", ""):
-            try:
-                retry(ready, timeout=self.scaled(self._given(timeout, 2.0)), interval=1.0)
-            except WaitTimeout as exc:
-                raise MachineError(self._explain(f"{exc}: not ready: {last[0].reason if last else 'no status'}",
-                                                 None)) from None
+        try:
+            retry(ready, timeout=timeout, interval=0.5)
+        except WaitTimeout as exc:
+            raise MachineError(self._explain(f"{exc}: not ready: {last[0].reason if last else 'no status'}",
+                                             None)) from None
         return last[0]
 
     def ready_status(self) -> ReadyStatus:
@@ -385,11 +401,21 @@ class Machine(ABC):
             return self._shell(self.scaled(timeout))
 
     def start(self) -> None:
+        """Boot the guest. On a real guest backend (:attr:`ready_gate`) it returns once the guest is
+        ready as :meth:`wait_ready` means it (the agent answers and the guest's readiness gate
+        passes: its nix and Podman preps, the nix daemon accepting connections, the workspace
+        mount), or once a prep has failed, which :meth:`wait_ready` and :meth:`wait_for_prep` then
+        report; it waits up to twice the machine's default timeout. ``boot_s`` times the boot,
+        ``ready_s`` the boot and the gate."""
         started = time.monotonic()
         BOOTS["started"] += 1
         with self._verb("start", ""):
             self._start()
-        self.timings["boot_s"] = round(time.monotonic() - started, 3)
+            self._holdings = self.holdings()
+            self.timings["boot_s"] = round(time.monotonic() - started, 3)
+            if self.ready_gate:
+                self._until_ready(self.scaled(self._given(None, 2.0)), settle=True)
+        self.timings["ready_s"] = round(time.monotonic() - started, 3)
         self._baseline_pids = None
 
     def reset(self, *, timeout: float | None = None) -> None:
@@ -421,12 +447,29 @@ class Machine(ABC):
         """Under ``--preserve-debug``, a test that passed keeps nothing: its guest's task rootfs,
         mounts and task dir go as they do without the flag. Called before the stop."""
 
+    def holdings(self) -> Holdings:
+        """What this boot holds on the host (VMM processes, mounts, private dirs and sockets,
+        containers), read right after the start; backends override it. :meth:`shutdown` proves
+        each gone."""
+        return Holdings()
+
     def shutdown(self, timeout: float | None = None) -> None:
-        """Graceful then forced stop, bounded by ``timeout``."""
+        """Stop the guest down the one shutdown ladder within about ``timeout`` seconds (default the
+        machine's, scaled): the guest's own poweroff through its agent, then terminate, then kill
+        (:func:`agentbox_runtime.vmm.shutdown.stop`; :attr:`stop_reports` says which rung ended it).
+        Then checks that what the boot held on the host is gone (:meth:`holdings`: processes,
+        mounts, sockets, containers; what --preserve-debug kept excepted) and fails in one line
+        naming what leaked, as Firecracker's test framework checks each microVM's teardown."""
         with self._verb("shutdown", ""):
             if self._console is not None:
                 self._console.close()
+            held, self._holdings = self._holdings, None
             self._stop(self.scaled(timeout))
+            if held is not None:
+                kept = [path for p in self.preserved for path in p.paths]
+                leaked = leftovers(held, kept, settle_s=self.scaled(10))
+                if leaked:
+                    raise MachineError(f"{self.name}: left behind after its stop: {'; '.join(leaked)}")
 
     def restart(self, timeout: float | None = None) -> None:
         """Stop and start again with the same state (persistent disks, workspace)."""

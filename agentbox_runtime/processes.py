@@ -27,6 +27,19 @@ def start_time(pid: int) -> str | None:
     return fields[19] if fields is not None and len(fields) > 19 else None
 
 
+def session_members(sid: int) -> list[tuple[int, str]]:
+    """``(pid, start time)`` of every live process in session ``sid`` (a VMM started with
+    ``start_new_session`` leads one: the helper, the qemu it runs, their helpers)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and len(fields) > 19 and fields[3] == str(sid) and fields[0] != "Z":
+            out.append((int(entry.name), fields[19]))
+    return out
+
+
 def alive(pid: int) -> bool:
     """``pid`` names a process (any owner; a zombie counts)."""
     try:

@@ -30,7 +30,7 @@ from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.podman import Podman, container_running
 from agentbox_runtime.microvm.image_cache import remove_tree
-from agentbox_runtime.vmm.shutdown import stop_process
+from agentbox_runtime.vmm.shutdown import stop
 
 ATTACH_CONNECT_S = 10.0
 CONTAINER_CHECK_S = 30.0
@@ -182,11 +182,23 @@ def _attach_agent(rec: guest_registry.GuestRecord, root: bool, window: _Window) 
 
 
 def _stop_vmm(rec: guest_registry.GuestRecord) -> None:
-    """The one shutdown ladder for a VMM that is not our child (:func:`agentbox_runtime.vmm.shutdown.stop_process`):
-    SIGTERM (qemu quits), then SIGKILL after STOP_S, only while the pid is still the recorded VMM."""
+    """The one shutdown ladder (:func:`agentbox_runtime.vmm.shutdown.stop`) for a VMM that is not our
+    child, within about STOP_S: the guest's own poweroff through its attach channel (a qemu or
+    krun-direct guest's lingering agent), then SIGTERM (qemu quits), then SIGKILL, only while the pid
+    is still the recorded VMM."""
     assert rec.pid is not None
+
+    def poweroff(budget: float) -> None:
+        if rec.attach_socket is None:
+            raise OSError("no attach channel to ask the guest to power off")
+        agent = AgentClient.connect_unix(rec.attach_socket, budget / 2)
+        try:
+            agent.shutdown(budget / 2)
+        finally:
+            agent.close()
+
     try:
-        stop_process(rec.pid, rec.pid_start, term_s=STOP_S, kill_s=STOP_S)
+        stop(rec.pid, start=rec.pid_start, timeout=STOP_S, poweroff=poweroff)
     except AgentboxError:
         raise AgentboxError(f"guest {rec.id}: its VMM (pid {rec.pid}) survived SIGKILL") from None
 

@@ -17,7 +17,10 @@ from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.processes import same_process, start_time
 from agentbox_runtime.state import StateLayout
 from agentbox_runtime.microvm.storage import reset_task_dir
-from agentbox_runtime.vmm.shutdown import stop_process
+from agentbox_runtime.vmm.shutdown import stop
+
+REAP_STOP_S = 6.0
+"""A dead run's VMM: SIGTERM, then SIGKILL, within about this many seconds (no guest to ask)."""
 
 __all__ = ["forget", "managed_task_dir", "reap_stale", "record", "records", "same_process", "start_time"]
 
@@ -101,7 +104,7 @@ def reap_stale(layout: StateLayout, *, include_label: str | None = None) -> list
         if isinstance(pid, int) and same_process(pid, rec.get("start")):
             # a VM in its own process group: signal the whole group; the one ladder, short rungs
             try:
-                stop_process(pid, rec.get("start"), own_group=rec.get("pgid") == pid, term_s=3, kill_s=3)
+                stop(pid, start=rec.get("start"), own_group=rec.get("pgid") == pid, timeout=REAP_STOP_S)
             except AgentboxError:
                 continue  # survived SIGKILL (uninterruptible): keep the record for the next run
 

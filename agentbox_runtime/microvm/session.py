@@ -32,7 +32,7 @@ from agentbox_runtime.microvm.reaper import forget, record
 from agentbox_runtime.guest_resources import MICROVM_DEFAULT_MIB, default_cpus
 from agentbox_runtime.state import StateLayout, task_container_name
 from agentbox_runtime.vmm.base import VmHandle, VmSpec
-from agentbox_runtime.vmm.shutdown import StopReport
+from agentbox_runtime.vmm.shutdown import Request, StopReport
 from agentbox_runtime.doctor import check_kvm_device, check_libkrun
 from agentbox_runtime.vmm.libkrun import LibkrunDriver
 from agentbox_runtime.vmm.qemu import QemuDriver
@@ -287,14 +287,15 @@ class MicrovmTask:
         assert self.handle is not None
         return self.handle.wait(timeout)
 
-    def stop(self, graceful_s: float = 0.0) -> StopReport | None:
-        """Stop the VMM down the one ladder, once: wait ``graceful_s`` for a guest that was asked to
-        power off, then terminate, then kill. The report is kept in :attr:`stop_report`; a second
-        call returns it without touching the VMM again. None when no VMM was started."""
+    def stop(self, timeout: float = 0.0, poweroff: Request | None = None) -> StopReport | None:
+        """Stop the VMM down the one ladder (:func:`agentbox_runtime.vmm.shutdown.stop`), once, within
+        about ``timeout`` s: ``poweroff`` (the guest's own, through its agent), then terminate, then
+        kill. The report is kept in :attr:`stop_report`; a second call returns it without touching
+        the VMM again. None when no VMM was started."""
         if self.handle is None:
             return None
         if self.stop_report is None:
-            self.stop_report = self.handle.shutdown(graceful_s)
+            self.stop_report = self.handle.shutdown(timeout, poweroff)
         return self.stop_report
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from typing import Protocol
 
 from agentbox_guest_init.launch_config import LaunchConfig
 from agentbox_runtime.channel import AgentClient
-from agentbox_runtime.vmm.shutdown import StopReport
+from agentbox_runtime.vmm.shutdown import Request, StopReport
 
 
 @dataclass(frozen=True)
@@ -53,13 +53,14 @@ class VmHandle(Protocol):
         """Wait for the guest to finish; the guest command's exit status."""
         ...
 
-    def shutdown(self, timeout: float) -> StopReport:
-        """The shutdown ladder (:func:`agentbox_runtime.vmm.shutdown.stop`): up to ``timeout`` s for the guest
-        to power itself off, then terminate, then kill; the report says which rung stopped it."""
+    def shutdown(self, timeout: float, poweroff: Request | None = None) -> StopReport:
+        """The shutdown ladder (:func:`agentbox_runtime.vmm.shutdown.stop`) within about ``timeout`` s:
+        ``poweroff`` (the guest's own, through its agent), then terminate, then kill; the report says
+        which rung stopped it. Once: a second call returns the first report."""
         ...
 
     def kill(self) -> None:
-        """Kill the VMM now."""
+        """Stop the VMM now, without the guest's poweroff (``shutdown(0)``)."""
         ...
 
     def poll(self) -> int | None:

@@ -207,6 +207,7 @@ class LibkrunHandle:
         self.console_socket: Path | None = None
         self.attach_socket = attach_socket
         self.accel = "kvm"
+        self.stop_report: StopReport | None = None
 
     def agent_client(self, timeout: float) -> AgentClient:
         """The agent on the guest command's stdio (requires a non-interactive start)."""
@@ -228,20 +229,20 @@ class LibkrunHandle:
             self.recorder.join(2.0)  # the last console lines, before anyone reads the log
         return rc if 0 <= rc <= 255 else 1
 
-    def shutdown(self, timeout: float) -> StopReport:
-        """The shutdown ladder: wait ``timeout`` s for the guest to power off, then SIGTERM (libkrun's
-        VMM exits on it), then SIGKILL."""
-        try:
-            return shutdown.stop(self.proc, graceful_s=timeout)
-        finally:
-            self._close_pipes()
+    def shutdown(self, timeout: float, poweroff: shutdown.Request | None = None) -> StopReport:
+        """The shutdown ladder within about ``timeout`` s: ``poweroff`` (the guest's own, through its
+        agent), then SIGTERM (libkrun's VMM exits on it), then SIGKILL. Once: a second call returns
+        the first report."""
+        if self.stop_report is None:
+            try:
+                self.stop_report = shutdown.stop(self.proc, timeout=timeout, poweroff=poweroff)
+            finally:
+                self._close_pipes()
+        return self.stop_report
 
     def kill(self) -> None:
-        """Stop now: SIGTERM, then SIGKILL."""
-        try:
-            shutdown.stop(self.proc, graceful_s=0, term_s=2)
-        finally:
-            self._close_pipes()
+        """Stop now: no poweroff (SIGTERM, then SIGKILL); a no-op once stopped."""
+        self.shutdown(0.0)
 
     def _close_pipes(self) -> None:
         for stream in (self.proc.stdin, self.proc.stdout):

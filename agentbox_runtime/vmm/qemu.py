@@ -186,6 +186,8 @@ class QemuHandle:
     agent_socket: Path | None = field(init=False)
     console_socket: Path | None = field(init=False)
     attach_socket: Path | None = field(init=False)
+    stop_report: StopReport | None = field(default=None, init=False)
+    """How the one stop went (set by :meth:`shutdown`)."""
 
     def __post_init__(self) -> None:
         self.console_log = self.task_dir / "console.log"
@@ -232,20 +234,21 @@ class QemuHandle:
         OSError too) when qemu answers with an error, closes the socket or does not answer in time."""
         return qmp.execute(self.sock_dir / "qmp.sock", command, arguments, timeout=timeout)
 
-    def shutdown(self, timeout: float) -> StopReport:
-        """The shutdown ladder (:mod:`agentbox_runtime.vmm.shutdown`): wait ``timeout`` s for the guest to power
-        itself off, then QMP ``quit`` (SIGTERM if QMP does not answer), then SIGKILL."""
-        try:
-            return shutdown.stop(self.proc, graceful_s=timeout, terminate=lambda: self.qmp("quit"))
-        finally:
-            self._release()
+    def shutdown(self, timeout: float, poweroff: shutdown.Request | None = None) -> StopReport:
+        """The shutdown ladder (:func:`agentbox_runtime.vmm.shutdown.stop`) within about ``timeout`` s:
+        ``poweroff`` (the guest's own, through its agent), then QMP ``quit`` (SIGTERM if QMP does not
+        answer), then SIGKILL. Once: a second call returns the first report."""
+        if self.stop_report is None:
+            try:
+                self.stop_report = shutdown.stop(self.proc, timeout=timeout, poweroff=poweroff,
+                                                 terminate=lambda budget: self.qmp("quit", timeout=budget / 2))
+            finally:
+                self._release()
+        return self.stop_report
 
     def kill(self) -> None:
-        """Stop now: no graceful wait (SIGTERM, then SIGKILL)."""
-        try:
-            shutdown.stop(self.proc, graceful_s=0, term_s=2)
-        finally:
-            self._release()
+        """Stop now: no poweroff (SIGTERM, then SIGKILL); a no-op once stopped."""
+        self.shutdown(0.0)
 
     def _release(self) -> None:
         for listener in (self.console, self.status):

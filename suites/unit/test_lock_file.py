@@ -29,7 +29,7 @@ def test_every_dependency_is_pinned_with_hashes() -> None:
     wanted = [*project["dependencies"], *project["optional-dependencies"]["test"]]
     pins = locked()
     for requirement in wanted:
-        name = re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+        name = re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0].lower())  # PEP 503 names
         assert name in pins, f"{name} is not in requirements.lock; run scripts/lock.sh"
     assert all(count > 0 for _, count in pins.values()), "every pin carries its hashes"
 

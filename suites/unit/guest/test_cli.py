@@ -128,3 +128,7 @@ def test_the_readiness_gate_lists_what_the_contract_enables_and_is_missing() -> 
                                "workspace: /workspace is not mounted"]
     plain = GuestEnv()  # nothing enabled: nothing to wait for
     assert cli.readiness(_report(nix="not-started", podman="not-started"), plain, "")["ready"] is True
+    # a ready prep whose daemon does not accept connections yet (a socket file left by the last boot)
+    stale = cli.readiness(_report(), genv, mounted, nix_daemon=False)
+    assert stale["ready"] is False and stale["missing"] == [
+        "nix: daemon not accepting connections at /nix/var/nix/daemon-socket/socket yet"]

@@ -189,7 +189,10 @@ def test_nix_wait_needs_a_unix_socket(tmp_path: Path) -> None:
         prep.wait(k, 0.3, root=tmp_path, socket="/nix/var/nix/daemon-socket/socket")
     sock_path.unlink()
     with socket.socket(socket.AF_UNIX) as srv:
-        srv.bind(str(sock_path))
+        srv.bind(str(sock_path))  # a socket file with no daemon behind it: what an earlier boot leaves
+        with pytest.raises(GuestError, match=r"\(observed=a socket refusing connections\)"):
+            prep.wait(k, 0.3, root=tmp_path, socket="/nix/var/nix/daemon-socket/socket")
+        srv.listen()
         prep.wait(k, 5, root=tmp_path, socket="/nix/var/nix/daemon-socket/socket")
 
 

@@ -1,0 +1,67 @@
+"""What one guest's boot holds on the host, and proof after its stop that it is gone.
+
+Firecracker's test framework checks each microVM's teardown (its jailer's processes, mounts and
+sockets) instead of leaving leaks for the end of the session, where no test can be blamed. Each
+machine records its :class:`Holdings` right after it starts; :func:`leftovers` probes them with the
+session-end leak check's probes (:mod:`agentbox_harness.reaper`) once the machine stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentbox_harness.reaper import mounts_under
+from agentbox_harness.wait import WaitTimeout, retry
+from agentbox_runtime.podman import Podman
+from agentbox_runtime.processes import same_process
+
+PROBE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What a boot holds: ``processes`` (name, pid, start time: the VMM, ``podman run``), ``mounts``
+    (mount points: the task rootfs), ``paths`` (private dirs and sockets, the task dir) and
+    ``containers`` (Podman names)."""
+
+    processes: tuple[tuple[str, int, str | None], ...] = ()
+    mounts: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    containers: tuple[str, ...] = ()
+
+
+def _kept(path: str, keep: list[str]) -> bool:
+    return any(path == k or path.startswith(k.rstrip("/") + "/") for k in keep)
+
+
+def _container_exists(name: str) -> bool:
+    if shutil.which("podman") is None:
+        return False
+    return Podman(timeout_s=PROBE_TIMEOUT_S).capture(["container", "exists", name]).returncode == 0
+
+
+def present(held: Holdings, keep: list[str]) -> list[str]:
+    """One line per thing in ``held`` that is still there (paths under ``keep``, what --preserve-debug
+    kept, excepted)."""
+    out = [f"{what} (pid {pid})" for what, pid, start in held.processes if same_process(pid, start)]
+    out += [f"mount {m}" for m in mounts_under(list(held.mounts)) if not _kept(m, keep)]
+    out += [f"path {p}" for p in held.paths if Path(p).exists() and not _kept(p, keep)]
+    out += [f"container {c}" for c in held.containers if _container_exists(c)]
+    return out
+
+
+def leftovers(held: Holdings, keep: list[str], *, settle_s: float = 10.0) -> list[str]:
+    """What of ``held`` is still there after giving exiting processes (conmon's clean-up of a
+    ``--rm`` container, a VMM being reaped) up to ``settle_s`` seconds; empty when all is gone."""
+    found: list[str] = []
+
+    def gone(_last_try: bool) -> bool:
+        found[:] = present(held, keep)
+        return not found
+
+    with contextlib.suppress(WaitTimeout):
+        retry(gone, timeout=settle_s, interval=0.25)
+    return found
