@@ -146,7 +146,7 @@ def finish(prof: Profile, argv: list[str], ident: Identity, drop: bool, env: dic
         raise GuestError("cannot exec an empty command")
     hardened = drop and hardened_profile.enabled(env)
     if hardened:  # the shell's hardened profile: read-only root, no capabilities, confined
-        hardened_profile.read_only_root(host.runner, host.root)
+        hardened_profile.read_only_root(host.runner, host.root, hardened_profile.exceptions(env))
         host.harden_before_drop()
     if drop:
         host.drop(ident)

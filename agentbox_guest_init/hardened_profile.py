@@ -2,9 +2,11 @@
 container gives, inside the guest:
 
 - :func:`read_only_root`: the root mount becomes read-only (per mount point, so the writable
-  places stay writable): ``/tmp`` and ``/var/tmp`` are fresh tmpfs (nosuid, nodev), dev's home
-  stays writable through a bind mount of itself, and ``/workspace``, ``/nix``, the container
-  storage and ``/run`` are their own mounts already;
+  places stay writable): ``/tmp`` and ``/var/tmp`` are fresh tmpfs (nosuid, nodev), the scratch
+  places a service writes are size-limited tmpfs (:data:`SCRATCH`: ``/var/run``, which is
+  ``/run``, 64 MiB; ``/var/log`` 64 MiB; ``/var/log/supervisor`` 16 MiB; nosuid, nodev, noexec),
+  dev's home stays writable through a bind mount of itself, and ``/workspace``, ``/nix`` and the
+  container storage are their own mounts already;
 - :func:`drop_bounding_set` (before the drop to dev): every capability leaves the bounding set,
   so nothing the shell runs can gain one back;
 - :func:`confine` (after the drop): ``no_new_privs`` (a setuid or file-capability binary runs
@@ -13,6 +15,10 @@ container gives, inside the guest:
   (``unshare``, ``setns``, ``clone`` with a namespace flag; ``clone3`` is ENOSYS so libc falls
   back to ``clone``), module loading, kexec, reboot, swap, the kernel keyring, BPF, perf,
   ``userfaultfd``, handle-based opens, raw port I/O, clock setting, ``syslog`` and ``acct``.
+
+Exceptions are additive: ``AGENTBOX_HARDENED_EXCEPTIONS`` (a comma list the host writes from
+``agentbox.toml``'s ``[security.exceptions.<name>]`` tables) re-allows the named things, one each
+(:data:`EXCEPTIONS`); everything else stays refused.
 
 ``dmesg`` needs CAP_SYSLOG while ``kernel.dmesg_restrict`` is 1, which ``enter`` sets
 (:func:`agentbox_guest_init.hardening.restrict_dmesg`) and :func:`read_only_root` sets again.
@@ -46,6 +52,25 @@ REFUSED = ("mount", "umount", "umount2", "fsopen", "fsconfig", "fsmount", "fspic
            "iopl", "ioperm", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex", "syslog", "acct",
            "quotactl", "lookup_dcookie")
 TMPFS = ("/tmp", "/var/tmp")
+SCRATCH = (("/var/run", 64 << 20), ("/var/log", 64 << 20), ("/var/log/supervisor", 16 << 20))
+"""The size-limited scratch tmpfs (path, bytes), parents first; ``/var/run`` is a symlink to ``/run``
+in most images, and then ``/run`` is the one limited."""
+SCRATCH_OPTIONS = "mode=0755,nosuid,nodev,noexec"
+ENV_EXCEPTIONS = "AGENTBOX_HARDENED_EXCEPTIONS"
+EXCEPTIONS = {
+    "writable-root": "the root filesystem stays writable (no read-only root; the tmpfs stay)",
+}
+"""The exceptions ``[security.exceptions.<name>]`` may name, each re-allowing one thing."""
+
+
+def exceptions(env: Mapping[str, str] = os.environ) -> frozenset[str]:
+    """The exceptions ``AGENTBOX_HARDENED_EXCEPTIONS`` grants; an unknown name is a GuestError."""
+    names = frozenset(n.strip() for n in env.get(ENV_EXCEPTIONS, "").split(",") if n.strip())
+    unknown = sorted(names - EXCEPTIONS.keys())
+    if unknown:
+        raise GuestError(f"{ENV_EXCEPTIONS}: unknown exception {', '.join(unknown)}; "
+                         f"accepted: {', '.join(EXCEPTIONS)}")
+    return names
 
 
 def enabled(env: Mapping[str, str] = os.environ) -> bool:
@@ -60,18 +85,45 @@ def _is_mountpoint(path: Path) -> bool:
         return False
 
 
-def read_only_root(runner: Runner, root: Path = ROOT) -> None:
-    """Make the root mount read-only, keeping the places a shell writes writable (see the module text)."""
+def _resolved(root: Path, path: str) -> Path:
+    """``path`` under ``root`` with a symlink in it resolved inside ``root`` (``/var/run`` -> ``/run``)."""
+    target = under(root, path)
+    if target.is_symlink():
+        link = os.readlink(target)
+        return under(root, link) if link.startswith("/") else (target.parent / link).resolve()
+    return target
+
+
+def scratch_mounts(runner: Runner, root: Path = ROOT) -> None:
+    """The size-limited scratch tmpfs of :data:`SCRATCH` (an existing mount, such as the guest's
+    ``/run``, is remounted with the limit instead)."""
+    for path, size in SCRATCH:
+        target = _resolved(root, path)
+        if _is_mountpoint(target):
+            check(runner, ["mount", "-o", f"remount,size={size}", str(target)],
+                  f"hardened profile: limit {path} to {size} bytes")
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        check(runner, ["mount", "-t", "tmpfs", "-o", f"size={size},{SCRATCH_OPTIONS}", "tmpfs", str(target)],
+              f"hardened profile: tmpfs of {size} bytes on {path}")
+
+
+def read_only_root(runner: Runner, root: Path = ROOT, allowed: frozenset[str] = frozenset()) -> None:
+    """Make the root mount read-only, keeping the places a shell writes writable (see the module text).
+
+    ``allowed`` (:func:`exceptions`): ``writable-root`` leaves the root writable (the tmpfs stay)."""
     for path in TMPFS:
         target = under(root, path)
         if not _is_mountpoint(target):
             target.mkdir(parents=True, exist_ok=True)
             check(runner, ["mount", "-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", str(target)],
                   f"hardened profile: tmpfs on {path}")
-    home = under(root, image_user.load(root).home)
-    if home.is_dir() and not _is_mountpoint(home):
-        check(runner, ["mount", "--bind", str(home), str(home)], "hardened profile: keep the home writable")
-    check(runner, ["mount", "-o", "remount,bind,ro", str(root)], "hardened profile: read-only root")
+    scratch_mounts(runner, root)
+    if "writable-root" not in allowed:
+        home = under(root, image_user.load(root).home)
+        if home.is_dir() and not _is_mountpoint(home):
+            check(runner, ["mount", "--bind", str(home), str(home)], "hardened profile: keep the home writable")
+        check(runner, ["mount", "-o", "remount,bind,ro", str(root)], "hardened profile: read-only root")
     restrict_dmesg(root)
 
 

@@ -3,13 +3,21 @@
 Location: ``$AGENTBOX_CONFIG`` if set (the file must exist), else ``$XDG_CONFIG_HOME/agentbox/agentbox.toml``,
 else ``$HOME/.config/agentbox/agentbox.toml``. A missing file is fine.
 
-Two settings exist::
+These settings exist::
 
     [state]
     location = "/absolute/existing/dir"   # base of the state root
 
     [libkrun]
     runtime = "crun"                      # or "qemu": the OCI runtime of libkrun tasks
+
+    [security.exceptions.writable-root]   # one table per exception the hardened profile grants
+    reason = "the task installs packages" # optional, for the reader
+
+``[security.exceptions.<name>]`` is additive: each table re-allows one named thing that the
+hardened profile (``--hardened``, ``hardened=True``) otherwise refuses; the names are
+:data:`agentbox_guest_init.hardened_profile.EXCEPTIONS` (``writable-root``: the root filesystem
+stays writable). Without any, the profile refuses everything it lists.
 
 ``[libkrun].runtime`` picks the ``podman run --runtime`` of ``agentbox libkrun``
 tasks: ``crun`` (the default, crun's krun handler) or ``qemu`` (the QEMU-backed
@@ -31,9 +39,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentbox_guest_init.contract import ENV_HARDENED
+from agentbox_guest_init.hardened_profile import ENV_EXCEPTIONS, EXCEPTIONS
 from agentbox_runtime.errors import InputError, one_line
 
-KNOWN = {"state": ("location",), "libkrun": ("runtime",)}
+KNOWN = {"state": ("location",), "libkrun": ("runtime",), "security": ("exceptions",)}
 KNOWN_TEXT = ", ".join(f"[{table}] with key {', '.join(keys)}" for table, keys in KNOWN.items())
 
 KRUN_RUNTIMES = ("crun", "qemu")
@@ -47,6 +57,7 @@ class Config:
     path: Path | None
     state_location: Path | None = None
     krun_runtime: str | None = None  # [libkrun].runtime, one of KRUN_RUNTIMES; None when unset
+    security_exceptions: tuple[str, ...] = ()  # the [security.exceptions.<name>] names, sorted
 
 
 def default_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -81,7 +92,44 @@ def parse_config(text: str, path: Path) -> Config:
                     f"config file '{path}' has unknown key [{table}].{key}; accepted: {accepted}"
                 )
     runtime = _krun_runtime(data.get("libkrun", {}).get("runtime"), path)
-    return Config(path, _state_location(data.get("state", {}).get("location"), path), runtime)
+    exceptions = _security_exceptions(data.get("security", {}).get("exceptions"), path)
+    return Config(path, _state_location(data.get("state", {}).get("location"), path), runtime, exceptions)
+
+
+def _security_exceptions(value: object, path: Path) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    accepted = ", ".join(f"[security.exceptions.{name}]" for name in EXCEPTIONS)
+    if not isinstance(value, dict):
+        raise InputError(f"config file '{path}': [security].exceptions must hold tables; accepted: {accepted}")
+    for name, table in value.items():
+        if name not in EXCEPTIONS:
+            raise InputError(f"config file '{path}' has unknown security exception "
+                             f"[security.exceptions.{one_line(name)}]; accepted: {accepted}")
+        if not isinstance(table, dict):
+            raise InputError(f"config file '{path}': security.exceptions.{name} must be a table "
+                             f"[security.exceptions.{name}]")
+        for key, reason in table.items():
+            where = f"[security.exceptions.{name}]"
+            if key != "reason":
+                raise InputError(f"config file '{path}' has unknown key {where}.{one_line(key)}; "
+                                 f"accepted: {where}.reason")
+            if not isinstance(reason, str):
+                raise InputError(f"config file '{path}': {where}.reason must be a string, got {type(reason).__name__}")
+    return tuple(sorted(value))
+
+
+def security_exceptions(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The hardened profile's exceptions the config of ``env`` (default ``os.environ``) grants."""
+    return load_config(env).security_exceptions
+
+
+def hardened_env(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The guest env (``K=V``) of the hardened profile: ``AGENTBOX_HARDENED=1``, and the exceptions
+    ``agentbox.toml`` grants (``AGENTBOX_HARDENED_EXCEPTIONS``), read from the config of ``env``."""
+    exceptions = security_exceptions(env)
+    granted = (f"{ENV_EXCEPTIONS}={','.join(exceptions)}",) if exceptions else ()
+    return (f"{ENV_HARDENED}=1", *granted)
 
 
 def _krun_runtime(value: object, path: Path) -> str | None:

@@ -5,11 +5,20 @@ property proven by trying what it forbids, as dev.
 - no mounts: dev's ``mount`` is refused, and so is the way around it (the guest: a user
   namespace of dev's own; container mode: root, which has no capabilities);
 - no new privileges: a setuid-root binary runs with dev's ids;
-- ``dmesg`` is restricted: dev cannot read the kernel log.
+- ``dmesg`` is restricted: dev cannot read the kernel log;
+- the scratch places (``/var/run``, ``/var/log``, ``/var/log/supervisor``) are tmpfs of a fixed
+  size: a write past it fails with ENOSPC;
+- exceptions are additive: ``[security.exceptions.writable-root]`` in agentbox.toml re-allows
+  writing the root, and only that.
 
 One machine per mode for the module (``shared_machine_factory``)."""
 
+from pathlib import Path
+
 import pytest
+
+from agentbox_guest_init.hardened_profile import SCRATCH
+from agentbox_runtime.config import default_config_path
 
 pytestmark = pytest.mark.vm
 
@@ -62,3 +71,62 @@ def test_a_setuid_binary_does_not_raise_privileges(hardened):
 def test_dev_cannot_read_the_kernel_log(hardened):
     out = hardened.execute("dmesg")
     assert not out.ok and "Operation not permitted" in out.stderr, out.stdout[-300:] + out.stderr
+
+
+def test_the_scratch_places_are_size_limited_tmpfs(hardened):
+    """Each scratch place (``/var/run`` resolved: ``/run`` in our image) is a tmpfs of its size, and
+    the limit holds: writing one MiB more than it fails."""
+    mounts = [line.split() for line in hardened.succeed("cat /proc/mounts", timeout=30).splitlines()]
+    for path, size in SCRATCH:
+        real = hardened.succeed(f"readlink -f {path}", timeout=30).strip()
+        fstypes = [fields[2] for fields in mounts if fields[1] == real]
+        assert fstypes and fstypes[-1] == "tmpfs", (path, real, fstypes)
+        blocks, block_size = hardened.succeed(f"stat -f -c '%b %S' {real}", timeout=30).split()
+        assert int(blocks) * int(block_size) == size, (path, blocks, block_size)
+    limit = dict(SCRATCH)["/var/log/supervisor"]
+    out = hardened.execute(f"head -c {limit + (1 << 20)} /dev/zero > /var/log/supervisor/fill", user="root",
+                           timeout=60)
+    hardened.succeed("rm -f /var/log/supervisor/fill", user="root", timeout=30)
+    assert not out.ok and "No space left on device" in out.stderr, out.stderr
+
+
+def grant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Point AGENTBOX_CONFIG at the config in force plus ``[security.exceptions.<name>]``."""
+    current = default_config_path()
+    text = current.read_text() if current.is_file() else ""
+    cfg = tmp_path / "agentbox.toml"
+    cfg.write_text(f'{text}\n[security.exceptions.{name}]\nreason = "smoke: both sides of the exception"\n')
+    monkeypatch.setenv("AGENTBOX_CONFIG", str(cfg))
+
+
+def root_mount_options(machine) -> set[str]:
+    """The options of the mount at ``/`` (the last one: what a path resolves through)."""
+    mounts = [line.split() for line in machine.succeed("cat /proc/mounts", timeout=30).splitlines()]
+    return set([fields[3] for fields in mounts if fields[1] == "/"][-1].split(","))
+
+
+def test_an_exception_in_config_re_allows_one_thing(hardened, request, tmp_path, monkeypatch):
+    """Both sides, one mode at a time: the module's hardened machine (no exception) has a read-only
+    root that refuses a write; a machine started with ``[security.exceptions.writable-root]`` in
+    agentbox.toml has a writable root, while the rest of the profile stays (no mounts, no new
+    privileges, the scratch tmpfs). In the guest root then writes ``/``; in container mode the write
+    is no longer EROFS but still EACCES: root there has no capabilities, so not CAP_DAC_OVERRIDE."""
+    assert "ro" in root_mount_options(hardened)
+    refused = hardened.execute("touch /hardened-probe", user="root", timeout=30)
+    assert not refused.ok and "Read-only file system" in refused.stderr, refused.stderr
+    grant(tmp_path, monkeypatch, "writable-root")
+    guest = request.node.callspec.params["hardened"] == "guest"
+    if guest:
+        excepted = request.getfixturevalue("microvm_factory")("excepted", hardened=True)
+    else:
+        excepted = request.getfixturevalue("shared_machine_factory")("container", "excepted", hardened=True)
+    monkeypatch.undo()
+    assert "rw" in root_mount_options(excepted)
+    if guest:
+        excepted.succeed("touch /hardened-probe && rm /hardened-probe", user="root", timeout=30)
+    else:
+        allowed = excepted.execute("touch /hardened-probe", user="root", timeout=30)
+        assert not allowed.ok and "Permission denied" in allowed.stderr, allowed.stderr
+    assert "NoNewPrivs:\t1" in excepted.succeed("cat /proc/self/status", timeout=30)
+    assert not excepted.execute("mount -t tmpfs none /mnt", timeout=30).ok
+    assert excepted.succeed("stat -f -c %T /var/log", timeout=30).strip() == "tmpfs"

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from agentbox_guest_init import contract as c
 from agentbox_runtime.backend_caps import Capabilities, caps
+from agentbox_runtime.config import hardened_env
 from agentbox_runtime.backends.options import BackendOptions
 from agentbox_runtime.disks import MICROVM_DISKS, RawDisk
 from agentbox_runtime.errors import InputError
@@ -30,7 +30,8 @@ class MicrovmBackend:
 
     def task(self, o: BackendOptions) -> MicrovmOptions:
         """The :class:`MicrovmOptions` of one task (``MicrovmTask(...)`` or ``run_microvm`` runs it).
-        The hardened profile is ``AGENTBOX_HARDENED=1`` in the guest's env: the agent, run as
+        The hardened profile is ``AGENTBOX_HARDENED=1`` in the guest's env (with the exceptions
+        agentbox.toml grants, :func:`~agentbox_runtime.config.hardened_env`): the agent, run as
         root, confines every command it runs as the image user; ``agentbox microvm`` refuses
         ``--root`` with it."""
         return MicrovmOptions(
@@ -38,7 +39,7 @@ class MicrovmBackend:
             cpus=o.cpus, guest_init=o.guest_init, preserve_debug=o.preserve_debug, command=o.command,
             root=o.root, profile=o.profile, debug=o.debug, kernel=o.kernel, initrd=o.initrd,
             interactive=o.interactive, run_label=o.run_label, state=o.state, image_cache=o.image_cache,
-            extra_env=(*o.extra_env, *((f"{c.ENV_HARDENED}=1",) if o.hardened else ())))
+            extra_env=(*o.extra_env, *(hardened_env() if o.hardened else ())))
 
 
 QEMU = MicrovmBackend("qemu", "qemu", caps("qemu"))

@@ -213,11 +213,18 @@ def test_container_task_baseline_and_root() -> None:
 
 def test_the_hardened_container_task_and_its_refusal_of_root() -> None:
     argv = container_argv(name="proj-1", hostname="h", volumes=VOL, merged=ST / "m", sidecar_name="s", image="img",
-                          hardened=True)
+                          hardened=True, exceptions=())
     at = argv.index("--read-only")
-    assert argv[at:at + 8] == ["--read-only", "--read-only-tmpfs=true", "--tmpfs",
-                               "/home/dev:rw,nosuid,nodev,exec,mode=0755,U", "--cap-drop=all",
-                               "--security-opt=no-new-privileges", "--env", "AGENTBOX_HARDENED=1"]
+    scratch = ["--tmpfs", "/run:rw,size=67108864,mode=0755,nosuid,nodev,noexec",
+               "--tmpfs", "/var/log:rw,size=67108864,mode=0755,nosuid,nodev,noexec",
+               "--tmpfs", "/var/log/supervisor:rw,size=16777216,mode=0755,nosuid,nodev,noexec"]
+    assert argv[at:at + 14] == ["--read-only", "--read-only-tmpfs=true", "--tmpfs",
+                                "/home/dev:rw,nosuid,nodev,exec,mode=0755,U", *scratch, "--cap-drop=all",
+                                "--security-opt=no-new-privileges", "--env", "AGENTBOX_HARDENED=1"]
+    granted = container_argv(name="proj-1", hostname="h", volumes=VOL, merged=ST / "m", sidecar_name="s",
+                             image="img", hardened=True, exceptions=("writable-root",))
+    assert "--read-only" not in granted and "--read-only-tmpfs=true" not in granted
+    assert granted == [a for a in argv if a not in ("--read-only", "--read-only-tmpfs=true")]
     rootful = adapt_task_argv(argv, "img", interactive=False, rootless=True)
     assert "--user" not in rootful and "keep-id" in rootful  # rootless: keep-id's user is the host user
     rootful = adapt_task_argv(argv, "img", interactive=False, rootless=False, dev_ids=("4242", "4343"))

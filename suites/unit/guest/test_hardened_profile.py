@@ -27,9 +27,45 @@ def test_the_read_only_root_keeps_tmp_home_and_dmesg_right(tmp_path: Path, recor
     hardened_profile.read_only_root(rec, tmp_path)
     assert rec.tools() == [f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {tmp_path}/tmp",
                            f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {tmp_path}/var/tmp",
+                           *scratch_tools(tmp_path),
                            f"mount --bind {tmp_path}/home/dev {tmp_path}/home/dev",
                            f"mount -o remount,bind,ro {tmp_path}"]
     assert (tmp_path / "proc/sys/kernel/dmesg_restrict").read_text() == "1\n"
+
+
+def scratch_tools(root: Path, run: str = "var/run") -> list[str]:
+    return [f"mount -t tmpfs -o size=67108864,mode=0755,nosuid,nodev,noexec tmpfs {root}/{run}",
+            f"mount -t tmpfs -o size=67108864,mode=0755,nosuid,nodev,noexec tmpfs {root}/var/log",
+            f"mount -t tmpfs -o size=16777216,mode=0755,nosuid,nodev,noexec tmpfs {root}/var/log/supervisor"]
+
+
+def test_var_run_as_a_symlink_limits_run(tmp_path: Path, recorder) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var/run").symlink_to("/run")
+    rec = recorder()
+    hardened_profile.scratch_mounts(rec, tmp_path)
+    assert rec.tools() == scratch_tools(tmp_path, "run")
+
+
+def test_the_writable_root_exception_keeps_the_root_writable_and_the_tmpfs(tmp_path: Path, recorder) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "home" / "dev").mkdir(parents=True)
+    (tmp_path / "proc" / "sys" / "kernel").mkdir(parents=True)
+    rec = recorder()
+    hardened_profile.read_only_root(rec, tmp_path, frozenset({"writable-root"}))
+    assert rec.tools() == [f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {tmp_path}/tmp",
+                           f"mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs {tmp_path}/var/tmp",
+                           *scratch_tools(tmp_path)]
+    assert (tmp_path / "proc/sys/kernel/dmesg_restrict").read_text() == "1\n"
+
+
+def test_exceptions_are_read_from_the_env_and_unknown_names_refused() -> None:
+    env = {hardened_profile.ENV_EXCEPTIONS: " writable-root, "}
+    assert hardened_profile.exceptions(env) == frozenset({"writable-root"})
+    assert hardened_profile.exceptions({}) == frozenset()
+    with pytest.raises(Exception, match="^AGENTBOX_HARDENED_EXCEPTIONS: unknown exception ptrace; "
+                                        "accepted: writable-root$"):
+        hardened_profile.exceptions({hardened_profile.ENV_EXCEPTIONS: "writable-root,ptrace"})
 
 
 def test_a_failed_step_is_named(tmp_path: Path, recorder) -> None:  # type: ignore[no-untyped-def]
