@@ -5,7 +5,7 @@ device (``--device PATH``) or a named virtio-serial port (``--port NAME``).
 Requests run concurrently; each response echoes the request ``id``:
 
 - ``ping`` → ``pong``, the agent's pid and uid;
-- ``run``: ``argv``, ``env``, ``cwd`` (default the image user's workdir), ``user``
+- ``run``: ``argv``, ``env``, ``cwd`` (default: the agent's own cwd, where ``enter`` started it), ``user``
   (default the image's user, ``dev`` in the stock image, with the ids of the env
   contract; ``root`` allowed), ``timeout``, ``stdin`` → ``exit_status``
   (128+N for signal N), ``signal``, ``stdout``, ``stderr``, ``duration_s``,
@@ -124,7 +124,7 @@ def _uptime() -> float | None:
 
 
 def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
-             ) -> tuple[dict[str, str], Callable[[], None], str]:
+             ) -> tuple[dict[str, str], Callable[[], None], str | None]:
     """The environment, the privilege drop (for ``preexec_fn``) and the cwd of a request's ``user``;
     ValueError when the user is not the image's user or root, or the agent cannot become it."""
     image = image_user.load()
@@ -136,7 +136,7 @@ def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
     if euid != 0 and (user == "root" or (ident is not None and ident.uid != euid)):
         raise ValueError(f"run as {user!r} asked, but the agent runs as uid {euid} and cannot switch users "
                          "(start the agent as root)")
-    cwd = req.get("cwd") or (image.workdir if os.path.isdir(image.workdir) else "/")
+    cwd = req.get("cwd") or None  # None: where the agent itself was started (enter's cwd), never a default
 
     hardened = ident is not None and hardened_profile.enabled(base_env if base_env is not None else os.environ)
 
@@ -150,7 +150,7 @@ def _as_user(req: Mapping[str, Any], base_env: Mapping[str, str] | None = None
         if hardened:
             hardened_profile.confine()
 
-    return env, demote, str(cwd)
+    return env, demote, None if cwd is None else str(cwd)
 
 
 PTYS = PtySessions()
@@ -522,7 +522,7 @@ def serve_attach_channels() -> None:
 def main(device: str | None, port: str | None) -> int:
     """Entry point of ``agentbox-guest-init agent``."""
     if hardened_profile.enabled() and os.geteuid() == 0:
-        hardened_profile.read_only_root(run_tool)
+        hardened_profile.read_only_root(run_tool, allowed=hardened_profile.exceptions())
     if port:
         device = find_port(port)
     serve_attach_channels()

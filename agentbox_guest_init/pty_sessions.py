@@ -51,7 +51,7 @@ class PtySessions:
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
 
-    def spawn(self, argv: list[str], env: Mapping[str, str], cwd: str, rows: int, cols: int,
+    def spawn(self, argv: list[str], env: Mapping[str, str], cwd: str | None, rows: int, cols: int,
               demote: Callable[[], None]) -> dict[str, Any]:
         """Start ``argv`` as a session leader with the new pty as its controlling terminal."""
         if not argv:
@@ -125,3 +125,5 @@ class PtySessions:
         s.proc.wait()
         os.close(s.master)
         return {"ok": True}
+
+

@@ -7,6 +7,7 @@ module, reset between tests)."""
 import pytest
 
 from agentbox_harness.image_contract import DEFAULT_TOOLS, ImageContract
+from enter_session import agent_cwd, enter_identity
 
 pytestmark = pytest.mark.vm
 
@@ -30,8 +31,22 @@ def test_image_contract_in_container_mode(container_task, workspace):
 
 
 def test_working_directory_is_workspace(shared_microvm):
+    """``enter`` was started in the workdir, and a command that names no ``cwd`` runs where the
+    agent (so: ``enter``) runs: the agent has no default of its own. A ``cwd`` a verb names wins."""
     microvm = shared_microvm
-    cwd = microvm.succeed("readlink /proc/$(pgrep -f 'agentbox-guest-init agent' | head -n1)/cwd",
-                          timeout=30, user="root").strip()
-    assert cwd == microvm.image_user.workdir  # /workspace in the stock image
+    assert agent_cwd(microvm) == microvm.image_user.workdir  # /workspace in the stock image
     assert microvm.succeed("pwd", timeout=30).strip() == microvm.image_user.workdir
+    assert microvm.succeed("pwd", cwd="/tmp", timeout=30).strip() == "/tmp"
+
+
+@pytest.mark.krun_podman_too
+def test_enter_drops_to_the_image_user(guest):
+    """The identity ``enter`` of this backend's mode drops to (not the agent's own demotion of the
+    commands it runs): the image's user, its ids, no supplementary groups, no capabilities left."""
+    dropped = enter_identity(guest)
+    assert (dropped.user, dropped.gid) == (guest.image_user.user, guest.image_user.gid)  # dev, 1000
+    assert dropped.uid == int(guest.succeed("id -u", timeout=30)) != 0
+    assert dropped.groups == (dropped.gid,)
+    assert (dropped.cap_eff, dropped.cap_prm) == (0, 0)
+    kept = enter_identity(guest, enter_as_root=True)  # the probe sees enter's own choice: root stays root
+    assert (kept.user, kept.uid) == ("root", 0) and kept.cap_eff != 0

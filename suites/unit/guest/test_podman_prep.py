@@ -78,9 +78,15 @@ def test_subid_overlap_is_refused(uid: int, gid: int, who: str, value: int) -> N
         check_subids(uid, gid)
 
 
-def test_subids_outside_the_range_pass() -> None:
-    check_subids(1000, 1000)
-    check_subids(165536, 99999)
+@pytest.mark.parametrize("outside,inside", [(99999, 100000), (165536, 165535)])
+def test_subids_outside_the_range_pass(outside: int, inside: int) -> None:
+    """The ids just outside 100000:65536 pass, as uid and as gid, while their neighbours inside are
+    refused: the check's edges are exactly the range's."""
+    for uid, gid in ((outside, 1000), (1000, outside), (outside, outside)):
+        assert check_subids(uid, gid) is None
+    for uid, gid, who in ((inside, 1000, "dev-uid"), (1000, inside, "dev-gid")):
+        with pytest.raises(GuestError, match=f"overlaps {who} id {inside}$"):
+            check_subids(uid, gid)
 
 
 def test_rewrite_subids(tmp_path: Path) -> None:
