@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import time
 import warnings
 from typing import Any, ClassVar
@@ -18,25 +20,26 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agentbox_harness.leftovers import Holdings
-from agentbox_harness.machine import Machine, Preserved, Result
+from agentbox_harness.machine import Machine, MachineError, Preserved, Result
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
 from agentbox_runtime.disks import MICROVM_NIX
 from agentbox_runtime.container import host_conf
 from agentbox_runtime.container.machine_transport import ContainerTransport, ExecTimeout, start_task, stop_task
-from agentbox_runtime.container.podman_bridge import CliPodman
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest
 from agentbox_runtime.microvm import reaper as vm_reaper
 from agentbox_runtime.state import StateLayout
 from agentbox_runtime.backends import CONTAINER, BackendOptions
 from agentbox_runtime.channel import AgentClient, ChannelError, PtyRelay
 from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
-from agentbox_runtime.vmm import boot_phases
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.podman import Podman
+from agentbox_runtime.vmm import boot_phases, hostfwd
 from agentbox_runtime.vmm.host import tail_bytes
 from agentbox_runtime.vmm.shutdown import StopReport
 from agentbox_runtime.processes import session_members, start_time
-from agentbox_runtime.podman import Podman
 from agentbox_runtime.microvm.maintenance import MicrovmResizeRunner
 
 AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", c.AGENT_PORT_NAME)
@@ -130,6 +133,40 @@ def attach_lines(name: str, guest_id: str, task_dir: Path | None) -> list[str]:
     return lines
 
 
+def kill_vmm(pid: int, proc: subprocess.Popen[bytes] | None, wait_s: float = 30.0) -> None:
+    """SIGKILL a VMM at once (its process group when it leads one: the libkrun stand-in's qemu is
+    in the helper's group) and reap it when it is our child. No sync, no shutdown request."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if proc is not None:
+        proc.wait(wait_s)
+
+
+def published_port(machine: Machine, container: str, guest_port: int, host_port: int | None) -> int:
+    """The host port Podman published for ``container``'s TCP ``guest_port`` when it started
+    (``podman port``), preferring 127.0.0.1; one clear line when it was not published, or not on
+    ``host_port`` when one is asked for."""
+    try:
+        bound = podman_api.published_ports(container, guest_port)
+    except AgentboxError:
+        bound = []
+    ports = sorted((addr != "127.0.0.1", port) for addr, port in bound)
+    if not ports:
+        raise MachineError(f"{machine.name}: guest port {guest_port} was not published when this {machine.backend} "
+                           f"task started (Podman publishes only at start): start it with "
+                           f"publish=('127.0.0.1::{guest_port}',)")
+    if host_port is not None and host_port not in {port for _, port in ports}:
+        raise MachineError(f"{machine.name}: guest port {guest_port} is published on host port(s) "
+                           f"{', '.join(str(port) for _, port in ports)}, not {host_port} (Podman publishes only "
+                           f"at start: publish=('127.0.0.1:{host_port}:{guest_port}',))")
+    return host_port if host_port is not None else ports[0][1]
+
+
 @dataclass
 class MicrovmMachine(Machine):
     """A microvm guest driven through its agent."""
@@ -156,7 +193,10 @@ class MicrovmMachine(Machine):
     @property
     def vmm_pid(self) -> int | None:
         handle = self.task.handle if self.task is not None else None
-        return handle.pid if handle is not None and handle.poll() is None else None
+        try:
+            return handle.pid if handle is not None and handle.poll() is None else None
+        except RuntimeError:  # stopped without an exit status (a qemu killed by crash())
+            return None
 
     def _start(self) -> None:
         assert self.options is not None
@@ -356,6 +396,29 @@ class MicrovmMachine(Machine):
                 with os.fdopen(fd, "wb") as f:  # 0600 like the originals (launch.conf names host paths)
                     f.write(data)
 
+    def _forward_port(self, guest_port: int, host_port: int | None) -> int:
+        """qemu: a ``hostfwd`` rule on the guest's user-mode network, added over QMP (127.0.0.1 only)."""
+        handle = self.task.handle if self.task is not None else None
+        qmp = getattr(handle, "qmp", None)
+        if handle is None or qmp is None:
+            raise MachineError(f"{self.name}: forward_port needs a running qemu guest with QMP")
+        try:
+            return hostfwd.add(qmp, guest_port, host_port)
+        except (AgentboxError, OSError) as exc:
+            raise MachineError(f"{self.name}: forward_port: {exc}") from None
+
+    def _crash(self) -> None:
+        """SIGKILL the VMM; the agent is dropped so the teardown asks the guest nothing."""
+        handle = self.task.handle if self.task is not None else None
+        if handle is None:
+            raise MachineError(f"{self.name} is not running: nothing to crash")
+        proc = getattr(handle, "proc", None)
+        kill_vmm(handle.pid, proc if isinstance(proc, subprocess.Popen) else None)
+        self.stop_notes.append(f"crash(): SIGKILL to VMM pid {handle.pid}")
+        agent, self.agent = self.agent, None
+        if agent is not None:
+            agent.close()
+
 
 
 
@@ -371,6 +434,8 @@ class ContainerMachine(Machine):
     run_label: str | None = None
     hardened: bool = False
     """The hardened profile: read-only root, no capabilities, no new privileges (see container_argv)."""
+    publish: tuple[str, ...] = ()
+    """Podman ``--publish`` specs for the task (``127.0.0.1::8080``): what ``forward_port`` can reach."""
     _transport: ContainerTransport | None = None
     _sidecar: Sidecar | None = None
     _req: SidecarRequest | None = None
@@ -381,10 +446,10 @@ class ContainerMachine(Machine):
         self._conf = host_conf.applied()
         self._conf.__enter__()  # restored in _stop: the harness conf never outlives the machine
         layout = StateLayout(self.workspace, self.state_root.name, self.state_root.parent, self.state_root)
-        podman = CliPodman()
+        podman = Podman()
         task = CONTAINER.task(BackendOptions(  # assembled as `agentbox container` does, detached
             workspace=self.workspace, state=layout, image=self.image, run_label=self.run_label,
-            hardened=self.hardened, interactive=False, host_home=self.state_root / "home",
+            hardened=self.hardened, publish=self.publish, interactive=False, host_home=self.state_root / "home",
             dev_ids_from_sudo=False))
         self._req, self._name, self.image_user = task.request, task.name, task.user
         self._sidecar = start_task(podman, self._req, lambda sidecar: task.argv(sidecar, detached=True))
@@ -441,8 +506,20 @@ class ContainerMachine(Machine):
         self._transport = None
         try:
             assert self._req is not None and self._sidecar is not None
-            stop_task(CliPodman(), self._req, self._sidecar, self._name)
+            stop_task(Podman(), self._req, self._sidecar, self._name)
         finally:
             if self._conf is not None:
                 self._conf.__exit__(None, None, None)
                 self._conf = None
+
+    def _forward_port(self, guest_port: int, host_port: int | None) -> int:
+        """The host port published for ``guest_port`` at start (the ``publish`` option)."""
+        self._running()
+        return published_port(self, self._name, guest_port, host_port)
+
+    def _crash(self) -> None:
+        """``podman kill -s KILL`` the task (its nix sidecar stays for the teardown to clean up)."""
+        self._running()
+        out = Podman().capture(["kill", "-s", "KILL", self._name])
+        if out.returncode != 0:
+            raise MachineError(f"{self.name}: podman kill -s KILL {self._name} failed: {out.stderr.strip()}")

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from agentbox_harness.backends import (agent_copy_from, agent_copy_to,
-                                       agent_execute, agent_shell, attach_lines, container_processes, note_stop)
+                                       agent_execute, agent_shell, attach_lines, container_processes, note_stop,
+                                       published_port)
 from agentbox_harness.leftovers import Holdings
 from agentbox_harness.machine import Machine, Preserved, Result
 from agentbox_guest_init import contract as c
 from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError
 from agentbox_runtime.backends import KrunOptions, KrunPodmanMaintenance
+from agentbox_runtime.container import podman_api
+from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.processes import start_time
 from agentbox_runtime.vmm import shutdown
@@ -72,16 +75,13 @@ class KrunPodmanMachine(Machine):
                                             containers=[self.container])
         if self.krun_options is not None and not self.krun_options.tsi:
             token = secrets.token_hex(32)
-            out = Podman(timeout_s=30).capture(["port", self.container, f"{c.ATTACH_TCP_PORT}/tcp"])
-            port = out.stdout.strip().splitlines()[0].rpartition(":")[2] if out.returncode == 0 and out.stdout.strip() \
-                else ""
             try:
-                if not port.isdigit():
-                    raise ChannelError(f"podman port {self.container} {c.ATTACH_TCP_PORT}/tcp gave "
-                                       f"{(out.stdout + out.stderr).strip()!r}")
+                bound = podman_api.published_ports(self.container, c.ATTACH_TCP_PORT)
+                if not bound:
+                    raise ChannelError(f"{self.container} publishes no host port for {c.ATTACH_TCP_PORT}/tcp")
                 self._agent.attach_listen(c.ATTACH_TCP_PORT, token)
-                record.attach_tcp, record.attach_token = int(port), token
-            except ChannelError as exc:  # the task itself works: only `agentbox attach` is lost
+                record.attach_tcp, record.attach_token = bound[0][1], token
+            except (ChannelError, AgentboxError) as exc:  # the task itself works: only `agentbox attach` is lost
                 warnings.warn(f"{self.name}: no agentbox attach channel: {exc}", stacklevel=2)
         guest_registry.save(record)
         self.guest_id = record.id
@@ -172,3 +172,24 @@ class KrunPodmanMachine(Machine):
         report = shutdown.stop(proc, timeout=timeout, poweroff=agent.shutdown if agent is not None else None,
                                terminate=podman_stop)
         note_stop(self, report, self.stop_notes, "podman run")
+
+    def _forward_port(self, guest_port: int, host_port: int | None) -> int:
+        """The host port published for ``guest_port`` at start (the ``publish`` option; needs passt,
+        not ``tsi``)."""
+        if self._agent is None:
+            raise AssertionError(f"{self.name} is not running")
+        return published_port(self, self.container, guest_port, host_port)
+
+    def _crash(self) -> None:
+        """``podman kill -s KILL`` the task: the VM dies with no sync; the agent is dropped so the
+        teardown asks the guest nothing (``podman run`` then exits by itself)."""
+        if self._proc is None:
+            raise AssertionError(f"{self.name} is not running: nothing to crash")
+        out = Podman(timeout_s=30).capture(["kill", "-s", "KILL", self.container])
+        if out.returncode != 0:
+            raise AssertionError(f"{self.name}: podman kill -s KILL {self.container} failed: {out.stderr.strip()}")
+        self.stop_notes.append(f"crash(): podman kill -s KILL {self.container}")
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.close()
+

@@ -29,6 +29,7 @@ from agentbox_runtime.backend_caps import Capabilities, caps
 from agentbox_runtime.evidence import REDACTED, SECRET_NAME, Redactor
 from agentbox_runtime.vmm.shutdown import StopReport
 from agentbox_harness.leftovers import Holdings, leftovers
+from agentbox_runtime.vmm.hostfwd import check_port
 from agentbox_guest_init.image_user import ImageUser
 
 log = logging.getLogger("agentbox_harness")
@@ -132,6 +133,7 @@ class Machine(ABC):
     ready_gate: ClassVar[bool] = False
     """:meth:`start` waits for the readiness gate (every real guest backend sets it; a test double
     whose commands run on the host does not)."""
+
     @property
     def capabilities(self) -> Capabilities:
         """What this machine's backend offers (:mod:`agentbox_runtime.backend_caps`): ask it
@@ -214,6 +216,7 @@ class Machine(ABC):
         ``execute`` (which logs its exit status itself) log one INFO line with their outcome."""
         @contextlib.contextmanager
         def block() -> Iterator[None]:
+            self._gone_check(verb)
             started = time.monotonic()
             outcome = "failed"
             try:
@@ -484,3 +487,127 @@ class Machine(ABC):
         self.artifacts.mkdir(parents=True, exist_ok=True)
         (self.artifacts / f"{self.name}-transcript.json").write_text(json.dumps(self.transcript, indent=1))
         (self.artifacts / f"{self.name}-profile.json").write_text(json.dumps(self.profile, indent=1))
+
+    # --- ports, crash and console: verbs a backend offers by capability ----------------
+    # Each asks :attr:`capabilities` first; a backend without the capability fails in one line.
+    crashed: bool = field(default=False, repr=False)
+    """True after :meth:`crash` until the next :meth:`start`: every other verb then fails at once."""
+
+    def _require(self, capability: str, verb: str) -> None:
+        if not getattr(self.capabilities, capability):
+            raise MachineError(f"{self.name}: {verb} is not available on the {self.backend or 'unknown'} backend "
+                               f"(it has no '{capability}' capability; see agentbox_runtime.backend_caps)")
+
+    def _gone_check(self, verb: str) -> None:
+        """Called as every verb begins: after :meth:`crash`, only a stop or a new start may run."""
+        if verb == "start":
+            self.crashed = False
+        elif self.crashed and verb not in ("shutdown", "restart", "crash"):
+            raise MachineError(f"{self.name}: the guest is gone (crashed by crash()); '{verb}' cannot run: "
+                               "restart() boots it again")
+
+    def _forward_port(self, guest_port: int, host_port: int | None) -> int:
+        """The backend's forward (see :meth:`forward_port`); backends with ``port_forward`` override it."""
+        raise MachineError(f"{self.name}: forward_port is not implemented on the {self.backend} backend")
+
+    def _crash(self) -> None:
+        """The backend's hard power-off (see :meth:`crash`); backends with ``crash`` override it."""
+        raise MachineError(f"{self.name}: crash is not implemented on the {self.backend} backend")
+
+    def wait_for_open_port(self, port: int, addr: str = "127.0.0.1", *, timeout: float | None = None) -> None:
+        """Wait until a guest process listens on TCP ``port`` at ``addr`` (default 127.0.0.1; a
+        socket on the wildcard address counts), as the NixOS test driver's verb does.
+
+        Checked inside the guest, from its kernel's ``/proc/net/tcp`` and ``tcp6`` (no tool the
+        image may lack). On timeout the error lists the guest's listening sockets seen last."""
+        self._wait_port(port, addr, True, timeout)
+
+    def wait_for_closed_port(self, port: int, addr: str = "127.0.0.1", *, timeout: float | None = None) -> None:
+        """Wait until nothing in the guest listens on TCP ``port`` at ``addr`` (the opposite of
+        :meth:`wait_for_open_port`; the same check and error)."""
+        self._wait_port(port, addr, False, timeout)
+
+    def _wait_port(self, port: int, addr: str, want_open: bool, timeout: float | None) -> None:
+        from agentbox_harness import ports
+
+        check_port(port, "port")
+        addr = ports.normalize(addr)
+        state = "open" if want_open else "closed"
+        seen: list[list[ports.Listener]] = []
+
+        def settled(_last_try: bool) -> bool:
+            out = self._execute(ports.READ_COMMAND, user="root", env=None, cwd="/", timeout=self.scaled(30),
+                                stdin=None)
+            seen[:] = [ports.listening(out.stdout)]
+            return ports.serves(seen[0], addr, port) == want_open
+
+        with self._verb(f"wait_for_{state}_port", f"{addr}:{port}"):
+            try:
+                retry(settled, timeout=self.scaled(self._given(timeout)), interval=1.0)
+            except WaitTimeout as exc:
+                raise MachineError(self._explain(
+                    f"{self.name}: {exc}: TCP port {port} on {addr} is not {state} in the guest; "
+                    f"its listening sockets: {ports.describe(seen[0]) if seen else 'never read'}", None)) from None
+
+    def forward_port(self, guest_port: int, host_port: int | None = None) -> int:
+        """Make the guest's TCP ``guest_port`` reachable from the host on 127.0.0.1; the host port.
+
+        ``host_port`` None picks a free one (only ever on 127.0.0.1). Per backend:
+
+        - qemu: a ``hostfwd`` rule added to the running guest's user-mode network over QMP; the
+          guest server must listen on 0.0.0.0 (or 10.0.2.15), not only on its 127.0.0.1;
+        - krun-podman and container: ports are published when the task starts (Podman cannot add
+          one later): start the machine with ``publish=("127.0.0.1::8080",)`` and
+          ``forward_port(8080)`` returns the host port Podman chose; an unpublished port fails in one line;
+        - krun-direct: not available (``port_forward`` is False): libkrun's port map is fixed before
+          the VM starts and its TSI binds the guest's listen address on the host, 0.0.0.0 for a
+          wildcard server (docs/libkrun-fidelity.md (c)).
+        """
+        self._require("port_forward", "forward_port")
+        check_port(guest_port, "guest port")
+        if host_port is not None:
+            check_port(host_port, "host port")
+        with self._verb("forward_port", f"{guest_port}"):
+            return self._forward_port(guest_port, host_port)
+
+    def crash(self) -> None:
+        """Power the guest off hard, as pulling the plug would: no sync, no shutdown (the VMM gets
+        SIGKILL; a Podman task ``podman kill -s KILL``). What the guest had not written to its disks
+        is lost. Afterwards every verb fails at once saying the guest is gone; the teardown only
+        cleans up (no graceful stop); :meth:`restart` boots it again on the same state."""
+        self._require("crash", "crash")
+        with self._verb("crash", ""):
+            if self.crashed:
+                return
+            if self._console is not None:
+                self._console.close()
+            self._crash()
+            self.crashed = True
+
+    def wait_for_console_text(self, regex: str, *, timeout: float | None = None) -> str:
+        """Wait until ``regex`` appears in the guest's console output (kernel messages, what the
+        guest writes to ``/dev/console`` or ``/dev/kmsg`` at a level the console shows); the matched
+        text. As in the NixOS test driver, the regex is searched across lines, in output not yet
+        consumed by an earlier ``wait_for_console_text`` of this boot: each match consumes the
+        output up to its end. Fails at once on a kernel panic; the error shows the console tail."""
+        self._require("console", "wait_for_console_text")
+        with self._verb("wait_for_console_text", regex):
+            return self._console_wait("wait_for_console_text", regex, timeout)
+
+    def wait_until_console_matches(self, regex: str, *, timeout: float | None = None) -> str:
+        """Wait until the whole console log of this boot matches ``regex`` (``re.MULTILINE``: ``^``
+        and ``$`` are line ends); the matched text. Consumes nothing, so it also finds what an
+        earlier wait already saw. Fails at once on a kernel panic; the error shows the console tail."""
+        self._require("console", "wait_until_console_matches")
+        with self._verb("wait_until_console_matches", regex):
+            return self._console_wait("wait_until_matches", regex, timeout)
+
+    def _console_wait(self, how: str, regex: str, timeout: float | None) -> str:
+        from agentbox_harness.console import ConsoleError
+
+        try:
+            result: str = getattr(self.console, how)(regex, timeout=timeout)
+        except ConsoleError as exc:
+            raise MachineError(str(exc)) from None
+        return result
+

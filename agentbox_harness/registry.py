@@ -86,7 +86,7 @@ def _container(ctx: BackendContext, name: str, options: dict[str, object]) -> Ma
     assert o.image is not None and o.state is not None
     return ContainerMachine(name=name, backend=CONTAINER.name, timeout_scale=1.0, workspace=o.workspace,
                             state_root=o.state.ensure().state_root, image=o.image, run_label=o.run_label,
-                            hardened=o.hardened)
+                            hardened=o.hardened, publish=o.publish)
 
 
 MACHINE_BACKENDS: dict[str, MachineBuilder] = {

@@ -32,7 +32,10 @@ class Capabilities:
     publish: bool
     """Host ports can be published when the guest starts (``podman run -p``)."""
     port_forward: bool
-    """``Machine.forward_port`` can add a host -> guest TCP forward while the guest runs."""
+    """``Machine.forward_port`` can reach a guest TCP port from the host's 127.0.0.1: a forward added
+    while the guest runs (qemu), or a port published at start (krun-podman, container). Not
+    krun-direct: libkrun's port map is fixed before the VM starts, and TSI binds the guest's listen
+    address on the host (0.0.0.0 for a wildcard server; docs/libkrun-fidelity.md (c))."""
     crash: bool
     """``Machine.crash`` can power the guest off hard (no sync, no shutdown)."""
     console: bool
@@ -44,7 +47,7 @@ class Capabilities:
 CAPABILITIES: dict[str, Capabilities] = {
     "qemu": Capabilities(vm=True, raw_disks=True, attach=True, publish=False, port_forward=True,
                          crash=True, console=True, hardened=True),
-    "krun-direct": Capabilities(vm=True, raw_disks=True, attach=True, publish=False, port_forward=True,
+    "krun-direct": Capabilities(vm=True, raw_disks=True, attach=True, publish=False, port_forward=False,
                                 crash=True, console=True, hardened=True),
     "krun-podman": Capabilities(vm=True, raw_disks=True, attach=True, publish=True, port_forward=True,
                                 crash=True, console=False, hardened=False),

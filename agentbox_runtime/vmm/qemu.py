@@ -115,9 +115,13 @@ def disk_args(index: int, disk_id: str, path: str | Path, *, read_only: bool = F
             "-device", opts("virtio-blk-pci", drive=f"d{index}", serial=disk_id[:20])]
 
 
+NETDEV_ID = "n0"
+"""The id of the guest's user-mode netdev (``hostfwd_add`` names it: :mod:`agentbox_runtime.vmm.hostfwd`)."""
+
+
 def net_args() -> list[str]:
     """User-mode networking (10.0.2.15 via 10.0.2.2) and an entropy source."""
-    return ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
+    return ["-netdev", f"user,id={NETDEV_ID}", "-device", f"virtio-net-pci,netdev={NETDEV_ID},romfile=",
             "-device", "virtio-rng-pci"]
 
 
