@@ -85,9 +85,9 @@ class _Window:
 def _raw_terminal(fd: int) -> Iterator[None]:
     """The local terminal in raw mode from now until the block ends, keeping what was already typed.
 
-    Keys typed before the guest's pty is open wait in the terminal's own input queue (about 4 KiB
-    for the line discipline plus 64 KiB of the pty's buffer; past that the typist's writes block,
-    nothing is dropped) and the relay reads them first, in order. Raw mode is set with TCSANOW:
+    Keys typed before the guest's pty is open wait in the kernel's input queue of the terminal
+    (about 20 KiB on a Linux pty; past that the typist's writes block until the relay reads, nothing
+    is dropped) and the relay reads them first, in order. Raw mode is set with TCSANOW:
     ``tty.setraw``'s default, TCSAFLUSH, would discard that queue."""
     saved = termios.tcgetattr(fd) if os.isatty(fd) else None
     if saved is not None:

@@ -21,16 +21,29 @@ pytest.importorskip("pexpect")
 
 
 @pytest.fixture
-def agentbox_backend(vm_backend: str) -> str:
-    """Each microvm backend in turn (overrides the session's ``--agentbox-backend``)."""
-    return vm_backend
+def agentbox_backend(request: pytest.FixtureRequest) -> str:
+    """A test's ``agentbox_backend`` parameter, else each microvm backend in turn (``vm_backend``)."""
+    return getattr(request, "param", None) or str(request.getfixturevalue("vm_backend"))
 
 
-def test_attach_and_the_relayed_shell_keep_typeahead_and_follow_resizes(microvm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_attach_and_the_relayed_shell_keep_typeahead_and_follow_resizes(vm_backend: str, microvm,  # type: ignore[no-untyped-def]
+                                                                        tmp_path: Path) -> None:
     assert microvm.capabilities.attach and microvm.guest_id
     attach_session(microvm.guest_id, tmp_path / "session.log", timeout=microvm.scaled(120))
     # shell() through the agent (krun-direct's shell(); qemu's is the hvc0 console, so ask for the relay)
-    shell = agent_shell(microvm, microvm.agent, microvm.scaled(120))
+    shell_follows_resizes(agent_shell(microvm, microvm.agent, microvm.scaled(120)))
+
+
+@pytest.mark.parametrize("agentbox_backend", ["krun-podman"], indirect=True)
+def test_krun_podman_attach_and_shell_keep_typeahead_and_follow_resizes(guest, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """krun-podman: attach over the published, token-authenticated 127.0.0.1 port; shell() is the relay."""
+    assert guest.capabilities.attach and guest.guest_id
+    attach_session(guest.guest_id, tmp_path / "session.log", timeout=guest.scaled(120))
+    shell_follows_resizes(guest.shell())
+
+
+def shell_follows_resizes(shell) -> None:  # type: ignore[no-untyped-def]
+    """A relayed shell (its prompt consumed) at FIRST_SIZE, through the typeahead-and-resize session."""
     try:
         shell.setwinsize(*FIRST_SIZE)  # the relayed pty starts at 24x80
         type_ahead_and_resize(shell)
