@@ -90,10 +90,20 @@ def test_live_container_blocks_resize_and_reset_until_stopped(tmp_path: Path, an
     assert run("blkid", "-o", "value", "-s", "UUID", str(path)).strip() != uuid_before
 
 
-def test_container_on_another_path_does_not_block(tmp_path: Path, annotated_container) -> None:  # type: ignore[no-untyped-def]
+def test_container_on_another_path_does_not_block(tmp_path: Path, annotated_container,  # type: ignore[no-untyped-def]
+                                                  podman_env: dict[str, str]) -> None:
+    """A running guest whose disk is another file does not block the reset: the image is recreated
+    (a new filesystem UUID, the label kept) while that guest keeps running."""
     disks.prepare(disks.LIBKRUN_NIX, tmp_path)
-    annotated_container.start({"krun.disk.0.path": str(tmp_path / "libkrun-nix.raw.other")})
-    reset_nix(tmp_path, True, containers=CliContainers())
+    path = tmp_path / "libkrun-nix.raw"
+    uuid_before = run("blkid", "-o", "value", "-s", "UUID", str(path)).strip()
+    cid = annotated_container.start({"krun.disk.0.path": str(tmp_path / "libkrun-nix.raw.other")})
+    assert reset_nix(tmp_path, True, containers=CliContainers()) == path
+    assert run("blkid", "-o", "value", "-s", "LABEL", str(path)).strip() == "AGENTBOX_NIX"
+    assert run("blkid", "-o", "value", "-s", "UUID", str(path)).strip() != uuid_before
+    running = subprocess.run(["podman", "inspect", "--format", "{{.State.Running}}", cid], env=podman_env,
+                             capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    assert running == "true"
 
 
 # --- the real CLI -----------------------------------------------------------------------------
