@@ -3,6 +3,8 @@ use it beyond them."""
 
 import pytest
 
+from enter_session import enter_identity
+
 pytestmark = pytest.mark.vm
 
 MAKE_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; "
@@ -12,8 +14,8 @@ MAKE_IMAGE = ("set -e; d=$(mktemp -d); cp /bin/busybox $d/busybox; "
 @pytest.mark.krun_podman_too
 def test_nested_rootless_podman_checklist(guest):
     m = guest
-    # 1-2: the shell is dev; podman waits for prep, then reports rootless + btrfs
-    assert m.succeed("id -un", timeout=30).strip() == m.image_user.user  # dev in the stock image
+    # 1-2: the shell is dev (the user enter drops to); podman waits for prep, then reports rootless + btrfs
+    assert enter_identity(m).user == m.image_user.user  # dev in the stock image
     m.wait_for_prep("podman", timeout=120)
     info = m.succeed("podman info --format '{{.Host.Security.Rootless}} {{.Store.GraphDriverName}}'", timeout=120)
     assert info.split() == ["true", "btrfs"]
@@ -79,3 +81,55 @@ def test_nested_podman_as_its_users_use_it(guest, host_http):
     url = f"http://{ip}:{host_http.serve(ip)}/"
     assert m.wait_until_succeeds(f"podman run --rm localhost/smoke-web /busybox wget -qO- {url}",
                                  timeout=60) == host_http.reply
+
+
+STATUS = "/run/agentbox/podman-prep.status"
+WRAPPER = ("printf '#!/bin/sh\\nexec agentbox-guest-init libkrun podman \"$@\"\\n' > /tmp/podman-wrapper && "
+           "chmod 755 /tmp/podman-wrapper")
+"""An agentbox compatibility wrapper (it names ``agentbox-guest-init libkrun podman``), which
+``service-wait`` must never start as the API service."""
+
+
+SERVICE_PIDS = "pgrep -u $(id -u) -f '^[^ ]*podman system service '"
+"""dev's API service processes (rootless podman may re-exec itself, so one or two), not this shell."""
+
+
+@pytest.mark.krun_podman_too
+def test_podman_wait_and_service_wait(guest):
+    """Item 7's user waits, run as dev in the guest:
+
+    - ``libkrun podman wait`` returns once the prep is ready, and fails at once, naming the status
+      file, when the prep never started (its status moved away for the call);
+    - ``libkrun podman service-wait`` refuses a compatibility wrapper as the real podman, then
+      starts the rootless API service as dev: its socket answers ``podman --remote``; a second call
+      finds it live and starts no other."""
+    m = guest
+    m.succeed("agentbox-guest-init libkrun podman wait", timeout=180)
+    assert "state=ready" in m.succeed(f"cat {STATUS}", timeout=30).splitlines()
+    m.succeed(f"mv {STATUS} {STATUS}.aside", user="root", timeout=30)
+    try:
+        missing = m.execute("agentbox-guest-init libkrun podman wait", timeout=60)
+    finally:
+        m.succeed(f"mv {STATUS}.aside {STATUS}", user="root", timeout=30)
+    assert missing.exit_status == 1, missing
+    assert f"rootless Podman prep has not started; missing status at {STATUS}" in missing.stderr, missing.stderr
+
+    uid = m.succeed("id -u", timeout=30).strip()
+    sock = f"/run/user/{uid}/podman/podman.sock"
+    m.fail(f"test -S {sock}", timeout=30)  # nothing started the API service yet
+    m.succeed(WRAPPER, timeout=30)
+    wrapped = m.execute("agentbox-guest-init libkrun podman service-wait", timeout=120,
+                        env={"AGENTBOX_REAL_PODMAN": "/tmp/podman-wrapper"})
+    assert wrapped.exit_status == 1, wrapped
+    assert ("refusing to start Podman API service through compatibility wrapper /tmp/podman-wrapper"
+            in wrapped.stderr), wrapped.stderr
+    m.fail(f"test -S {sock}", timeout=30)
+
+    m.succeed("agentbox-guest-init libkrun podman service-wait", timeout=180)
+    assert m.succeed(f"stat -c %U {sock}", timeout=30).strip() == m.image_user.user
+    service = m.succeed(SERVICE_PIDS, timeout=30).split()
+    assert service, "no podman system service runs as dev"
+    assert m.succeed(f"podman --remote --url unix://{sock} info --format '{{{{.Host.Security.Rootless}}}}'",
+                     timeout=120).strip() == "true"
+    m.succeed("agentbox-guest-init libkrun podman service-wait", timeout=60)
+    assert m.succeed(SERVICE_PIDS, timeout=30).split() == service
