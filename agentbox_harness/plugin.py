@@ -16,12 +16,12 @@ import pytest
 
 from agentbox_harness import artifacts, evidence_bundle, reaper
 from agentbox_harness.artifacts import MACHINES, REPORTS
-from agentbox_harness.session import KEY, evidence_dir, harness
+from agentbox_harness.session import KEY, evidence_dir, harness, podman_api_scope
 from agentbox_runtime import guest_registry
 from agentbox_runtime.config import check_location
 from agentbox_runtime.doctor import standin_in_use
 from agentbox_runtime.images.recipe import DEFAULT_TAG
-from agentbox_runtime.podman import Podman
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.private_dir import OutputDir, UnsafeDirectory
 from agentbox_harness.caps import CAP_MARKERS, check_markers
@@ -85,6 +85,7 @@ def _xdist_controller(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    podman_api_scope(config)
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     if config.getoption("--preserve-debug", default=False) and _xdist_controller(config):
@@ -116,13 +117,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def image_line(h: Any) -> str:
     """The guest image and its id when it is already built (the build itself waits for the first VM)."""
     ref = h.image_option or DEFAULT_TAG
-    podman = Podman(timeout_s=30)
-    proc = podman.capture(["image", "inspect", "--format", "{{.Id}}", ref]) if shutil.which("podman") else None
-    if proc is None or proc.returncode != 0:
+    try:
+        attrs = podman_api.image_inspect(ref) if shutil.which("podman") else None
+    except AgentboxError as exc:
+        return f"{ref} ({exc})"
+    if attrs is None:
         return f"{ref} (not built yet: built before the first guest boots)"
     user = h.image_user()
     who = "" if user.is_default else f", user {user.user} {user.uid}:{user.gid}, workdir {user.workdir}"
-    return f"{ref} ({proc.stdout.strip()[:12]}{who})"
+    return f"{ref} ({str(attrs.get('Id', ''))[:12]}{who})"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

@@ -31,10 +31,13 @@ from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_guest_init.contract import LABEL_HARNESS_RUN
 from agentbox_runtime.microvm import reaper as vm_reaper
 from agentbox_runtime import guest_registry
-from agentbox_runtime.podman import Podman
+from agentbox_runtime.container import podman_api
+from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.state import StateLayout
 
 TOOL_TIMEOUT_S = 60.0
+UNLISTED = "containers not listed"
+"""How a leak or reap line starts when Podman could not be asked for a run's containers."""
 
 
 def cache_root() -> Path:
@@ -113,12 +116,11 @@ class RunRegistry:
 
 # --- what is there ---------------------------------------------------------
 def labelled_containers(run_label: str) -> list[str]:
-    """Podman containers (any state) carrying ``io.agentbox.harness.run=<run_label>``."""
+    """``<short id> <name>`` of the Podman containers (any state) carrying
+    ``io.agentbox.harness.run=<run_label>`` (a Podman API query; none without Podman)."""
     if shutil.which("podman") is None:
         return []
-    proc = Podman(timeout_s=TOOL_TIMEOUT_S).capture(["ps", "-a", "--format", "{{.ID}} {{.Names}}",
-                                                     "--filter", f"label={LABEL_HARNESS_RUN}={run_label}"])
-    return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
+    return [f"{c.id} {c.name}" for c in podman_api.containers({LABEL_HARNESS_RUN: run_label})]
 
 
 def _unescape(field_: str) -> str:
@@ -193,15 +195,25 @@ def _under(path: str, roots: list[str]) -> bool:
 def leaks(reg: RunRegistry, keep: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
     """One line per resource this run created that is still there (``keep``: preserved paths)."""
     tasks = task_dirs(reg.state_bases, keep, reg.run_label, reg.roots)
-    kept = guest_registry.preserved_containers()
-    out = [f"container {c} (label {LABEL_HARNESS_RUN}={reg.run_label})" for c in labelled_containers(reg.run_label)
-           if c.split()[-1] not in kept and c.split()[0] not in kept]
+    found, out = _run_containers(reg)
+    out += [f"container {c} (label {LABEL_HARNESS_RUN}={reg.run_label})" for c in found]
     out += live_vms(reg.state_bases, reg.run_label)
     out += [f"mount {m}" for m in mounts_under(reg.roots + reg.mounts + tasks)
             if not any(m == k or m.startswith(k + "/") for k in keep)]
     out += [f"loop device {dev} (backing {f})" for dev, f in loops_under(reg.roots)]
     out += [f"task dir {d}" for d in tasks]
     return out
+
+
+def _run_containers(reg: RunRegistry) -> tuple[list[str], list[str]]:
+    """This run's labelled containers (``<id> <name>``) but preserved guests' (only ``agentbox rm``
+    removes those), and a :data:`UNLISTED` line when Podman could not be asked."""
+    kept = guest_registry.preserved_containers()
+    try:
+        found = labelled_containers(reg.run_label)
+    except AgentboxError as exc:
+        return [], [f"{UNLISTED} (label {LABEL_HARNESS_RUN}={reg.run_label}): {exc}"]
+    return [c for c in found if c.split()[-1] not in kept and c.split()[0] not in kept], []
 
 
 # --- reaping ---------------------------------------------------------------
@@ -215,16 +227,24 @@ def _unmount(point: str) -> bool:
     return False
 
 
+def _reap_containers(reg: RunRegistry) -> list[str]:
+    """Remove this run's labelled containers (``rm -f -t 0`` through the API); an :data:`UNLISTED`
+    line when Podman could not be asked, which keeps the registry for the next run to try again."""
+    found, done = _run_containers(reg)
+    for c in found:
+        try:
+            removed = podman_api.remove_container(c.split()[0])
+        except AgentboxError as exc:
+            done.append(f"{UNLISTED}: container {c} not removed: {exc}")
+        else:
+            done += [f"container {c}"] if removed else []
+    return done
+
+
 def reap(reg: RunRegistry) -> list[str]:
     """Remove everything ``reg`` recorded that is still there; one line per thing reaped."""
-    done = []
-    kept, kept_paths = guest_registry.preserved_containers(), guest_registry.preserved_paths()
-    for c in labelled_containers(reg.run_label):
-        if c.split()[-1] in kept or c.split()[0] in kept:
-            continue  # a preserved guest's: only `agentbox rm` removes it
-        cid = c.split()[0]
-        Podman(timeout_s=TOOL_TIMEOUT_S).capture(["rm", "-f", "-t", "0", cid])
-        done.append(f"container {c}")
+    kept_paths = guest_registry.preserved_paths()
+    done = _reap_containers(reg)
     for base in reg.state_bases:
         app = Path(base) / "agentbox"
         if app.is_dir():
@@ -256,8 +276,10 @@ def reap_dead_runs() -> list[str]:
             continue
         if reg.owner_alive():
             continue
-        done += reap(reg)
-        path.unlink(missing_ok=True)
+        lines = reap(reg)
+        done += lines
+        if not any(line.startswith(UNLISTED) for line in lines):
+            path.unlink(missing_ok=True)
     return done
 
 

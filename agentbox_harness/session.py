@@ -16,6 +16,7 @@ import pytest
 
 from agentbox_harness.artifacts import node_dir
 from agentbox_harness.reaper import RunRegistry, cache_root
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.doctor import Check, run_checks, usable_backends
 from agentbox_runtime.evidence import Redactor
 from agentbox_guest_init.image_user import ImageUser
@@ -188,6 +189,17 @@ class HarnessSession:
     def artifact_dir(self, node: pytest.Item) -> Path:
         """The test's artifact dir (see :mod:`agentbox_harness.artifacts`)."""
         return node_dir(self.config, node.nodeid)
+
+
+def podman_api_scope(config: pytest.Config) -> None:
+    """The run's Podman API connection (:func:`agentbox_runtime.container.podman_api.service_scope`),
+    from ``pytest_configure`` to the run's very end (``config.add_cleanup``: after
+    ``pytest_sessionfinish``'s leak check). The first structured read asks this user's own Podman
+    socket, else starts ``podman system service`` in this process's private runtime dir; a service
+    started so is stopped at the end, through the shutdown ladder."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(podman_api.service_scope())
+    config.add_cleanup(stack.close)
 
 
 def run_label() -> str:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain, one_line
 from agentbox_runtime.config import KRUN_RUNTIMES
 from agentbox_runtime.guest_resources import parse_mem_gib
@@ -320,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _guarded(lambda: internal.run_hidden(args))
     ns = parse(args)
-    return _guarded(lambda: dispatch(ns))
+    with podman_api.service_scope():  # a Podman API service this command had to start ends with it
+        return _guarded(lambda: dispatch(ns))
 
 
 def _guarded(fn: Callable[[], int]) -> int:

@@ -3,8 +3,8 @@
 A Podman container "uses" an image when one of its annotations is
 ``krun.disk.<i>.path=<image path>``. The probe fails closed: if Podman cannot
 be asked, the caller's operation is refused. One interface,
-:class:`RunningContainers`, with two implementations: the Podman API through
-podman-py when its socket answers, and the ``podman`` CLI otherwise.
+:class:`RunningContainers`; Podman's answer comes through its API
+(:class:`PodmanContainers`, podman-py against the session's service).
 """
 
 from __future__ import annotations
@@ -14,10 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+import agentbox_runtime.container.podman_api as podman_api
 from agentbox_runtime.errors import AgentboxError
-from agentbox_runtime.podman import Podman
-
-ANNOTATION_FORMAT = '{{range $key, $value := .Config.Annotations}}{{printf "%s=%s\\n" $key $value}}{{end}}'
 
 
 class RunningContainers(Protocol):
@@ -28,82 +26,15 @@ class RunningContainers(Protocol):
         ...
 
 
-def parse_annotation_lines(text: str) -> dict[str, str]:
-    """``key=value`` lines (split on the first ``=``) into a dict."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key] = value
-    return out
-
-
-class CliContainers:
-    """The ``podman ps`` + ``podman inspect`` implementation."""
-
-    def __init__(self, podman: Podman | None = None) -> None:
-        self.podman = podman or Podman()
+class PodmanContainers:
+    """The running containers Podman's API reports (:mod:`agentbox_runtime.container.podman_api`)."""
 
     def annotations(self, operation: str) -> dict[str, dict[str, str]]:
-        ids_text = self.podman.output(
-            ["ps", "--format", "{{.ID}}"],
-            f"failed to list running Podman containers before libkrun {operation}")
-        result: dict[str, dict[str, str]] = {}
-        for cid in (line.strip() for line in ids_text.splitlines()):
-            if not cid:
-                continue
-            text = self.podman.output(
-                ["inspect", "--format", ANNOTATION_FORMAT, cid],
-                f"failed to inspect running Podman container annotations before libkrun {operation}")
-            result[cid] = parse_annotation_lines(text)
-        return result
-
-
-class ApiContainers:
-    """The podman-py implementation over the Podman API socket."""
-
-    def __init__(self, socket_path: Path) -> None:
-        self.socket_path = socket_path
-
-    def annotations(self, operation: str) -> dict[str, dict[str, str]]:
-        from podman import PodmanClient
-
         try:
-            with PodmanClient(base_url=f"unix://{self.socket_path}", timeout=30) as client:
-                result: dict[str, dict[str, str]] = {}
-                for container in client.containers.list():
-                    config = container.attrs.get("Config") or {}
-                    annos = config.get("Annotations")
-                    if annos is None:
-                        annos = client.containers.get(container.id).inspect().get(
-                            "Config", {}).get("Annotations") or {}
-                    result[container.id[:12]] = dict(annos)
-                return result
-        except Exception as exc:  # podman-py raises several unrelated types
+            return podman_api.running_annotations()
+        except AgentboxError as exc:
             raise AgentboxError(
                 f"failed to list running Podman containers before libkrun {operation}: {exc}") from None
-
-
-def api_socket() -> Path | None:
-    """The Podman API socket of this user, if one exists."""
-    candidates = []
-    if os.environ.get("CONTAINER_HOST", "").startswith("unix://"):
-        candidates.append(Path(os.environ["CONTAINER_HOST"][len("unix://"):]))
-    if os.geteuid() == 0:
-        candidates.append(Path("/run/podman/podman.sock"))
-    else:
-        xdg = os.environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.geteuid()}"
-        candidates.append(Path(xdg) / "podman" / "podman.sock")
-    for path in candidates:
-        if path.is_socket():
-            return path
-    return None
-
-
-def default_containers(podman: Podman | None = None) -> RunningContainers:
-    """podman-py when the API socket exists, the CLI otherwise."""
-    sock = api_socket()
-    return ApiContainers(sock) if sock else CliContainers(podman)
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -128,7 +59,7 @@ def refuse_if_live(path: Path, operation: str, source: RunningContainers | None 
     """Raise when a running guest uses ``path``. ``operation`` is resize or reset.
 
     ``extra_users`` lets other backends (the harness's qemu VMs) report users."""
-    source = source or default_containers()
+    source = source or PodmanContainers()
     users = users_of(path, source.annotations(operation)) + list(extra_users)
     if users:
         raise AgentboxError(

@@ -1,22 +1,26 @@
-"""The one place that runs Podman on the host (reference section 10).
+"""The one Podman CLI runner (reference section 10).
+
+The CLI runs only where the reference's exact argv matters (``podman run`` of tasks, sidecars,
+probes and maintenance VMs; ``podman exec`` into a task, interactive with :meth:`Podman.interactive`)
+and for what has no API (``podman unshare``, ``podman image mount``, ``podman pull``). Structured
+reads and clean-up (inspect, labels, lists, logs, ports, removal) go through the Podman API:
+:mod:`agentbox_runtime.container.podman_api`.
 
 Every call is ``podman [--log-level=debug] <args>``. A missing binary always
 gives ``podman is not installed or not available on PATH``; a failing call
-with context gives ``<context>[: <stderr>]``. Every call has a timeout.
+with context gives ``<context>[: <stderr>]``. Every call but an interactive one has a timeout.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+import agentbox_runtime.container.podman_api as podman_api
 from agentbox_runtime.errors import AgentboxError, InputError, one_line
-
-if TYPE_CHECKING:
-    from agentbox_runtime.container.podman_api import PodmanRunner
 
 MISSING = "podman is not installed or not available on PATH"
 CALL_TIMEOUT_S = 300.0
@@ -69,15 +73,17 @@ class Podman:
         except FileNotFoundError as exc:
             raise AgentboxError(MISSING) from exc
 
-    def image_exists(self, image: str) -> bool:
-        """``podman image exists <image>``."""
-        return self.capture(["image", "exists", image]).returncode == 0
-
-
-def container_running(podman: Podman | PodmanRunner, name: str) -> bool:
-    """Whether container ``name`` exists and is running (``podman container inspect``)."""
-    proc = podman.capture(["container", "inspect", "--format", "{{.State.Running}}", name])
-    return proc.returncode == 0 and proc.stdout.strip() == "true"
+    def interactive(self, args: Sequence[str]) -> int:
+        """Run on this terminal (``podman exec -it ...``: Podman owns the tty until it exits) and
+        return its exit status. This process ignores SIGINT and SIGQUIT meanwhile, as a shell does
+        for its foreground job, so Ctrl-C reaches only Podman; no timeout: the user ends it."""
+        proc = self.spawn(args)  # before the parent ignores them: ignored signals stay ignored across exec
+        saved = [signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGQUIT)]
+        try:
+            return proc.wait()
+        finally:
+            for sig, handler in zip((signal.SIGINT, signal.SIGQUIT), saved, strict=True):
+                signal.signal(sig, handler)
 
 
 IMAGE_REF = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
@@ -104,8 +110,8 @@ def explicit_image(image: str | None) -> str | None:
 
 def resolve_image(podman: Podman, image: str | None, pull_latest: bool) -> str:
     """The image to run: explicit ``--image``/``AGENTBOX_IMAGE`` wins; else pull
-    the published image with ``--pull-latest``; else the local default if it
-    exists, else the published one."""
+    the published image with ``--pull-latest`` (the CLI, with its progress); else the local
+    default if it exists (asked through the API), else the published one."""
     explicit = explicit_image(image)
     if explicit:
         return explicit
@@ -113,4 +119,4 @@ def resolve_image(podman: Podman, image: str | None, pull_latest: bool) -> str:
         if podman.status(["pull", PUBLISHED_IMAGE]) != 0:
             raise AgentboxError(f"podman pull '{PUBLISHED_IMAGE}' failed")
         return PUBLISHED_IMAGE
-    return DEFAULT_IMAGE if podman.image_exists(DEFAULT_IMAGE) else PUBLISHED_IMAGE
+    return DEFAULT_IMAGE if podman_api.image_exists(DEFAULT_IMAGE) else PUBLISHED_IMAGE

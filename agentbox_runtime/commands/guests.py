@@ -28,12 +28,12 @@ from agentbox_runtime import guest_registry
 from agentbox_runtime.channel import AgentClient, ChannelError, GuestAuthError
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.images.commit import image_user
-from agentbox_runtime.podman import Podman, container_running
+from agentbox_runtime.container import podman_api
+from agentbox_runtime.podman import Podman
 from agentbox_runtime.microvm.image_cache import remove_tree
 from agentbox_runtime.vmm.shutdown import stop
 
 ATTACH_CONNECT_S = 10.0
-CONTAINER_CHECK_S = 30.0
 STOP_S = 10.0
 POLL_S = 0.05
 
@@ -124,7 +124,7 @@ def _require_live_container(rec: guest_registry.GuestRecord) -> None:
     if not rec.container:
         raise AgentboxError(f"guest {rec.id} (krun-podman) names no container; `agentbox rm {rec.id}` "
                             "removes its record")
-    if not container_running(Podman(timeout_s=CONTAINER_CHECK_S), rec.container):
+    if not podman_api.container_running(rec.container):
         raise AgentboxError(f"guest {rec.id}: its container {rec.container} is not running any more, so "
                             f"its attach port is not its own; refusing to attach (`agentbox rm {rec.id}` "
                             "removes the record)")
@@ -144,8 +144,8 @@ def attach(guest_id: str, root: bool) -> int:
         image = image_user(rec.container, kind="container")
         user = "0" if root else f"{image.uid}:{image.gid}"
         env = [] if root else [a for k, v in image.exec_env().items() for a in ("--env", f"{k}={v}")]
-        os.execvp("podman", ["podman", "exec", "-it", "--user", user, *env, "--workdir", image.workdir,
-                             rec.container, "bash", "-l"])
+        return Podman().interactive(["exec", "-it", "--user", user, *env, "--workdir", image.workdir,
+                                     rec.container, "bash", "-l"])
     window = _Window()  # from now on a resize is noticed
     with _raw_terminal(sys.stdin.fileno()):  # from now on nothing typed is lost (see _raw_terminal)
         return _attach_agent(rec, root, window)
@@ -209,7 +209,7 @@ def rm(guest_id: str) -> int:
         raise InputError(f"guest {rec.id} belongs to a test that is still running (pid {rec.owner}); "
                          "accepted: a preserved or stopped guest")
     for name in dict.fromkeys([*([rec.container] if rec.container else []), *rec.containers]):
-        Podman(timeout_s=120).capture(["rm", "-f", "-t", "0", name])
+        podman_api.remove_container(name)  # rm -f -t 0; a Podman that cannot be asked stops rm here
     if rec.pid is not None and rec.vm_alive():
         _stop_vmm(rec)
     for command in rec.cleanup:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agentbox_guest_init.contract import LABEL_HARNESS_RUN, NIX_DAEMON_SOCKET
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.container.names import PROXY_PORT
-from agentbox_runtime.container.podman_api import PodmanRunner
+from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.podman import Podman
 
 DEFAULT_ATTEMPTS = 30
 DEFAULT_INTERVAL_S = 0.2
@@ -66,14 +69,14 @@ def probe_argv(image: str, port: int, run_label: str | None = None,
     return [*argv, image, "bash", "-lc", probe_script(port)]
 
 
-def port_listening(podman: PodmanRunner, sidecar: str) -> bool:
+def port_listening(podman: Podman, sidecar: str) -> bool:
     """Whether the proxy listens on ``PROXY_PORT`` inside the sidecar."""
     proc = podman.capture(["exec", sidecar, "bash", "-c",
                            f"echo >/dev/tcp/127.0.0.1/{PROXY_PORT}"])
     return proc.returncode == 0
 
 
-def probe_once(podman: PodmanRunner, sidecar: str, merged: str, image: str, port: int,
+def probe_once(podman: Podman, sidecar: str, merged: str, image: str, port: int,
                run_label: str | None = None) -> ProbeAttempt:
     """Run one probe attempt against the sidecar's published ``port``."""
     socket_path = os.path.join(merged, NIX_DAEMON_SOCKET.removeprefix("/nix/"))
@@ -85,7 +88,7 @@ def probe_once(podman: PodmanRunner, sidecar: str, merged: str, image: str, port
                         text or f"exit status {proc.returncode}")
 
 
-def wait_healthy(podman: PodmanRunner, sidecar: str, merged: str, image: str, port: int,
+def wait_healthy(podman: Podman, sidecar: str, merged: str, image: str, port: int,
                  run_label: str | None = None, attempts: int = DEFAULT_ATTEMPTS,
                  interval_s: float = DEFAULT_INTERVAL_S) -> ProbeAttempt:
     """Probe until healthy or ``attempts`` are used; return the last attempt."""
@@ -99,21 +102,32 @@ def wait_healthy(podman: PodmanRunner, sidecar: str, merged: str, image: str, po
     return last
 
 
-STATE_FORMAT = ("running={{.State.Running}} status={{.State.Status}} "
-                "exit_code={{.State.ExitCode}} error={{.State.Error}} "
-                "oom_killed={{.State.OOMKilled}}")
+def state_line(state: Mapping[str, object]) -> str:
+    """``running=... status=... exit_code=... error=... oom_killed=...`` of an inspected ``State``
+    (the words ``podman inspect --format`` prints: ``true``/``false`` for booleans)."""
+    def word(value: object) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value if value is not None else "")
+    return " ".join(f"{key}={word(state.get(field))}" for key, field in (
+        ("running", "Running"), ("status", "Status"), ("exit_code", "ExitCode"), ("error", "Error"),
+        ("oom_killed", "OOMKilled")))
 
 
-def collect_diagnostics(podman: PodmanRunner, sidecar: str) -> tuple[int, str, str]:
-    """(logs exit status, last 120 log lines, state line) of ``sidecar``.
+def collect_diagnostics(sidecar: str) -> tuple[int, str, str]:
+    """(logs status: 0 when read, last 120 log lines or why not, state line or why not) of ``sidecar``.
 
     Call it before the sidecar is removed; the result feeds
     :func:`render_failure`.
     """
-    logs = podman.capture(["logs", "--tail", "120", sidecar])
-    state = podman.capture(["container", "inspect", "--format", STATE_FORMAT, sidecar])
-    return (logs.returncode, (logs.stdout + logs.stderr).rstrip(),
-            (state.stdout if state.returncode == 0 else state.stderr).strip())
+    try:
+        logs_status, logs = 0, podman_api.logs(sidecar, tail=120).rstrip()
+    except AgentboxError as exc:
+        logs_status, logs = 1, str(exc)
+    try:
+        attrs = podman_api.container_inspect(sidecar)
+        state = state_line(attrs.get("State") or {}) if attrs else f"no container '{sidecar}'"
+    except AgentboxError as exc:
+        state = str(exc)
+    return logs_status, logs, state
 
 
 def render_failure(sidecar: str, merged: str, last: ProbeAttempt, cleanup_error: str | None,

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TextIO
 
 from filelock import FileLock, Timeout
 
@@ -25,26 +25,16 @@ from agentbox_guest_init.contract import ENV_HARDENED, ENV_HOST_GID, ENV_HOST_UI
 from agentbox_guest_init.contract import DEV_GID, DEV_UID
 from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_runtime.container.names import LOCK_FILE
-from agentbox_runtime.container.podman_api import PodmanRunner
+from agentbox_runtime.container.podman_api import container_running
 from agentbox_runtime.container.sidecar import (
-    Sidecar, SidecarRequest, cleanup_idle_sidecar, container_running, prepare_sidecar,
+    Sidecar, SidecarRequest, cleanup_idle_sidecar, prepare_sidecar,
 )
 from agentbox_runtime.retry import WaitTimeout, retry
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.podman import Podman
 
 LOCK_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 120.0
-
-
-class TaskSpawner(Protocol):
-    """Starts ``podman <args>`` with stdio inherited and returns the process."""
-
-    def spawn(self, args: Sequence[str]) -> subprocess.Popen[bytes]:
-        ...
-
-
-class TaskPodman(PodmanRunner, TaskSpawner, Protocol):
-    """A Podman runner that can also start a foreground task."""
 
 
 @contextmanager
@@ -116,10 +106,10 @@ def clamp_status(code: int) -> int:
     return code if 0 <= code <= 255 else 1
 
 
-def _wait_started(podman: PodmanRunner, name: str, proc: subprocess.Popen[bytes],
+def _wait_started(name: str, proc: subprocess.Popen[bytes],
                   timeout_s: float) -> None:
     def running(_last_try: bool) -> bool:
-        return proc.poll() is not None or container_running(podman, name)
+        return proc.poll() is not None or container_running(name)
 
     try:
         retry(running, timeout=timeout_s, interval=0.1)
@@ -138,7 +128,7 @@ def _wait_exit(proc: subprocess.Popen[bytes]) -> int:
             continue
 
 
-def run_task(podman: TaskPodman, req: SidecarRequest, task_name: str,
+def run_task(podman: Podman, req: SidecarRequest, task_name: str,
              build_argv: Callable[[Sidecar], list[str]], stderr: TextIO | None = None,
              start_timeout_s: float = START_TIMEOUT_S) -> int:
     """Run one task container against the workspace's sidecar; return its status.
@@ -155,7 +145,7 @@ def run_task(podman: TaskPodman, req: SidecarRequest, task_name: str,
         except OSError as exc:
             raise AgentboxError("failed to start podman") from exc
         try:
-            _wait_started(podman, task_name, proc, start_timeout_s)
+            _wait_started(task_name, proc, start_timeout_s)
         except BaseException:
             proc.kill()
             proc.wait()
@@ -170,7 +160,7 @@ def run_task(podman: TaskPodman, req: SidecarRequest, task_name: str,
     return clamp_status(code)
 
 
-def start_sidecar_only(podman: PodmanRunner, req: SidecarRequest) -> Sidecar:
+def start_sidecar_only(podman: Podman, req: SidecarRequest) -> Sidecar:
     """Start or reuse only the sidecar (no socket probe) and leave it running."""
     with workspace_lock(req.state_root):
         return prepare_sidecar(podman, req, probe=False)

@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from agentbox_runtime.container.lifecycle import workspace_lock
-from agentbox_runtime.container.podman_bridge import CliPodman
 from agentbox_runtime.container.sidecar import (
     Sidecar, SidecarRequest, cleanup_idle_sidecar, prepare_sidecar, remove_container,
 )
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.podman import Podman
 
 KEEP_ALIVE = ("sleep", "infinity")
 
@@ -55,7 +55,7 @@ class ContainerTransport:
     """
 
     container: str
-    podman: CliPodman = field(default_factory=CliPodman)
+    podman: Podman = field(default_factory=Podman)
     user: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
@@ -124,7 +124,7 @@ def detached_argv(argv: Sequence[str], image: str,
     return [*options, image, *command]
 
 
-def start_task(podman: CliPodman, req: SidecarRequest,
+def start_task(podman: Podman, req: SidecarRequest,
                build_argv: Callable[[Sidecar], list[str]]) -> Sidecar:
     """Prepare the sidecar (with health probe) and start a detached task.
 
@@ -137,11 +137,11 @@ def start_task(podman: CliPodman, req: SidecarRequest,
     return sidecar
 
 
-def stop_task(podman: CliPodman, req: SidecarRequest, sidecar: Sidecar, name: str) -> bool:
+def stop_task(podman: Podman, req: SidecarRequest, sidecar: Sidecar, name: str) -> bool:
     """Remove task ``name``; remove the sidecar too if it was the last task.
 
     Returns True when the sidecar was removed.
     """
-    remove_container(podman, name)
+    remove_container(name)
     with workspace_lock(req.state_root):
         return cleanup_idle_sidecar(podman, sidecar)

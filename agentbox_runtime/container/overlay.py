@@ -21,9 +21,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentbox_runtime.container.podman_api import PodmanRunner
 from agentbox_runtime.container.state_file import MountMode
 from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.podman import Podman
 
 _SUBPROCESS_TIMEOUT_S = 60.0
 
@@ -68,7 +68,7 @@ def mountinfo_has(text: str, mount_point: str) -> bool:
     return False
 
 
-def is_mounted(podman: PodmanRunner, mount_point: Path, mode: MountMode) -> bool:
+def is_mounted(podman: Podman, mount_point: Path, mode: MountMode) -> bool:
     """Whether ``mount_point`` is mounted in the namespace of ``mode``."""
     if mode is MountMode.DIRECT:
         return mountinfo_has(Path("/proc/self/mountinfo").read_text(), str(mount_point))
@@ -89,7 +89,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _attempt_direct(podman: PodmanRunner, image: str) -> ImageMount:
+def _attempt_direct(podman: Podman, image: str) -> ImageMount:
     path = _last_line(podman.output(["image", "mount", image], "podman image mount failed"))
     if not path or not os.path.isdir(path):
         raise AgentboxError(f"direct: image mount path '{path}' is not a directory")
@@ -100,7 +100,7 @@ def _attempt_direct(podman: PodmanRunner, image: str) -> ImageMount:
     return ImageMount(MountMode.DIRECT, path, lower)
 
 
-def _attempt_unshare(podman: PodmanRunner, image: str) -> ImageMount:
+def _attempt_unshare(podman: Podman, image: str) -> ImageMount:
     out = podman.output(["unshare", "podman", "image", "mount", image],
                         "podman unshare podman image mount failed")
     path = _last_line(out)
@@ -117,7 +117,7 @@ def _attempt_unshare(podman: PodmanRunner, image: str) -> ImageMount:
     return ImageMount(MountMode.UNSHARE, path, lower)
 
 
-def mount_image(podman: PodmanRunner, image: str) -> ImageMount:
+def mount_image(podman: Podman, image: str) -> ImageMount:
     """Mount ``image`` directly, else under ``podman unshare``; find its Nix dir.
 
     The lower dir is ``<mount>/nix`` when that is a directory, else the mount
@@ -136,7 +136,7 @@ def mount_image(podman: PodmanRunner, image: str) -> ImageMount:
         + " | ".join(errors))
 
 
-def unmount_image(podman: PodmanRunner, image: str) -> None:
+def unmount_image(podman: Podman, image: str) -> None:
     """``podman image unmount <image>`` in both namespaces, errors ignored."""
     podman.capture(["image", "unmount", image])
     podman.capture(["unshare", "podman", "image", "unmount", image])
@@ -156,7 +156,7 @@ def require_fuse_overlayfs() -> None:
             "available on PATH")
 
 
-def mount_overlay(podman: PodmanRunner, mode: MountMode, lower: str, upper: Path,
+def mount_overlay(podman: Podman, mode: MountMode, lower: str, upper: Path,
                   work: Path, merged: Path) -> None:
     """Mount the fuse-overlayfs merged ``/nix`` at ``merged`` in ``mode``'s namespace."""
     argv = fuse_overlayfs_argv(lower, upper, work, merged)
@@ -202,7 +202,7 @@ exit 0
 """
 
 
-def unmount_overlay(podman: PodmanRunner, merged: Path, mode: MountMode) -> None:
+def unmount_overlay(podman: Podman, merged: Path, mode: MountMode) -> None:
     """Unmount ``merged`` in the recorded ``mode`` (reference 8.6).
 
     In ``unshare`` mode the unmount runs under ``podman unshare`` first and
@@ -221,6 +221,6 @@ def unmount_overlay(podman: PodmanRunner, merged: Path, mode: MountMode) -> None
     _unmount_direct(merged)
 
 
-def unmount_overlay_everywhere(podman: PodmanRunner, merged: Path) -> None:
+def unmount_overlay_everywhere(podman: Podman, merged: Path) -> None:
     """Unmount ``merged`` in both namespaces (used when no state says which)."""
     unmount_overlay(podman, merged, MountMode.UNSHARE)

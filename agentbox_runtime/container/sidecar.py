@@ -8,6 +8,7 @@ its socket at ``/nix/var/nix/daemon-socket/socket``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from agentbox_guest_init.contract import LABEL_HARNESS_RUN, LABEL_ROLE, LABEL_SIDECAR
-from agentbox_runtime.container import health
+from agentbox_runtime.container import health, podman_api
 from agentbox_runtime.container.names import (
     NIX_MERGED, NIX_UPPER, NIX_WORK, PROXY_PORT, ROLE_TASK, SIDECAR_ENTRYPOINT, STATE_FILE,
     sidecar_name,
@@ -25,12 +26,11 @@ from agentbox_runtime.container.overlay import (
     is_mounted, mount_image, mount_overlay, require_fuse_overlayfs, unmount_image,
     unmount_overlay, unmount_overlay_everywhere,
 )
-from agentbox_runtime.container.podman_api import PodmanRunner
 from agentbox_runtime.container.state_file import (
     MountMode, SidecarState, load_state, remove_state, write_state,
 )
 from agentbox_runtime.errors import AgentboxError
-from agentbox_runtime.podman import container_running
+from agentbox_runtime.podman import Podman
 
 
 @dataclass(frozen=True)
@@ -76,30 +76,34 @@ class Sidecar:
     reused: bool
 
 
-def image_id(podman: PodmanRunner, image: str) -> str:
-    """``podman image inspect --format {{.Id}} <image>``, never empty."""
-    out = podman.output(["image", "inspect", "--format", "{{.Id}}", image],
-                        f"podman image inspect failed for '{image}'").strip()
-    if not out:
+def image_id(image: str) -> str:
+    """The id of local image ``image`` (``podman image inspect``), never empty."""
+    attrs = podman_api.image_inspect(image)
+    if attrs is None:
+        raise AgentboxError(f"podman image inspect failed for '{image}': no such local image")
+    iid = str(attrs.get("Id") or "").strip()
+    if not iid:
         raise AgentboxError(f"podman image inspect returned an empty image ID for '{image}'")
-    return out.splitlines()[0].strip()
+    return iid
 
 
-def running_tasks(podman: PodmanRunner, name: str) -> list[str]:
+def running_tasks(name: str) -> list[str]:
     """IDs of running task containers labelled for sidecar ``name``."""
-    out = podman.output(["ps", "--filter", f"label={LABEL_ROLE}={ROLE_TASK}",
-                         "--filter", f"label={LABEL_SIDECAR}={name}", "--format", "{{.ID}}"],
-                        f"failed to list task containers of sidecar '{name}'")
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    try:
+        found = podman_api.containers({LABEL_ROLE: ROLE_TASK, LABEL_SIDECAR: name}, all_states=False)
+    except AgentboxError as exc:
+        raise AgentboxError(f"failed to list task containers of sidecar '{name}': {exc}") from None
+    return [c.id for c in found]
 
 
-def remove_container(podman: PodmanRunner, name: str) -> None:
-    """``podman rm -f -t 0 <name>``, errors ignored.
+def remove_container(name: str) -> None:
+    """``podman rm -f -t 0 <name>`` (through the API), errors ignored.
 
     ``-t 0``: the sidecar's PID 1 (``tail -f /dev/null``) ignores SIGTERM,
     so Podman's default stop would wait 10 s for nothing before killing it.
     """
-    podman.capture(["rm", "-f", "-t", "0", name])
+    with contextlib.suppress(AgentboxError):
+        podman_api.remove_container(name)
 
 
 def sidecar_run_argv(name: str, merged: Path, image: str, run_label: str | None = None) -> list[str]:
@@ -109,24 +113,18 @@ def sidecar_run_argv(name: str, merged: Path, image: str, run_label: str | None 
             "--publish", str(PROXY_PORT), "--entrypoint", SIDECAR_ENTRYPOINT, *label, image]
 
 
-def parse_port(text: str) -> int:
-    """The host port from ``podman port`` output: after the last ``:`` of line 1."""
-    first = text.strip().splitlines()[0] if text.strip() else ""
-    value = first.rsplit(":", 1)[-1].strip()
-    if not value.isdigit() or not 0 < int(value) <= 65535:
-        raise AgentboxError(f"unexpected podman port output '{first}'")
-    return int(value)
-
-
-def proxy_port(podman: PodmanRunner, name: str, stderr: TextIO) -> int:
-    """The host port published for the proxy, else 19876 with a warning."""
+def proxy_port(name: str, stderr: TextIO) -> int:
+    """The host port published for the proxy (as ``podman port``), else 19876 with a warning."""
     try:
-        out = podman.output(["port", name, str(PROXY_PORT)],
-                            f"podman port failed for sidecar '{name}'")
-        return parse_port(out)
+        ports = podman_api.published_ports(name, PROXY_PORT)
     except AgentboxError as exc:
-        print(f"agentbox: warning: failed to resolve sidecar proxy port: {exc}", file=stderr)
+        ports, why = [], str(exc)
+    else:
+        why = f"sidecar '{name}' publishes no host port for {PROXY_PORT}/tcp"
+    if not ports:
+        print(f"agentbox: warning: failed to resolve sidecar proxy port: {why}", file=stderr)
         return PROXY_PORT
+    return ports[0][1]
 
 
 def _ensure_dirs(req: SidecarRequest) -> None:
@@ -141,7 +139,7 @@ def _ensure_dirs(req: SidecarRequest) -> None:
         os.chmod(req.upper, 0o755)
 
 
-def _lowerdir_present(podman: PodmanRunner, state: SidecarState) -> bool:
+def _lowerdir_present(podman: Podman, state: SidecarState) -> bool:
     paths = (f"{state.image_mount_path}/nix", f"{state.image_mount_path}/store")
     if state.mount_mode is MountMode.DIRECT:
         return any(os.path.isdir(p) for p in paths)
@@ -149,32 +147,32 @@ def _lowerdir_present(podman: PodmanRunner, state: SidecarState) -> bool:
     return proc.returncode == 0
 
 
-def _try_reuse(podman: PodmanRunner, req: SidecarRequest, state: SidecarState, name: str,
+def _try_reuse(podman: Podman, req: SidecarRequest, state: SidecarState, name: str,
                probe: bool) -> bool:
-    if container_running(podman, name) and running_tasks(podman, name):
+    if podman_api.container_running(name) and running_tasks(name):
         return True  # protected reuse: never disturb live tasks
     if not (_lowerdir_present(podman, state) and is_mounted(podman, req.merged, state.mount_mode)
-            and container_running(podman, name)):
+            and podman_api.container_running(name)):
         return False
     if not probe:
         return True
-    port = proxy_port(podman, name, sys.stderr)
+    port = proxy_port(name, sys.stderr)
     return health.wait_healthy(podman, name, str(req.merged), req.image, port, req.run_label,
                                attempts=3).ok
 
 
-def _clean_previous(podman: PodmanRunner, req: SidecarRequest, state: SidecarState | None,
+def _clean_previous(podman: Podman, req: SidecarRequest, state: SidecarState | None,
                     name: str) -> None:
     if state is not None:
-        remove_container(podman, state.sidecar_name)
+        remove_container(state.sidecar_name)
         unmount_overlay(podman, req.merged, state.mount_mode)
         unmount_image(podman, state.image)
     else:
-        remove_container(podman, name)
+        remove_container(name)
         unmount_overlay_everywhere(podman, req.merged)
 
 
-def prepare_sidecar(podman: PodmanRunner, req: SidecarRequest, probe: bool = True,
+def prepare_sidecar(podman: Podman, req: SidecarRequest, probe: bool = True,
                     stderr: TextIO | None = None) -> Sidecar:
     """Start the sidecar stack for ``req``, or reuse the one that is there.
 
@@ -188,15 +186,15 @@ def prepare_sidecar(podman: PodmanRunner, req: SidecarRequest, probe: bool = Tru
     err = stderr if stderr is not None else sys.stderr
     require_fuse_overlayfs()
     _ensure_dirs(req)
-    iid = image_id(podman, req.image)
+    iid = image_id(req.image)
     name = sidecar_name(req.slug, req.canonical_cwd, iid)
     state = load_state(req.state_file, err)
     if state is not None and state.matches(req.image, iid, name):
         if state.native_config:
             if _try_reuse(podman, req, state, name, probe):
-                return Sidecar(name, req.merged, proxy_port(podman, name, err),
+                return Sidecar(name, req.merged, proxy_port(name, err),
                                state.mount_mode, iid, reused=True)
-        elif running_tasks(podman, name):
+        elif running_tasks(name):
             raise AgentboxError(
                 f"nix-daemon sidecar '{name}' was started by a legacy non-container "
                 "configuration and matching task containers are still active; wait for those "
@@ -219,11 +217,11 @@ def prepare_sidecar(podman: PodmanRunner, req: SidecarRequest, probe: bool = Tru
             f"nix-daemon sidecar '{name}' failed to start: podman run exited {started.returncode}: "
             f"{said or '(no output)'}; if the image is at fault, ensure '{req.image}' contains sidecar "
             f"entrypoint '{SIDECAR_ENTRYPOINT}'")
-    port = proxy_port(podman, name, err)
+    port = proxy_port(name, err)
     if probe:
         last = health.wait_healthy(podman, name, str(req.merged), req.image, port, req.run_label)
         if not last.ok:
-            diagnostics = health.collect_diagnostics(podman, name)
+            diagnostics = health.collect_diagnostics(name)
             cleanup_error = _teardown_after_failure(podman, req, name, mounted.mode)
             raise AgentboxError(health.render_failure(
                 name, str(req.merged), last, cleanup_error, *diagnostics))
@@ -233,10 +231,10 @@ def prepare_sidecar(podman: PodmanRunner, req: SidecarRequest, probe: bool = Tru
     return Sidecar(name, req.merged, port, mounted.mode, iid, reused=False)
 
 
-def _teardown_after_failure(podman: PodmanRunner, req: SidecarRequest, name: str,
+def _teardown_after_failure(podman: Podman, req: SidecarRequest, name: str,
                             mode: MountMode) -> str | None:
     """Undo a stack this call built; the cleanup error text, or None."""
-    remove_container(podman, name)
+    remove_container(name)
     try:
         unmount_overlay(podman, req.merged, mode)
     except AgentboxError as exc:
@@ -245,19 +243,19 @@ def _teardown_after_failure(podman: PodmanRunner, req: SidecarRequest, name: str
     return None
 
 
-def cleanup_idle_sidecar(podman: PodmanRunner, sidecar: Sidecar) -> bool:
+def cleanup_idle_sidecar(podman: Podman, sidecar: Sidecar) -> bool:
     """Remove ``sidecar`` and unmount its merged ``/nix`` unless tasks still use it.
 
     Returns True when it was removed. ``nix-upper`` (the writes) is kept.
     """
-    if running_tasks(podman, sidecar.name):
+    if running_tasks(sidecar.name):
         return False
-    remove_container(podman, sidecar.name)
+    remove_container(sidecar.name)
     unmount_overlay(podman, sidecar.merged, sidecar.mount_mode)
     return True
 
 
-def teardown_stack(podman: PodmanRunner, req: SidecarRequest) -> None:
+def teardown_stack(podman: Podman, req: SidecarRequest) -> None:
     """Remove everything of the stack for ``req`` except ``nix-upper``.
 
     For harness cleanup: the recorded sidecar, the merged mount (both
@@ -266,7 +264,7 @@ def teardown_stack(podman: PodmanRunner, req: SidecarRequest) -> None:
     """
     state = load_state(req.state_file, io.StringIO())
     if state is not None:
-        remove_container(podman, state.sidecar_name)
+        remove_container(state.sidecar_name)
     unmount_overlay_everywhere(podman, req.merged)
     if state is not None:
         unmount_image(podman, state.image)

@@ -5,43 +5,45 @@
 - :func:`commit_layer`: ``buildah from <base>``, let a callback write into the
   mounted root, apply the :class:`~agentbox_runtime.images.recipe.ImageConfig`,
   ``buildah commit``; the working container is removed on every path;
-- :func:`image_labels` / :func:`image_id` / :func:`image_user`: what is in local storage;
-- :func:`remove_if_untagged` / :func:`prune_other_tags`: drop superseded images.
+- :func:`image_labels` / :func:`image_id` / :func:`image_user`: what is in local storage (read
+  through the Podman API, :mod:`agentbox_runtime.container.podman_api`);
+- :func:`remove_if_untagged` / :func:`prune_other_tags`: drop superseded images (through the API).
 """
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agentbox_guest_init.image_user import ImageUser
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.images.recipe import LABEL_RECIPE, ImageConfig
 from agentbox_runtime.images.steps import step, tool
-from agentbox_runtime.podman import Podman
 
 INSPECT_TIMEOUT_S = 120.0
 
 
-def _inspect(ref: str, fmt: str, kind: str = "image") -> str | None:
-    try:
-        proc = Podman(timeout_s=INSPECT_TIMEOUT_S).capture([kind, "inspect", "--format", fmt, ref])
-    except AgentboxError:  # podman is not installed
+def _inspect(ref: str, kind: str = "image") -> dict[str, Any] | None:
+    """``podman <kind> inspect <ref>``; None when it does not exist or Podman is not installed."""
+    if shutil.which("podman") is None:
         return None
-    return proc.stdout.strip() if proc.returncode == 0 else None
+    return podman_api.container_inspect(ref) if kind == "container" else podman_api.image_inspect(ref)
 
 
 def image_labels(ref: str, kind: str = "image") -> dict[str, str] | None:
     """The labels of a local image (``kind="container"``: of a container, which carries its image's),
     an empty dict if it has none, or None when it does not exist."""
-    out = _inspect(ref, "{{json .Config.Labels}}" if kind == "container" else "{{json .Labels}}", kind)
-    if out is None:
+    attrs = _inspect(ref, kind)
+    if attrs is None:
         return None
-    labels = json.loads(out or "null")
-    return labels if isinstance(labels, dict) else {}
+    labels = (attrs.get("Config") or {}).get("Labels") if kind == "container" else attrs.get("Labels")
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
 
 
 def image_user(ref: str, kind: str = "image") -> ImageUser:
@@ -56,7 +58,8 @@ def image_user(ref: str, kind: str = "image") -> ImageUser:
 
 def image_id(ref: str) -> str | None:
     """The full id of a local image, or None when it does not exist."""
-    return _inspect(ref, "{{.Id}}") or None
+    attrs = _inspect(ref)
+    return str(attrs.get("Id") or "") or None if attrs else None
 
 
 def import_root(root: Path, tag: str, recipe_hash: str, log: Path) -> None:
@@ -97,14 +100,12 @@ def commit_layer(base: str, tag: str, config: ImageConfig, populate: Callable[[P
 def prune_other_tags(repo: str, keep: str) -> None:
     """Best effort: untag and delete ``repo``'s other images (older recipes); images
     still used by a container or by a child image stay."""
-    out = Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["images", "--noheading", "--format", "{{.Repository}}:{{.Tag}}",
-                                                       repo]).stdout
-    for ref in sorted(set(out.split()) - {keep}):
-        Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["rmi", ref])
+    for ref in sorted(set(podman_api.image_tags(repo)) - {keep}):
+        podman_api.remove_image(ref)
 
 
 def remove_if_untagged(image: str | None) -> None:
     """Best effort: delete a superseded image that lost its last tag (never one in use)."""
-    if not image or _inspect(image, "{{len .RepoTags}}") != "0":
-        return
-    Podman(timeout_s=INSPECT_TIMEOUT_S).capture(["rmi", image])
+    attrs = _inspect(image) if image else None
+    if image and attrs is not None and not attrs.get("RepoTags"):
+        podman_api.remove_image(image)

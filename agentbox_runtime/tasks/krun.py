@@ -11,7 +11,6 @@ the QEMU-backed ``agentbox-krun-runtime`` (:func:`select_krun_runtime`,
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -23,7 +22,7 @@ from agentbox_guest_init import contract as c
 from agentbox_runtime.config import KRUN_RUNTIMES, Config, load_config, quote
 from agentbox_runtime.disks import LIBKRUN_DISKS, RawDisk
 from agentbox_runtime.errors import AgentboxError, InputError
-from agentbox_runtime.podman import Podman
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.oci.locate import runtime_path
 from agentbox_runtime.tasks.volumes import Volumes
 
@@ -137,30 +136,24 @@ def validate_guest_init_target(image: str, target: str) -> str:
     return target
 
 
-# The reference reads ``{{index .Config.Entrypoint 0}}``; Podman 4 fails that template on
-# an image without an entrypoint, so the whole list is read and its first element used.
-ENTRYPOINT_FORMAT = "{{json .Config.Entrypoint}}"
-
-
-def guest_init_target(image: str, podman: Podman | None = None, inspect: bool = False) -> str:
+def guest_init_target(image: str, inspect: bool = False) -> str:
     """Where ``--guest-init`` is mounted in ``image``.
 
     By default (Era D) the constant :data:`agentbox_guest_init.contract.GUEST_INIT_PATH`,
     with no Podman call. With ``inspect`` (Era C) the image's first entrypoint
-    element, which must name an absolute ``agentbox-guest-init``; the image must
-    be local and inspectable."""
+    element (the reference's ``{{index .Config.Entrypoint 0}}``, read through the Podman API), which
+    must name an absolute ``agentbox-guest-init``; the image must be local and inspectable."""
     if not inspect:
         return c.GUEST_INIT_PATH
-    podman = podman or Podman()
     try:
-        out = podman.output(["image", "inspect", "--format", ENTRYPOINT_FORMAT, image],
-                            "failed to inspect selected image entrypoint for libkrun guest-init override")
+        attrs = podman_api.image_inspect(image)
+        why = "" if attrs is not None else f"{image}: image not known"
     except AgentboxError as exc:
-        raise InputError(f"selected image '{image}' must be local and inspectable for --guest-init") from exc
-    try:
-        entrypoint = json.loads(out or "null") or []
-    except json.JSONDecodeError:
-        entrypoint = [out.strip()]
+        attrs, why = None, str(exc)
+    if attrs is None:
+        raise InputError(f"selected image '{image}' must be local and inspectable for --guest-init") from \
+            AgentboxError(f"failed to inspect selected image entrypoint for libkrun guest-init override: {why}")
+    entrypoint = (attrs.get("Config") or {}).get("Entrypoint") or []
     first = entrypoint[0] if isinstance(entrypoint, list) and entrypoint else ""
     return validate_guest_init_target(image, str(first))
 

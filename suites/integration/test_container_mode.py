@@ -28,8 +28,9 @@ from agentbox_runtime.container.machine_transport import (
 )
 from agentbox_runtime.container.names import SIDECAR_PREFIX
 from agentbox_runtime.container.overlay import mountinfo_has
-from agentbox_runtime.container.podman_bridge import CliPodman
-from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest, container_running, teardown_stack
+from agentbox_runtime.container.podman_api import container_running
+from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest, teardown_stack
+from agentbox_runtime.podman import Podman
 from container_test_image import build_test_image
 
 pytestmark = pytest.mark.skipif(
@@ -63,7 +64,7 @@ def image(_host_podman_conf: None) -> str:
 
 @dataclass
 class Env:
-    podman: CliPodman
+    podman: Podman
     req: SidecarRequest
     workspace: Path
     run_label: str
@@ -97,7 +98,7 @@ def env(tmp_path: Path, image: str) -> Iterator[Env]:
     workspace.mkdir()
     slug = f"ct{uuid.uuid4().hex[:8]}"
     label = f"pytest-{uuid.uuid4().hex[:12]}"
-    podman = CliPodman()
+    podman = Podman()
     req = SidecarRequest(image=image, canonical_cwd=str(workspace), slug=slug,
                          state_root=tmp_path / "state", run_label=label)
     e = Env(podman, req, workspace, label)
@@ -159,7 +160,7 @@ def test_concurrent_tasks_share_one_sidecar_that_outlives_the_first(env: Env) ->
         threads["a"].join(timeout=120)
         assert results.get("a") == 0
         # b still runs: the sidecar and the merged mount stay
-        assert container_running(env.podman, sidecar)
+        assert container_running(sidecar)
         assert env.merged_mounted()
     finally:
         (env.workspace / "a.release").touch()
@@ -196,7 +197,7 @@ def test_killed_sidecar_is_detected_and_replaced(env: Env) -> None:
     sidecar = start_sidecar_only(env.podman, env.req)
     old_id = env.podman.output(["inspect", "--format", "{{.Id}}", sidecar.name], "inspect").strip()
     env.podman.output(["kill", sidecar.name], "kill")
-    assert not container_running(env.podman, sidecar.name)
+    assert not container_running(sidecar.name)
     assert env.run("nix-store --add /etc/group > /workspace/p") == 0
     assert (env.workspace / "p").read_text().startswith("/nix/store/")
     replacement = start_sidecar_only(env.podman, env.req)
@@ -228,7 +229,7 @@ def test_machine_transport_runs_commands_in_a_detached_task(env: Env) -> None:
         with pytest.raises(ExecTimeout) as err:
             box.execute("echo started; sleep 30", timeout=2)
         assert "started" in err.value.stdout
-        assert container_running(env.podman, sidecar.name)
+        assert container_running(sidecar.name)
     finally:
         removed = stop_task(env.podman, env.req, sidecar, name)
     assert removed and env.sidecars() == [] and not env.merged_mounted()

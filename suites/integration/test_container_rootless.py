@@ -28,9 +28,9 @@ SCRIPT = """
 import os, subprocess
 from pathlib import Path
 from agentbox_runtime.container.overlay import is_mounted, mount_image, mount_overlay, unmount_image, unmount_overlay
-from agentbox_runtime.container.podman_bridge import CliPodman
+from agentbox_runtime.podman import Podman
 from agentbox_runtime.container.state_file import MountMode
-p = CliPodman()
+p = Podman()
 root = Path({root!r})
 up, wk, mg = (root / n for n in ("nix-upper", "nix-work", "nix-merged"))
 for d in (up, wk, mg):

@@ -16,7 +16,7 @@ import pytest
 
 from agentbox_runtime import disks
 from agentbox_runtime.errors import AgentboxError
-from agentbox_runtime.live_disks import CliContainers
+from agentbox_runtime.live_disks import PodmanContainers
 from agentbox_runtime.reset import reset_nix
 from agentbox_runtime.resize import ResizePlan, resize
 
@@ -64,7 +64,7 @@ def test_growth_plus_resize_max_is_seen_by_the_filesystem(
     (data / "keep.txt").write_text("survives")
     run("umount", str(data))
     step = LoopResize(loop_mount)
-    plan = resize("nix", 96 * GIB, tmp_path, step, containers=CliContainers())
+    plan = resize("nix", 96 * GIB, tmp_path, step, containers=PodmanContainers())
     assert (plan.old_size, plan.new_size) == (64 * GIB, 96 * GIB)
     assert step.sizes == [96 * GIB]
     assert (step.mounted[0] / "keep.txt").read_text() == "survives"
@@ -79,13 +79,13 @@ def test_live_container_blocks_resize_and_reset_until_stopped(tmp_path: Path, an
     cid = annotated_container.start({"krun.disk.0.path": str(path)})
     with pytest.raises(AgentboxError, match=f"refusing to resize libkrun raw image '{path}' while "
                                             f"running Podman container\\(s\\) use it: .*{cid}"):
-        resize("nix", 80 * GIB, tmp_path, NeverRuns(), containers=CliContainers())
+        resize("nix", 80 * GIB, tmp_path, NeverRuns(), containers=PodmanContainers())
     with pytest.raises(AgentboxError, match=f"refusing to reset libkrun raw image '{path}'"):
-        reset_nix(tmp_path, True, containers=CliContainers())
+        reset_nix(tmp_path, True, containers=PodmanContainers())
     assert path.stat().st_size == 64 * GIB
     assert run("blkid", "-o", "value", "-s", "UUID", str(path)).strip() == uuid_before
     annotated_container.stop(cid)
-    reset_nix(tmp_path, True, containers=CliContainers())
+    reset_nix(tmp_path, True, containers=PodmanContainers())
     assert run("blkid", "-o", "value", "-s", "LABEL", str(path)).strip() == "AGENTBOX_NIX"
     assert run("blkid", "-o", "value", "-s", "UUID", str(path)).strip() != uuid_before
 
@@ -98,7 +98,7 @@ def test_container_on_another_path_does_not_block(tmp_path: Path, annotated_cont
     path = tmp_path / "libkrun-nix.raw"
     uuid_before = run("blkid", "-o", "value", "-s", "UUID", str(path)).strip()
     cid = annotated_container.start({"krun.disk.0.path": str(tmp_path / "libkrun-nix.raw.other")})
-    assert reset_nix(tmp_path, True, containers=CliContainers()) == path
+    assert reset_nix(tmp_path, True, containers=PodmanContainers()) == path
     assert run("blkid", "-o", "value", "-s", "LABEL", str(path)).strip() == "AGENTBOX_NIX"
     assert run("blkid", "-o", "value", "-s", "UUID", str(path)).strip() != uuid_before
     running = subprocess.run(["podman", "inspect", "--format", "{{.State.Running}}", cid], env=podman_env,

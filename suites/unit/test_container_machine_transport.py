@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from agentbox_runtime.container.machine_transport import ContainerTransport, detached_argv
-from agentbox_runtime.container.podman_bridge import CliPodman
+from agentbox_runtime.podman import Podman
 
 
 def test_exec_argv_string_runs_through_sh_with_defaults() -> None:
-    box = ContainerTransport("t1", CliPodman(), user="dev", env={"A": "1"}, cwd="/workspace")
+    box = ContainerTransport("t1", Podman(), user="dev", env={"A": "1"}, cwd="/workspace")
     assert box.exec_argv("echo hi") == [
         "podman", "exec", "--user", "dev", "--env", "A=1", "--workdir", "/workspace",
         "t1", "sh", "-c", "echo hi"]
 
 
 def test_exec_argv_overrides_and_merges_env_and_keeps_a_sequence_as_is() -> None:
-    box = ContainerTransport("t1", CliPodman(debug=True), user="dev", env={"A": "1"})
+    box = ContainerTransport("t1", Podman(debug=True), user="dev", env={"A": "1"})
     assert box.exec_argv(["ls", "-l"], user="0", env={"A": "2", "B": "3"}, cwd="/",
                          stdin=True) == [
         "podman", "--log-level=debug", "exec", "-i", "--user", "0", "--env", "A=2",

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from agentbox_runtime.container.health import ProbeAttempt, probe_argv, probe_script, render_failure
-from agentbox_runtime.container.sidecar import parse_port, sidecar_run_argv
-from agentbox_runtime.errors import AgentboxError
+from agentbox_runtime.container.health import ProbeAttempt, probe_argv, probe_script, render_failure, state_line
+from agentbox_runtime.container.sidecar import sidecar_run_argv
 
 NAME = "agentbox-nix-sidecar-proj-0123456789abcdef"
 
@@ -25,19 +22,10 @@ def test_sidecar_run_argv_puts_the_harness_label_just_before_the_image() -> None
     assert argv[-3:] == ["--label", "io.agentbox.harness.run=run-7", "img"]
 
 
-@pytest.mark.parametrize(("text", "port"), [
-    ("0.0.0.0:40123\n", 40123),
-    ("0.0.0.0:40123\n[::]:40123\n", 40123),
-    ("[::]:5\n", 5),
-])
-def test_parse_port_takes_text_after_last_colon_of_first_line(text: str, port: int) -> None:
-    assert parse_port(text) == port
-
-
-@pytest.mark.parametrize("text", ["", "0.0.0.0:", "0.0.0.0:99999", "garbage:x"])
-def test_parse_port_rejects_unusable_output(text: str) -> None:
-    with pytest.raises(AgentboxError):
-        parse_port(text)
+def test_state_line_prints_the_inspect_state_as_podman_inspect_format_does() -> None:
+    state = {"Running": False, "Status": "exited", "ExitCode": 137, "Error": "", "OOMKilled": True}
+    assert state_line(state) == "running=false status=exited exit_code=137 error= oom_killed=true"
+    assert state_line({}) == "running= status= exit_code= error= oom_killed="
 
 
 def test_probe_argv_rootless_uses_keep_id_and_rootful_does_not() -> None:

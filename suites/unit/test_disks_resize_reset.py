@@ -9,7 +9,7 @@ import pytest
 
 from agentbox_runtime import disks
 from agentbox_runtime.errors import AgentboxError, InputError
-from agentbox_runtime.live_disks import parse_annotation_lines, refuse_if_live, users_of
+from agentbox_runtime.live_disks import refuse_if_live, users_of
 from agentbox_runtime.reset import reset_nix
 from agentbox_runtime.resize import GuestStepFailed, ResizePlan, resize
 
@@ -101,8 +101,7 @@ def test_container_diag_does_not_say_nix() -> None:
 
 
 def test_live_probe_matches_exact_krun_disk_paths() -> None:
-    annos = parse_annotation_lines("krun.disk.0.path=/a.raw\nkrun.disk.1.id=x\nother=/b.raw\nnoeq\n")
-    assert annos == {"krun.disk.0.path": "/a.raw", "krun.disk.1.id": "x", "other": "/b.raw"}
+    annos = {"krun.disk.0.path": "/a.raw", "krun.disk.1.id": "x", "other": "/b.raw"}
     running = {"c1": annos, "c2": {"krun.disk.3.path": "/b.raw"}, "c3": {"x.path": "/a.raw"}}
     assert users_of(Path("/a.raw"), running) == ["c1"]
     assert users_of(Path("/b.raw"), running) == ["c2"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.podman import DEFAULT_IMAGE, MISSING, PUBLISHED_IMAGE, Podman, resolve_image
 
@@ -72,6 +73,16 @@ def test_timeout_is_status_124_with_a_note(fake_podman: Path, monkeypatch: pytes
 
 
 def test_image_choice(fake_podman: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the local default exists is a structured read (the Podman API: its answer is scripted
+    here, the real one is checked in suites/integration/test_podman_api.py); the pull is the CLI."""
+    exists = {"rc": 0}
+
+    def image_exists(ref: str) -> bool:
+        with open(fake_podman, "a") as log:
+            log.write(f"api image exists {ref}\n")
+        return exists["rc"] == 0
+
+    monkeypatch.setattr(podman_api, "image_exists", image_exists)
     podman = Podman()
     assert resolve_image(podman, "ex/plicit:1", pull_latest=True) == "ex/plicit:1"
     assert calls(fake_podman) == []  # an explicit image wins: no pull, no lookup
@@ -79,10 +90,11 @@ def test_image_choice(fake_podman: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert resolve_image(podman, None, pull_latest=False) == "from/env:2"
     monkeypatch.delenv("AGENTBOX_IMAGE")
     assert resolve_image(podman, None, pull_latest=False) == DEFAULT_IMAGE
-    assert calls(fake_podman) == [f"image exists {DEFAULT_IMAGE}"]
+    assert calls(fake_podman) == [f"api image exists {DEFAULT_IMAGE}"]
     assert resolve_image(podman, None, pull_latest=True) == PUBLISHED_IMAGE
     assert calls(fake_podman)[-1] == f"pull {PUBLISHED_IMAGE}"
     monkeypatch.setenv("FAKE_RC", "1")
+    exists["rc"] = 1
     assert resolve_image(podman, None, pull_latest=False) == PUBLISHED_IMAGE
     with pytest.raises(AgentboxError, match=f"^podman pull '{PUBLISHED_IMAGE}' failed$"):
         resolve_image(podman, None, pull_latest=True)
