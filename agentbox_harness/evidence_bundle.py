@@ -9,6 +9,13 @@ At the end of every test that made a machine, the bundle ``<DIR>/<test>/`` gets,
   VMM's argv and log where the backend has them;
 - ``index.json``: every file's SHA-256 and the root SHA-256.
 
+Redacted means (:class:`~agentbox_runtime.evidence.Redactor`): by known value, every secret the
+test registered (``agentbox_session.register_secret``) and every value of this process's or a
+command's secret-looking environment variables becomes ``[REDACTED]``; by pattern, output that
+looks like a credential (GitHub/GitLab/``sk-``/Slack tokens, AWS key ids, JWTs, PEM private key
+blocks, ``Authorization:`` and cookie header values) becomes ``[REDACTED:<kind>]``, wherever the
+guest printed it: a command's output tail, the console log.
+
 No link on the way is followed: ``DIR`` and each bundle dir must be real directories of the
 invoking user (one error line otherwise), and each file is created new. The bundle is written
 whatever the outcome, before the artifact dir's keep-or-remove policy

@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 MARKER = "[REDACTED:{kind}]"
 
-_B, _A = r"(?<![A-Za-z0-9_])", r"(?![A-Za-z0-9_])"  # no word character glued on either side
+# No word character glued on either side; a JSON escape (``\n``, ``\t``...) before a match counts
+# as the line break it stands for, so a credential at a line start inside a JSON string goes too.
+_B, _A = r"(?:(?<![A-Za-z0-9_])|(?<=\\[nrt]))", r"(?![A-Za-z0-9_])"
 _SCHEMES = r"(?:Bearer|Basic|Digest|Token|Negotiate|NTLM|AWS4-HMAC-SHA256|OAuth)"
 _PEM_NL = r"(?:\r?\n|\\r\\n|\\n)"
 _PEM_TAIL = (rf"(?:{_PEM_NL}(?:[A-Za-z0-9+/=]*(?=\r|\n|\\[rn]|\Z)"  # whole base64 lines, or armor headers
@@ -82,7 +84,8 @@ RULES: tuple[_Rule, ...] = (
           rf"(?i:{_B}(?:proxy-)?authorization[ \t]*:[ \t]*)(?P<value>(?i:{_SCHEMES})[ \t]+[^\s\"'\\]+[^\r\n\"'\\]*"
           rf"|[A-Za-z0-9._~+/=-]{{16,}}(?![^\s\"'\\]))", fold=True),
     _rule("cookie", ("cookie",),
-          r"(?i:(?<![A-Za-z0-9_-])(?:set-)?cookie[ \t]*:[ \t]*)(?P<value>[^\r\n\"'\\=;]+=[^\r\n\"'\\]*)", fold=True),
+          r"(?i:(?:(?<![A-Za-z0-9_-])|(?<=\\[nrt]))(?:set-)?cookie[ \t]*:[ \t]*)"
+          r"(?P<value>[^\r\n\"'\\=;]+=[^\r\n\"'\\]*)", fold=True),
 )
 """The shapes, in the order they apply (a private key block first, whatever it holds)."""
 

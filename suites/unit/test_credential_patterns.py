@@ -145,3 +145,20 @@ def test_known_values_and_patterns_together() -> None:
     r.register("hunter2-known")
     assert r.text(f"pw hunter2-known and Authorization: Bearer {GITHUB}") == \
         "pw [REDACTED] and Authorization: [REDACTED:authorization]"
+
+
+def test_credentials_at_line_starts_inside_a_json_string_go_too() -> None:
+    """A transcript stores output as JSON: ``\\n`` before a line's first word is an escape there, not
+    a word character glued to the credential (found by the real-guest evidence smoke item)."""
+    lines = [s for s, _ in TOKENS] + ["Authorization: Bearer abc123DEF456ghi789", "Set-Cookie: sid=0f3a9c",
+                                      "aws_secret_access_key=" + AWS_SECRET, "ordinary line stays"]
+    transcript = json.dumps({"stdout_tail": "\n".join(lines), "tab": "\t" + GITHUB})
+    redacted = redact_credentials(transcript)
+    for secret in [s for s, _ in TOKENS] + ["abc123DEF456ghi789", "sid=0f3a9c", AWS_SECRET]:
+        assert secret not in redacted
+    back = json.loads(redacted)
+    assert back["stdout_tail"].splitlines()[-4:] == ["Authorization: [REDACTED:authorization]",
+                                                     "Set-Cookie: [REDACTED:cookie]",
+                                                     "aws_secret_access_key=[REDACTED:aws-secret-access-key]",
+                                                     "ordinary line stays"]
+    assert back["tab"] == "\t[REDACTED:github-token]"
