@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from filelock import FileLock, Timeout
 
@@ -32,6 +32,8 @@ from agentbox_runtime.container.sidecar import (
 from agentbox_runtime.retry import WaitTimeout, retry
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.podman import Podman
+
+T = TypeVar("T")
 
 LOCK_TIMEOUT_S = 300.0
 START_TIMEOUT_S = 120.0
@@ -128,6 +130,39 @@ def _wait_exit(proc: subprocess.Popen[bytes]) -> int:
             continue
 
 
+def start_with_sidecar(podman: Podman, req: SidecarRequest, start: Callable[[Sidecar], T],
+                       stderr: TextIO | None = None) -> tuple[Sidecar, T]:
+    """Prepare (or reuse, health-probed) the workspace's sidecar and ``start(sidecar)`` a task against
+    it, both under the workspace lock, so a task that is starting never has its sidecar removed
+    under it. Every container task starts this way (``agentbox container``: :func:`run_task`; the
+    harness: :func:`agentbox_runtime.container.machine_transport.start_task`)."""
+    with workspace_lock(req.state_root):
+        sidecar = prepare_sidecar(podman, req, probe=True, stderr=stderr)
+        return sidecar, start(sidecar)
+
+
+def release_sidecar(podman: Podman, req: SidecarRequest, sidecar: Sidecar) -> bool:
+    """After a task ended: under the workspace lock, remove ``sidecar`` and unmount its merged
+    ``/nix`` unless other tasks still use them. True when it was removed."""
+    with workspace_lock(req.state_root):
+        return cleanup_idle_sidecar(podman, sidecar)
+
+
+def _spawn_started(podman: Podman, argv: list[str], name: str, timeout_s: float) -> subprocess.Popen[bytes]:
+    """``podman`` + ``argv`` with stdio inherited, once its container runs (killed if it never does)."""
+    try:
+        proc = podman.spawn(argv)
+    except OSError as exc:
+        raise AgentboxError("failed to start podman") from exc
+    try:
+        _wait_started(name, proc, timeout_s)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc
+
+
 def run_task(podman: Podman, req: SidecarRequest, task_name: str,
              build_argv: Callable[[Sidecar], list[str]], stderr: TextIO | None = None,
              start_timeout_s: float = START_TIMEOUT_S) -> int:
@@ -138,25 +173,13 @@ def run_task(podman: Podman, req: SidecarRequest, task_name: str,
     warn: ``agentbox: warning: failed to cleanup idle sidecar '<name>': ...``.
     """
     err = stderr if stderr is not None else sys.stderr
-    with workspace_lock(req.state_root):
-        sidecar = prepare_sidecar(podman, req, probe=True, stderr=err)
-        try:
-            proc = podman.spawn(build_argv(sidecar))
-        except OSError as exc:
-            raise AgentboxError("failed to start podman") from exc
-        try:
-            _wait_started(task_name, proc, start_timeout_s)
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
+    sidecar, proc = start_with_sidecar(
+        podman, req, lambda s: _spawn_started(podman, build_argv(s), task_name, start_timeout_s), err)
     code = _wait_exit(proc)
-    with workspace_lock(req.state_root):
-        try:
-            cleanup_idle_sidecar(podman, sidecar)
-        except AgentboxError as exc:
-            print(f"agentbox: warning: failed to cleanup idle sidecar '{sidecar.name}': {exc}",
-                  file=err)
+    try:
+        release_sidecar(podman, req, sidecar)
+    except AgentboxError as exc:
+        print(f"agentbox: warning: failed to cleanup idle sidecar '{sidecar.name}': {exc}", file=err)
     return clamp_status(code)
 
 

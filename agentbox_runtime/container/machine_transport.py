@@ -17,10 +17,8 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from agentbox_runtime.container.lifecycle import workspace_lock
-from agentbox_runtime.container.sidecar import (
-    Sidecar, SidecarRequest, cleanup_idle_sidecar, prepare_sidecar, remove_container,
-)
+from agentbox_runtime.container.lifecycle import release_sidecar, start_with_sidecar
+from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest, remove_container
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.podman import Podman
 
@@ -131,9 +129,7 @@ def start_task(podman: Podman, req: SidecarRequest,
     ``build_argv(sidecar)`` returns the detached task's ``podman`` arguments
     (see :func:`detached_argv`). Returns the sidecar the task uses.
     """
-    with workspace_lock(req.state_root):
-        sidecar = prepare_sidecar(podman, req, probe=True)
-        podman.output(build_argv(sidecar), "failed to start podman")
+    sidecar, _ = start_with_sidecar(podman, req, lambda s: podman.output(build_argv(s), "failed to start podman"))
     return sidecar
 
 
@@ -143,5 +139,4 @@ def stop_task(podman: Podman, req: SidecarRequest, sidecar: Sidecar, name: str) 
     Returns True when the sidecar was removed.
     """
     remove_container(name)
-    with workspace_lock(req.state_root):
-        return cleanup_idle_sidecar(podman, sidecar)
+    return release_sidecar(podman, req, sidecar)
