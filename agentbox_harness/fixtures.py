@@ -262,7 +262,15 @@ def machine_factory(request: pytest.FixtureRequest, agentbox_session: HarnessSes
 def guest(machine_factory: Callable[..., Machine]) -> Machine:
     """A booted machine of ``agentbox_backend``, whatever it is (microvm, krun-podman, container):
     the verbs are the same. With ``@pytest.mark.krun_podman_too`` a test runs on the session's
-    backend and on krun-podman (libkrun mode through Podman)."""
+    backend and on krun-podman (libkrun mode through Podman).
+
+    Verbs a backend offers by capability (``machine.capabilities``; without it, one line naming
+    the backend and the capability): ``wait_for_open_port(port, addr)`` and
+    ``wait_for_closed_port`` (checked in the guest), ``forward_port(guest_port, host_port=None)``
+    (``port_forward``: a 127.0.0.1 host port; qemu adds it live, krun-podman and container need
+    ``publish=`` at start), ``crash()`` (``crash``: hard power-off, then every verb says the guest
+    is gone), ``wait_for_console_text(regex)`` and ``wait_until_console_matches(regex)``
+    (``console``: qemu and krun-direct). Their docstrings on ``Machine`` are the manual."""
     return machine_factory("vm")
 
 

@@ -108,7 +108,16 @@ def check_crash(m: Machine) -> None:
     assert "poweroff" not in notes and "graceful" not in notes, notes
 
 
-@pytest.mark.parametrize("agentbox_backend", BACKEND_NAMES, indirect=True)
+@pytest.fixture(params=BACKEND_NAMES)
+def agentbox_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each backend in turn; krun-direct through the libkrun stand-in, chosen on purpose (as the
+    ``vm_backend`` fixture of ``suites/conftest.py`` does)."""
+    if request.param == "krun-direct":
+        monkeypatch.setenv("AGENTBOX_LIBKRUN_LIBRARY", str(request.getfixturevalue("libkrun_standin")))
+        monkeypatch.setenv("AGENTBOX_ALLOW_STANDINS", "1")
+    return str(request.param)
+
+
 def test_ports_console_and_crash_on_a_real_guest(agentbox_backend: str, machine_factory) -> None:  # type: ignore[no-untyped-def]
     publish = (f"127.0.0.1::{GUEST_PORT}",) if caps(agentbox_backend).publish else ()
     m = machine_factory("verbs", **({"publish": publish} if publish else {}))
