@@ -267,8 +267,8 @@ class MicrovmMachine(Machine):
         rootfs and state; ``agentbox rm`` removes them. The agent is told to linger: its main
         channel closing (krun-direct: the VMM's stdio) no longer ends it."""
         task = self.task
-        if task is None or self.guest_id is None or task.handle is None or task.handle.poll() is not None:
-            return None
+        if task is None or self.guest_id is None or task.handle is None or self.vmm_pid is None:
+            return None  # nothing runs (stopped, or crash(): vmm_pid is None then, poll() may raise)
         record = guest_registry.find(self.guest_id)
         if self.agent is not None:
             try:
@@ -461,8 +461,8 @@ class ContainerMachine(Machine):
 
     def preserve_live(self) -> list[str] | None:
         """The task container and its nix sidecar stay up; ``agentbox attach`` execs into the task."""
-        if self._transport is None or self.guest_id is None:
-            return None
+        if self._transport is None or self.guest_id is None or self.crashed:
+            return None  # after crash() the task is gone: nothing to keep
         record = guest_registry.find(self.guest_id)
         record.state = "preserved"
         sidecar = self._sidecar.name if self._sidecar is not None else None

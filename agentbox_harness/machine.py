@@ -555,7 +555,8 @@ class Machine(ABC):
         ``host_port`` None picks a free one (only ever on 127.0.0.1). Per backend:
 
         - qemu: a ``hostfwd`` rule added to the running guest's user-mode network over QMP; the
-          guest server must listen on 0.0.0.0 (or 10.0.2.15), not only on its 127.0.0.1;
+          guest server must listen on 0.0.0.0 (or 10.0.2.15), not only on its 127.0.0.1; the rule
+          lasts for this boot (forward again after a restart);
         - krun-podman and container: ports are published when the task starts (Podman cannot add
           one later): start the machine with ``publish=("127.0.0.1::8080",)`` and
           ``forward_port(8080)`` returns the host port Podman chose; an unpublished port fails in one line;

@@ -103,6 +103,7 @@ def check_crash(m: Machine) -> None:
         assert not alive(pid), f"VMM {pid} still runs after crash()"
     else:
         assert task and not task_running(task), f"task {task} still runs after crash()"
+    assert m.preserve_live() is None  # --preserve-debug keeps no crashed guest running
     m.shutdown()  # what the teardown does: no request to the guest, only clean-up
     notes = " ".join(getattr(m, "stop_notes", []))
     assert "poweroff" not in notes and "graceful" not in notes, notes
