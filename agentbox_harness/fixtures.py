@@ -263,7 +263,6 @@ def guest(machine_factory: Callable[..., Machine]) -> Machine:
     """A booted machine of ``agentbox_backend``, whatever it is (microvm, krun-podman, container):
     the verbs are the same. With ``@pytest.mark.krun_podman_too`` a test runs on the session's
     backend and on krun-podman (libkrun mode through Podman).
-
     Verbs a backend offers by capability (``machine.capabilities``; without it, one line naming
     the backend and the capability): ``wait_for_open_port(port, addr)`` and
     ``wait_for_closed_port`` (checked in the guest), ``forward_port(guest_port, host_port=None)``
