@@ -29,11 +29,11 @@ from agentbox_harness.context import BackendContext
 from agentbox_harness.registry import build
 from agentbox_harness.session import HarnessSession, harness
 from agentbox_harness.workspace import Workspace
-from agentbox_runtime.backends import BACKENDS, is_microvm
+from agentbox_runtime.backends import BACKENDS, CONTAINER, BackendOptions, is_microvm
 from agentbox_runtime.images.commit import image_user
 from agentbox_runtime import disks
 from agentbox_runtime.container import host_conf
-from agentbox_runtime.container.sidecar import SidecarRequest, prepare_sidecar, teardown_stack
+from agentbox_runtime.container.sidecar import prepare_sidecar, teardown_stack
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.private_dir import OutputDir
@@ -398,10 +398,9 @@ def nix_sidecar(agentbox_session: HarnessSession, workspace: Workspace, agentbox
     require_backend(agentbox_session, "container")
 
     with host_conf.applied():  # restored afterwards: no fixture changes os.environ for good
-        layout = workspace.state.ensure()
         podman = Podman()
-        req = SidecarRequest(image=agentbox_image, canonical_cwd=str(workspace.path), slug=layout.slug,
-                             state_root=layout.state_root, run_label=agentbox_session.run_label)
+        req = CONTAINER.request(BackendOptions(workspace=workspace.path, state=workspace.state.ensure(),
+                                               image=agentbox_image, run_label=agentbox_session.run_label))
         sidecar = prepare_sidecar(podman, req, probe=True)
         try:
             yield sidecar

@@ -14,8 +14,9 @@ wrong type is one error naming what the backend accepts); whatever is left is re
 unknown. It never starts the machine (the factory does, so a failed start is still torn down).
 
 The built-in builders assemble the task through :mod:`agentbox_runtime.backends`, as the CLI
-commands do; only the harness's own choices are made here (the agent as the guest command, no
-terminal, the isolated home and state, the attach channel's port, the run label).
+commands do; only the harness's own choices are made here (no terminal, the isolated home and
+state, the run label; for krun-podman the agent as the guest command and its attach port; a
+microvm machine makes its agent the guest command itself).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from agentbox_guest_init import contract as c
-from agentbox_harness.backends import AGENT_COMMAND, AGENT_STDIO_COMMAND, ContainerMachine, MicrovmMachine
+from agentbox_harness.backends import AGENT_STDIO_COMMAND, ContainerMachine, MicrovmMachine
 from agentbox_harness.context import BackendContext
 from agentbox_harness.krun import KrunPodmanMachine
 from agentbox_harness.machine import Machine
@@ -58,9 +59,7 @@ def harness_options(backend: Backend, ctx: BackendContext, options: dict[str, ob
 
 def _microvm(backend: MicrovmBackend) -> MachineBuilder:
     def build(ctx: BackendContext, name: str, options: dict[str, object]) -> Machine:
-        o = harness_options(backend, ctx, options)
-        command = AGENT_STDIO_COMMAND if backend.vmm == "libkrun" else AGENT_COMMAND
-        opts = backend.task(replace(o, command=command, root=True))  # the agent is root; verbs pick the user
+        opts = backend.task(harness_options(backend, ctx, options))  # the machine makes its agent the command
         return MicrovmMachine(name=name, backend=backend.name, timeout_scale=ctx.session.timeout_scale, options=opts)
     return build
 
