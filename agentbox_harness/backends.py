@@ -53,9 +53,11 @@ ARTIFACT_LOG_MAX = 8 << 20
 
 def container_processes(name: str) -> tuple[tuple[str, int, str | None], ...]:
     """The conmon and main process of container ``name`` (with start times), for :class:`Holdings`."""
-    out = Podman(timeout_s=30).capture(["inspect", "--type", "container", "--format",
-                                        "{{.State.ConmonPid}} {{.State.Pid}}", name])
-    pids = [int(p) for p in out.stdout.split() if p.isdigit() and int(p) > 0] if out.returncode == 0 else []
+    try:
+        state = (podman_api.container_inspect(name) or {}).get("State") or {}
+    except AgentboxError:
+        state = {}
+    pids = [int(p) for p in (state.get("ConmonPid"), state.get("Pid")) if isinstance(p, int) and p > 0]
     return tuple((f"{what} of {name}", pid, start_time(pid))
                  for what, pid in zip(("conmon", "process"), pids, strict=False))
 
@@ -520,6 +522,7 @@ class ContainerMachine(Machine):
     def _crash(self) -> None:
         """``podman kill -s KILL`` the task (its nix sidecar stays for the teardown to clean up)."""
         self._running()
-        out = Podman().capture(["kill", "-s", "KILL", self._name])
-        if out.returncode != 0:
-            raise MachineError(f"{self.name}: podman kill -s KILL {self._name} failed: {out.stderr.strip()}")
+        try:
+            podman_api.kill(self._name, "KILL")
+        except AgentboxError as exc:
+            raise MachineError(f"{self.name}: podman kill -s KILL {self._name} failed: {exc}") from None

@@ -185,9 +185,10 @@ class KrunPodmanMachine(Machine):
         teardown asks the guest nothing (``podman run`` then exits by itself)."""
         if self._proc is None:
             raise AssertionError(f"{self.name} is not running: nothing to crash")
-        out = Podman(timeout_s=30).capture(["kill", "-s", "KILL", self.container])
-        if out.returncode != 0:
-            raise AssertionError(f"{self.name}: podman kill -s KILL {self.container} failed: {out.stderr.strip()}")
+        try:
+            podman_api.kill(self.container, "KILL")
+        except AgentboxError as exc:
+            raise AssertionError(f"{self.name}: podman kill -s KILL {self.container} failed: {exc}") from None
         self.stop_notes.append(f"crash(): podman kill -s KILL {self.container}")
         agent, self._agent = self._agent, None
         if agent is not None:

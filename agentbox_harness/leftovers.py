@@ -15,10 +15,8 @@ from pathlib import Path
 
 from agentbox_harness.reaper import mounts_under
 from agentbox_harness.wait import WaitTimeout, retry
-from agentbox_runtime.podman import Podman
+from agentbox_runtime.container import podman_api
 from agentbox_runtime.processes import same_process
-
-PROBE_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ def _kept(path: str, keep: list[str]) -> bool:
 def _container_exists(name: str) -> bool:
     if shutil.which("podman") is None:
         return False
-    return Podman(timeout_s=PROBE_TIMEOUT_S).capture(["container", "exists", name]).returncode == 0
+    return podman_api.container_inspect(name) is not None
 
 
 def present(held: Holdings, keep: list[str]) -> list[str]:

@@ -7,7 +7,7 @@ Podman is reached two ways, each for its own kind of work:
   ``podman exec -it`` of ``agentbox attach``) and what has no API (``podman unshare``,
   ``podman image mount``, ``podman pull`` with its progress);
 - this module reads state and removes it: container and image inspect, labels, lists by label,
-  logs, published ports, ``rm -f``, ``rmi``, the live-disk annotation query and ``podman info``.
+  logs, published ports, ``rm -f``, ``kill``, ``rmi``, the live-disk annotation query and ``podman info``.
 
 The service
 -----------
@@ -265,6 +265,11 @@ def service_scope() -> Iterator[Connection]:
             ending.close()
 
 
+def scope_open() -> bool:
+    """Whether a :func:`service_scope` is open in this process (else a started service ends at exit)."""
+    return _scopes > 0
+
+
 def _call(what: str, fn: Callable[[PodmanClient], T], missing: T | None = None) -> T:
     """``fn(client)``; a missing container/image gives ``missing`` when it is not None, any other
     failure one PodmanApiError line."""
@@ -337,6 +342,14 @@ def remove_container(name: str) -> bool:
         return True
 
     return _call(f"removing container {name!r}", remove)
+
+
+def kill(name: str, signal_name: str = "KILL") -> None:
+    """``podman kill -s <signal_name> <name>`` (``crash()``: SIGKILL with no stop, no sync)."""
+    def send(client: PodmanClient) -> None:
+        client.api.post(f"/containers/{name}/kill", params={"signal": signal_name}).raise_for_status()
+
+    _call(f"sending SIG{signal_name} to container {name!r}", send)
 
 
 def logs(name: str, tail: int = 120) -> str:

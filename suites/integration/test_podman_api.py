@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,9 @@ from agentbox_guest_init.contract import LABEL_HARNESS_RUN
 from agentbox_harness import reaper
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.private_dir import runtime_dir
+from agentbox_runtime.retry import retry
 from container_test_image import build_test_image
+from test_container_rootless import rootless_user  # noqa: F401  (the fixture)
 
 TOOL_TIMEOUT_S = 120
 REPO = Path(__file__).resolve().parents[2]
@@ -121,6 +124,7 @@ def test_a_pytest_session_stops_the_service_it_started(tmp_path: Path, podman_en
         def test_read():
             assert podman_api.image_exists("localhost/agentbox-no-such-image:none") is False
             service = podman_api.connection().service
+            assert podman_api.scope_open()  # the session's, not the at-exit fallback
             open({str(out)!r}, "w").write(f"{{service.proc.pid}} {{service.directory}}")
         """))
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -143,6 +147,8 @@ def test_structured_reads_say_what_the_cli_says(labelled: tuple[str, str, str], 
         assert attrs["Config"]["Labels"] == json.loads(
             cli("inspect", "--format", "{{json .Config.Labels}}", running, env=podman_env))
         assert podman_api.container_running(running) is True
+        assert [attrs["State"]["ConmonPid"], attrs["State"]["Pid"]] == [int(p) for p in cli(
+            "inspect", "--format", "{{.State.ConmonPid}} {{.State.Pid}}", running, env=podman_env).split()]
         assert podman_api.container_running(created) is False
         assert podman_api.container_inspect("agentbox-no-such-container") is None
 
@@ -166,6 +172,10 @@ def test_structured_reads_say_what_the_cli_says(labelled: tuple[str, str, str], 
         assert (image_attrs.get("Labels") or {}) == (json.loads(
             cli("image", "inspect", "--format", "{{json .Labels}}", image, env=podman_env)) or {})
         assert image in podman_api.image_tags(image.rpartition(":")[0])
+
+        podman_api.kill(running, "KILL")  # crash(): the container dies at once
+        retry(lambda _last: not podman_api.container_running(running), timeout=30, interval=0.1)
+        assert cli("inspect", "--format", "{{.State.Running}}", running, env=podman_env).strip() == "false"
 
 
 @pytest.mark.usefixtures("own_service")
@@ -234,3 +244,35 @@ def test_a_container_host_that_does_not_answer_gives_one_line(tmp_path: Path) ->
         """, env={**os.environ, "CONTAINER_HOST": host})
     assert seen == {"error": f"podman API: CONTAINER_HOST={host} does not answer (accepted: unix://<socket of ours> "
                              "of a running 'podman system service', or CONTAINER_HOST unset)", "started": False}
+
+
+ROOTLESS_SCRIPT = """
+import json, os, stat
+from agentbox_runtime.container import podman_api
+with podman_api.service_scope() as conn:
+    rootless = podman_api.info()["host"]["security"]["rootless"]
+    service = conn.service
+    d, s = os.lstat(service.directory), os.lstat(service.socket)
+print(json.dumps({"rootless": rootless, "pid": service.proc.pid, "dir": str(service.directory),
+                  "dir_mode": stat.S_IMODE(d.st_mode), "dir_uid": d.st_uid, "sock_mode": stat.S_IMODE(s.st_mode),
+                  "uid": os.geteuid(), "dir_after": service.directory.exists()}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("runuser") is None,
+                    reason="creating a rootless test user needs root, useradd and runuser")
+@pytest.mark.usefixtures("podman_env")
+def test_a_rootless_user_gets_its_own_private_service(rootless_user: str) -> None:  # noqa: F811  (the fixture)
+    home = Path(f"/home/{rootless_user}")
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(["runuser", "-u", rootless_user, "--", sys.executable, "-c", ROOTLESS_SCRIPT], env=env,
+                          cwd=home, capture_output=True, text=True, timeout=300, check=False)
+    if proc.returncode != 0 and "newuidmap" in proc.stderr + proc.stdout:
+        pytest.skip(f"rootless podman refused here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.splitlines()[-1])
+    assert seen["rootless"] is True and seen["uid"] != 0
+    assert seen["dir"].startswith(f"{home}/.cache/agentbox/run/podman-api/")
+    assert (seen["dir_mode"], seen["dir_uid"], seen["sock_mode"]) == (0o700, seen["uid"], 0o600)
+    assert seen["dir_after"] is False
+    assert gone(int(seen["pid"]))
