@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
-from agentbox_runtime.container import host_conf
+from agentbox_runtime.container import host_conf, podman_api
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.hostcheck.check import Check, run_tool, tool_check
 from agentbox_runtime.hostcheck.crun import SELECT_QEMU_RUNTIME
@@ -28,12 +29,13 @@ def check_podman() -> Check:
     if not base.ok:
         return base
     runtimes = [r for r in OCI_RUNTIMES if shutil.which(r)]
-    rc, out = run_tool(["podman", "info", "--format", "json"], stdout_only=True)
-    if rc != 0:
-        return Check("podman", False, "unusable", f"{base.detail}; podman info exited {rc}: {out[-300:]}",
+    try:  # through the Podman API, as every structured read (the session's service)
+        info = json.dumps(podman_api.info())
+    except AgentboxError as exc:
+        return Check("podman", False, "unusable", f"{base.detail}; {exc}",
                      "run 'podman info' to see the cause (storage or containers.conf errors)")
     return Check("podman", True, "ok",
-                 f"{base.detail}; {podman_summary(out)}; OCI runtimes on PATH: {', '.join(runtimes) or 'none'}")
+                 f"{base.detail}; {podman_summary(info)}; OCI runtimes on PATH: {', '.join(runtimes) or 'none'}")
 
 
 def check_podman_conf() -> Check:
@@ -128,10 +130,10 @@ def check_image() -> Check:
     if shutil.which("podman") is None:
         return Check("guest-image", False, "missing", f"cannot look for {DEFAULT_TAG}: podman not on PATH",
                      "apt-get install podman, then agentbox image build")
-    rc, out = run_tool(["podman", "image", "exists", DEFAULT_TAG])
-    if rc == 0:
+    try:
+        present = podman_api.image_exists(DEFAULT_TAG)
+    except AgentboxError as exc:
+        return Check("guest-image", False, "unusable", str(exc), "run 'podman images' to see the cause")
+    if present:
         return Check("guest-image", True, "ok", f"{DEFAULT_TAG} present")
-    if rc == 1:
-        return Check("guest-image", False, "missing", f"{DEFAULT_TAG} not built", "agentbox image build")
-    return Check("guest-image", False, "unusable", f"podman image exists exited {rc}: {out[-200:]}",
-                 "run 'podman images' to see the cause")
+    return Check("guest-image", False, "missing", f"{DEFAULT_TAG} not built", "agentbox image build")

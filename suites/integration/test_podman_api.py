@@ -9,6 +9,7 @@ Tests that start containers run under the shared lock (``flock /tmp/agentbox-vm.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -276,3 +277,27 @@ def test_a_rootless_user_gets_its_own_private_service(rootless_user: str) -> Non
     assert (seen["dir_mode"], seen["dir_uid"], seen["sock_mode"]) == (0o700, seen["uid"], 0o600)
     assert seen["dir_after"] is False
     assert gone(int(seen["pid"]))
+
+
+@pytest.mark.usefixtures("own_service")
+def test_an_agentbox_command_stops_the_service_it_started() -> None:
+    """``agentbox doctor`` reads ``podman info`` and the guest image through the API: its service lives
+    in ``podman-api/<the command's pid>`` and is gone, with its dir, when the command has ended."""
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "agentbox"), "doctor", "--no-probe", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                                           "PYTHONPATH": str(REPO)})
+    out, err = proc.communicate(timeout=300)
+    checks = {c["name"]: c for c in json.loads(out)["checks"]} if out.strip().startswith("{") else {}
+    assert checks.get("podman", {}).get("status") == "ok", out[-2000:] + err[-2000:]
+    directory = runtime_dir("podman-api", for_sockets=True) / str(proc.pid)
+    assert not directory.exists()
+    assert not [c for c in cmdlines() if str(directory).encode() in c]
+
+
+def cmdlines() -> list[bytes]:
+    """The command lines of the processes on this host now."""
+    out = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            out.append(path.read_bytes())
+    return out
