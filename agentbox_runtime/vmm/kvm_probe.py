@@ -19,6 +19,7 @@ from pathlib import Path
 from agentbox_runtime.hostcheck.check import Check
 from agentbox_runtime.vmm.initramfs import PROBE_MARKER
 from agentbox_runtime.vmm.host import cache_dir, die_with_parent, qemu_binary, tail_bytes
+from agentbox_runtime.vmm import shutdown
 
 PROBE_TIMEOUT_S = 20.0
 
@@ -61,7 +62,7 @@ def probe(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            shutdown.stop(proc, timeout=0)  # the one ladder: no guest to ask, SIGTERM then SIGKILL
             proc.communicate()
             return False, f"KVM boot did not reach the initramfs within {timeout:.0f}s (kernel hangs under KVM)"
         text = tail_bytes(log, 65536).decode(errors="replace")
