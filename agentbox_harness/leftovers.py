@@ -8,13 +8,11 @@ session-end leak check's probes (:mod:`agentbox_harness.reaper`) once the machin
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentbox_harness.reaper import mounts_under
-from agentbox_harness.wait import WaitTimeout, retry
+from agentbox_harness.reaper import mounts_under, settled
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.processes import same_process
 
@@ -54,12 +52,4 @@ def present(held: Holdings, keep: list[str]) -> list[str]:
 def leftovers(held: Holdings, keep: list[str], *, settle_s: float = 10.0) -> list[str]:
     """What of ``held`` is still there after giving exiting processes (conmon's clean-up of a
     ``--rm`` container, a VMM being reaped) up to ``settle_s`` seconds; empty when all is gone."""
-    found: list[str] = []
-
-    def gone(_last_try: bool) -> bool:
-        found[:] = present(held, keep)
-        return not found
-
-    with contextlib.suppress(WaitTimeout):
-        retry(gone, timeout=settle_s, interval=0.25)
-    return found
+    return settled(lambda: present(held, keep), settle_s)

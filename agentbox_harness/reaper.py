@@ -24,6 +24,7 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,14 +284,20 @@ def reap_dead_runs() -> list[str]:
     return done
 
 
-def settle(reg: RunRegistry, keep: set[str], wait_s: float = 5.0) -> list[str]:
-    """The leaks of ``reg`` after giving exiting processes up to ``wait_s`` seconds to go."""
+def settled(probe: Callable[[], list[str]], wait_s: float) -> list[str]:
+    """What ``probe`` still finds after giving exiting processes up to ``wait_s`` seconds to go
+    (empty as soon as it finds nothing)."""
     found: list[str] = []
 
     def gone(_last_try: bool) -> bool:
-        found[:] = leaks(reg, keep)
+        found[:] = probe()
         return not found
 
     with contextlib.suppress(WaitTimeout):
         retry(gone, timeout=wait_s, interval=0.25)
     return found
+
+
+def settle(reg: RunRegistry, keep: set[str], wait_s: float = 5.0) -> list[str]:
+    """The leaks of ``reg`` after giving exiting processes up to ``wait_s`` seconds to go."""
+    return settled(lambda: leaks(reg, keep), wait_s)
