@@ -21,7 +21,7 @@ from pathlib import Path
 
 from agentbox_guest_init import contract as c
 from agentbox_guest_init.errors import GuestError
-from agentbox_guest_init.image_user import ImageUser
+from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_guest_init.image_user import load as load_image_user
 from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk, encode
 from agentbox_runtime import disks
@@ -33,7 +33,7 @@ from agentbox_runtime.guest_resources import MICROVM_DEFAULT_MIB, default_cpus
 from agentbox_runtime.state import StateLayout, task_container_name
 from agentbox_runtime.vmm.base import VmHandle, VmSpec
 from agentbox_runtime.vmm.shutdown import Request, StopReport
-from agentbox_runtime.doctor import check_kvm_device, check_libkrun
+from agentbox_runtime.vmm.choice import choose_vmm
 from agentbox_runtime.vmm.libkrun import LibkrunDriver
 from agentbox_runtime.vmm.qemu import QemuDriver
 
@@ -68,7 +68,7 @@ class MicrovmOptions:
     image_cache: Path | None = None  # default: the per-user cache of the state layout
 
 
-def host_ids(workspace: Path, image: ImageUser = ImageUser()) -> tuple[int, int]:
+def host_ids(workspace: Path, image: ImageUser = DEFAULT_IMAGE_USER) -> tuple[int, int]:
     """The dev user's uid/gid so that workspace files map to a host user.
 
     The host user's ids; when the host user is root (the guest shell is never
@@ -93,7 +93,7 @@ def rootfs_image_user(rootfs: Path) -> ImageUser:
 
 
 def build_launch(opts: MicrovmOptions, rootfs: Path, exec_path: str, layout: StateLayout,
-                 vmm: str, user: ImageUser = ImageUser()) -> LaunchConfig:
+                 vmm: str, user: ImageUser = DEFAULT_IMAGE_USER) -> LaunchConfig:
     """The launch config of 9.7 (env order exact; qemu adds the 9p workspace fstype). The
     workspace is mounted at, and the shell starts in, the image user's workdir."""
     uid, gid = host_ids(layout.workspace, user)
@@ -119,13 +119,6 @@ def build_launch(opts: MicrovmOptions, rootfs: Path, exec_path: str, layout: Sta
         vcpus=opts.cpus or default_cpus(), workdir=user.workdir, exec_path=exec_path,
         disks=tuple(LaunchDisk(d.spec.block_id, str(d.path(layout.state_root))) for d in disks.MICROVM_DISKS),
         argv=("agentbox-guest-init", "microvm", "enter", "--", *command), env=tuple(env))
-
-
-def choose_vmm(requested: str) -> str:
-    if requested in ("qemu", "libkrun"):
-        return requested
-
-    return "libkrun" if check_libkrun().ok and check_kvm_device().ok else "qemu"
 
 
 def driver(name: str):  # type: ignore[no-untyped-def]
@@ -334,15 +327,10 @@ def _terminate(signum: int, frame: object) -> None:
 def run_microvm(opts: MicrovmOptions) -> int:
     """The CLI path: start, wait, clean up, combine results, report."""
     task = MicrovmTask(opts)
-    run_error: BaseException | None = None
-    status = 1
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
     try:
-        task.start()
-        status = task.wait(None)
-    except (AgentboxError, OSError, RuntimeError) as exc:
-        run_error = exc
+        status, run_error = _start_and_wait(task)
     except BaseException:  # Ctrl-C or SIGTERM: stop the VM and clean up, then let it propagate
         if in_main:  # a second signal must not interrupt the cleanup
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -356,7 +344,7 @@ def run_microvm(opts: MicrovmOptions) -> int:
         raise
     if in_main:
         signal.signal(signal.SIGTERM, previous)
-    cleanup_error: BaseException | None = None
+    cleanup_error: AgentboxError | None = None
     try:
         task.close()
     except AgentboxError as exc:
@@ -365,6 +353,23 @@ def run_microvm(opts: MicrovmOptions) -> int:
         log.info("%s", task.phases.report())
     if task.notice:
         log.warning("%s", task.notice)
+    _raise_run_errors(run_error, cleanup_error)
+    return status if 0 <= status <= 255 else 1
+
+
+def _start_and_wait(task: MicrovmTask) -> tuple[int, BaseException | None]:
+    """Start the guest and wait for its status. An AgentboxError, OSError or RuntimeError comes back
+    as the second item (status 1), so the cleanup still runs; anything else propagates."""
+    try:
+        task.start()
+        return task.wait(None), None
+    except (AgentboxError, OSError, RuntimeError) as exc:
+        return 1, exc
+
+
+def _raise_run_errors(run_error: BaseException | None, cleanup_error: AgentboxError | None) -> None:
+    """Raise what went wrong, as one AgentboxError: the cleanup failure chained to the run error
+    when both failed."""
     if cleanup_error and run_error:
         raise AgentboxError(f"microvm task rootfs cleanup failed after run error: {error_chain(run_error)}") \
             from cleanup_error
@@ -374,4 +379,3 @@ def run_microvm(opts: MicrovmOptions) -> int:
         if isinstance(run_error, AgentboxError):
             raise run_error
         raise AgentboxError(str(run_error)) from run_error
-    return status if 0 <= status <= 255 else 1
