@@ -37,6 +37,7 @@ The agent runs as root (the host starts it with ``AGENTBOX_ENTER_AS_ROOT=1``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -110,10 +111,8 @@ def _writer(stream: Any, data: bytes) -> None:
     except (OSError, ValueError):
         pass
     finally:
-        try:
+        with contextlib.suppress(OSError):
             stream.close()
-        except OSError:
-            pass
 
 
 def _uptime() -> float | None:
@@ -201,20 +200,16 @@ def run_command(req: Mapping[str, Any], base_env: Mapping[str, str] | None = Non
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         proc.wait()
     grace = time.monotonic() + DRAIN_GRACE_S
     for t in threads[:2]:
         t.join(max(0.0, grace - time.monotonic()))
     duration = time.monotonic() - started
     for stream in (proc.stdout, proc.stderr):
-        try:
+        with contextlib.suppress(OSError):
             stream.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
     rc = proc.returncode
     return {"ok": True, "exit_status": rc if rc >= 0 else 128 - rc, "signal": -rc if rc < 0 else None,
             "stdout": b64(bytes(out[-OUTPUT_CAP:])), "stderr": b64(bytes(err[-OUTPUT_CAP:])),
@@ -297,32 +292,32 @@ def prep_status(kind: str) -> dict[str, Any]:
             "status_path": pk.status_path}
 
 
+def _ping(req: Mapping[str, Any]) -> dict[str, Any]:
+    return {"ok": True, "pong": True, "pid": os.getpid(), "uid": os.geteuid(), "uptime": _uptime()}
+
+
+def _linger(req: Mapping[str, Any]) -> dict[str, Any]:
+    LINGER.set()
+    return {"ok": True}
+
+
+def _shutdown(req: Mapping[str, Any]) -> dict[str, Any]:
+    os.sync()  # the guest's writes reach its disks before PID 1 powers the VM off
+    return {"ok": True, "shutdown": True}
+
+
+def _pty(op: str) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    return lambda req: pty_op(op, req)
+
+
 def handle(req: Mapping[str, Any]) -> dict[str, Any]:
     """The response to one request (never raises)."""
     op = req.get("op")
+    fn = OPS.get(op) if isinstance(op, str) else None
+    if fn is None:
+        return {"ok": False, "error": f"unknown op {op!r}; accepted: {', '.join(OPS)}"}
     try:
-        if op == "ping":
-            return {"ok": True, "pong": True, "pid": os.getpid(), "uid": os.geteuid(), "uptime": _uptime()}
-        if op == "run":
-            return run_command(req)
-        if op == "read_file":
-            return read_file(req)
-        if op == "write_file":
-            return write_file(req)
-        if op in ("pty_spawn", "pty_io", "pty_resize", "pty_close"):
-            return pty_op(op, req)
-        if op == "prep_status":
-            return prep_status(str(req.get("kind")))
-        if op == "linger":
-            LINGER.set()
-            return {"ok": True}
-        if op == "attach_listen":
-            return attach_listen(req)
-        if op == "shutdown":
-            os.sync()  # the guest's writes reach its disks before PID 1 powers the VM off
-            return {"ok": True, "shutdown": True}
-        return {"ok": False, "error": f"unknown op {op!r}; accepted: ping, run, read_file, write_file, "
-                                      "prep_status, pty_spawn, pty_io, pty_resize, pty_close, linger, attach_listen, shutdown"}
+        return fn(req)
     except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
@@ -429,37 +424,55 @@ class Server:
         while not (self.stop.is_set() or SHUTDOWN.is_set()):
             if self.auth is not None and time.monotonic() - started > AUTH_S:
                 return 1
-            ready, _, _ = select.select([self.rfd], [], [], 0.5)
-            if not ready:
+            data = self._read()
+            if data is None:
                 continue
-            try:
-                data = os.read(self.rfd, PREAUTH_MAX_FRAME if self.auth is not None else 1 << 16)
-            except InterruptedError:
-                continue
-            except OSError:
-                data = b""
             if not data:
-                if self.reconnecting:
-                    time.sleep(0.2)
+                if self._reconnects():
                     continue
-                if self.main and LINGER.is_set():
-                    SHUTDOWN.wait()
                 return 0
-            if self.auth is not None and not self._preauth_read(data):
-                return 1
-            requests = self.reader.feed(data)
-            if self.auth is not None and self.reader.dropped:
-                return 1  # a frame too long or damaged before authentication
-            for req in requests:
-                if self.auth is not None:
-                    verdict = self.authenticate(req)
-                    if verdict is False:
-                        return 1
-                    continue
-                threading.Thread(target=self.reply, args=(req,), daemon=True).start()
-            if self.auth is not None and not self._preauth_fed():
+            if not self._take(data):
                 return 1
         return 0
+
+    def _read(self) -> bytes | None:
+        """What the channel holds now: None when nothing came within 0.5 s (or the read was
+        interrupted), ``b""`` at EOF or on a read error."""
+        ready, _, _ = select.select([self.rfd], [], [], 0.5)
+        if not ready:
+            return None
+        try:
+            return os.read(self.rfd, PREAUTH_MAX_FRAME if self.auth is not None else 1 << 16)
+        except InterruptedError:
+            return None
+        except OSError:
+            return b""
+
+    def _reconnects(self) -> bool:
+        """At EOF: True when the channel reconnects (read again after a moment); else False, once
+        the main channel asked to linger has seen the shutdown."""
+        if self.reconnecting:
+            time.sleep(0.2)
+            return True
+        if self.main and LINGER.is_set():
+            SHUTDOWN.wait()
+        return False
+
+    def _take(self, data: bytes) -> bool:
+        """Feed ``data``: before authentication its frames are the proof, after it each request gets
+        a reply thread. False when the connection must end (a pre-authentication limit, a frame too
+        long or damaged before authentication, a failed proof)."""
+        if self.auth is not None and not self._preauth_read(data):
+            return False
+        requests = self.reader.feed(data)
+        if self.auth is not None and self.reader.dropped:
+            return False
+        for req in requests:
+            if self.auth is None:
+                threading.Thread(target=self.reply, args=(req,), daemon=True).start()
+            elif self.authenticate(req) is False:
+                return False
+        return self.auth is None or self._preauth_fed()
 
 
 def serve_connection(conn: socket.socket, admission: listeners.Admission | None = None,
@@ -486,6 +499,15 @@ def attach_listen(req: Mapping[str, Any]) -> dict[str, Any]:
                                      f"attach-tcp-{port}", gate=listeners.PreauthGate())
             _TCP_PORTS[port] = listener
     return {"ok": True, "port": port}
+
+
+OPS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "ping": _ping, "run": run_command, "read_file": read_file, "write_file": write_file,
+    "prep_status": lambda req: prep_status(str(req.get("kind"))),
+    **{op: _pty(op) for op in ("pty_spawn", "pty_io", "pty_resize", "pty_close")},
+    "linger": _linger, "attach_listen": attach_listen, "shutdown": _shutdown,
+}
+"""Request op -> its handler, in the order the unknown-op error lists them."""
 
 
 def serve_attach_vsock(port: int = c.ATTACH_VSOCK_PORT) -> bool:
