@@ -206,6 +206,18 @@ def enter(mode: str, cmd: Sequence[str], env: Mapping[str, str] | None = None, h
     ident = prof.step("resolve-identity", identity)
     shell = prof.step("derive-shell-env", lambda: shell_env(ident, genv, env_out.get("PATH") or DEFAULT_PATH))
     prof.step("export-shell-env", lambda: env_out.update(shell))
+    _prepare_guest(prof, genv, ident, env_out, host, microvm=microvm)
+    if not microvm or root_user:
+        prof.step("ensure-nofile-floor", lambda: nofile_floor(host.getrlimit, host.setrlimit))
+    finish(prof, argv, ident, root_user and not genv.enter_as_root, env_out, host)
+
+
+def _prepare_guest(prof: Profile, genv: GuestEnv, ident: Identity, env_out: dict[str, str], host: Host, *,
+                   microvm: bool) -> None:
+    """The guest-side setup steps before the command: as root the home, allocator preload, dmesg
+    restriction and /dev/kvm; passt's DNS (not in a microvm); the nix and Podman preps started in the
+    background and the nix daemon's environment exported."""
+    root_user = host.euid == 0
     if root_user:
         prof.step("materialize-home", lambda: materialize_home(ident, host.root))
     if genv.use_passt and not microvm:
@@ -220,9 +232,6 @@ def enter(mode: str, cmd: Sequence[str], env: Mapping[str, str] | None = None, h
         prof.step("start-podman-prep", lambda: host.start_background(prep.PODMAN, env_out))
     if genv.nix_overlay:
         prof.step("export-nix-remote", lambda: env_out.update(nix_remote_env(genv)))
-    if not microvm or root_user:
-        prof.step("ensure-nofile-floor", lambda: nofile_floor(host.getrlimit, host.setrlimit))
-    finish(prof, argv, ident, root_user and not genv.enter_as_root, env_out, host)
 
 
 def default_enter(cmd: Sequence[str], self_argv: Sequence[str], env: Mapping[str, str] | None = None,
