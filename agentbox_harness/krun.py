@@ -55,7 +55,7 @@ class KrunPodmanMachine(Machine):
 
     def _start(self) -> None:
         log = self.artifacts / f"{self.name}-podman.log" if self.artifacts else None
-        with open(log, "ab") if log is not None else open(os.devnull, "wb") as err:  # the child keeps its copy
+        with open(log if log is not None else os.devnull, "ab") as err:  # the child keeps its copy
             self._proc = Podman().spawn(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         assert self._proc.stdout is not None and self._proc.stdin is not None
         self._agent = AgentClient(self._proc.stdout.fileno(), self._proc.stdin.fileno())

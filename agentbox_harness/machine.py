@@ -75,7 +75,8 @@ def _step(title: str) -> contextlib.AbstractContextManager[Any]:
     try:
         import allure
 
-        return allure.step(title)  # type: ignore[no-any-return]
+        step: contextlib.AbstractContextManager[Any] = allure.step(title)
+        return step
     except ImportError:
         return contextlib.nullcontext()
 
@@ -446,7 +447,7 @@ class Machine(ABC):
         summary lines, or None when this backend cannot be attached to (it is then stopped as usual)."""
         return None
 
-    def keep_nothing(self) -> None:
+    def keep_nothing(self) -> None:  # noqa: B027 - an optional hook: a machine with nothing to drop does nothing
         """Under ``--preserve-debug``, a test that passed keeps nothing: its guest's task rootfs,
         mounts and task dir go as they do without the flag. Called before the stop."""
 

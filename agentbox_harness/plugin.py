@@ -170,34 +170,52 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     reports = item.stash.setdefault(REPORTS, {})
     reports[rep.when] = rep
     if rep.failed and rep.when in ("setup", "call"):
-        live = [m for m in item.stash.get(MACHINES, []) if m.guest_id]
-        if live:  # reachable now (pytest --pdb) and, with --preserve-debug, after the run
-            lines = [f"{m.name}: agentbox attach {m.guest_id}" for m in live]
-            rep.sections.append(("agentbox guests", "\n".join(lines)))
-            reporter = item.config.pluginmanager.get_plugin("terminalreporter")
-            if item.config.getoption("usepdb", False) and reporter is not None:
-                for line in lines:  # before the (Pdb) prompt: the guest is live while pdb waits
-                    reporter.write_line(f"agentbox: {line}")
+        _show_live_guests(item, rep)
     if rep.when == "teardown" and KEY in item.config.stash:
-        session = item.config.stash[KEY]
-        if session.evidence_dir is not None:
-            try:
-                root = evidence_bundle.write(item.config, item.nodeid, reports, session.evidence_dir,
-                                             session.redactor)
-            except AgentboxError as exc:
-                _refused(rep, "evidence", exc)
-            else:
-                if root is not None:
-                    rep.sections.append(("agentbox evidence", f"{root[0]} (root sha256 {root[1]})"))
-        try:
-            kept = artifacts.finalize(item.config, item.nodeid, reports, preserve=session.preserve_debug,
-                                      doctor=[c.as_dict() for c in session.checks])
-        except AgentboxError as exc:
-            _refused(rep, "artifacts", exc)
-        else:
-            if kept is not None:
-                rep.sections.append(("agentbox artifacts", str(kept)))
+        _write_evidence(item, rep, reports)
+        _finalize_artifacts(item, rep, reports)
     return rep
+
+
+def _show_live_guests(item: pytest.Item, rep: pytest.TestReport) -> None:
+    """How to attach to the failed test's live guests: a report section and, under ``--pdb``, a line
+    before the prompt (reachable now, and after the run with ``--preserve-debug``)."""
+    live = [m for m in item.stash.get(MACHINES, []) if m.guest_id]
+    if not live:
+        return
+    lines = [f"{m.name}: agentbox attach {m.guest_id}" for m in live]
+    rep.sections.append(("agentbox guests", "\n".join(lines)))
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    if item.config.getoption("usepdb", False) and reporter is not None:
+        for line in lines:  # before the (Pdb) prompt: the guest is live while pdb waits
+            reporter.write_line(f"agentbox: {line}")
+
+
+def _write_evidence(item: pytest.Item, rep: pytest.TestReport, reports: dict[str, pytest.TestReport]) -> None:
+    """The test's evidence bundle under ``--agentbox-evidence`` (a refused dir fails the teardown)."""
+    session = item.config.stash[KEY]
+    if session.evidence_dir is None:
+        return
+    try:
+        root = evidence_bundle.write(item.config, item.nodeid, reports, session.evidence_dir, session.redactor)
+    except AgentboxError as exc:
+        _refused(rep, "evidence", exc)
+        return
+    if root is not None:
+        rep.sections.append(("agentbox evidence", f"{root[0]} (root sha256 {root[1]})"))
+
+
+def _finalize_artifacts(item: pytest.Item, rep: pytest.TestReport, reports: dict[str, pytest.TestReport]) -> None:
+    """Keep (``--preserve-debug``, a failure) or remove the test's artifacts; where they were kept."""
+    session = item.config.stash[KEY]
+    try:
+        kept = artifacts.finalize(item.config, item.nodeid, reports, preserve=session.preserve_debug,
+                                  doctor=[c.as_dict() for c in session.checks])
+    except AgentboxError as exc:
+        _refused(rep, "artifacts", exc)
+        return
+    if kept is not None:
+        rep.sections.append(("agentbox artifacts", str(kept)))
 
 
 def _refused(rep: pytest.TestReport, what: str, exc: AgentboxError) -> None:

@@ -11,6 +11,7 @@ stream (kernel messages, a shell's complaint), which usually say why.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import itertools
@@ -314,10 +315,8 @@ class AgentClient:
                 os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode) & 0o777 if st is not None else 0o666 & ~_umask())
             os.replace(tmp, target)
         except BaseException:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise
         return size
 
@@ -456,10 +455,8 @@ class PtyRelay:
         except (ChannelError, OSError) as exc:
             self.error = str(exc)
         finally:
-            try:
+            with contextlib.suppress(ChannelError, OSError):
                 self.agent.pty_close(self.pty)
-            except (ChannelError, OSError):
-                pass
             self._far.close()
 
     def setwinsize(self, rows: int, cols: int) -> None:

@@ -53,7 +53,7 @@ def ps() -> int:
         return 0
     widths = [max(len(str(row[i])) for row in [("ID", "BACKEND", "STATE", "AGE", "TEST"), *rows]) for i in range(4)]
     for row in [("ID", "BACKEND", "STATE", "AGE", "TEST"), *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)) + "  " + row[4])
+        print("  ".join(str(v).ljust(w) for v, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
     return 0
 
 
