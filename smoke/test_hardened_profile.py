@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_guest_init.hardened_profile import SCRATCH
+from agentbox_runtime.backend_caps import caps
 from agentbox_runtime.config import default_config_path
 
 pytestmark = pytest.mark.vm
@@ -27,8 +28,9 @@ pytestmark = pytest.mark.vm
 def hardened(request, shared_machine_factory, agentbox_session):
     if request.param == "guest":
         backend = agentbox_session.backend
-        if backend not in ("qemu", "krun-direct"):
-            pytest.skip(f"the guest profile needs the qemu or krun-direct backend, not {backend}")
+        can = caps(backend)
+        if not (can.vm and can.hardened):
+            pytest.skip(f"the guest profile needs a VM backend with the hardened capability, not {backend}")
     else:
         backend = "container"
     return shared_machine_factory(backend, "hardened", hardened=True)
