@@ -146,20 +146,16 @@ def test_the_client_refuses_a_listener_that_cannot_prove_the_token(fake_listener
     assert TOKEN.encode() not in bytes(fake_listener.received)
 
 
-def test_attach_to_a_fake_listener_on_the_guest_port_sends_nothing_typed(fake_listener: FakeListener, tmp_path: Path,
-                                                                           cli_env: dict[str, str]) -> None:
+def test_attach_to_a_fake_listener_on_the_guest_port_sends_nothing_typed(fake_listener: FakeListener,
+                                                                           cli_env: dict[str, str],
+                                                                           podman_env: dict[str, str],
+                                                                           annotated_container) -> None:  # type: ignore[no-untyped-def]
     """Finding 3's reproduction: someone else answers on a preserved krun-podman guest's port, accepts
     anything and shows a prompt. ``agentbox attach`` refuses with one line; neither the token nor the
     user's keystrokes reach the listener, and its prompt is never shown."""
-    container = f"agentbox-test-live-{uuid.uuid4().hex[:8]}"
+    container = annotated_container.start({})  # the record's container must run: a krun-podman one cannot here
     record = _krun_podman_record(fake_listener.port, container)
-    stub = tmp_path / "bin" / "podman"  # the container must look running: a krun-podman one cannot run here
-    stub.parent.mkdir()
-    stub.write_text("#!/bin/sh\n"
-                    f'[ "$*" = "container inspect --format {{{{.State.Running}}}} {container}" ] && echo true && exit 0\n'
-                    'echo "unexpected podman call: $*" >&2; exit 125\n')
-    stub.chmod(0o755)
-    proc = _attach({**cli_env, "PATH": f"{stub.parent}:{cli_env['PATH']}"}, record.id)
+    proc = _attach({**podman_env, **cli_env}, record.id)
     assert proc.returncode == 1
     assert proc.stderr.decode() == (f"agentbox: the guest at 127.0.0.1:{fake_listener.port} did not prove it holds "
                                     "this guest's attach token; refusing to attach\n")
