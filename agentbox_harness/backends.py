@@ -29,11 +29,11 @@ from agentbox_runtime.container import host_conf
 from agentbox_runtime.container.machine_transport import ContainerTransport, ExecTimeout, start_task, stop_task
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.container.sidecar import Sidecar, SidecarRequest
-from agentbox_runtime.microvm import reaper as vm_reaper
+from agentbox_runtime.microvm import task_reaper as vm_reaper
 from agentbox_runtime.state import StateLayout
 from agentbox_runtime.backends import CONTAINER, BackendOptions
 from agentbox_runtime.channel import AgentClient, ChannelError, PtyRelay
-from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
+from agentbox_runtime.microvm.task import MicrovmOptions, MicrovmTask
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.podman import Podman
 from agentbox_runtime.vmm import boot_phases, hostfwd

@@ -3,7 +3,7 @@
 Firecracker's test framework checks each microVM's teardown (its jailer's processes, mounts and
 sockets) instead of leaving leaks for the end of the session, where no test can be blamed. Each
 machine records its :class:`Holdings` right after it starts; :func:`leftovers` probes them with the
-session-end leak check's probes (:mod:`agentbox_harness.reaper`) once the machine stopped.
+session-end leak check's probes (:mod:`agentbox_harness.run_reaper`) once the machine stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentbox_harness.reaper import mounts_under, settled
+from agentbox_harness.run_reaper import mounts_under, settled
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.processes import same_process
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from agentbox_harness.console import Console, read_tail
-from agentbox_harness.profile import Profile
+from agentbox_harness.verb_timings import Profile
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_runtime.backend_caps import Capabilities, caps
 from agentbox_runtime.evidence import REDACTED, SECRET_NAME, Redactor

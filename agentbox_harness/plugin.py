@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agentbox_harness import artifacts, evidence_bundle, reaper
+from agentbox_harness import artifacts, evidence_bundle, run_reaper as reaper
 from agentbox_harness.artifacts import MACHINES, REPORTS
 from agentbox_harness.session import KEY, evidence_dir, harness, podman_api_scope
 from agentbox_runtime import guest_registry
@@ -25,7 +25,7 @@ from agentbox_runtime.container import podman_api
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.private_dir import OutputDir, UnsafeDirectory
 from agentbox_harness.caps import CAP_MARKERS, check_markers
-from agentbox_runtime.microvm.reaper import reap_stale
+from agentbox_runtime.microvm.task_reaper import reap_stale
 from agentbox_runtime.state import StateLayout
 
 MARKERS = {

@@ -27,7 +27,7 @@ from dataclasses import replace
 from agentbox_guest_init import contract as c
 from agentbox_harness.backends import AGENT_STDIO_COMMAND, ContainerMachine, MicrovmMachine
 from agentbox_harness.context import BackendContext
-from agentbox_harness.krun import KrunPodmanMachine
+from agentbox_harness.krun_podman_machine import KrunPodmanMachine
 from agentbox_harness.machine import Machine
 from agentbox_harness.workspace import Workspace
 from agentbox_runtime.backends import (BACKENDS, CONTAINER, KRUN_DIRECT, KRUN_PODMAN, QEMU, Backend, BackendOptions,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agentbox_harness.artifacts import node_dir
-from agentbox_harness.reaper import RunRegistry, cache_root
+from agentbox_harness.run_reaper import RunRegistry, cache_root
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.doctor import Check, run_checks, usable_backends
 from agentbox_runtime.evidence import Redactor

@@ -239,15 +239,15 @@ HARDENED_HELP = ("the hardened profile: read-only root, no capabilities, no new 
                  "(the shell runs as dev; not with --root)")
 
 _HANDLERS = {
-    "libkrun": "libkrun",
-    "container": "container",
+    "libkrun": "krun_podman_command",
+    "container": "container_command",
     "microvm": "microvm",
     "doctor": "doctor",
     "image": "image",
     "ps": "guests",
     "attach": "guests",
     "rm": "guests",
-    "evidence": "evidence",
+    "evidence": "evidence_command",
 }
 
 _TOP_ONLY_REJECTED = ("--mem", "--tsi", "--guest-init")

@@ -1,7 +1,7 @@
 """The four backends, each assembled once: the CLI commands and the pytest harness build through these.
 
 A backend takes one :class:`~agentbox_runtime.backends.options.BackendOptions` record and
-assembles its task (qemu, krun-direct: :class:`~agentbox_runtime.microvm.session.MicrovmOptions`;
+assembles its task (qemu, krun-direct: :class:`~agentbox_runtime.microvm.task.MicrovmOptions`;
 krun-podman: the ``podman run`` argv; container: the task argv against the nix sidecar). It
 declares what it can do (:class:`~agentbox_runtime.backend_caps.Capabilities`), the raw disks it
 attaches and the options a pytest factory may give it (``accepts``).
@@ -18,7 +18,7 @@ from agentbox_runtime.backends.krun_podman import (KRUN_PODMAN, KrunPodmanBacken
 from agentbox_runtime.backends.microvm_backend import KRUN_DIRECT, QEMU, MicrovmBackend, microvm_backend
 from agentbox_runtime.backends.options import BackendOptions
 from agentbox_runtime.disks import RawDisk
-from agentbox_runtime.tasks.krun import KrunOptions
+from agentbox_runtime.tasks.krun_podman_argv import KrunOptions
 
 __all__ = ["BACKENDS", "CONTAINER", "KRUN_DIRECT", "KRUN_PODMAN", "QEMU", "Backend", "BackendOptions",
            "ContainerBackend", "ContainerTask", "KrunOptions", "KrunPodmanBackend", "KrunPodmanMaintenance",
@@ -60,6 +60,6 @@ def backend_for(name: str) -> Backend:
 
 
 def is_microvm(name: str) -> bool:
-    """True when ``name`` runs a :class:`~agentbox_runtime.microvm.session.MicrovmTask` (qemu,
+    """True when ``name`` runs a :class:`~agentbox_runtime.microvm.task.MicrovmTask` (qemu,
     krun-direct): what the ``microvm`` fixtures and their ``MicrovmMachine`` need."""
     return isinstance(BACKENDS.get(name), MicrovmBackend)

@@ -22,8 +22,8 @@ from agentbox_runtime.disks import RawDisk
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.images.commit import image_user
 from agentbox_runtime.state import StateLayout, task_container_name, task_hostname
-from agentbox_runtime.tasks.container import container_argv
-from agentbox_runtime.tasks.krun import validate_publish
+from agentbox_runtime.tasks.container_argv import container_argv
+from agentbox_runtime.tasks.krun_podman_argv import validate_publish
 from agentbox_runtime.tasks.volumes import task_volumes
 
 

@@ -3,7 +3,7 @@ handler (``agentbox libkrun``; reference section 6), or through the QEMU-backed
 ``agentbox-krun-runtime`` where crun lacks the handler.
 
 :meth:`KrunPodmanBackend.task` assembles the exact ``podman run`` argv of a task
-(:func:`agentbox_runtime.tasks.krun.krun_task_argv`): the image user, the host ids, the state dir
+(:func:`agentbox_runtime.tasks.krun_podman_argv.krun_task_argv`): the image user, the host ids, the state dir
 and the two raw disks; :class:`KrunPodmanMaintenance` runs the resize guest step as the reference's
 one-shot resize VM (6.4).
 """
@@ -22,11 +22,11 @@ from agentbox_runtime.hostcheck.crun import SELECT_QEMU_RUNTIME, check_crun_krun
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.guest_resources import default_cpus, libkrun_ram_mib
 from agentbox_runtime.images.commit import image_user
-from agentbox_runtime.microvm.session import host_ids
+from agentbox_runtime.microvm.task import host_ids
 from agentbox_runtime.podman import Podman, resolve_image
 from agentbox_runtime.resize import ResizePlan
 from agentbox_runtime.state import StateLayout, resize_container_name, task_container_name, task_hostname
-from agentbox_runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv, oci_runtime,
+from agentbox_runtime.tasks.krun_podman_argv import (KrunOptions, guest_init_override, krun_task_argv, oci_runtime,
                                          resize_task_argv, select_krun_runtime, validate_publish)
 from agentbox_runtime.tasks.volumes import task_volumes
 
@@ -91,7 +91,7 @@ class KrunPodmanBackend:
         labels, creates the state dir and the two raw disks (validated, never reformatted) and
         returns the exact ``podman run`` argv; ``-it`` becomes ``-i`` unless ``o.interactive``.
 
-        ``AGENTBOX_HOST_UID``/``GID`` are :func:`agentbox_runtime.microvm.session.host_ids`: the
+        ``AGENTBOX_HOST_UID``/``GID`` are :func:`agentbox_runtime.microvm.task.host_ids`: the
         user's ids, or as root the workspace owner (else the image user's), because the guest
         refuses a root dev user. The workspace is mounted at the image user's workdir."""
         if o.image is None:

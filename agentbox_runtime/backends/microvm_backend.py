@@ -1,4 +1,4 @@
-"""The qemu and krun-direct backends: a :class:`~agentbox_runtime.microvm.session.MicrovmTask`
+"""The qemu and krun-direct backends: a :class:`~agentbox_runtime.microvm.task.MicrovmTask`
 booted by QEMU or by libkrun (``agentbox microvm --vmm qemu|libkrun``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from agentbox_runtime.config import hardened_env
 from agentbox_runtime.backends.options import BackendOptions
 from agentbox_runtime.disks import MICROVM_DISKS, RawDisk
 from agentbox_runtime.errors import InputError
-from agentbox_runtime.microvm.session import MicrovmOptions
+from agentbox_runtime.microvm.task import MicrovmOptions
 
 MICROVM_ACCEPTS = frozenset({"image", "memory_mib", "cpus", "storage", "workspace", "image_cache", "extra_env",
                              "preserve_debug", "hardened"})

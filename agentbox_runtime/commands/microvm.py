@@ -9,8 +9,8 @@ from pathlib import Path
 from agentbox_runtime.backends.microvm_backend import microvm_backend
 from agentbox_runtime.backends.options import BackendOptions
 from agentbox_runtime.errors import InputError
-from agentbox_runtime.microvm.reaper import reap_stale
-from agentbox_runtime.microvm.session import run_microvm
+from agentbox_runtime.microvm.task_reaper import reap_stale
+from agentbox_runtime.microvm.task import run_microvm
 from agentbox_runtime.podman import explicit_image
 from agentbox_runtime.state import StateLayout, canonical_cwd
 

@@ -14,7 +14,7 @@ from agentbox_runtime.hostcheck.crun import SELECT_QEMU_RUNTIME
 from agentbox_runtime.hostcheck.parsers import podman_summary, qemu_accelerators
 from agentbox_runtime.images.recipe import DEFAULT_TAG
 from agentbox_runtime.oci.locate import runtime_path
-from agentbox_runtime.tasks.krun import select_krun_runtime
+from agentbox_runtime.tasks.krun_podman_argv import select_krun_runtime
 
 OCI_RUNTIMES = ("crun", "runc", "krun", "crun-krun", "youki", "runsc", "kata-runtime")
 

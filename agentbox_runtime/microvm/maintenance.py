@@ -13,9 +13,9 @@ from pathlib import Path
 from agentbox_guest_init import contract as c
 from agentbox_guest_init.launch_config import decode
 from agentbox_runtime.live_disks import same_file
-from agentbox_runtime.microvm.reaper import records
+from agentbox_runtime.microvm.task_reaper import records
 from agentbox_runtime.processes import same_process
-from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
+from agentbox_runtime.microvm.task import MicrovmOptions, MicrovmTask
 from agentbox_runtime.resize import ResizePlan
 from agentbox_runtime.state import StateLayout
 

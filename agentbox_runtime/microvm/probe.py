@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from agentbox_runtime.errors import AgentboxError
-from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask
+from agentbox_runtime.microvm.task import MicrovmOptions, MicrovmTask
 from agentbox_runtime.state import StateLayout
 from agentbox_runtime.vmm import boot_verdicts
 from agentbox_runtime.vmm.boot_verdicts import Verdict

@@ -11,7 +11,7 @@ import pytest
 
 from agentbox_guest_init.contract import GUEST_INIT_PATH
 from agentbox_runtime.errors import InputError, error_chain
-from agentbox_runtime.tasks.krun import guest_init_target
+from agentbox_runtime.tasks.krun_podman_argv import guest_init_target
 
 
 def _run(env: dict[str, str], *argv: str) -> str:

@@ -305,6 +305,6 @@ def test_the_runtime_answers_version_and_features(runtime: str) -> None:
 
 def test_the_runtime_runs_from_its_console_script() -> None:
     assert Path(runtime_path()).name == "agentbox-krun-runtime"
-    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.oci.cli", "--version"], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "agentbox_runtime.oci.krun_runtime_cli", "--version"],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0

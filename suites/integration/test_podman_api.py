@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_guest_init.contract import LABEL_HARNESS_RUN
-from agentbox_harness import reaper
+from agentbox_harness import run_reaper as reaper
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.private_dir import runtime_dir
 from agentbox_runtime.retry import retry

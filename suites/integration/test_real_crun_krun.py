@@ -44,10 +44,10 @@ from agentbox_harness import caps
 from agentbox_harness.session import HarnessSession
 from agentbox_runtime.container import host_conf
 from agentbox_runtime.images.commit import image_user
-from agentbox_runtime.microvm.session import host_ids
+from agentbox_runtime.microvm.task import host_ids
 from agentbox_runtime.retry import WaitTimeout, retry
 from agentbox_runtime.state import StateLayout
-from agentbox_runtime.tasks.krun import KrunOptions, krun_task_argv
+from agentbox_runtime.tasks.krun_podman_argv import KrunOptions, krun_task_argv
 from agentbox_runtime.tasks.volumes import task_volumes
 from suites.standins.crun.build import CrunBuildBroken, CrunUnavailable, Runtime, runtime
 

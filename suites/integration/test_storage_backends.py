@@ -16,7 +16,7 @@ from microvm_helpers import loop_btrfs, need_root_and, run
 
 from agentbox_runtime.errors import AgentboxError, error_chain
 from agentbox_runtime.microvm import storage
-from agentbox_runtime.microvm.reaper import record, records, reap_stale
+from agentbox_runtime.microvm.task_reaper import record, records, reap_stale
 from agentbox_runtime.state import StateLayout
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,7 +138,7 @@ def test_reap_stale_removes_only_what_dead_runs_recorded(tmp_path: Path) -> None
     stranger.mkdir()
     vm = subprocess.Popen(["sleep", "300"], start_new_session=True)  # stands in for the dead run's VM process
     try:
-        code = ("import sys; from pathlib import Path; from agentbox_runtime.microvm.reaper import record; "
+        code = ("import sys; from pathlib import Path; from agentbox_runtime.microvm.task_reaper import record; "
                 "from agentbox_runtime.state import StateLayout; "
                 "record(StateLayout.under(Path(sys.argv[1]), Path(sys.argv[2])), Path(sys.argv[3]), int(sys.argv[4]), None)")
         subprocess.run([sys.executable, "-c", code, str(tmp_path / "state"), str(ws), str(dead_task), str(vm.pid)],

@@ -1,5 +1,5 @@
 """The plugin's VM-backed fixtures in fresh pytester projects: real qemu boots
-through agentbox_runtime.microvm.session (TCG here), artifacts of a failing test,
+through agentbox_runtime.microvm.task (TCG here), artifacts of a failing test,
 --preserve-debug with its ready-to-paste commands, and an interrupted run that
 leaves nothing behind."""
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from agentbox_runtime.microvm.reaper import same_process, start_time
+from agentbox_runtime.microvm.task_reaper import same_process, start_time
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def mounts_under(path: Path) -> list[str]:
 def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_guest='''
         import os
-        from agentbox_runtime.microvm.reaper import start_time
+        from agentbox_runtime.microvm.task_reaper import start_time
 
         def test_guest(microvm, tmp_path):
             print(f"VMM-PID {microvm.vmm_pid} {start_time(microvm.vmm_pid)}", flush=True)
@@ -119,7 +119,7 @@ def test_microvm_verbs_artifacts_and_preserve_debug(pytester: pytest.Pytester, v
 
 def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_int='''
-        from agentbox_runtime.microvm.reaper import start_time
+        from agentbox_runtime.microvm.task_reaper import start_time
 
         def test_interrupted(microvm):
             microvm.succeed("true", timeout=60)
@@ -138,7 +138,7 @@ def test_interrupted_vm_run_leaves_no_leaks(pytester: pytest.Pytester, vm_backen
 def test_killed_vm_run_is_reaped_by_the_next_run(pytester: pytest.Pytester, vm_backend: str) -> None:
     pytester.makepyfile(test_die='''
         import os, signal
-        from agentbox_runtime.microvm.reaper import start_time
+        from agentbox_runtime.microvm.task_reaper import start_time
 
         def test_killed(microvm):
             microvm.succeed("true", timeout=60)

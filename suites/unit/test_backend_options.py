@@ -156,7 +156,7 @@ def test_microvm_cli_and_harness_build_the_same_task(project: Workspace, monkeyp
 
 
 def test_krun_podman_cli_and_harness_build_the_same_argv(project: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
-    from agentbox_runtime.commands import libkrun as cmd
+    from agentbox_runtime.commands import krun_podman_command as cmd
 
     spawned: list[list[str]] = []
 

@@ -163,7 +163,7 @@ def test_libkrun_task_without_krun_handler_stops_before_anything(env: dict[str, 
 
 @pytest.mark.parametrize("code,expected", [(0, 0), (3, 3), (255, 255), (256, 1), (-9, 1), (None, 1)])
 def test_child_status_is_clamped(code: int | None, expected: int) -> None:
-    from agentbox_runtime.commands.libkrun import exit_status
+    from agentbox_runtime.commands.krun_podman_command import exit_status
 
     assert exit_status(code) == expected
 

@@ -61,7 +61,7 @@ def test_the_largest_size_below_off_t_parses() -> None:
 @pytest.mark.parametrize("spec", ["8080:80", "80", "127.0.0.1:8080:80", "127.0.0.1::80", "8000-8010:80-90",
                                   "[::1]:8080:80/udp", "8080:80/tcp"])
 def test_publish_specs_podman_accepts_pass(spec: str) -> None:
-    from agentbox_runtime.tasks.krun import validate_publish
+    from agentbox_runtime.tasks.krun_podman_argv import validate_publish
 
     assert validate_publish([spec], False) == (spec,)
 
@@ -69,7 +69,7 @@ def test_publish_specs_podman_accepts_pass(spec: str) -> None:
 @pytest.mark.parametrize("spec", ["not-a-port", "0:80", "8080:70000", "999.0.0.1:80:80", "80/icmp", "--privileged",
                                   "90-80:80", "8080:80:80:80"])
 def test_bad_publish_specs_are_one_clear_error(spec: str) -> None:
-    from agentbox_runtime.tasks.krun import validate_publish
+    from agentbox_runtime.tasks.krun_podman_argv import validate_publish
 
     with pytest.raises(InputError, match="invalid publish spec .*; accepted: \\[\\[ip:\\]\\[hostPort\\]:\\]containerPort"):
         validate_publish([spec], False)

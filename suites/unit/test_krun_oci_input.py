@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from agentbox_runtime.microvm.reaper import start_time
+from agentbox_runtime.microvm.task_reaper import start_time
 from agentbox_runtime.oci import krun_config as krun_config_file
 from agentbox_runtime.oci import krun_disks, vm_config
 from agentbox_runtime.oci.bundle import Bundle, load
 from agentbox_runtime.oci.locate import runtime_path
-from agentbox_runtime.oci.state import StateStore
+from agentbox_runtime.oci.container_state import StateStore
 from agentbox_runtime.oci.state_trust import UntrustedState
 
 CLI_TIMEOUT_S = 120  # a bound on a hang, not a speed requirement

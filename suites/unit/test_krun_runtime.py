@@ -23,8 +23,8 @@ from agentbox_runtime.cli import parse
 from agentbox_runtime.config import Config, load_config
 from agentbox_runtime.errors import AgentboxError, InputError
 from agentbox_runtime.doctor import tools as doctor_tools
-from agentbox_runtime.tasks import krun as krun_tasks
-from agentbox_runtime.tasks.krun import ENV_KRUN_RUNTIME, KrunOptions, oci_runtime, select_krun_runtime
+from agentbox_runtime.tasks import krun_podman_argv as krun_tasks
+from agentbox_runtime.tasks.krun_podman_argv import ENV_KRUN_RUNTIME, KrunOptions, oci_runtime, select_krun_runtime
 from agentbox_runtime.vmm import krun_init
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,9 +219,9 @@ class FakePodman:
 
 @pytest.fixture()
 def libkrun_cmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    """``agentbox_runtime.commands.libkrun`` with Podman, image resolution, disk preparation, crun's krun
+    """``agentbox_runtime.commands.krun_podman_command`` with Podman, image resolution, disk preparation, crun's krun
     check and the runtime lookup faked; HOME, state and config under ``tmp_path``."""
-    import agentbox_runtime.commands.libkrun as lk
+    import agentbox_runtime.commands.krun_podman_command as lk
 
     work = tmp_path / "project"
     work.mkdir()
@@ -247,7 +247,7 @@ def libkrun_cmd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, An
 
 
 def _run(argv: list[str]) -> int:
-    from agentbox_runtime.commands.libkrun import run
+    from agentbox_runtime.commands.krun_podman_command import run
 
     return run(parse(argv))
 
@@ -396,7 +396,7 @@ def test_doctor_krun_runtime_check(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 def test_namespace_without_the_flag_still_selects(libkrun_cmd: dict[str, Any]) -> None:
     """A namespace built elsewhere (no ``krun_runtime`` attribute) selects from env/config/default."""
-    from agentbox_runtime.commands.libkrun import _options
+    from agentbox_runtime.commands.krun_podman_command import _options
 
     ns = argparse.Namespace(guest_init=None, mem=1, tsi=False, publish=[], root=False, profile=False,
                             debug=False)

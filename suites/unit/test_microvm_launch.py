@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_guest_init.launch_config import LaunchDisk, decode
-from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask, build_launch, host_ids
+from agentbox_runtime.microvm.task import MicrovmOptions, MicrovmTask, build_launch, host_ids
 from agentbox_runtime.guest_resources import default_cpus
 from agentbox_runtime.state import StateLayout
 

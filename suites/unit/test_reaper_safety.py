@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agentbox_harness.reaper import RunRegistry, leaks, reap
+from agentbox_harness.run_reaper import RunRegistry, leaks, reap
 from agentbox_runtime.config import parse_config
 from agentbox_runtime.errors import InputError
-from agentbox_runtime.microvm import reaper as vm_reaper
+from agentbox_runtime.microvm import task_reaper as vm_reaper
 from agentbox_runtime.state import StateLayout
 
 DEAD_OWNER = {"owner": 999_999_999, "owner_start": "1", "pid": None, "pgid": None, "start": None}

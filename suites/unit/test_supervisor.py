@@ -12,8 +12,8 @@ import pytest
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain
 from agentbox_runtime.microvm import storage
 from agentbox_runtime.microvm.image_cache import MARKER, ImageCache
-from agentbox_runtime.microvm.reaper import records
-from agentbox_runtime.microvm.session import MicrovmOptions, MicrovmTask, Phases, run_microvm
+from agentbox_runtime.microvm.task_reaper import records
+from agentbox_runtime.microvm.task import MicrovmOptions, MicrovmTask, Phases, run_microvm
 from agentbox_runtime.state import StateLayout
 from agentbox_runtime.vmm.libkrun import LibkrunHandle
 

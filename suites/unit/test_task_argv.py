@@ -11,8 +11,8 @@ import pytest
 from agentbox_runtime.disks import LIBKRUN_CONTAINERS, LIBKRUN_NIX
 from agentbox_runtime.container.lifecycle import adapt_task_argv
 from agentbox_runtime.errors import InputError
-from agentbox_runtime.tasks.container import container_argv
-from agentbox_runtime.tasks.krun import (KrunOptions, guest_init_override, krun_task_argv, resize_task_argv,
+from agentbox_runtime.tasks.container_argv import container_argv
+from agentbox_runtime.tasks.krun_podman_argv import (KrunOptions, guest_init_override, krun_task_argv, resize_task_argv,
                                 validate_guest_init_target)
 from agentbox_runtime.tasks.volumes import Volumes
 

@@ -14,7 +14,7 @@ from agentbox_runtime.podman import Podman, explicit_image, resolve_image
 from agentbox_runtime.reset import reset_nix
 from agentbox_runtime.resize import resize
 from agentbox_runtime.state import StateLayout, canonical_cwd
-from agentbox_runtime.tasks.krun import KrunOptions, select_krun_runtime
+from agentbox_runtime.tasks.krun_podman_argv import KrunOptions, select_krun_runtime
 
 __all__ = ["exit_status", "require_krun", "run"]
 

@@ -1,7 +1,7 @@
 """``agentbox-krun-runtime``: the OCI runtime command line that Podman and conmon call.
 
 Global options (before the command): ``--root DIR`` (state; see
-:mod:`agentbox_runtime.oci.state`), ``--log FILE``, ``--log-format text|json``, ``--debug``,
+:mod:`agentbox_runtime.oci.container_state`), ``--log FILE``, ``--log-format text|json``, ``--debug``,
 ``--systemd-cgroup``; others are passed on to runc. Commands:
 
 - ``create [--bundle DIR] [--pid-file FILE] [--console-socket SOCK] ID``: for a krun
@@ -39,7 +39,7 @@ from pathlib import Path
 from agentbox_runtime.errors import AgentboxError, one_line
 from agentbox_runtime.oci import bundle as oci_bundle
 from agentbox_runtime.oci import krun_config, krun_disks
-from agentbox_runtime.oci.state import CONTAINER_ID, ContainerState, StateError, StateStore
+from agentbox_runtime.oci.container_state import CONTAINER_ID, ContainerState, StateError, StateStore
 from agentbox_runtime.retry import retry
 
 VERSION = "0.1.0"

@@ -28,7 +28,7 @@ from agentbox_runtime import disks
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain
 from agentbox_runtime.microvm import storage
 from agentbox_runtime.microvm.image_cache import ImageCache, resolve_reference, validate_rootfs
-from agentbox_runtime.microvm.reaper import forget, record
+from agentbox_runtime.microvm.task_reaper import forget, record
 from agentbox_runtime.guest_resources import MICROVM_DEFAULT_MIB, default_cpus
 from agentbox_runtime.state import StateLayout, task_container_name
 from agentbox_runtime.vmm.base import VmHandle, VmSpec

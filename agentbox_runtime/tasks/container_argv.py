@@ -10,7 +10,7 @@ from agentbox_guest_init.image_user import DEFAULT_IMAGE_USER, ImageUser
 from agentbox_guest_init.hardened_profile import SCRATCH, SCRATCH_OPTIONS
 from agentbox_runtime.config import security_exceptions
 from agentbox_runtime.errors import InputError
-from agentbox_runtime.tasks.krun import TMPFS
+from agentbox_runtime.tasks.krun_podman_argv import TMPFS
 from agentbox_runtime.tasks.volumes import Volumes, mount_arg
 
 

@@ -7,7 +7,7 @@ the directories it created (per-test tmp roots and state bases) and mounts.
 
 - At session start, :func:`reap_dead_runs` reaps what a run whose owner
   process is gone left behind: its labelled containers, recorded VM processes
-  and task dirs (through :mod:`agentbox_runtime.microvm.reaper`), recorded mounts and
+  and task dirs (through :mod:`agentbox_runtime.microvm.task_reaper`), recorded mounts and
   loop devices backed by files under its roots. Nothing else is touched: a
   live run's registry is never read for reaping and nothing unrecorded is
   ever unmounted or removed.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_guest_init.contract import LABEL_HARNESS_RUN
-from agentbox_runtime.microvm import reaper as vm_reaper
+from agentbox_runtime.microvm import task_reaper as vm_reaper
 from agentbox_runtime import guest_registry
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.errors import AgentboxError
