@@ -2,7 +2,7 @@
 
 The machine here runs its commands on the host (the host's own ``/proc/net/tcp`` is real), and
 ``hostfwd`` talks to a real qemu that boots nothing (``-S``). The same verbs on real guests are in
-``suites/vm/test_machine_verbs.py``."""
+``suites/vm/test_machine_verbs_vm.py``."""
 
 from __future__ import annotations
 
