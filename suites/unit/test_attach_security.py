@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import ClassVar, Any
 
 import pytest
 
@@ -62,7 +62,8 @@ class FakeListener:
         self.received = bytearray()
         self.connections = 0
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
 
     def _accept(self) -> None:
         while True:
@@ -94,7 +95,13 @@ class FakeListener:
             return FrameReader().feed(bytes(self.received))
 
     def close(self) -> None:
+        """Stop accepting and end the accept thread (closing alone does not wake a blocked
+        ``accept``; a thread left behind would make later tests fork a multi-threaded process)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._acceptor.join(timeout=10)
+        assert not self._acceptor.is_alive(), "the fake listener's accept thread did not end"
 
 
 @pytest.fixture()
@@ -260,11 +267,36 @@ class GatedListener:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(listeners.BACKLOG)
         self.port = int(self.sock.getsockname()[1])
-        listeners.accept_forever(self.sock, lambda conn, admission: agent.serve_connection(conn, admission, TOKEN),
-                                 "test-attach", gate=self.gate)
+        self._acceptor = listeners.accept_forever(
+            self.sock, lambda conn, admission: agent.serve_connection(conn, admission, TOKEN), "test-attach",
+            gate=self.gate)
+        GatedListener.open.append(self)
+
+    open: ClassVar[list[GatedListener]] = []
+    """Listeners of the running test, closed after it (see ``_close_gated_listeners``)."""
+
+    def close(self) -> None:
+        """Stop accepting and end the accept thread (a shutdown wakes a blocked ``accept``; a plain
+        close does not). Closing twice is fine."""
+        if self.sock.fileno() == -1:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._acceptor.join(timeout=10)
+        assert not self._acceptor.is_alive(), "the listener's accept thread did not end"
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=60)
+
+
+@pytest.fixture(autouse=True)
+def _close_gated_listeners() -> Iterator[None]:
+    """No accept thread outlives its test: a later test that forks (pexpect) must find this process
+    single-threaded (Python 3.13 warns that forking a multi-threaded process may deadlock)."""
+    yield
+    while GatedListener.open:
+        GatedListener.open.pop().close()
 
 
 def _wait(condition: Callable[[], bool], what: str) -> None:
@@ -309,7 +341,7 @@ def test_at_most_8_connections_wait_to_authenticate_and_their_bytes_are_bounded(
         assert listener.gate.waiting == 0  # an authenticated connection holds no slot
     finally:
         attached.close()
-    listener.sock.close()
+    listener.close()
 
 
 def test_a_connection_that_sends_more_than_the_preauth_budget_in_small_frames_is_closed() -> None:
@@ -326,7 +358,7 @@ def test_a_connection_that_sends_more_than_the_preauth_budget_in_small_frames_is
     finally:
         s.close()
     _wait(lambda: listener.gate.waiting == 0, "the slot freed")
-    listener.sock.close()
+    listener.close()
 
 
 def test_the_auth_exchange_never_sends_the_token_and_rejects_reflected_proofs() -> None:
