@@ -273,18 +273,24 @@ def scope_open() -> bool:
 def _call(what: str, fn: Callable[[PodmanClient], T], missing: T | None = None) -> T:
     """``fn(client)``; a missing container/image gives ``missing`` when it is not None, any other
     failure one PodmanApiError line."""
-    from podman.errors import ImageNotFound, NotFound
-
     conn = connection()
     client = conn.client()
     try:
         return fn(client)
-    except (NotFound, ImageNotFound) as exc:
-        if missing is not None:
-            return missing
-        raise PodmanApiError(f"podman API: {what} failed: {_reason(exc)}") from None
     except Exception as exc:  # requests', urllib3's and podman-py's own types
+        if _not_found(exc):
+            if missing is not None:
+                return missing
+            raise PodmanApiError(f"podman API: {what} failed: {_reason(exc)}") from None
         raise PodmanApiError(f"podman API: {what} failed: {_reason(exc)} (service {conn.socket()})") from None
+
+
+def _not_found(exc: BaseException) -> bool:
+    """A "no such container/image" answer: HTTP 404 from the service. Read from the response, not by
+    ``except NotFound``: a second import of ``podman.errors`` (pytester's in-process runs restore
+    ``sys.modules``) makes classes that the client's own modules do not raise."""
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None) == 404 or type(exc).__name__ in ("NotFound", "ImageNotFound")
 
 
 def _reason(exc: BaseException) -> str:

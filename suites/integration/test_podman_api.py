@@ -301,3 +301,20 @@ def cmdlines() -> list[bytes]:
         with contextlib.suppress(OSError):
             out.append(path.read_bytes())
     return out
+
+
+def test_a_missing_image_or_container_reads_as_none_after_podman_errors_is_imported_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pytester's in-process runs restore ``sys.modules``, so ``podman.errors`` can be imported a second
+    time while the client's modules keep the first: a missing image must still read as None (not an
+    error), which ``except ImageNotFound`` of the new module would miss."""
+    import sys
+
+    with podman_api.service_scope():
+        assert podman_api.image_inspect("localhost/agentbox-no-such-image:never") is None
+        for name in [m for m in sys.modules if m == "podman.errors" or m.startswith("podman.errors.")]:
+            monkeypatch.delitem(sys.modules, name)
+        import podman.errors  # noqa: F401  (a fresh module: new exception classes)
+
+        assert podman_api.image_inspect("localhost/agentbox-no-such-image:never") is None
+        assert podman_api.container_inspect("agentbox-no-such-container-never") is None
