@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from agentbox_harness.console import Console, read_tail
+from agentbox_harness.ports import READ_COMMAND, Listener, describe, listening, normalize, serves
+from agentbox_harness.console import Console, ConsoleError, read_tail
 from agentbox_harness.verb_timings import Profile
 from agentbox_harness.wait import WaitTimeout, retry
 from agentbox_runtime.backend_caps import Capabilities, caps
@@ -529,18 +530,16 @@ class Machine(ABC):
         self._wait_port(port, addr, False, timeout)
 
     def _wait_port(self, port: int, addr: str, want_open: bool, timeout: float | None) -> None:
-        from agentbox_harness import ports
-
         check_port(port, "port")
-        addr = ports.normalize(addr)
+        addr = normalize(addr)
         state = "open" if want_open else "closed"
-        seen: list[list[ports.Listener]] = []
+        seen: list[list[Listener]] = []
 
         def settled(_last_try: bool) -> bool:
-            out = self._execute(ports.READ_COMMAND, user="root", env=None, cwd="/", timeout=self.scaled(30),
+            out = self._execute(READ_COMMAND, user="root", env=None, cwd="/", timeout=self.scaled(30),
                                 stdin=None)
-            seen[:] = [ports.listening(out.stdout)]
-            return ports.serves(seen[0], addr, port) == want_open
+            seen[:] = [listening(out.stdout)]
+            return serves(seen[0], addr, port) == want_open
 
         with self._verb(f"wait_for_{state}_port", f"{addr}:{port}"):
             try:
@@ -548,7 +547,7 @@ class Machine(ABC):
             except WaitTimeout as exc:
                 raise MachineError(self._explain(
                     f"{self.name}: {exc}: TCP port {port} on {addr} is not {state} in the guest; "
-                    f"its listening sockets: {ports.describe(seen[0]) if seen else 'never read'}", None)) from None
+                    f"its listening sockets: {describe(seen[0]) if seen else 'never read'}", None)) from None
 
     def forward_port(self, guest_port: int, host_port: int | None = None) -> int:
         """Make the guest's TCP ``guest_port`` reachable from the host on 127.0.0.1; the host port.
@@ -605,7 +604,6 @@ class Machine(ABC):
             return self._console_wait("wait_until_matches", regex, timeout)
 
     def _console_wait(self, how: str, regex: str, timeout: float | None) -> str:
-        from agentbox_harness.console import ConsoleError
 
         try:
             result: str = getattr(self.console, how)(regex, timeout=timeout)
