@@ -1,0 +1,104 @@
+"""Base image build per phase, and its import step the former way vs the current one (needs root).
+
+One Debian root is built (debootstrap, apt; the phases the build logs), then imported as an image
+twice (``--rounds`` times each, alternating): ``tar | podman import`` with Podman's temporary copy
+of the layer in /var/tmp (old) and on the /dev/shm tmpfs (new, what ``agentbox image build`` does
+when it fits). The images get temporary tags, their file lists (path, mode, owner, size, link) are
+compared, and they are removed. Prints one JSON document; run it under
+``flock /tmp/agentbox-vm.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from agentbox_runtime.images.commit import import_root
+from agentbox_runtime.images.rootfs import build_root
+from agentbox_runtime.images.workdir import work_dir
+
+DONE = re.compile(r"^agentbox image: (.+) done in ([0-9.]+)s$")
+TAGS = {"old": "localhost/agentbox-bench-old:tmp", "new": "localhost/agentbox-bench-new:tmp"}
+
+
+class Phases(logging.Handler):
+    """Collects the ``<step> done in N.Ns`` lines of the build steps, by short step name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Record one finished step."""
+        match = DONE.match(record.getMessage())
+        if match:
+            self.seconds[re.sub(r" (\(|bookworm|localhost/|base image).*", "", match.group(1))] = float(match.group(2))
+
+
+def listing(tag: str) -> set[tuple[object, ...]]:
+    """(path, mode, uid, gid, size, link) of every entry of a local image."""
+    top = subprocess.run(["podman", "image", "mount", tag], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    try:
+        entries: set[tuple[object, ...]] = set()
+        for dirpath, dirs, files in os.walk(top):
+            for name in dirs + files:
+                path = os.path.join(dirpath, name)
+                st = os.lstat(path)
+                link = os.readlink(path) if os.path.islink(path) else ""
+                size = st.st_size if os.path.isfile(path) and not link else 0
+                entries.add((os.path.relpath(path, top), st.st_mode, st.st_uid, st.st_gid, size, link))
+        return entries
+    finally:
+        subprocess.run(["podman", "image", "unmount", tag], capture_output=True, check=False)
+
+
+def import_once(root: Path, way: str, log: Path) -> float:
+    """Seconds of one import of ``root`` the ``way`` (old/new) into its temporary tag."""
+    subprocess.run(["podman", "rmi", "--force", TAGS[way]], capture_output=True, check=False)
+    started = time.monotonic()
+    import_root(root, TAGS[way], "bench", log, tmpfs=way == "new")
+    return round(time.monotonic() - started, 1)
+
+
+def main() -> None:
+    """Build, import both ways, print the JSON, remove the temporary images."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1, help="imports per way (alternating)")
+    args = parser.parse_args()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-image-build.log"
+    log.write_text("")
+    handler = Phases()
+    logging.getLogger("agentbox").addHandler(handler)
+    logging.getLogger("agentbox").setLevel(logging.INFO)
+    imports: dict[str, list[float]] = {"old": [], "new": []}
+    out: dict[str, object] = {"log": str(log)}
+    try:
+        with work_dir() as tmp:
+            build_root(tmp / "root", log)
+            phases = {k: v for k, v in handler.seconds.items()}
+            for _ in range(args.rounds):
+                for way in ("old", "new"):
+                    imports[way].append(import_once(tmp / "root", way, log))
+        old, new = (statistics.median(imports[w]) for w in ("old", "new"))
+        build = round(sum(phases.values()), 1)
+        out |= {"root_phases": phases, "imports": imports, "import_median": {"old": old, "new": new},
+                "import_ratio_new_old": round(new / old, 3),
+                "base_total": {"old": round(build + old, 1), "new": round(build + new, 1)},
+                "base_ratio_new_old": round((build + new) / (build + old), 3),
+                "same_content": listing(TAGS["old"]) == listing(TAGS["new"])}
+    finally:
+        for tag in TAGS.values():
+            subprocess.run(["podman", "rmi", "--force", tag], capture_output=True, check=False)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
