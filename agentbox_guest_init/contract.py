@@ -103,6 +103,14 @@ ROOTFS_TAG: Final = "agentbox-root"
 AGENT_PORT_NAME: Final = "org.agentbox.agent"
 ATTACH_PORT_NAME: Final = "org.agentbox.attach"
 """A second agent channel for ``agentbox attach`` (qemu guests), free while the harness holds the first."""
+LAUNCH_PORT_NAME: Final = "org.agentbox.launch"
+"""A snapshot template's launch channel (qemu restore): PID 1 writes ``ready`` on it and then reads
+one JSON line holding the launch config, a host random seed and the host's clock."""
+SNAPSHOT_ROOT_LABEL: Final = "agentbox-root"
+"""The filesystem label of a snapshot template's read-only root image (ext4 on virtio-scsi)."""
+INSTANCE_ID_PATH: Final = "/run/agentbox/instance-id"
+"""A random id PID 1 writes once per guest: cold boot or restore. It tells guests apart where the
+kernel's ``boot_id`` cannot (every guest restored from one snapshot shares its ``boot_id``)."""
 ATTACH_VSOCK_PORT: Final = 10_250
 """The vsock port the agent serves ``agentbox attach`` on (krun-direct: libkrun listens on a unix
 socket in the task's socket dir and bridges each connection to it, ``krun_add_vsock_port2``)."""

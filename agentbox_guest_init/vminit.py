@@ -7,6 +7,15 @@ and ``env`` in ``workdir`` as the session leader of the command console
 (``hvc0``), reap every orphan, and when the command exits write
 ``exit=N`` (or ``signal=N``) to the ``org.agentbox.status`` port, sync and
 power off.
+
+A snapshot template (kernel command line ``agentbox.launch=port``) stops short
+of the launch: with its kernel filesystems, modules and network up, PID 1
+writes ``ready`` on the ``org.agentbox.launch`` port and blocks reading one
+JSON line there. The host saves the guest at that point; each guest restored
+from it receives its own line (:func:`receive_launch`) and, before anything
+else runs, reseeds the kernel RNG from the host's seed, steps the clock to the
+host's time and gets a fresh machine-id, then waits for its hot-added disks.
+Every guest, cold or restored, gets a random ``contract.INSTANCE_ID_PATH``.
 """
 
 from __future__ import annotations
@@ -14,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import json
 import os
+import struct
 import signal
 import subprocess
 import sys
@@ -218,6 +229,113 @@ def power_off() -> None:
     os._exit(0)
 
 
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+DISK_WAIT_S = 20.0
+
+
+def port_launch() -> bool:
+    """True for a snapshot template: the launch config comes over the launch port."""
+    try:
+        return "agentbox.launch=port" in Path("/proc/cmdline").read_text().split()
+    except OSError:
+        return False
+
+
+def reseed(seed: bytes) -> None:
+    """Mix ``seed`` into the kernel's input pool, credited, and force a reseed of the CRNG, so that
+    guests restored from one snapshot draw different random bytes from their first read on."""
+    with open("/dev/urandom", "wb", buffering=0) as rnd:
+        fcntl.ioctl(rnd.fileno(), RNDADDENTROPY, struct.pack("ii", len(seed) * 8, len(seed)) + seed)
+        fcntl.ioctl(rnd.fileno(), RNDRESEEDCRNG)
+
+
+def step_clock(time_ns: int) -> None:
+    """Set CLOCK_REALTIME to the host's time (a restored guest's clock resumes at the save)."""
+    time.clock_settime_ns(time.CLOCK_REALTIME, time_ns)
+
+
+def fresh_machine_id() -> None:
+    """A new /etc/machine-id (the root's upper layer is this guest's own tmpfs)."""
+    with contextlib.suppress(OSError):
+        Path("/etc/machine-id").write_text(os.urandom(16).hex() + "\n")
+
+
+def write_instance_id() -> None:
+    """A random id of this guest (:data:`contract.INSTANCE_ID_PATH`)."""
+    path = Path(contract.INSTANCE_ID_PATH)
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(os.urandom(16).hex() + "\n")
+
+
+def wait_for_disks(serials: list[str], timeout: float = DISK_WAIT_S) -> None:
+    """Wait until a virtio-blk disk with each serial is probed (the host hot-adds them after a
+    restore); logs the ones still missing at the timeout."""
+    deadline = time.monotonic() + timeout
+    missing = set(serials)
+    while missing:
+        for block in Path("/sys/block").glob("vd*"):
+            with contextlib.suppress(OSError):
+                missing.discard((block / "serial").read_text().strip())
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if missing:
+        log(f"hot-added disks not seen within {timeout:.0f}s: {sorted(missing)}")
+
+
+def read_line(fd: int, limit: int = 1 << 20) -> bytes:
+    """One line from the launch port ``fd`` (at most ``limit`` bytes). A virtio-serial port reads
+    as end-of-file while no host is connected (right after a restore, before the host connects):
+    that is waited out, not taken as the end."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            time.sleep(0.005)
+            continue
+        data += chunk
+        if len(data) > limit:
+            raise ValueError(f"launch message longer than {limit} bytes")
+    return data
+
+
+def receive_launch(path: str) -> None:
+    """The snapshot template's launch: say ``ready`` on the launch port, block until the host sends
+    its line (the template is saved meanwhile; every restored guest resumes here), then apply it and
+    write the launch config to ``path``."""
+    dev = None
+    deadline = time.monotonic() + 10.0
+    while dev is None and time.monotonic() < deadline:
+        dev = find_port(contract.LAUNCH_PORT_NAME)
+        if dev is None:
+            time.sleep(0.02)
+    if dev is None:
+        raise RuntimeError(f"no {contract.LAUNCH_PORT_NAME} port")
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        os.write(fd, b"ready\n")
+        message = json.loads(read_line(fd))
+        reseed(bytes.fromhex(message["seed"]))
+        step_clock(int(message["time_ns"]))
+        fresh_machine_id()
+        stamp("restore")
+        wait_for_disks([str(s) for s in message.get("disks", [])])
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(message["launch"])
+        os.write(fd, b"launched\n")
+    finally:
+        os.close(fd)
+
+
+def template_modules(loader: subprocess.Popen[bytes] | None) -> None:
+    """A template waits for its late modules: the saved guest has them all."""
+    if loader is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+            loader.wait(60)
+
+
 def main(argv: list[str]) -> int:
     """Entry point: ``vm-init [LAUNCH_CONF]`` (default /run/agentbox/launch.conf)."""
     path = argv[0] if argv else "/run/agentbox/launch.conf"
@@ -227,9 +345,13 @@ def main(argv: list[str]) -> int:
     status = "exit=1"
     try:
         mount_all()
-        load_late_modules()
+        loader = load_late_modules()
         stamp("init")
         network()
+        if port_launch():
+            template_modules(loader)
+            receive_launch(path)
+        write_instance_id()
         cfg = decode(Path(path).read_text())
         status = reap_until(start_command(cfg))
     except Exception as exc:  # noqa: BLE001 - PID 1 must always power off

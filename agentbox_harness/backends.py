@@ -239,7 +239,9 @@ class MicrovmMachine(Machine):
                                  f"(last error: {errors[0] if errors else 'none'})\nconsole tail:\n"
                                  f"{self.console_tail()}") from None
         console = tail_bytes(handle.console_log, 1 << 16).decode("utf-8", "replace")
-        self.timings.update(boot_phases.durations(console, ready[0] if ready else None))
+        self.boot = handle.boot
+        if handle.boot == "cold":  # a restored guest's console holds no boot stamps of its own
+            self.timings.update(boot_phases.durations(console, ready[0] if ready else None))
         self.timings.update({f"host_{label}_s": round(ms / 1000, 3) for label, ms in task.phases.rows})
         if handle.attach_socket is not None:  # the guest's second agent channel
             backend = self.backend  # the one name the registry gave it

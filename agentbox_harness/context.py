@@ -20,3 +20,6 @@ class BackendContext:
     memory_mib: int
     cpus: int
     storage: str
+    boot: str = "restore"
+    """``restore`` or ``cold``: how a qemu guest starts (the session's ``--agentbox-boot``, ``cold``
+    for a test marked ``cold_boot``)."""

@@ -227,8 +227,9 @@ class Factory:
 
 def _context(request: pytest.FixtureRequest, session: HarnessSession, workspace: Workspace, memory: int, cpus: int,
              storage: str) -> BackendContext:
+    cold = request.node.get_closest_marker("cold_boot") is not None
     return BackendContext(session, workspace, lambda: str(request.getfixturevalue("agentbox_image")), memory * 1024,
-                          cpus, storage)
+                          cpus, storage, "cold" if cold else session.boot)
 
 
 def _factory(request: pytest.FixtureRequest, session: HarnessSession, backend: str, ctx: BackendContext,
@@ -321,7 +322,8 @@ def _shared_microvm_machine(request: pytest.FixtureRequest, agentbox_session: Ha
                             shared_workspace: Workspace) -> Iterator[MicrovmMachine]:
     backend = agentbox_session.backend
     _require_microvm(backend)
-    ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2048, 2, "auto")
+    ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2048, 2, "auto",
+                         agentbox_session.boot)
     for make in _factory(request, agentbox_session, backend, ctx, "shared microvm"):
         yield make("shared")  # type: ignore[misc]
 
@@ -335,7 +337,8 @@ def shared_machine_factory(request: pytest.FixtureRequest, agentbox_session: Har
     made: list[Iterator[Callable[..., Machine]]] = []
 
     def make(backend: str, name: str = "shared", **options: object) -> Machine:
-        ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2048, 2, "auto")
+        ctx = BackendContext(agentbox_session, shared_workspace, agentbox_session.image, 2048, 2, "auto",
+                         agentbox_session.boot)
         factory = _factory(request, agentbox_session, backend, ctx, f"shared {backend} machine")
         made.append(factory)
         return next(factory)(name, **options)

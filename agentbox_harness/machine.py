@@ -119,6 +119,8 @@ class Machine(ABC):
     test_id: str = ""
     """The test that made this machine (``agentbox ps`` shows it)."""
     guest_id: str | None = None
+    boot: str = "cold"
+    """How the last start went: ``cold`` (booted) or ``restore`` (qemu, from a snapshot template)."""
     """Its ``agentbox attach`` id while it runs (backends that can be attached to)."""
     preserved: list[Preserved] = field(default_factory=list, repr=False)
     """What --preserve-debug kept of it (summary lines, kept paths)."""
@@ -210,8 +212,9 @@ class Machine(ABC):
 
     @property
     def profile(self) -> dict[str, Any]:
-        """Timings: lifecycle phases (``boot_s``...) and per verb count, total and max seconds."""
-        return {"phases": dict(self.timings), "verbs": self.profiler.as_dict()}
+        """Timings: how it started (``boot``: cold or restore), lifecycle phases (``boot_s``...) and per verb
+        count, total and max seconds."""
+        return {"boot": self.boot, "phases": dict(self.timings), "verbs": self.profiler.as_dict()}
 
     def _verb(self, verb: str, detail: str) -> contextlib.AbstractContextManager[None]:
         """An Allure step (when installed) timed into the profile under ``verb``; verbs other than

@@ -36,6 +36,8 @@ MARKERS = {
     "destructive": "changes host state outside the per-test state root",
     "slow": "takes minutes (image build, several boots)",
     "nightly": "runs in the nightly VM validation, not in the per-commit CI (see README)",
+    "cold_boot": "qemu guests of this test boot cold instead of restoring from a snapshot template (boot "
+                 "flows, kernel or initramfs behaviour)",
     "krun_podman_too": "a ``guest`` test that also runs on krun-podman (libkrun mode), besides the session backend",
 }
 REAPED = pytest.StashKey[list[str]]()
@@ -72,6 +74,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--agentbox-evidence", nargs="?", const="", default=None, metavar="DIR",
                     help="keep an evidence bundle per test (redacted transcript, console log, launch config, "
                          "SHA-256 index) under DIR (default results/evidence); `agentbox evidence verify` checks one")
+    group.addoption("--agentbox-boot", choices=("restore", "cold"), default="restore",
+                    help="qemu guests: restore from a snapshot template (default; built once per image, kernel, "
+                         "memory and vCPUs) or boot each cold (the cold_boot marker does it for one test)")
     parser.addini("agentbox_timeout", "seconds a verb waits when the test passes no timeout (default 60)",
                   default="60")
 

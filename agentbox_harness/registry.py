@@ -52,7 +52,7 @@ def harness_options(backend: Backend, ctx: BackendContext, options: dict[str, ob
     base = BackendOptions(workspace=ws.path, state=ws.state, memory_mib=ctx.memory_mib, cpus=ctx.cpus,
                           storage=ctx.storage, interactive=False, run_label=s.run_label,
                           preserve_debug=s.preserve_debug, kernel=s.kernel, image_cache=s.image_cache,
-                          host_home=ws.state.state_root / "home", dev_ids_from_sudo=False)
+                          host_home=ws.state.state_root / "home", dev_ids_from_sudo=False, boot=ctx.boot)
     opts = BackendOptions.parse(backend.name, given, backend.accepts, base)
     return opts if opts.image else replace(opts, image=ctx.image())
 

@@ -47,6 +47,8 @@ class HarnessSession:
     kernel: Path | None
     state_dir: Path | None
     scale_option: float | None
+    boot: str = "restore"
+    """``--agentbox-boot``: how qemu guests start unless a test is marked ``cold_boot``."""
     default_timeout: float = 60.0
     image_cache: Path = field(default_factory=lambda: cache_root() / "microvm-images")
     preserved: list[Any] = field(default_factory=list)
@@ -230,6 +232,7 @@ def harness(config: pytest.Config) -> HarnessSession:
             kernel=Path(opt("--agentbox-kernel")) if opt("--agentbox-kernel") else None,
             state_dir=Path(opt("--agentbox-state-dir")) if opt("--agentbox-state-dir") else None,
             scale_option=opt("--agentbox-timeout-scale"), default_timeout=_default_timeout(config),
+            boot=str(opt("--agentbox-boot", default="restore")),
             evidence_dir=evidence_dir(config))
         config.stash[KEY].redactor.register_env(os.environ)
     return config.stash[KEY]

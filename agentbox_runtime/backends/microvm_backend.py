@@ -13,7 +13,7 @@ from agentbox_runtime.errors import InputError
 from agentbox_runtime.microvm.task import MicrovmOptions
 
 MICROVM_ACCEPTS = frozenset({"image", "memory_mib", "cpus", "storage", "workspace", "image_cache", "extra_env",
-                             "preserve_debug", "hardened"})
+                             "preserve_debug", "hardened", "boot"})
 """The options a pytest factory may give a qemu or krun-direct machine."""
 
 
@@ -38,7 +38,7 @@ class MicrovmBackend:
             workspace=o.workspace, image=o.image, storage=o.storage, vmm=self.vmm, memory_mib=o.memory_mib,
             cpus=o.cpus, guest_init=o.guest_init, preserve_debug=o.preserve_debug, command=o.command,
             root=o.root, profile=o.profile, debug=o.debug, kernel=o.kernel, initrd=o.initrd,
-            interactive=o.interactive, run_label=o.run_label, state=o.state, image_cache=o.image_cache,
+            interactive=o.interactive, run_label=o.run_label, state=o.state, image_cache=o.image_cache, boot=o.boot,
             extra_env=(*o.extra_env, *(hardened_env() if o.hardened else ())))
 
 

@@ -22,6 +22,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from agentbox_runtime.state import StateLayout
 
 
+BOOTS = ("cold", "restore")
+"""The values of :attr:`BackendOptions.boot`."""
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """What to run and how; each backend reads the fields it supports (see its ``accepts``)."""
@@ -72,6 +76,9 @@ class BackendOptions:
     """qemu, krun-direct: the image cache directory; None: the per-user one."""
     host_home: Path | None = None
     """krun-podman, container: where ``~/.codex`` and ``~/.pi`` come from; None: ``$HOME``."""
+    boot: str = "cold"
+    """qemu: ``cold``, or ``restore`` from a snapshot template (:mod:`agentbox_runtime.vmm.snapshot`);
+    other backends always boot."""
     dev_ids_from_sudo: bool = True
     """container, rootful: the guest user gets ``SUDO_UID``/``SUDO_GID`` when set (the command
     line: files belong to whoever ran sudo); False: always the image user's ids (the harness)."""
@@ -83,6 +90,8 @@ class BackendOptions:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"option {name} must be a positive whole number, not {value}")
+        if self.boot not in BOOTS:
+            raise ValueError(f"option boot must be one of {', '.join(BOOTS)}, not {self.boot!r}")
 
     @classmethod
     def parse(cls, backend: str, given: Mapping[str, object], accepts: Iterable[str],

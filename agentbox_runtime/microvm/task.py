@@ -36,6 +36,7 @@ from agentbox_runtime.vmm.shutdown import Request, StopReport
 from agentbox_runtime.vmm.choice import choose_vmm
 from agentbox_runtime.vmm.libkrun import LibkrunDriver
 from agentbox_runtime.vmm.qemu import QemuDriver
+from agentbox_runtime.vmm.snapshot import SnapshotDriver
 
 log = logging.getLogger("agentbox")
 
@@ -66,6 +67,10 @@ class MicrovmOptions:
     state: StateLayout | None = None
     accel: str = "auto"
     image_cache: Path | None = None  # default: the per-user cache of the state layout
+    boot: str = "cold"
+    """``cold``, or ``restore``: qemu restores the guest from a snapshot template
+    (:mod:`agentbox_runtime.vmm.snapshot`) when nothing the template cannot hold is asked for (a
+    kernel, initrd or guest-init override, a terminal); every other task boots cold."""
 
 
 def host_ids(workspace: Path, image: ImageUser = DEFAULT_IMAGE_USER) -> tuple[int, int]:
@@ -203,18 +208,25 @@ class MicrovmTask:
                     lambda: resolve_reference(o.image, cache))
         entry, self.ingested = p.run("image_cache_ensure", "microvm image cache ingestion failed",
                                      lambda: cache.ensure(ref))
-        policy = p.run("storage_backend_selection", "microvm storage backend selection failed",
-                       lambda: storage.select(o.storage))
-        self.rootfs = p.run("task_rootfs_materialization", "microvm task rootfs materialization failed",
-                            lambda: storage.materialize(policy, entry.rootfs, self.task_dir, o.preserve_debug))
-        p.storage_mode = self.rootfs.mode
-        root = self.rootfs.root
+        self.vmm = choose_vmm(o.vmm)
+        restore = self.restorable()
+        if restore:  # the template's root is the image itself, read-only; no task rootfs
+            p.storage_mode = "snapshot"
+            root = entry.rootfs
+        else:
+            policy = p.run("storage_backend_selection", "microvm storage backend selection failed",
+                           lambda: storage.select(o.storage))
+            self.rootfs = p.run("task_rootfs_materialization", "microvm task rootfs materialization failed",
+                                lambda: storage.materialize(policy, entry.rootfs, self.task_dir, o.preserve_debug))
+            p.storage_mode = self.rootfs.mode
+            root = self.rootfs.root
         exec_path = p.run("guest_init_resolution", "microvm guest-init resolution failed",
                           lambda: self._guest_init(root))
         self.user = rootfs_image_user(root)
         p.run("persistent_disk_preparation", "microvm persistent disk preparation failed",
               lambda: self._disks(layout))
-        self.vmm = choose_vmm(o.vmm)
+        vmm = SnapshotDriver(image_rootfs=root, image_digest=entry.digest, guest_init=root / exec_path.lstrip("/")) \
+            if restore else driver(self.vmm)
         self.launch = p.run("launch_config_build", "microvm launch config build failed",
                             lambda: self._write_launch(layout, root, exec_path))
         spec = VmSpec(rootfs=root, launch=self.launch, task_dir=self.task_dir, kernel=o.kernel,
@@ -222,12 +234,18 @@ class MicrovmTask:
                       outlive_caller=o.preserve_debug and not o.interactive)
         started = time.perf_counter()
         try:
-            self.handle = driver(self.vmm).start(spec)
+            self.handle = vmm.start(spec)
         except AgentboxError as exc:
             self.phases.rows.append(("helper_session", (time.perf_counter() - started) * 1000))
             raise AgentboxError(self._launch_failure()) from exc
         self.session_started = started
         self._record_process()
+
+    def restorable(self) -> bool:
+        """True when this task restores from a snapshot template (see :attr:`MicrovmOptions.boot`)."""
+        o = self.opts
+        return (o.boot == "restore" and self.vmm == "qemu" and o.kernel is None and o.initrd is None
+                and o.guest_init is None and not o.interactive)
 
     def _guest_init(self, root: Path) -> str:
         target = validate_rootfs(root)

@@ -37,13 +37,19 @@ class VmSpec:
 class VmHandle(Protocol):
     """A started guest."""
 
-    pid: int
     console_log: Path
     agent_socket: Path | None
     console_socket: Path | None
     attach_socket: Path | None
     """The host end of the guest's ``agentbox attach`` channel (a second agent channel), if any."""
     accel: str
+    boot: str
+    """``cold`` or ``restore`` (qemu from a snapshot template)."""
+
+    @property
+    def pid(self) -> int:
+        """The VMM's process id."""
+        ...
 
     def agent_client(self, timeout: float) -> AgentClient:
         """A client of the guest agent (when the guest command is ``agentbox-guest-init agent``)."""

@@ -30,11 +30,15 @@ import libarchive
 from agentbox_guest_init import contract
 from agentbox_runtime.rootfs_paths import EscapesRoot, relative_entry, resolve_in_root
 
-GENERATOR_VERSION = "5"
+GENERATOR_VERSION = "6"
 WANTED = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "9p", "9pnet_virtio")
 """What the initramfs loads: only what mounting the root and the first steps of PID 1 need. The rest
 (:data:`agentbox_guest_init.contract.LATE_MODULES`: btrfs, overlay, fuse, tun, ...) PID 1 loads from the root
 in the background, in parallel with its own start (btrfs's raid6/xor benchmarks alone cost ~1 s)."""
+SNAPSHOT_WANTED = (*WANTED, "virtio_scsi", "sd_mod", "crc32c_generic", "ext4", "overlay")
+"""A snapshot template's initramfs also mounts its root from the read-only ext4 image on virtio-scsi
+(``/dev/sda``, so the persistent disks hot-added after a restore keep ``vda``/``vdb``) under an
+overlay whose upper layer is a tmpfs in guest memory (:mod:`agentbox_runtime.vmm.snapshot`)."""
 # modules that must be loaded before others although modules.dep does not say so
 SOFT_FIRST = ("crc32c_generic",)
 LAUNCH_PATH = "agentbox/launch.conf"
@@ -58,7 +62,23 @@ if $bb grep -q agentbox.probe=1 /proc/cmdline; then
   echo {PROBE_MARKER} >/dev/ttyS0
   $bb poweroff -f
 fi
-if ! $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=client {contract.ROOTFS_TAG} /newroot; then
+if $bb grep -q agentbox.root=blk /proc/cmdline; then
+  $bb mkdir -p /lower /rw
+  n=0
+  while [ ! -b /dev/sda ] && [ $n -lt 400 ]; do $bb usleep 25000; n=$((n+1)); done
+  if ! $bb mount -t ext4 -o ro /dev/sda /lower; then
+    echo "agentbox-initramfs: cannot mount the snapshot root image (/dev/sda)" >/dev/ttyS0
+    $bb dmesg | $bb tail -5 >/dev/ttyS0
+    $bb poweroff -f
+  fi
+  $bb mount -t tmpfs -o mode=0755 tmpfs /rw
+  $bb mkdir -p /rw/upper /rw/work
+  if ! $bb mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot; then
+    echo "agentbox-initramfs: cannot mount the snapshot root overlay" >/dev/ttyS0
+    $bb poweroff -f
+  fi
+elif ! $bb mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,access=client \\
+    {contract.ROOTFS_TAG} /newroot; then
   echo "agentbox-initramfs: cannot mount the task rootfs (9p tag {contract.ROOTFS_TAG})" >/dev/ttyS0
   $bb poweroff -f
 fi
@@ -255,13 +275,14 @@ def launch_archive(launch_text: str) -> bytes:
     return task_archive({LAUNCH_PATH: launch_text})
 
 
-def cached_base(rootfs: Path, version: str, cache: Path) -> Path:
-    """The base archive for this kernel, built once per key under ``cache``."""
+def cached_base(rootfs: Path, version: str, cache: Path, wanted: tuple[str, ...] = WANTED) -> Path:
+    """The base archive for this kernel loading ``wanted`` (and their dependencies), built once per
+    key under ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"initramfs-{version}-{base_key(rootfs, version)}.cpio"
+    path = cache / f"initramfs-{version}-{base_key(rootfs, version, wanted)}.cpio"
     if not path.exists():
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        write_base(rootfs, version, tmp)
+        write_base(rootfs, version, tmp, wanted)
         os.replace(tmp, path)
     return path
 

@@ -207,6 +207,7 @@ class LibkrunHandle:
         self.console_socket: Path | None = None
         self.attach_socket = attach_socket
         self.accel = "kvm"
+        self.boot = "cold"
         self.stop_report: StopReport | None = None
 
     def agent_client(self, timeout: float) -> AgentClient:

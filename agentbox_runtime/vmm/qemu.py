@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,26 +126,30 @@ def net_args() -> list[str]:
             "-device", "virtio-rng-pci"]
 
 
+def control_args(sock: Path, *, interactive: bool = False) -> list[str]:
+    """The kernel console, QMP and the virtio-serial ports (agent, attach, status, command console)
+    on the unix sockets in ``sock``; ``interactive`` puts the command console on qemu's stdio."""
+    argv = ["-chardev", opts("socket", id="ser0", path=sock / "serial.sock", server="off"), "-serial", "chardev:ser0",
+            "-chardev", opts("socket", id="qmp", path=sock / "qmp.sock", server="on", wait="off"),
+            "-mon", "chardev=qmp,mode=control",
+            "-device", "virtio-serial-pci,id=vser"]
+    argv += port_args("agent", contract.AGENT_PORT_NAME, "socket", path=sock / "agent.sock", server="on", wait="off")
+    argv += port_args("attach", contract.ATTACH_PORT_NAME, "socket", path=sock / "attach.sock", server="on",
+                      wait="off")
+    argv += port_args("status", STATUS_PORT, "socket", path=sock / STATUS_SOCKET, server="off")
+    if interactive:
+        return argv + port_args("con", "", "stdio", console=True, signal="off")
+    return argv + port_args("con", "", "socket", console=True, path=sock / "console.sock", server="on", wait="off")
+
+
 def build_argv(spec: VmSpec, *, kernel: Path, initrd: Path, accel: str,
                firmware: list[str] | tuple[str, ...] = (), workspace: str | None = None) -> list[str]:
     """The exact qemu command line for ``spec``; ``workspace`` is the exported workspace path
     (:func:`agentbox_runtime.vmm.host_share.export`), the launch config's source when not given."""
     t, launch = spec.task_dir, spec.launch
-    sock = socket_dir(t)
     argv = machine_args(ram_mib=launch.ram_mib, vcpus=launch.vcpus, kernel=kernel, initrd=initrd, accel=accel,
                         firmware=firmware)
-    argv += ["-chardev", opts("socket", id="ser0", path=sock / "serial.sock", server="off"), "-serial", "chardev:ser0",
-             "-chardev", opts("socket", id="qmp", path=sock / "qmp.sock", server="on", wait="off"),
-             "-mon", "chardev=qmp,mode=control",
-             "-device", "virtio-serial-pci,id=vser"]
-    argv += port_args("agent", contract.AGENT_PORT_NAME, "socket", path=sock / "agent.sock", server="on", wait="off")
-    argv += port_args("attach", contract.ATTACH_PORT_NAME, "socket", path=sock / "attach.sock", server="on",
-                      wait="off")
-    argv += port_args("status", STATUS_PORT, "socket", path=sock / STATUS_SOCKET, server="off")
-    if spec.interactive:
-        argv += port_args("con", "", "stdio", console=True, signal="off")
-    else:
-        argv += port_args("con", "", "socket", console=True, path=sock / "console.sock", server="on", wait="off")
+    argv += control_args(socket_dir(t), interactive=spec.interactive)
     argv += share_args("root", spec.rootfs, contract.ROOTFS_TAG, model=ROOTFS_MODEL)
     argv += share_args("ws", workspace or launch.workspace_source, launch.workspace_tag)
     for i, disk in enumerate(launch.disks):
@@ -190,6 +195,8 @@ class QemuHandle:
     agent_socket: Path | None = field(init=False)
     console_socket: Path | None = field(init=False)
     attach_socket: Path | None = field(init=False)
+    boot: str = field(default="cold", init=False)
+    """``cold`` (booted) or ``restore`` (from a snapshot template: :mod:`agentbox_runtime.vmm.snapshot`)."""
     stop_report: StopReport | None = field(default=None, init=False)
     """How the one stop went (set by :meth:`shutdown`)."""
 
@@ -279,9 +286,8 @@ class QemuDriver:
         return "kvm" if kvm_boots(kernel, initrd_base) else "tcg"
 
     def start(self, spec: VmSpec) -> QemuHandle:
-        ok, why = self.available()
-        if not ok:
-            raise AgentboxError(f"qemu backend unavailable: {why}")
+        """Boot ``spec`` cold: the image's kernel and a generated initramfs over the 9p task rootfs."""
+        self.require()
         spec.task_dir.mkdir(parents=True, exist_ok=True)
         kernel = spec.kernel or initramfs.find_kernel(spec.rootfs)
         if spec.initrd is not None:
@@ -291,17 +297,29 @@ class QemuDriver:
             base = initramfs.cached_base(spec.rootfs, version, cache_dir() / "initramfs")
         initrd = initramfs.task_initrd(base, encode(spec.launch), spec.task_dir / "initrd.img")
         accel = self.choose_accel(spec.accel, kernel, base)
+        boot_kernel, firmware = fast_boot(kernel)
+        return self.launch(spec, accel, lambda workspace: build_argv(
+            spec, kernel=boot_kernel, initrd=initrd, accel=accel, firmware=firmware, workspace=workspace))
+
+    def require(self) -> None:
+        """Raise :class:`AgentboxError` when qemu is not installed."""
+        ok, why = self.available()
+        if not ok:
+            raise AgentboxError(f"qemu backend unavailable: {why}")
+
+    def launch(self, spec: VmSpec, accel: str, argv_for: Callable[[str], list[str]]) -> QemuHandle:
+        """Start qemu with ``argv_for(<exported workspace path>)`` under the share filter, with the
+        kernel console and status port recorded into the task dir; returns once QMP is up."""
+        spec.task_dir.mkdir(parents=True, exist_ok=True)
         for name in ("status", "status.1", "console.log", "console.log.1"):
             (spec.task_dir / name).unlink(missing_ok=True)
-        boot_kernel, firmware = fast_boot(kernel)
         require_filter()
         console = ConsoleListener(socket_dir(spec.task_dir) / "serial.sock", spec.task_dir / "console.log")
         status = status_listener(socket_dir(spec.task_dir), spec.task_dir)
         uid, gid = host_share.guest_ids(spec.launch.env_dict())
         share = host_share.export(Path(spec.launch.workspace_source), guest_uid=uid, guest_gid=gid)
         try:
-            argv = build_argv(spec, kernel=boot_kernel, initrd=initrd, accel=accel, firmware=firmware,
-                              workspace=share.path)
+            argv = argv_for(share.path)
             (spec.task_dir / "qemu.argv").write_text(json.dumps(argv))
             stdio = None if spec.interactive else subprocess.DEVNULL
             with open(spec.task_dir / "qemu.log", "ab") as log:

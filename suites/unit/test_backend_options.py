@@ -149,10 +149,12 @@ def test_microvm_cli_and_harness_build_the_same_task(project: Workspace, monkeyp
     machine = build("krun-direct", _ctx(project, 2048, 3), "vm", {"hardened": True, "storage": "reflink"})
     harness = machine.options  # type: ignore[attr-defined]
     cli = seen[0]
-    # what only the harness chooses: the agent as root without a terminal, its state and cache
-    own = ("command", "root", "interactive", "state", "image_cache")
+    # what only the harness chooses: the agent as root without a terminal, its state and cache, and a
+    # restore from a snapshot template (the CLI always boots)
+    own = ("command", "root", "interactive", "state", "image_cache", "boot")
     assert replace(harness, **{k: getattr(cli, k) for k in own}) == cli
     assert (cli.memory_mib, cli.vmm, cli.extra_env) == (2048, "libkrun", ("AGENTBOX_HARDENED=1",))
+    assert (cli.boot, harness.boot) == ("cold", "restore")
 
 
 def test_krun_podman_cli_and_harness_build_the_same_argv(project: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
