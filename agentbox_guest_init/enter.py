@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from agentbox_guest_init import contract as c
-from agentbox_guest_init import prep
+from agentbox_guest_init import instance_id, prep
 from agentbox_guest_init.dns import fix_passt_dns
 from agentbox_guest_init.env import GuestEnv
 from agentbox_guest_init.errors import GuestError
@@ -219,6 +219,7 @@ def _prepare_guest(prof: Profile, genv: GuestEnv, ident: Identity, env_out: dict
     background and the nix daemon's environment exported."""
     root_user = host.euid == 0
     if root_user:
+        instance_id.write(host.root, replace=False)
         prof.step("materialize-home", lambda: materialize_home(ident, host.root))
     if genv.use_passt and not microvm:
         prof.step("fix-passt-dns", lambda: fix_passt_dns(host.root))

@@ -33,7 +33,7 @@ import termios
 import time
 from pathlib import Path
 
-from agentbox_guest_init import contract
+from agentbox_guest_init import contract, instance_id
 from agentbox_guest_init.launch_config import LaunchConfig, decode
 
 STATUS_PORT = "org.agentbox.status"
@@ -261,14 +261,6 @@ def fresh_machine_id() -> None:
         Path("/etc/machine-id").write_text(os.urandom(16).hex() + "\n")
 
 
-def write_instance_id() -> None:
-    """A random id of this guest (:data:`contract.INSTANCE_ID_PATH`)."""
-    path = Path(contract.INSTANCE_ID_PATH)
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(os.urandom(16).hex() + "\n")
-
-
 def wait_for_disks(serials: list[str], timeout: float = DISK_WAIT_S) -> None:
     """Wait until a virtio-blk disk with each serial is probed (the host hot-adds them after a
     restore); logs the ones still missing at the timeout."""
@@ -351,7 +343,7 @@ def main(argv: list[str]) -> int:
         if port_launch():
             template_modules(loader)
             receive_launch(path)
-        write_instance_id()
+        instance_id.write()
         cfg = decode(Path(path).read_text())
         status = reap_until(start_command(cfg))
     except Exception as exc:  # noqa: BLE001 - PID 1 must always power off

@@ -27,7 +27,7 @@ from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk, encode
 from agentbox_runtime import disks
 from agentbox_runtime.errors import AgentboxError, InputError, error_chain
 from agentbox_runtime.microvm import storage
-from agentbox_runtime.microvm.image_cache import ImageCache, resolve_reference, validate_rootfs
+from agentbox_runtime.microvm.image_cache import ImageCache, remove_tree, resolve_reference, validate_rootfs
 from agentbox_runtime.microvm.task_reaper import forget, record
 from agentbox_runtime.guest_resources import MICROVM_DEFAULT_MIB, default_cpus
 from agentbox_runtime.state import StateLayout, task_container_name
@@ -318,9 +318,9 @@ class MicrovmTask:
             if self.session_started is not None:
                 self.phases.rows.append(("helper_session", (time.perf_counter() - self.session_started) * 1000))
             self.stop()  # preserve keeps files, never a running VM; a no-op once stopped
-        if self.rootfs is None:
+        if self.rootfs is None:  # failed before a rootfs, or restored from a snapshot (no task rootfs)
             if self.layout is not None:
-                forget(self.layout, self.task_dir)
+                self._close_rootless()
             return
         assert self.layout is not None  # a rootfs exists only after start() resolved the layout
         if self.opts.preserve_debug:
@@ -331,6 +331,22 @@ class MicrovmTask:
         self.phases.run("task_rootfs_unmount", f"failed to unmount microvm task rootfs '{self.rootfs.root}'",
                         self.rootfs.unmount)
         self.phases.run("task_state_cleanup", None, self.rootfs.cleanup)
+        forget(self.layout, self.task_dir)
+
+
+    def _close_rootless(self) -> None:
+        """Close a task without a task rootfs: its task dir is kept with preserve_debug, else removed."""
+        assert self.layout is not None
+        if self.opts.preserve_debug and self.task_dir.is_dir():
+            self.notice = f"agentbox: preserved microvm debug state: task_state_dir='{self.task_dir}'"
+        elif self.task_dir != Path() and self.task_dir.is_dir():
+            try:
+                remove_tree(self.task_dir)
+            except OSError as exc:
+                raise AgentboxError(f"failed to clean up microvm task state dir '{self.task_dir}': {exc}") from None
+            finally:
+                forget(self.layout, self.task_dir)
+            return
         forget(self.layout, self.task_dir)
 
 

@@ -28,9 +28,13 @@ What a template holds and how a restore differs from a cold boot:
   for the disks, acknowledges, and goes on exactly as a cold boot does: the
   launch command (``microvm enter`` mounts the workspace and disks, runs the
   preps, starts the agent).
-- **What restored guests still share**: the kernel's ``boot_id``, its KASLR
-  offset and the secrets it drew once at boot (hash seeds, TCP ISN keys).
-  Nothing may tell guests apart by ``boot_id``; use ``instance-id``.
+- **What restored guests still share**: the kernel's KASLR offset and the
+  secrets it drew once during the template's boot (hash seeds, TCP ISN keys),
+  and anything a process of the template wrote before the save (nothing of
+  ours runs then but PID 1). ``boot_id`` is drawn at its first read, which no
+  template makes, so each guest draws its own after the reseed; still, a
+  template that read it would share it: nothing may tell guests apart by
+  ``boot_id``; use ``/run/agentbox/instance-id``.
 - **Key and invalidation.** A template is keyed by the image digest, a digest of
   the image's guest-init files, the kernel file's SHA-256, the initramfs base
   (generator version, module set, ``/init``), the qemu binary (path, size,

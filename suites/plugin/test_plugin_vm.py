@@ -163,13 +163,13 @@ def test_shared_microvm_boots_once_per_module_and_resets_between_tests(pytester:
         BOOT = []
 
         def test_first(shared_microvm, shared_workspace):
-            BOOT.append(shared_microvm.succeed("cat /proc/sys/kernel/random/boot_id", timeout=60))
+            BOOT.append(shared_microvm.succeed("cat /run/agentbox/instance-id", timeout=60))
             shared_microvm.succeed("setsid -f sleep 600; echo x > /tmp/left; echo y > /workspace/left",
                                    timeout=60)
             assert (shared_workspace.path / "left").exists()
 
         def test_second(shared_microvm, shared_workspace):
-            assert shared_microvm.succeed("cat /proc/sys/kernel/random/boot_id", timeout=60) == BOOT[0]
+            assert shared_microvm.succeed("cat /run/agentbox/instance-id", timeout=60) == BOOT[0]
             assert shared_microvm.fail("pgrep -u dev -x sleep", timeout=60)
             assert shared_microvm.fail("test -e /tmp/left", timeout=60)
             assert not (shared_workspace.path / "left").exists()
