@@ -1,11 +1,11 @@
 """Base image build per phase, and its import step the former way vs the current one (needs root).
 
-One Debian root is built (debootstrap, apt; the phases the build logs), then imported as an image
-twice (``--rounds`` times each, alternating): ``tar | podman import`` with Podman's temporary copy
-of the layer in /var/tmp (old) and on the /dev/shm tmpfs (new, what ``agentbox image build`` does
-when it fits). The images get temporary tags, their file lists (path, mode, owner, size, link) are
-compared, and they are removed. Prints one JSON document; run it under
-``flock /tmp/agentbox-vm.lock``.
+One Debian root is built (debootstrap, apt; the phases the build logs), then imported as an
+image twice (``--rounds`` times each, alternating; ``--new-first`` swaps the order):
+``tar | podman import`` with Podman's temporary copy of the layer in /var/tmp (old) and on the
+/dev/shm tmpfs (new, what ``agentbox image build`` does when it fits). The images get temporary
+tags, their file lists (path, mode, owner, size, link) are compared, and they are removed. Prints
+one JSON document; run it under ``flock /tmp/agentbox-vm.lock``.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main() -> None:
     """Build, import both ways, print the JSON, remove the temporary images."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1, help="imports per way (alternating)")
+    parser.add_argument("--new-first", action="store_true", help="import the new way first after the build")
     args = parser.parse_args()
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "bench-image-build.log"
     log.write_text("")
@@ -79,13 +80,13 @@ def main() -> None:
     logging.getLogger("agentbox").addHandler(handler)
     logging.getLogger("agentbox").setLevel(logging.INFO)
     imports: dict[str, list[float]] = {"old": [], "new": []}
-    out: dict[str, object] = {"log": str(log)}
+    out: dict[str, object] = {"log": str(log), "first": "new" if args.new_first else "old"}
     try:
         with work_dir() as tmp:
             build_root(tmp / "root", log)
             phases = {k: v for k, v in handler.seconds.items()}
             for _ in range(args.rounds):
-                for way in ("old", "new"):
+                for way in ("new", "old") if args.new_first else ("old", "new"):
                     imports[way].append(import_once(tmp / "root", way, log))
         old, new = (statistics.median(imports[w]) for w in ("old", "new"))
         build = round(sum(phases.values()), 1)
