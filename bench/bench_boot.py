@@ -1,16 +1,19 @@
-"""Boot to the first guest command: agentbox_runtime.vmm.qemu versus bare qemu command lines.
+"""Boot to the first guest command: cold boot versus snapshot restore, and the runtime versus bare qemu.
 
-All boot the same initramfs (with the same launch.conf) and task rootfs (an
-overlay over ``localhost/agentbox:latest``) and are timed until the guest
-command's marker appears on the kernel console. The bare lines have only what
-the boot needs (9p root, serial file): ``bare_qemu_s`` boots the bzImage
-through SeaBIOS (the old path), ``bare_fast_s`` the decompressed kernel through
-PVH with qboot (the path the runtime takes); ``--machines pc,q35`` adds bare
-bzImage runs on other machine types. Prints JSON with the medians, the ratios
-(runtime / bare fast, runtime / bare bzImage) and the runtime's guest phases
-(kernel, modules, root, init: from the guest's own stamps).
+Three figures, each the median of ``--rounds`` (default 5), measured in one run:
 
-    .venv/bin/python bench/bench_boot.py [--rounds 3] [--machines pc] [--accel tcg]
+- ``cold_to_first_command_s``: :class:`QemuDriver` boots the image's kernel over a task rootfs (an overlay over
+  ``localhost/agentbox:latest``) until the guest command's marker is on the kernel console;
+- ``restore_to_first_command_s``: :class:`~agentbox_runtime.vmm.snapshot.SnapshotDriver` restores the same guest
+  from its template (built before the timed rounds, not counted) until the same marker;
+- ``restore_to_ready_s`` (and ``cold_to_ready_s``): a harness-shaped task (:class:`MicrovmTask`, the agent
+  as its command) until the workspace is mounted and the nix and Podman preps report ready.
+
+``restore_over_cold`` is the ratio of the first two. ``--bare`` adds the old comparison of the runtime
+with bare qemu command lines (PVH+qboot and bzImage); ``--machines pc,q35`` adds bare bzImage runs on
+other machine types. Prints JSON.
+
+    .venv/bin/python bench/bench_boot.py [--rounds 5] [--accel tcg] [--bare] [--machines pc]
 """
 
 from __future__ import annotations
@@ -30,11 +33,17 @@ from agentbox_guest_init.launch_config import LaunchConfig, encode
 from agentbox_runtime.vmm import initramfs
 from agentbox_runtime.vmm.base import VmSpec
 from agentbox_runtime.vmm.boot_phases import durations
-from agentbox_runtime.vmm.qemu import CMDLINE, QemuDriver, cache_dir, fast_boot, qemu_binary, tail
+from agentbox_runtime.microvm.image_cache import validate_rootfs
+from agentbox_runtime.microvm.task import MicrovmOptions, MicrovmTask
+from agentbox_runtime.state import StateLayout
+from agentbox_runtime.vmm import snapshot
+from agentbox_runtime.vmm.host import cache_dir, qemu_binary, tail
+from agentbox_runtime.vmm.qemu import CMDLINE, QemuDriver, fast_boot
 
 IMAGE = "localhost/agentbox:latest"
 MARKER = "AGENTBOX-BENCH-FIRST-COMMAND"
 TIMEOUT_S = 600.0
+AGENT_COMMAND = ("agentbox-guest-init", "agent", "--port", contract.AGENT_PORT_NAME)
 
 
 @contextmanager
@@ -99,40 +108,98 @@ def bare(rootfs: Path, initrd: Path, kernel: Path, task: Path, machine: str, acc
     return wait_marker(proc, log, started)
 
 
+def via_snapshot(drv: snapshot.SnapshotDriver, rootfs: Path, cfg: LaunchConfig, task: Path, accel: str) -> float:
+    started = time.monotonic()
+    handle = drv.start(VmSpec(rootfs=rootfs, launch=cfg, task_dir=task, accel=accel))
+    if handle.boot != "restore":
+        raise RuntimeError(f"the snapshot driver booted cold: {drv.fallback}")
+    return wait_marker(handle.proc, handle.console_log, started)
+
+
+def to_ready(boot: str, tmp: Path, name: str) -> float:
+    """A harness-shaped task until its agent answers and the nix and Podman preps are ready."""
+    ws = tmp / f"ready-{name}"
+    ws.mkdir()
+    layout = StateLayout.resolve(ws, {"XDG_STATE_HOME": str(tmp / f"state-{name}"), "HOME": str(tmp)}).ensure()
+    opts = MicrovmOptions(workspace=ws, image=IMAGE, vmm="qemu", command=AGENT_COMMAND, root=True,
+                          interactive=False, boot=boot, state=layout, memory_mib=2048, cpus=2)
+    started = time.monotonic()
+    with MicrovmTask(opts) as task:
+        assert task.handle is not None
+        if task.handle.boot != boot:
+            raise RuntimeError(f"asked for a {boot} boot, got {task.handle.boot}")
+        agent = task.handle.agent_client(TIMEOUT_S)
+        try:
+            agent.wait_ready(TIMEOUT_S)
+            for kind in ("nix", "podman"):
+                r = agent.run(["agentbox-guest-init", "status", "--wait", kind, "--timeout", "600"], timeout=TIMEOUT_S)
+                if r.exit_status != 0:
+                    raise RuntimeError(f"{kind} prep not ready: {r.stdout!r} {r.stderr!r}")
+            return time.monotonic() - started
+        finally:
+            agent.close()
+
+
+def bare_rounds(rootfs: Path, cfg: LaunchConfig, tmp: Path, args: argparse.Namespace) -> dict[str, object]:
+    kernel = initramfs.find_kernel(rootfs)
+    version = initramfs.kernel_version(rootfs, kernel)
+    base = initramfs.cached_base(rootfs, version, cache_dir() / "initramfs")
+    initrd = initramfs.task_initrd(base, encode(cfg), tmp / "bare-initrd.img")
+    fast_kernel, firmware = fast_boot(kernel)
+    fast_s: list[float] = []
+    bare_s: dict[str, list[float]] = {m: [] for m in args.machines.split(",")}
+    for i in range(args.rounds):
+        fast_s.append(bare(rootfs, initrd, fast_kernel, tmp / f"fast{i}", "pc", args.accel, firmware))
+        for machine, times in bare_s.items():
+            times.append(bare(rootfs, initrd, kernel, tmp / f"bare-{machine}{i}", machine, args.accel))
+    return {"bare_fast_s": round(statistics.median(fast_s), 3),
+            "bare_qemu_s": {m: round(statistics.median(t), 3) for m, t in bare_s.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--machines", default="pc", help="bare machine types, comma separated")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--machines", default="pc", help="bare machine types, comma separated (with --bare)")
     parser.add_argument("--accel", default="tcg", choices=["tcg", "kvm"])
+    parser.add_argument("--bare", action="store_true", help="also time bare qemu command lines")
+    parser.add_argument("--no-ready", action="store_true", help="skip the to-ready figures")
     args = parser.parse_args()
+    out: dict[str, object] = {"benchmark": "boot_to_first_command", "accel": args.accel, "rounds": args.rounds}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         (tmp / "rootfs").mkdir()
         (tmp / "ws").mkdir()
+        lower = Path(subprocess.run(["podman", "image", "mount", IMAGE], capture_output=True, text=True, check=True,
+                                    timeout=300).stdout.strip())
+        digest = "sha256:" + subprocess.run(["podman", "image", "inspect", "-f", "{{.Id}}", IMAGE], capture_output=True,
+                                            text=True, check=True, timeout=60).stdout.strip()
+        drv = snapshot.SnapshotDriver(image_rootfs=lower, image_digest=digest, guest_init=validate_rootfs(lower))
         with image_rootfs(tmp / "rootfs") as rootfs:
             cfg = launch(rootfs, tmp / "ws")
-            kernel = initramfs.find_kernel(rootfs)
-            version = initramfs.kernel_version(rootfs, kernel)
-            base = initramfs.cached_base(rootfs, version, cache_dir() / "initramfs")
-            initrd = initramfs.task_initrd(base, encode(cfg), tmp / "bare-initrd.img")
-            fast_kernel, firmware = fast_boot(kernel)
-            runtime_s: list[float] = []
-            fast_s: list[float] = []
-            bare_s: dict[str, list[float]] = {m: [] for m in args.machines.split(",")}
+            built = time.monotonic()
+            snapshot.ensure(drv.inputs(VmSpec(rootfs=lower, launch=cfg, task_dir=tmp / "t", accel=args.accel)))
+            out["template_ensure_s"] = round(time.monotonic() - built, 3)
+            cold_s: list[float] = []
+            restore_s: list[float] = []
             for i in range(args.rounds):
-                runtime_s.append(via_runtime(rootfs, cfg, tmp / f"rt{i}", args.accel))
-                fast_s.append(bare(rootfs, initrd, fast_kernel, tmp / f"fast{i}", "pc", args.accel, firmware))
-                for machine, times in bare_s.items():
-                    times.append(bare(rootfs, initrd, kernel, tmp / f"bare-{machine}{i}", machine, args.accel))
-            phases = durations((tmp / f"rt{args.rounds - 1}" / "console.log").read_text(errors="replace"), None)
-    rt, fast = statistics.median(runtime_s), statistics.median(fast_s)
-    medians = {m: round(statistics.median(t), 3) for m, t in bare_s.items()}
-    ref = statistics.median(bare_s["pc"]) if "pc" in bare_s else None
-    print(json.dumps({"benchmark": "boot_to_first_command", "accel": args.accel, "rounds": args.rounds,
-                      "runtime_qemu_s": round(rt, 3), "bare_fast_s": round(fast, 3), "bare_qemu_s": medians,
-                      "overhead_ratio": round(rt / fast, 3),
-                      "speedup_vs_bzimage_ratio": round(ref / rt, 3) if ref else None,
-                      "runtime_guest_phases_s": phases}, indent=2))
+                cold_s.append(via_runtime(rootfs, cfg, tmp / f"rt{i}", args.accel))
+                restore_s.append(via_snapshot(drv, lower, cfg, tmp / f"rs{i}", args.accel))
+            out["guest_phases_cold_s"] = durations((tmp / f"rt{args.rounds - 1}" / "console.log").read_text(
+                errors="replace"), None)
+            if args.bare:
+                out.update(bare_rounds(rootfs, cfg, tmp, args))
+        cold, restore = statistics.median(cold_s), statistics.median(restore_s)
+        out.update({"cold_to_first_command_s": round(cold, 3), "restore_to_first_command_s": round(restore, 3),
+                    "restore_over_cold": round(restore / cold, 3),
+                    "cold_rounds_s": [round(x, 3) for x in cold_s], "restore_rounds_s": [round(x, 3) for x in restore_s]})
+        if not args.no_ready:
+            ready_cold = [to_ready("cold", tmp, f"c{i}") for i in range(args.rounds)]
+            ready_restore = [to_ready("restore", tmp, f"r{i}") for i in range(args.rounds)]
+            out.update({"cold_to_ready_s": round(statistics.median(ready_cold), 3),
+                        "restore_to_ready_s": round(statistics.median(ready_restore), 3),
+                        "restore_over_cold_ready": round(statistics.median(ready_restore)
+                                                         / statistics.median(ready_cold), 3)})
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":
