@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from agentbox_guest_init import contract as c
 from agentbox_harness import AgentboxError, GuestStepFailed, InputError
 
 pytestmark = pytest.mark.vm
@@ -54,7 +55,9 @@ def test_resize_refused_while_running_and_for_equal_or_smaller(guest, nix_disk):
     assert nix_disk.path.stat().st_size == 64 * GIB
 
 
-def test_guest_failure_after_host_growth_is_retryable(microvm, nix_disk):
+def test_guest_failure_after_host_growth_is_retryable(microvm_factory, nix_disk):
+    # only the nix disk matters here: the guest runs no Podman prep, whose readiness each start would wait for
+    microvm = microvm_factory(extra_env=(f"{c.ENV_CONTAINERS_STORAGE}=0",))
     microvm.shutdown()
     broken = microvm.resize_runner(extra_env=("AGENTBOX_LIBKRUN_NIX_DISK_LABEL=NO_SUCH_LABEL",))
     with pytest.raises(GuestStepFailed, match="rerun the same resize command"):
