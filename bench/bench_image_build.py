@@ -1,11 +1,13 @@
-"""Base image build per phase, and its import step the former way vs the current one (needs root).
+"""Base image build per phase, and its import step with Podman's temporary files in /var/tmp or on
+the /dev/shm tmpfs (needs root).
 
-One Debian root is built (debootstrap, apt; the phases the build logs), then imported as an
-image twice (``--rounds`` times each, alternating; ``--new-first`` swaps the order):
-``tar | podman import`` with Podman's temporary copy of the layer in /var/tmp (old) and on the
-/dev/shm tmpfs (new, what ``agentbox image build`` does when it fits). The images get temporary
-tags, their file lists (path, mode, owner, size, link) are compared, and they are removed. Prints
-one JSON document; run it under ``flock /tmp/agentbox-vm.lock``.
+One Debian root is built as ``agentbox image build`` does (in ``$AGENTBOX_BUILD_DIR`` if set;
+the phases the build logs), then imported with ``import_root`` ``--rounds`` times each way,
+alternating: ``old`` with the default environment (temporary copies of the layer in /var/tmp, what
+the build does) and ``new`` with ``TMPDIR`` on /dev/shm; ``--new-first`` swaps the order (the
+first import after the build is the one the build pays). The images get temporary tags, their file
+lists (path, mode, owner, size, link) are compared, and they are removed. Prints one JSON
+document; run it under ``flock /tmp/agentbox-vm.lock``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,9 +67,20 @@ def listing(tag: str) -> set[tuple[object, ...]]:
 def import_once(root: Path, way: str, log: Path) -> float:
     """Seconds of one import of ``root`` the ``way`` (old/new) into its temporary tag."""
     subprocess.run(["podman", "rmi", "--force", TAGS[way]], capture_output=True, check=False)
-    started = time.monotonic()
-    import_root(root, TAGS[way], "bench", log, tmpfs=way == "new")
-    return round(time.monotonic() - started, 1)
+    tmp = tempfile.mkdtemp(prefix="agentbox-bench-", dir="/dev/shm") if way == "new" else ""
+    saved = os.environ.get("TMPDIR")
+    try:
+        if tmp:
+            os.environ["TMPDIR"] = tmp
+        started = time.monotonic()
+        import_root(root, TAGS[way], "bench", log)
+        return round(time.monotonic() - started, 1)
+    finally:
+        if tmp:
+            os.environ.pop("TMPDIR")
+            if saved is not None:
+                os.environ["TMPDIR"] = saved
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:

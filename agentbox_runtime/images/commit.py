@@ -1,10 +1,7 @@
 """Turn roots into images in local Podman/Buildah storage, and read them back.
 
 - :func:`import_root`: a finished Debian root directory -> the base image
-  (``tar | podman import``, labelled with the recipe hash); Podman's temporary copy of the
-  layer goes to a private directory on the /dev/shm tmpfs when it fits (:func:`layer_tmpdir`),
-  which made the import about three times faster than in /var/tmp on the 2-core build machine
-  (``bench/bench_image_build.py``);
+  (``tar | podman import``, labelled with the recipe hash);
 - :func:`commit_layer`: ``buildah from <base>``, let a callback write into the
   mounted root, apply the :class:`~agentbox_runtime.images.recipe.ImageConfig`,
   ``buildah commit``; the working container is removed on every path;
@@ -16,13 +13,10 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +24,9 @@ from agentbox_guest_init.image_user import ImageUser
 from agentbox_runtime.container import podman_api
 from agentbox_runtime.errors import AgentboxError
 from agentbox_runtime.images.recipe import LABEL_RECIPE, ImageConfig
-from agentbox_runtime.images.steps import progress, step, tool
+from agentbox_runtime.images.steps import step, tool
 
 INSPECT_TIMEOUT_S = 120.0
-SHM = Path("/dev/shm")
-TMPFS_HEADROOM = 1 << 30  # bytes of tmpfs space and of available memory left over besides the layer
 
 
 def _inspect(ref: str, kind: str = "image") -> dict[str, Any] | None:
@@ -70,63 +62,12 @@ def image_id(ref: str) -> str | None:
     return str(attrs.get("Id") or "") or None if attrs else None
 
 
-def tree_bytes(root: Path) -> int:
-    """Apparent size in bytes of everything under ``root`` (one file system)."""
-    proc = subprocess.run(["du", "-s", "-x", "-b", str(root)], capture_output=True, text=True,
-                          timeout=INSPECT_TIMEOUT_S, check=False)
-    fields = proc.stdout.split()
-    return int(fields[0]) if proc.returncode == 0 and fields and fields[0].isdigit() else -1
-
-
-def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
-    """``MemAvailable`` in bytes (0 when unknown)."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def tmpfs_fits(size: int, shm: Path = SHM, meminfo: Path = Path("/proc/meminfo")) -> bool:
-    """Whether a ``size``-byte temporary file fits on the tmpfs ``shm`` with headroom to spare, both
-    in its free space and in the available memory that backs it."""
-    if size < 0 or not shm.is_dir() or not os.access(shm, os.W_OK):
-        return False
-    st = os.statvfs(shm)
-    return min(st.f_bavail * st.f_frsize, mem_available(meminfo)) >= size + TMPFS_HEADROOM
-
-
-@contextmanager
-def layer_tmpdir(root: Path, shm: Path | None = None) -> Iterator[dict[str, str]]:
-    """The environment for a tool that copies ``root`` as a layer: ``TMPDIR`` set to a private
-    directory on the tmpfs ``shm`` (default :data:`SHM`; removed afterwards) when the layer fits
-    there, else unchanged (the tools' default, /var/tmp)."""
-    shm = shm or SHM
-    # podman import keeps two temporary copies at once: the tar it reads, and the layer blob
-    if not tmpfs_fits(2 * tree_bytes(root), shm):
-        progress(f"{shm} has no room for the layer; its temporary copy goes to /var/tmp")
-        yield dict(os.environ)
-        return
-    tmp = tempfile.mkdtemp(prefix="agentbox-layer-", dir=shm)
-    try:
-        yield {**os.environ, "TMPDIR": tmp}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def import_root(root: Path, tag: str, recipe_hash: str, log: Path, *, tmpfs: bool = True) -> None:
-    """Import the directory ``root`` as image ``tag`` labelled with ``recipe_hash``; ``tmpfs=False``
-    leaves Podman's temporary copy of the layer in /var/tmp (the former way, for the bench)."""
+def import_root(root: Path, tag: str, recipe_hash: str, log: Path) -> None:
+    """Import the directory ``root`` as image ``tag`` labelled with ``recipe_hash``."""
     script = (f"set -o pipefail; tar -C {shlex.quote(str(root))} --numeric-owner -cf - . | "
               f"podman import --change {shlex.quote(f'LABEL {LABEL_RECIPE}={recipe_hash}')} "
               f"- {shlex.quote(tag)}")
-    if not tmpfs:
-        step(f"import base image {tag}", ["bash", "-c", script], log)
-        return
-    with layer_tmpdir(root) as env:
-        step(f"import base image {tag}", ["bash", "-c", script], log, env)
+    step(f"import base image {tag}", ["bash", "-c", script], log)
 
 
 def config_argv(config: ImageConfig) -> list[str]:
