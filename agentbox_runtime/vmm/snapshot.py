@@ -38,7 +38,8 @@ What a template holds and how a restore differs from a cold boot:
 - **Key and invalidation.** A template is keyed by the image digest, a digest of
   the image's guest-init files, the kernel file's SHA-256, the initramfs base
   (generator version, module set, ``/init``), the qemu binary (path, size,
-  mtime), memory, vCPUs, accelerator, the workspace mount tag and
+  mtime), memory, vCPUs, accelerator (with KVM: the host CPU's model and
+  flags, as the guest runs ``-cpu host``), the workspace mount tag and
   :data:`FORMAT`. Any change is a different key: a new template is built and
   the stale ones of the same shape (memory, vCPUs, accelerator) are removed.
   A restore that fails (qemu refuses the stream, the guest does not
@@ -168,11 +169,22 @@ def qemu_identity() -> str:
     return f"{os.path.realpath(found)}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def host_cpu_identity() -> str:
+    """The host CPU's model and flags (a KVM guest's ``-cpu host`` is this CPU: a template saved on
+    one CPU must not be restored on another, e.g. through a shared home directory)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    wanted = [line for line in text.splitlines() if line.split(":")[0].strip() in ("model name", "flags")]
+    return hashlib.sha256("\n".join(sorted(set(wanted))).encode()).hexdigest()[:16]
+
+
 def template_key(inputs: TemplateInputs, initramfs_base: Path, guest_init_digest: str) -> str:
     """The key of the template built from ``inputs`` (see the module docstring)."""
     parts = [FORMAT, inputs.image_digest, guest_init_digest, _file_sha256(inputs.kernel), initramfs_base.name,
              qemu_identity(), str(inputs.ram_mib), str(inputs.vcpus), inputs.accel, inputs.workspace_tag,
-             inputs.rtc_base or ""]
+             inputs.rtc_base or "", host_cpu_identity() if inputs.accel == "kvm" else ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 

@@ -47,6 +47,14 @@ def test_a_changed_qemu_binary_is_another_key(inputs: snapshot.TemplateInputs,
     assert key(inputs) != first
 
 
+def test_a_kvm_template_is_keyed_by_the_host_cpu(inputs: snapshot.TemplateInputs,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    kvm = replace(inputs, accel="kvm")
+    first, tcg = key(kvm), key(inputs)
+    monkeypatch.setattr(snapshot, "host_cpu_identity", lambda: "another-cpu")
+    assert key(kvm) != first and key(inputs) == tcg, "-cpu host ties a KVM template to this CPU; TCG's is max"
+
+
 def template(inputs: snapshot.TemplateInputs, tmp_path: Path) -> snapshot.Template:
     return snapshot.Template(tmp_path / "snap" / "k1", inputs, "k1", tmp_path / "snap/root-x.img",
                              tmp_path / "vmlinux", ())
