@@ -6,18 +6,25 @@ import socket
 
 import pytest
 
+from agentbox_guest_init import contract as c
 from agentbox_harness import AgentboxError
 from agentbox_runtime.doctor import standin_in_use
 
 pytestmark = pytest.mark.vm
 
+NO_PODMAN_PREP = (f"{c.ENV_CONTAINERS_STORAGE}=0",)
+NO_PREPS = (f"{c.ENV_NIX_OVERLAY}=0", *NO_PODMAN_PREP)
+"""Guest env that switches off the background preps an item does not look at (as the resize
+maintenance VM does): a machine's start waits for every prep its guest runs, and these items check
+the host's cache, task dirs and the nix disk only."""
+
 
 def test_uncached_then_cached_image_runs(microvm_factory, tmp_path):
     cache = tmp_path / "image-cache"
-    first = microvm_factory("first", image_cache=cache)
+    first = microvm_factory("first", image_cache=cache, extra_env=NO_PREPS)
     assert first.task.ingested, "an empty cache must ingest the image"
     first.shutdown()
-    second = microvm_factory("second", image_cache=cache)
+    second = microvm_factory("second", image_cache=cache, extra_env=NO_PREPS)
     assert not second.task.ingested, "the second run must be served from the cache"
     assert len(list((cache / "refs").iterdir())) == 1
 
@@ -105,13 +112,14 @@ def test_terminal_io_and_resize_through_a_real_tty(guest):
     shell.close()
 
 
+@pytest.mark.cold_boot  # the task rootfs under test is a cold boot's: a restored guest's root lives in its memory
 def test_cleanup_with_and_without_preserve_debug(microvm_factory):
-    plain = microvm_factory("plain")
+    plain = microvm_factory("plain", extra_env=NO_PREPS)
     task_dir = plain.task_dir
     assert task_dir.exists()
     plain.shutdown()
     assert not task_dir.exists(), "without --preserve-debug the task rootfs and state are removed"
-    kept = microvm_factory("kept", preserve_debug=True)
+    kept = microvm_factory("kept", preserve_debug=True, extra_env=NO_PREPS)
     kept_dir = kept.task_dir
     task = kept.task
     kept.shutdown()
@@ -123,7 +131,7 @@ def test_cleanup_with_and_without_preserve_debug(microvm_factory):
 
 
 def test_persistent_disks_are_reused(microvm_factory, nix_disk):
-    vm = microvm_factory("one")
+    vm = microvm_factory("one", extra_env=NO_PODMAN_PREP)  # the nix prep mounts the disk checked here
     inode = nix_disk.path.stat().st_ino
     vm.wait_for_prep("nix", timeout=120)
     vm.succeed("echo reused > /run/agentbox/nix-disk/marker", timeout=30, user="root")
