@@ -112,7 +112,7 @@ def main() -> None:
                 "import_ratio_new_old": round(new / old, 3),
                 "base_total": {"old": round(build + old, 1), "new": round(build + new, 1)},
                 "base_ratio_new_old": round((build + new) / (build + old), 3),
-                "last_import_listing_entries": len(listing(TAGS["new" if args.new_first else "old"]))}
+                "last_import_listing_entries": len(listing(TAGS["old" if args.new_first else "new"]))}
     finally:
         for tag in TAGS.values():
             subprocess.run(["podman", "rmi", "--force", tag], capture_output=True, check=False)
