@@ -59,6 +59,21 @@ def test_podman_with_storage_waits_for_prep_first(bench: Bench) -> None:
     assert bench.calls() == [f"agentbox-guest-init libkrun podman wait | {UNSET}", f"podman ps | {UNSET}"]
 
 
+def test_podman_skips_the_wait_only_when_the_prep_status_reads_ready(bench: Bench) -> None:
+    status = bench.tmp / "podman-prep.status"
+    env = {"AGENTBOX_LIBKRUN_CONTAINERS_STORAGE": "1", "AGENTBOX_PODMAN_PREP_STATUS": str(status)}
+    status.write_text("state=ready\npid=12\n")
+    assert bench.run("podman", "ps", **env).returncode == 0
+    assert bench.calls() == [f"podman ps | {UNSET}"]
+    for text in ("state=running\npid=12\n", "state=failed\nerror=x\n", "state=readyish\n", ""):
+        status.write_text(text)
+        assert bench.run("podman", "ps", **env).returncode == 0
+        assert bench.calls() == [f"agentbox-guest-init libkrun podman wait | {UNSET}", f"podman ps | {UNSET}"], text
+    status.unlink()
+    assert bench.run("podman", "ps", **env).returncode == 0
+    assert bench.calls()[0] == f"agentbox-guest-init libkrun podman wait | {UNSET}"
+
+
 def test_a_failed_wait_stops_the_wrapper_with_its_status(bench: Bench) -> None:
     p = bench.run("podman", "ps", AGENTBOX_LIBKRUN_CONTAINERS_STORAGE="1", FAKE_AGENTBOX_GUEST_INIT_STATUS="3")
     assert p.returncode == 3
@@ -115,3 +130,10 @@ def test_a_missing_real_binary_is_reported(bench: Bench) -> None:
     (bench.real / "docker-compose").unlink()
     p = bench.run("docker-compose", "version", PATH=f"{bench.wrap}:{bench.real}")
     assert p.returncode == 127 and "agentbox wrapper: no real docker-compose on PATH" in p.stderr
+
+
+def test_the_podman_fast_path_reads_the_contract_status_file() -> None:
+    from agentbox_guest_init import contract
+
+    lib = (WRAPPERS / "agentbox-wrapper-lib").read_text()
+    assert f"${{AGENTBOX_PODMAN_PREP_STATUS:-{contract.PODMAN_PREP_STATUS}}}" in lib
