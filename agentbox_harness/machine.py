@@ -31,6 +31,7 @@ from agentbox_runtime.evidence import REDACTED, SECRET_NAME, Redactor
 from agentbox_runtime.vmm.shutdown import StopReport
 from agentbox_harness.leftovers import Holdings, leftovers
 from agentbox_runtime.vmm.hostfwd import check_port
+from agentbox_guest_init import contract
 from agentbox_guest_init.image_user import ImageUser
 
 log = logging.getLogger("agentbox_harness")
@@ -330,13 +331,20 @@ class Machine(ABC):
         """Wait until the ``nix`` or ``podman`` background prep is ready (fails fast when it failed;
         the default timeout is twice the machine's).
 
-        Uses ``agentbox-guest-init status --wait KIND``; the error shows its last output."""
+        Uses ``agentbox-guest-init status --wait KIND``; the error shows its last output. A Podman
+        prep whose status file already reads ``state=ready`` (the one state in which that wait
+        returns at once) is taken without starting it; the nix wait also checks that the daemon
+        accepts, so it always runs."""
         if kind not in ("nix", "podman"):
             raise ValueError(f"wait_for_prep kind '{kind}' is not one of nix, podman")
         timeout = self._given(timeout, 2.0)  # a prep formats or checks a disk: twice the default
-        cmd = ["agentbox-guest-init", "status", "--wait", kind, "--timeout", str(int(self.scaled(timeout)))]
+        wait = shlex.join(["agentbox-guest-init", "status", "--wait", kind, "--timeout",
+                           str(int(self.scaled(timeout)))])
+        if kind == "podman":
+            ready = f'IFS= read -r line < {shlex.quote(contract.PODMAN_PREP_STATUS)} && [ "$line" = state=ready ]'
+            wait = f"{ready} 2>/dev/null || exec {wait}"
         with self._verb("wait_for_prep", kind):
-            self.succeed(cmd, timeout=timeout + 10, user="root")
+            self.succeed(["sh", "-c", wait], timeout=timeout + 10, user="root")
 
     def wait_ready(self, *, timeout: float | None = None) -> ReadyStatus:
         """Wait until the guest is ready and return the status: the agent answers (liveness), the
