@@ -467,9 +467,15 @@ class SnapshotDriver(QemuDriver):
 
     def start(self, spec: VmSpec) -> QemuHandle:
         """Restore ``spec``'s guest from its template (built on first use); boot cold, with a
-        warning, when the restore fails."""
+        warning, when the template cannot be built (its guest never says ``ready``, no ext4 image)
+        or the restore fails."""
         self.require()
-        t = ensure(self.inputs(spec), self.cache)
+        try:
+            t = ensure(self.inputs(spec), self.cache)
+        except (AgentboxError, OSError) as exc:  # an image the template path cannot boot: boot cold
+            self.fallback = f"no snapshot template: {exc}"
+            log.warning("agentbox: qemu snapshot template not available, booting cold: %s", exc)
+            return QemuDriver().start(spec)
         handle = self.launch(spec, t.inputs.accel, lambda workspace: restore_argv(t, socket_dir(spec.task_dir),
                                                                                    workspace))
         try:

@@ -110,3 +110,20 @@ def test_prune_removes_stale_templates_of_the_same_shape_only(inputs: snapshot.T
     snapshot.prune(keep)
     assert not stale.exists() and other_shape.exists() and keep.directory.exists()
     assert sorted(p.name for p in cache.glob("root-*.img")) == ["root-big.img", "root-x.img"]
+
+
+def test_a_template_that_cannot_be_built_means_a_cold_boot(inputs: snapshot.TemplateInputs,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    def no_template(*_args: object) -> snapshot.Template:
+        raise snapshot.RestoreFailed("snapshot guest: no 'ready' within 300s; console: ...")
+
+    booted: list[object] = []
+    monkeypatch.setattr(snapshot, "ensure", no_template)
+    monkeypatch.setattr(snapshot.QemuDriver, "available", lambda self: (True, "usable"))
+    monkeypatch.setattr(snapshot.QemuDriver, "start", lambda self, spec: booted.append(spec) or "cold-handle")
+    drv = snapshot.SnapshotDriver()
+    monkeypatch.setattr(drv, "inputs", lambda spec: inputs)
+    assert drv.start("spec") == "cold-handle"  # type: ignore[arg-type]
+    assert booted == ["spec"] and drv.fallback is not None and "no 'ready'" in drv.fallback
+    assert "booting cold" in caplog.text
