@@ -13,6 +13,7 @@ import pytest
 from agentbox_guest_init import contract
 from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk, decode
 from agentbox_runtime.vmm import snapshot
+from agentbox_runtime.vmm.qemu import QemuDriver
 
 
 @pytest.fixture
@@ -119,11 +120,17 @@ def test_a_template_that_cannot_be_built_means_a_cold_boot(inputs: snapshot.Temp
         raise snapshot.RestoreFailed("snapshot guest: no 'ready' within 300s; console: ...")
 
     booted: list[object] = []
+
+    def cold_start(_driver: object, spec: object) -> str:
+        booted.append(spec)
+        return "cold-handle"
+
     monkeypatch.setattr(snapshot, "ensure", no_template)
-    monkeypatch.setattr(snapshot.QemuDriver, "available", lambda self: (True, "usable"))
-    monkeypatch.setattr(snapshot.QemuDriver, "start", lambda self, spec: booted.append(spec) or "cold-handle")
+    monkeypatch.setattr(QemuDriver, "available", lambda self: (True, "usable"))
+    monkeypatch.setattr(QemuDriver, "start", cold_start)
     drv = snapshot.SnapshotDriver()
     monkeypatch.setattr(drv, "inputs", lambda spec: inputs)
-    assert drv.start("spec") == "cold-handle"  # type: ignore[arg-type]
+    handle: object = drv.start("spec")  # type: ignore[arg-type]
+    assert handle == "cold-handle"
     assert booted == ["spec"] and drv.fallback is not None and "no 'ready'" in drv.fallback
     assert "booting cold" in caplog.text
