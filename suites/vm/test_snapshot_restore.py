@@ -4,8 +4,8 @@ What a restore must never share between guests, on real restores: two guests of 
 different random bytes from their first read, read the host's clock (the template is saved with
 its clock 25 years off, so a guest that was not stepped fails), and have their own instance-id and
 machine-id; their kernel ``boot_id`` differs only because nothing reads it before the template is
-saved (nothing may tell guests apart by it). A template whose saved state is damaged is removed and the guest boots cold. The harness
-restores qemu guests unless a test is marked ``cold_boot``.
+saved (nothing may tell guests apart by it). A template whose saved state is damaged is removed
+and the guest boots cold. The harness restores qemu guests unless a test is marked ``cold_boot``.
 """
 
 from __future__ import annotations
