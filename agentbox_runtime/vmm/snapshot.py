@@ -44,6 +44,8 @@ What a template holds and how a restore differs from a cold boot:
   the stale ones of the same shape (memory, vCPUs, accelerator) are removed.
   A restore that fails (qemu refuses the stream, the guest does not
   acknowledge) removes its template and the guest boots cold, with a warning.
+  A template that cannot be built is marked ``failed`` in its directory: every
+  guest of that key boots cold at once (remove the directory to retry).
 
 Templates live under ``$XDG_CACHE_HOME/agentbox/qemu/snapshots`` (0700), one
 directory per key holding the initramfs, the saved state and ``meta.json``
@@ -52,6 +54,7 @@ directory per key holding the initramfs, the saved state and ``meta.json``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -141,6 +144,11 @@ class Template:
     @property
     def meta(self) -> Path:
         return self.directory / "meta.json"
+
+    @property
+    def failed(self) -> Path:
+        """Written when building failed: later starts of the same key boot cold at once."""
+        return self.directory / "failed"
 
     @property
     def complete(self) -> bool:
@@ -236,8 +244,17 @@ def ensure(inputs: TemplateInputs, cache: Path | None = None) -> Template:
     cache.mkdir(parents=True, exist_ok=True, mode=0o700)
     with FileLock(str(cache / f".template-{os.getuid()}.lock"), timeout=TEMPLATE_BOOT_TIMEOUT_S + SAVE_TIMEOUT_S):
         t = prepare(inputs, cache)
+        if t.failed.is_file():
+            raise RestoreFailed(f"the snapshot template {t.key} failed to build before "
+                                f"({t.failed.read_text().strip()[-300:]}); remove {t.directory} to try again")
         if not t.complete:
-            build(t)
+            try:
+                build(t)
+            except (AgentboxError, OSError) as exc:
+                with contextlib.suppress(OSError):
+                    t.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+                    t.failed.write_text(f"{exc}\n")
+                raise
             prune(t)
     return t
 

@@ -134,3 +134,21 @@ def test_a_template_that_cannot_be_built_means_a_cold_boot(inputs: snapshot.Temp
     assert handle == "cold-handle"
     assert booted == ["spec"] and drv.fallback is not None and "no 'ready'" in drv.fallback
     assert "booting cold" in caplog.text
+
+
+def test_a_template_that_failed_to_build_is_not_built_again(inputs: snapshot.TemplateInputs, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    t = template(inputs, tmp_path)
+    builds: list[str] = []
+
+    def failing_build(tpl: snapshot.Template) -> None:
+        builds.append(tpl.key)
+        raise snapshot.RestoreFailed("snapshot guest: qemu exited with status 1; console: oops")
+
+    monkeypatch.setattr(snapshot, "prepare", lambda inputs, cache: t)
+    monkeypatch.setattr(snapshot, "build", failing_build)
+    with pytest.raises(snapshot.RestoreFailed, match="oops"):
+        snapshot.ensure(inputs, tmp_path / "snap")
+    with pytest.raises(snapshot.RestoreFailed, match=f"failed to build before .*oops.*remove {t.directory}"):
+        snapshot.ensure(inputs, tmp_path / "snap")
+    assert builds == ["k1"]
