@@ -131,6 +131,8 @@ class Template:
     root_image: Path
     boot_kernel: Path
     firmware: tuple[str, ...]
+    initramfs_base: Path
+    """The cached initramfs base (``SNAPSHOT_WANTED``) the template's initrd is made of."""
 
     @property
     def state(self) -> Path:
@@ -231,11 +233,7 @@ def prepare(inputs: TemplateInputs, cache: Path | None = None) -> Template:
     digest_part = inputs.image_digest.partition(":")[2][:16] or "image"
     root = root_image.ensure(inputs.image_rootfs, f"{digest_part}-{gi_digest}", cache)
     boot_kernel, firmware = fast_boot(inputs.kernel)
-    t = Template(cache / key, inputs, key, root, boot_kernel, tuple(firmware))
-    if not t.initrd.exists():
-        t.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        initramfs.task_initrd(base, "", t.initrd)
-    return t
+    return Template(cache / key, inputs, key, root, boot_kernel, tuple(firmware), base)
 
 
 def ensure(inputs: TemplateInputs, cache: Path | None = None) -> Template:
@@ -263,7 +261,7 @@ def build(t: Template) -> None:
     """Boot the template's guest to ``ready`` and save it (see the module docstring)."""
     shutil.rmtree(t.directory, ignore_errors=True)
     t.directory.mkdir(parents=True, mode=0o700)
-    prepare(t.inputs, t.directory.parent)  # the initrd again, in the fresh directory
+    initramfs.task_initrd(t.initramfs_base, "", t.initrd)  # no launch.conf: PID 1 reads it from the port
     placeholder = t.directory / "workspace"
     placeholder.mkdir(mode=0o700)
     require_filter()
@@ -282,7 +280,7 @@ def build(t: Template) -> None:
             qmp.execute(sock / "qmp.sock", "stop")
             partial = t.directory / "state.partial"
             qmp.execute(sock / "qmp.sock", "migrate", {"uri": f"exec:cat > {shlex.quote(str(partial))}"})
-            _wait_migrated(sock / "qmp.sock", proc, t.directory)
+            _wait_migrated(sock / "qmp.sock", t.directory)
             os.replace(partial, t.state)
         saved = time.monotonic() - started - booted
         meta: dict[str, object] = {"key": t.key, "format": FORMAT, "inputs": {k: str(v) for k, v in asdict(t.inputs).items()},
@@ -394,7 +392,7 @@ def _read_line(ch: _Channel, expected: bytes, timeout: float, proc: subprocess.P
         ch.buffer += chunk
 
 
-def _wait_migrated(qmp_sock: Path, proc: subprocess.Popen[bytes], directory: Path) -> None:
+def _wait_migrated(qmp_sock: Path, directory: Path) -> None:
     last: list[Any] = []
 
     def done(_last_try: bool) -> bool:

@@ -58,7 +58,7 @@ def test_a_kvm_template_is_keyed_by_the_host_cpu(inputs: snapshot.TemplateInputs
 
 def template(inputs: snapshot.TemplateInputs, tmp_path: Path) -> snapshot.Template:
     return snapshot.Template(tmp_path / "snap" / "k1", inputs, "k1", tmp_path / "snap/root-x.img",
-                             tmp_path / "vmlinux", ())
+                             tmp_path / "vmlinux", (), tmp_path / "initramfs.cpio")
 
 
 def devices(argv: list[str]) -> list[str]:
