@@ -57,7 +57,10 @@ STATUS_PORT = "org.agentbox.status"
 STATUS_SOCKET = "status.sock"
 #: The most the guest-fed ``status`` file (and its rotated half) may hold: PID 1 writes one line.
 STATUS_CAP = MIN_MAX
-CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init"
+#: ``acpi=noirq``: PCI interrupts are not routed through ACPI. Every virtio device here uses MSI-X, and
+#: routing each one through the ACPI interpreter cost about 0.2 s per device under TCG (2.3 s of a
+#: 12-device krun guest's boot, in ``virtio_pci``); ACPI itself stays on for power-off and PCI hotplug.
+CMDLINE = "console=ttyS0 quiet loglevel=3 panic=-1 rdinit=/init acpi=noirq"
 
 
 QBOOT = Path("/usr/share/qemu/qboot.rom")

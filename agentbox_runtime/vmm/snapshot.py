@@ -39,8 +39,8 @@ What a template holds and how a restore differs from a cold boot:
   the image's guest-init files, the kernel file's SHA-256, the initramfs base
   (generator version, module set, ``/init``), the qemu binary (path, size,
   mtime), memory, vCPUs, accelerator (with KVM: the host CPU's model and
-  flags, as the guest runs ``-cpu host``), the workspace mount tag and
-  :data:`FORMAT`. Any change is a different key: a new template is built and
+  flags, as the guest runs ``-cpu host``), the workspace mount tag, the kernel
+  command line the template booted with and :data:`FORMAT`. Any change is a different key: a new template is built and
   the stale ones of the same shape (memory, vCPUs, accelerator) are removed.
   A restore that fails (qemu refuses the stream, the guest does not
   acknowledge) removes its template and the guest boots cold, with a warning.
@@ -192,8 +192,8 @@ def host_cpu_identity() -> str:
 
 def template_key(inputs: TemplateInputs, initramfs_base: Path, guest_init_digest: str) -> str:
     """The key of the template built from ``inputs`` (see the module docstring)."""
-    parts = [FORMAT, inputs.image_digest, guest_init_digest, _file_sha256(inputs.kernel), initramfs_base.name,
-             qemu_identity(), str(inputs.ram_mib), str(inputs.vcpus), inputs.accel, inputs.workspace_tag,
+    parts = [FORMAT, SNAPSHOT_CMDLINE, inputs.image_digest, guest_init_digest, _file_sha256(inputs.kernel),
+             initramfs_base.name, qemu_identity(), str(inputs.ram_mib), str(inputs.vcpus), inputs.accel, inputs.workspace_tag,
              inputs.rtc_base or "", host_cpu_identity() if inputs.accel == "kvm" else ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
