@@ -22,6 +22,11 @@ from agentbox_runtime.vmm.host import cache_dir, die_with_parent, qemu_binary, t
 from agentbox_runtime.vmm import shutdown
 
 PROBE_TIMEOUT_S = 20.0
+PVM_MODULE = Path("/sys/module/kvm_pvm")
+"""Present when the host's KVM is PVM (pagetable-based paravirtual nesting, as on Firecracker-hosted
+machines): it runs only kernels built as PVM guests (``CONFIG_PVM_GUEST``), so a stock distribution
+kernel never boots under it. Seen on this project's machines: ``-cpu host`` aborts in qemu (it cannot
+set MSR 0x10a, IA32_ARCH_CAPABILITIES), and without that MSR the kernel stops before its first line."""
 
 
 def _cache() -> Path:
@@ -38,13 +43,35 @@ def _qemu_version() -> str:
         return "unknown"
 
 
+PROBE_VERSION = "2"
+"""Part of the cache key: a verdict cached by an older probe (whose detail may not say why) is redone."""
+
+
 def _key(kernel: Path) -> str:
     h = hashlib.sha256(kernel.read_bytes()).hexdigest()[:20]
-    return f"{h}-{hashlib.sha256(_qemu_version().encode()).hexdigest()[:12]}"
+    return f"{h}-{hashlib.sha256((PROBE_VERSION + _qemu_version()).encode()).hexdigest()[:12]}"
+
+
+def pvm_host(module: Path = PVM_MODULE) -> bool:
+    """True when the host's KVM is PVM (see :data:`PVM_MODULE`)."""
+    return module.is_dir()
+
+
+def why_not(detail: str, pvm: bool) -> str:
+    """A failed probe's detail, naming PVM when the host has it (the likely reason)."""
+    if not pvm:
+        return detail
+    return (f"{detail}; this host's KVM is PVM (kvm_pvm loaded), which runs only PVM-guest kernels "
+            "(CONFIG_PVM_GUEST), so a stock kernel cannot use it")
 
 
 def probe(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool, str]:
     """Boot once under KVM; (booted, detail)."""
+    booted, detail = _boot(kernel, initrd, timeout)
+    return booted, detail if booted else why_not(detail, pvm_host())
+
+
+def _boot(kernel: Path, initrd: Path, timeout: float) -> tuple[bool, str]:
 
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False, "/dev/kvm is not accessible"
@@ -68,7 +95,8 @@ def probe(kernel: Path, initrd: Path, timeout: float = PROBE_TIMEOUT_S) -> tuple
         text = tail_bytes(log, 65536).decode(errors="replace")
         if PROBE_MARKER in text:
             return True, f"KVM booted the kernel to the initramfs in {time.monotonic() - started:.1f}s"
-        return False, f"qemu -accel kvm exited {proc.returncode}: {err.decode(errors='replace').strip()[-200:]}"
+        said = " | ".join(err.decode(errors="replace").strip().splitlines())  # one doctor line
+        return False, f"qemu -accel kvm exited {proc.returncode}: {said[-200:]}"
 
 
 def kvm_boots(kernel: Path, initrd: Path) -> bool:
