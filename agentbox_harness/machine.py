@@ -35,8 +35,9 @@ from agentbox_guest_init import contract
 from agentbox_guest_init.image_user import ImageUser
 
 log = logging.getLogger("agentbox_harness")
-BOOTS = {"started": 0}
-"""Guest boots started in this process (every :meth:`Machine.start`, restarts included)."""
+BOOTS = {"started": 0, "cold": 0, "restore": 0}
+"""Guest boots started in this process (every :meth:`Machine.start`, restarts included), and of the
+ones that came up, how many booted cold and how many restored from a snapshot template."""
 
 Command = str | Sequence[str]
 
@@ -120,9 +121,9 @@ class Machine(ABC):
     test_id: str = ""
     """The test that made this machine (``agentbox ps`` shows it)."""
     guest_id: str | None = None
+    """Its ``agentbox attach`` id while it runs (backends that can be attached to)."""
     boot: str = "cold"
     """How the last start went: ``cold`` (booted) or ``restore`` (qemu, from a snapshot template)."""
-    """Its ``agentbox attach`` id while it runs (backends that can be attached to)."""
     preserved: list[Preserved] = field(default_factory=list, repr=False)
     """What --preserve-debug kept of it (summary lines, kept paths)."""
     backend: str = ""
@@ -427,6 +428,7 @@ class Machine(ABC):
         BOOTS["started"] += 1
         with self._verb("start", ""):
             self._start()
+            BOOTS[self.boot] = BOOTS.get(self.boot, 0) + 1
             self._holdings = self.holdings()
             self.timings["boot_s"] = round(time.monotonic() - started, 3)
             if self.ready_gate:

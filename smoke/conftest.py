@@ -108,6 +108,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         tr.write_line(f"{nodeid:<{width}}  {outcome:<8} {SETUP.get(nodeid, 0.0):6.1f}s {duration:6.1f}s")
     counts = {o: sum(1 for _, oo, _ in smoke if oo == o) for o in ("passed", "skipped", "failed")}
     boots = "" if hasattr(config, "workerinput") or config.getoption("numprocesses", None) else \
-        f", {BOOTS['started']} guest boots"
+        f", {BOOTS['started']} guest boots ({BOOTS['restore']} restored, {BOOTS['cold']} cold)"
     tr.write_line(f"total: {counts['passed']} passed, {counts['skipped']} skipped, {counts['failed']} failed "
                   f"in {time.monotonic() - STARTED:.0f}s{boots}")

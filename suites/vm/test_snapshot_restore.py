@@ -21,6 +21,7 @@ import pytest
 from agentbox_guest_init import contract
 from agentbox_guest_init.launch_config import LaunchConfig, LaunchDisk
 from agentbox_harness.backends import MicrovmMachine
+from agentbox_harness.machine import BOOTS
 from agentbox_runtime.microvm.image_cache import validate_rootfs
 from agentbox_runtime.retry import retry
 from agentbox_runtime.vmm import snapshot
@@ -123,15 +124,19 @@ def test_a_damaged_template_is_removed_and_the_guest_boots_cold(image: Image, tm
 def test_the_cold_boot_marker_boots_cold(microvm_factory: object, agentbox_backend: str) -> None:
     if agentbox_backend != "qemu":
         pytest.skip("snapshot restore is the qemu backend's")
+    before = dict(BOOTS)
     m = microvm_factory()  # type: ignore[operator]
     assert isinstance(m, MicrovmMachine) and m.boot == "cold"
+    assert (BOOTS["cold"], BOOTS["restore"]) == (before["cold"] + 1, before["restore"])  # the smoke summary's counts
     assert m.succeed("test -b /dev/vda && findmnt -no FSTYPE /", timeout=60).strip() == "9p"
 
 
 def test_harness_qemu_guests_restore_by_default(microvm_factory: object, agentbox_backend: str) -> None:
     if agentbox_backend != "qemu":
         pytest.skip("snapshot restore is the qemu backend's")
+    before = dict(BOOTS)
     m = microvm_factory()  # type: ignore[operator]
     assert isinstance(m, MicrovmMachine) and m.boot == "restore"
+    assert (BOOTS["cold"], BOOTS["restore"]) == (before["cold"], before["restore"] + 1)
     assert m.succeed("findmnt -no FSTYPE /", timeout=60).strip() == "overlay"
     assert m.succeed("findmnt -no SOURCE /run/agentbox/nix-disk", timeout=60).strip() == "/dev/vda"
