@@ -6,7 +6,7 @@
     agentbox-guest-init libkrun resize --target nix|containers
     agentbox-guest-init libkrun nix prep|wait
     agentbox-guest-init libkrun podman prep|wait|service-wait
-    agentbox-guest-init status [--json] [--wait nix|podman --timeout S]
+    agentbox-guest-init status [--json] [--wait nix|podman|gate --timeout S]
     agentbox-guest-init agent [--device PATH | --port NAME]
     agentbox-guest-init vm-init [LAUNCH_CONF]        (hidden: PID 1 of qemu guests)
 
@@ -20,7 +20,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agentbox_guest_init import contract as c
@@ -49,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
         lks.add_parser(kind, help=f"{kind} prep: {'|'.join(verbs)}").add_argument("verb", choices=verbs)
     st = sub.add_parser("status", help="show (or wait for) the nix and podman prep status")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--wait", choices=tuple(prep.KINDS), help="wait until this prep is ready first")
+    st.add_argument("--wait", choices=(*prep.KINDS, "gate"),
+                    help="wait until this prep is ready first; gate: until the readiness gate passes or a prep "
+                         "fails (exit 1 when it did not pass)")
     st.add_argument("--timeout", type=float, default=float(c.PREP_WAIT_TIMEOUT_S), help="seconds (default 120)")
     ag = sub.add_parser("agent", help="serve the harness control channel")
     where = ag.add_mutually_exclusive_group()
@@ -90,24 +93,62 @@ def readiness(report: dict[str, dict[str, object]], genv: GuestEnv, mounts: str,
     return {"ready": not missing, "reason": "ready" if not missing else "; ".join(missing), "missing": missing}
 
 
+GATE_POLL_S = 0.05
+"""How often ``status --wait gate`` looks again (status files and a socket connect: cheap, in process)."""
+
+
+def gate_report(genv: GuestEnv) -> dict[str, object]:
+    """:func:`status_report` with the readiness gate of ``genv`` under ``gate``."""
+    report = status_report()
+    try:
+        with open("/proc/mounts") as f:
+            mounts = f.read()
+    except OSError:
+        mounts = ""
+    gate = readiness(report, genv, mounts, nix_daemon=prep.socket_accepts(Path(c.NIX_DAEMON_SOCKET)))
+    return {**report, "gate": gate}
+
+
+def prep_failed(gate: dict[str, object]) -> bool:
+    """A prep the gate waits for has failed (``nix: failed (...)``): waiting longer cannot help."""
+    missing = gate.get("missing")
+    return isinstance(missing, list) and any(str(m).split(" ", 1)[-1].startswith("failed") for m in missing)
+
+
+def wait_for_gate(genv: GuestEnv, timeout: float, clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], None] = time.sleep) -> dict[str, object]:
+    """The :func:`gate_report` once the gate passes or a prep has failed, else the last one at ``timeout``."""
+    deadline = clock() + timeout
+    while True:
+        report = gate_report(genv)
+        gate = report["gate"]
+        assert isinstance(gate, dict)
+        if gate["ready"] or prep_failed(gate) or clock() >= deadline:
+            return report
+        sleep(GATE_POLL_S)
+
+
 def _status(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise GuestError(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if args.wait == "gate":
+        report = wait_for_gate(GuestEnv.parse(), args.timeout)
+        gate = report["gate"]
+        assert isinstance(gate, dict)
+        if args.json:
+            print(json.dumps(report, sort_keys=True))
+        if not gate["ready"]:
+            raise GuestError(f"readiness gate not passed within {args.timeout:g}s: {gate['reason']}")
+        if not args.json:
+            print("gate: ready")
+        return 0
     if args.wait:
         prep.wait(prep.KINDS[args.wait], args.timeout,
                   socket=c.NIX_DAEMON_SOCKET if args.wait == "nix" else None)
-    report = status_report()
     if args.json:
-        try:
-            with open("/proc/mounts") as f:
-                mounts = f.read()
-        except OSError:
-            mounts = ""
-        gate = readiness(report, GuestEnv.parse(), mounts,
-                         nix_daemon=prep.socket_accepts(Path(c.NIX_DAEMON_SOCKET)))
-        print(json.dumps({**report, "gate": gate}, sort_keys=True))
+        print(json.dumps(gate_report(GuestEnv.parse()), sort_keys=True))
     else:
-        for name, r in report.items():
+        for name, r in status_report().items():
             print(f"{name}: {r['state']}" + (f" ({r['error']})" if r["error"] else ""))
     return 0
 

@@ -114,6 +114,8 @@ class Machine(ABC):
     profiler: Profile = field(default_factory=Profile, repr=False)
     _console: Console | None = field(default=None, repr=False)
     _baseline_pids: set[int] | None = field(default=None, repr=False)
+    _gate_wait: bool = field(default=True, repr=False)
+    """The guest's ``agentbox-guest-init status`` knows ``--wait gate`` (until it says otherwise)."""
     ready_checks: dict[str, Command] = field(default_factory=dict, repr=False)
     """Extra readiness checks for :meth:`wait_ready`: name -> a command that must exit 0 (run as root)."""
     redactor: Redactor | None = field(default=None, repr=False)
@@ -349,8 +351,8 @@ class Machine(ABC):
 
     def wait_ready(self, *, timeout: float | None = None) -> ReadyStatus:
         """Wait until the guest is ready and return the status: the agent answers (liveness), the
-        guest's gate (``agentbox-guest-init status --json``: nix and Podman preps, the workspace
-        mount) passes, and every check in :attr:`ready_checks` (name -> command) succeeds. The
+        guest's gate (``agentbox-guest-init status --json --wait gate``: nix and Podman preps, the
+        workspace mount) passes, and every check in :attr:`ready_checks` (name -> command) succeeds. The
         default timeout is twice the machine's. On timeout, or at once when a prep has failed, the
         test fails with the status, ``missing`` naming each part not ready."""
         with self._verb("wait_ready", ""):
@@ -360,9 +362,10 @@ class Machine(ABC):
         """Poll :meth:`ready_status` until ready; a failed prep raises at once, or with ``settle``
         ends the wait (the status is returned, not ready: the test sees the failure when it asks)."""
         last: list[ReadyStatus] = []
+        deadline = time.monotonic() + timeout
 
         def ready(_last_try: bool) -> bool:
-            last[:] = [self.ready_status()]
+            last[:] = [self.ready_status(wait=max(1.0, deadline - time.monotonic()))]
             if any(m.split(" ", 1)[-1].startswith("failed") for m in last[0].missing):
                 if settle:
                     return True
@@ -376,10 +379,18 @@ class Machine(ABC):
                                              None)) from None
         return last[0]
 
-    def ready_status(self) -> ReadyStatus:
-        """One readiness check (see :meth:`wait_ready`), without waiting."""
-        probe = self._execute(["agentbox-guest-init", "status", "--json"], user="root", env=None, cwd="/",
-                              timeout=self.scaled(30), stdin=None)
+    def ready_status(self, *, wait: float | None = None) -> ReadyStatus:
+        """One readiness check (see :meth:`wait_ready`); with ``wait``, the guest's gate is first
+        waited for in the guest, up to ``wait`` seconds, until it passes or a prep fails
+        (``status --wait gate``: no host round trip per look)."""
+        argv = ["agentbox-guest-init", "status", "--json"]
+        if wait is not None and self._gate_wait:
+            argv += ["--wait", "gate", "--timeout", f"{wait:.1f}"]
+        probe = self._execute(argv, user="root", env=None, cwd="/", timeout=self.scaled(30) + (wait or 0.0),
+                              stdin=None)
+        if probe.exit_status == 2 and "invalid choice: 'gate'" in probe.stderr:
+            self._gate_wait = False  # a guest-init from before ``--wait gate``: look without waiting
+            return self.ready_status()
         parts: dict[str, str] = {"agent": "ready" if probe.exit_status != 124 else "no answer"}
         missing: list[str] = []
         try:
