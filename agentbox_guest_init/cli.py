@@ -109,21 +109,16 @@ def gate_report(genv: GuestEnv) -> dict[str, object]:
     return {**report, "gate": gate}
 
 
-def prep_failed(gate: dict[str, object]) -> bool:
-    """A prep the gate waits for has failed (``nix: failed (...)``): waiting longer cannot help."""
-    missing = gate.get("missing")
-    return isinstance(missing, list) and any(str(m).split(" ", 1)[-1].startswith("failed") for m in missing)
-
-
 def wait_for_gate(genv: GuestEnv, timeout: float, clock: Callable[[], float] = time.monotonic,
                   sleep: Callable[[float], None] = time.sleep) -> dict[str, object]:
-    """The :func:`gate_report` once the gate passes or a prep has failed, else the last one at ``timeout``."""
+    """The :func:`gate_report` once the gate passes or a prep has failed
+    (:func:`~agentbox_guest_init.contract.gate_says_failed`), else the last one at ``timeout``."""
     deadline = clock() + timeout
     while True:
         report = gate_report(genv)
         gate = report["gate"]
         assert isinstance(gate, dict)
-        if gate["ready"] or prep_failed(gate) or clock() >= deadline:
+        if gate["ready"] or c.gate_says_failed(gate["missing"]) or clock() >= deadline:
             return report
         sleep(GATE_POLL_S)
 

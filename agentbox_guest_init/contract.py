@@ -8,6 +8,7 @@ It runs inside the guest (standard library only) and is imported by the host
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -136,6 +137,13 @@ LABEL_HARNESS_RUN: Final = "io.agentbox.harness.run"
 def flag_is_set(value: str | None) -> bool:
     """Contract flags are true only for exactly ``"1"``."""
     return value == "1"
+
+
+def gate_says_failed(missing: Sequence[str]) -> bool:
+    """The readiness gate's ``missing`` list (``status --json``, under ``gate``) names a prep that
+    failed (``nix: failed (...)``): waiting longer cannot make the gate pass. Both the guest's
+    ``status --wait gate`` and the host's ``Machine.wait_ready`` stop on it."""
+    return any(str(m).split(" ", 1)[-1].startswith("failed") for m in missing)
 
 # --- allocator preload (reference 7.11) and guest-init self path ----------
 ENV_NIX_ALLOCATOR: Final = "AGENTBOX_NIX_ALLOCATOR"

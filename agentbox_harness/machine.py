@@ -366,7 +366,7 @@ class Machine(ABC):
 
         def ready(_last_try: bool) -> bool:
             last[:] = [self.ready_status(wait=max(1.0, deadline - time.monotonic()))]
-            if any(m.split(" ", 1)[-1].startswith("failed") for m in last[0].missing):
+            if contract.gate_says_failed(last[0].missing):
                 if settle:
                     return True
                 raise MachineError(self._explain(f"not ready: {last[0].reason}", None))  # no use waiting

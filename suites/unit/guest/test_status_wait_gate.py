@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from agentbox_guest_init import cli
+from agentbox_guest_init.contract import gate_says_failed
 from agentbox_guest_init.env import GuestEnv
 
 REPO = Path(__file__).resolve().parents[3]
@@ -66,10 +67,11 @@ def test_the_last_report_is_returned_at_the_timeout(monkeypatch: pytest.MonkeyPa
     assert clock.now >= 1.0
 
 
-def test_prep_failed_reads_only_a_failed_state() -> None:
-    assert cli.prep_failed(not_ready("nix: failed (no disk)"))
-    assert not cli.prep_failed(not_ready("nix: running", "podman: not-started"))
-    assert not cli.prep_failed(READY)
+def test_only_a_failed_state_ends_the_wait() -> None:
+    assert gate_says_failed(["nix: failed (no disk)"])
+    assert gate_says_failed(["workspace: /workspace is not mounted", "podman: failed"])
+    assert not gate_says_failed(["nix: running", "podman: not-started"])
+    assert not gate_says_failed([])
 
 
 def run_status(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
