@@ -439,7 +439,7 @@ class Machine(ABC):
         BOOTS["started"] += 1
         with self._verb("start", ""):
             self._start()
-            BOOTS[self.boot] = BOOTS.get(self.boot, 0) + 1
+            BOOTS[self.boot] += 1
             self._holdings = self.holdings()
             self.timings["boot_s"] = round(time.monotonic() - started, 3)
             if self.ready_gate:

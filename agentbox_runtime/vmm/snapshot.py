@@ -40,8 +40,9 @@ What a template holds and how a restore differs from a cold boot:
   (generator version, module set, ``/init``), the qemu binary (path, size,
   mtime), memory, vCPUs, accelerator (with KVM: the host CPU's model and
   flags, as the guest runs ``-cpu host``), the workspace mount tag, the kernel
-  command line the template booted with and :data:`FORMAT`. Any change is a different key: a new template is built and
-  the stale ones of the same shape (memory, vCPUs, accelerator) are removed.
+  command line the template booted with and :data:`FORMAT`. Any change is a
+  different key: a new template is built and the stale ones of the same shape
+  (memory, vCPUs, accelerator) are removed.
   A restore that fails (qemu refuses the stream, the guest does not
   acknowledge) removes its template and the guest boots cold, with a warning.
   A template that cannot be built is marked ``failed`` in its directory: every
@@ -193,8 +194,8 @@ def host_cpu_identity() -> str:
 def template_key(inputs: TemplateInputs, initramfs_base: Path, guest_init_digest: str) -> str:
     """The key of the template built from ``inputs`` (see the module docstring)."""
     parts = [FORMAT, SNAPSHOT_CMDLINE, inputs.image_digest, guest_init_digest, _file_sha256(inputs.kernel),
-             initramfs_base.name, qemu_identity(), str(inputs.ram_mib), str(inputs.vcpus), inputs.accel, inputs.workspace_tag,
-             inputs.rtc_base or "", host_cpu_identity() if inputs.accel == "kvm" else ""]
+             initramfs_base.name, qemu_identity(), str(inputs.ram_mib), str(inputs.vcpus), inputs.accel,
+             inputs.workspace_tag, inputs.rtc_base or "", host_cpu_identity() if inputs.accel == "kvm" else ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:24]
 
 
